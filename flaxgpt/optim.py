@@ -1,0 +1,34 @@
+"""nanoGPT's optimizer in optax: AdamW, linear warmup + cosine decay, decay on matrices only, clipping."""
+
+import jax
+import optax
+
+
+def learning_rate_schedule(config) -> optax.Schedule:
+    """nanoGPT's get_lr: linear warmup to learning_rate, cosine decay to min_lr at lr_decay_iters, then flat.
+
+    optax's warmup starts at 0 for step 0; nanoGPT's is lr * (it + 1) / (warmup_iters + 1), so we shift by one.
+    """
+    if not config.decay_lr:
+        return optax.constant_schedule(config.learning_rate)
+    warmup = max(config.warmup_iters, 0)
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=config.learning_rate / (warmup + 1), peak_value=config.learning_rate,
+        warmup_steps=warmup, decay_steps=max(config.lr_decay_iters, warmup + 1), end_value=config.min_lr)
+    return schedule
+
+
+def decay_mask(params):
+    """True for the weights that get weight decay: matmul kernels and embeddings, not biases or LayerNorms."""
+    def is_matrix(path, _):
+        return getattr(path[-1], "key", None) in ("kernel", "embedding")
+    return jax.tree_util.tree_map_with_path(is_matrix, params)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW with the schedule above (grad_clip 0 disables clipping)."""
+    adamw = optax.adamw(learning_rate_schedule(config), b1=config.beta1, b2=config.beta2, eps=1e-8,
+                        weight_decay=config.weight_decay, mask=decay_mask)
+    if config.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw)
+    return adamw

@@ -1,0 +1,84 @@
+"""The device mesh, the logical axis rules, and sharded arrays built from per-process data.
+
+The model names every parameter axis ("vocab", "embed", "heads", "kv", "mlp") and every activation
+axis ("batch", "length", ...). One table below maps those names onto the mesh axes:
+  data   - pure data parallel: the batch is split, parameters are replicated.
+  fsdp   - ZeRO-3: the batch is split and parameters/optimizer state are split on their embed axis,
+           gathered layer by layer as the step needs them.
+  tensor - Megatron tensor parallel: attention heads, MLP hidden units and the vocabulary are split.
+"""
+
+import math
+from typing import Mapping
+
+import jax
+import numpy as np
+import flax.linen as nn
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+LOGICAL_AXIS_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("length", None),
+    ("kv", None),
+)
+
+
+def make_mesh(shape: Mapping[str, int], devices=None) -> Mesh:
+    """A mesh with axes (data, fsdp, tensor) from e.g. {"data": -1, "fsdp": 1, "tensor": 1}.
+
+    One size may be -1: it takes the devices the others leave. The axes are Auto, as linen's logical
+    partitioning needs (jax.make_mesh defaults to Explicit axes).
+    """
+    devices = jax.devices() if devices is None else devices
+    unknown = set(shape) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"unknown mesh axes {sorted(unknown)}: the mesh axes are {MESH_AXES}")
+    sizes = {axis: int(shape.get(axis, 1)) for axis in MESH_AXES}
+    free = [axis for axis, size in sizes.items() if size == -1]
+    if len(free) > 1:
+        raise ValueError(f"only one mesh axis may be -1, got {free}")
+    known = math.prod(size for size in sizes.values() if size != -1)
+    if free:
+        if len(devices) % known:
+            raise ValueError(f"mesh {dict(shape)}: {len(devices)} devices are not divisible by {known}")
+        sizes[free[0]] = len(devices) // known
+    if math.prod(sizes.values()) != len(devices):
+        raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, but there are "
+                         f"{len(devices)}; set one axis to -1 to take the rest")
+    axis_shapes = tuple(sizes[axis] for axis in MESH_AXES)
+    return jax.make_mesh(axis_shapes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def logical_shardings(abstract_tree, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+    """NamedShardings for a tree whose leaves may be boxed with logical axis names (unboxed result)."""
+    return nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_tree), mesh, rules)
+
+
+def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:
+    """Sharding of a batch array whose `batch_axis` is split over the data-parallel axes."""
+    spec = [None] * ndim
+    spec[batch_axis] = nn.logical_to_mesh_axes(("batch",), LOGICAL_AXIS_RULES)[0]
+    return NamedSharding(mesh, P(*spec))
+
+
+def process_rows(sharding: NamedSharding, global_shape: tuple[int, ...], batch_axis: int = 0) -> slice:
+    """The contiguous slice of the batch axis that this process's devices hold."""
+    indices = sharding.addressable_devices_indices_map(global_shape).values()
+    starts = {idx[batch_axis].indices(global_shape[batch_axis])[:2] for idx in indices}
+    start, stop = min(s for s, _ in starts), max(e for _, e in starts)
+    covered = sum(e - s for s, e in starts)
+    if covered != stop - start:
+        raise ValueError(f"this process's batch rows {sorted(starts)} are not contiguous; "
+                         "order the mesh so that each host holds one block of the data axes")
+    return slice(start, stop)
+
+
+def global_batch(local: np.ndarray, sharding: NamedSharding, global_shape: tuple[int, ...]) -> jax.Array:
+    """Assemble the global array from this process's rows (all processes call this together)."""
+    return jax.make_array_from_process_local_data(sharding, local, global_shape)

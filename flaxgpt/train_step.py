@@ -1,0 +1,107 @@
+"""Sharded training state, the jitted train step (with gradient accumulation) and the eval step."""
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from flaxgpt import sharding
+from flaxgpt.model import GPT, GPTConfig, cross_entropy_loss
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: Any
+    opt_state: Any
+
+
+class Trainer:
+    """The model, optimizer and mesh of a run, with its jitted, sharded init / train / eval functions.
+
+    Batches are [A, B, T] int32 (A gradient-accumulation micro-steps of B sequences), split over the
+    mesh's data-parallel axes on B. The RNG for dropout is derived from (seed, step), so a resumed run
+    draws the same masks.
+    """
+
+    def __init__(self, model_config: GPTConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
+                 seed: int = 0, rules=sharding.LOGICAL_AXIS_RULES):
+        self.model_config, self.optimizer, self.mesh, self.rules = model_config, optimizer, mesh, rules
+        self.model = GPT(model_config)
+        self.seed = seed
+        abstract = jax.eval_shape(self._boxed_state, jax.random.key(0))
+        self.state_sharding = sharding.logical_shardings(abstract, mesh, rules)
+        self.batch_sharding = sharding.batch_sharding(mesh, ndim=3, batch_axis=1)
+        replicated = NamedSharding(mesh, P())
+        self._init = jax.jit(lambda rng: nn.meta.unbox(self._boxed_state(rng)),
+                             out_shardings=self.state_sharding)
+        self._from_params = jax.jit(self._state_from_params, out_shardings=self.state_sharding)
+        self.train_step = jax.jit(self._train_step, donate_argnums=0,
+                                  in_shardings=(self.state_sharding, self.batch_sharding, self.batch_sharding),
+                                  out_shardings=(self.state_sharding, replicated))
+        self.eval_step = jax.jit(self._eval_step, in_shardings=(self.state_sharding.params, self.batch_sharding,
+                                                                self.batch_sharding), out_shardings=replicated)
+
+    @property
+    def abstract_state(self) -> TrainState:
+        """Shapes, dtypes and shardings of the state, e.g. as the target of a checkpoint restore."""
+        shapes = jax.eval_shape(lambda rng: nn.meta.unbox(self._boxed_state(rng)), jax.random.key(0))
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            shapes, self.state_sharding)
+
+    def init(self, rng: jax.Array) -> TrainState:
+        """A fresh state, created directly in its shards (never gathered on one device)."""
+        with self._rules():
+            return self._init(rng)
+
+    def state_from_params(self, params) -> TrainState:
+        """A state around given (e.g. pretrained) params, resharded to this mesh, with a fresh optimizer."""
+        params = jax.device_put(params, self.state_sharding.params)
+        with self._rules():
+            return self._from_params(params)
+
+    def _boxed_state(self, rng) -> TrainState:
+        params = self.model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params))
+
+    def _state_from_params(self, params) -> TrainState:
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params))
+
+    def _rules(self):
+        return nn.logical_axis_rules(self.rules)
+
+    def loss_fn(self, params, x, y, rng=None):
+        """x, y: [B, T] -> scalar mean loss; dropout is on when an rng is given."""
+        logits = self.model.apply({"params": params}, x, deterministic=rng is None,
+                                  rngs=None if rng is None else {"dropout": rng})
+        return cross_entropy_loss(logits, y)
+
+    def _train_step(self, state: TrainState, x, y):
+        """One optimizer step over A micro-batches x, y: [A, B, T] -> (state, metrics)."""
+        rng = jax.random.fold_in(jax.random.key(self.seed), state.step)
+        grad_fn = jax.value_and_grad(self.loss_fn)
+        dropout = self.model_config.dropout > 0
+
+        def micro_step(grads, inputs):
+            i, xi, yi = inputs
+            loss, g = grad_fn(state.params, xi, yi, jax.random.fold_in(rng, i) if dropout else None)
+            return jax.tree.map(jnp.add, grads, g), loss
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        with self._rules():
+            grads, losses = jax.lax.scan(micro_step, zeros, (jnp.arange(x.shape[0]), x, y))
+        grads = jax.tree.map(lambda g: g / x.shape[0], grads)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": jnp.mean(losses), "grad_norm": optax.global_norm(grads)}
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    def _eval_step(self, params, x, y):
+        """Mean loss over A batches x, y: [A, B, T], without dropout."""
+        with self._rules():
+            losses = jax.lax.map(lambda xy: self.loss_fn(params, *xy), (x, y))
+        return jnp.mean(losses)
