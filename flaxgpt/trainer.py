@@ -1,0 +1,188 @@
+"""The training loop: nanoGPT's train.py as one function of a config (see flaxgpt/config.py)."""
+
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from flaxgpt import checkpoint, data, distributed, mfu, optim, sharding
+from flaxgpt.model import GPTConfig, count_params, crop_block_size, flops_per_token
+from flaxgpt.train_step import Trainer
+
+PADDED_GPT2_VOCAB = 50304  # 50257 rounded up to a multiple of 64
+MODEL_SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
+
+
+def resolve_dtype(name: str) -> str:
+    """"auto": bfloat16 compute on accelerators, float32 on CPU (where bfloat16 is slower)."""
+    if name != "auto":
+        return name
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def model_config(config, vocab_size: int) -> GPTConfig:
+    return GPTConfig(block_size=config.block_size, vocab_size=vocab_size, n_layer=config.n_layer,
+                     n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout, bias=config.bias,
+                     gelu_approximate=config.gelu_approximate, dtype=resolve_dtype(config.dtype),
+                     param_dtype=config.param_dtype, attention=config.attention)
+
+
+def _check_same_shape(saved: GPTConfig, wanted: GPTConfig, where: Path) -> None:
+    diffs = [f"{k}={getattr(saved, k)} (config: {getattr(wanted, k)})"
+             for k in MODEL_SHAPE_KEYS if getattr(saved, k) != getattr(wanted, k)]
+    if diffs:
+        raise ValueError(f"the checkpoint in {where} has {', '.join(diffs)}: set the config to the "
+                         "checkpoint's model, or pick another out_dir to start a new run")
+
+
+class MetricsLog:
+    """Printed lines and a JSON-lines file in out_dir (and wandb), from process 0 only."""
+
+    def __init__(self, config, out_dir: Path):
+        self.active = distributed.is_main_process()
+        self.file = open(out_dir / "metrics.jsonl", "a") if self.active else None
+        self.wandb = None
+        if self.active and config.wandb_log:
+            import wandb
+            self.wandb = wandb.init(project=config.wandb_project, name=config.wandb_run_name,
+                                    config=config.to_dict())
+
+    def print(self, text: str) -> None:
+        if self.active:
+            print(text, flush=True)
+
+    def write(self, step: int, **metrics) -> None:
+        if not self.active:
+            return
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+        if self.wandb:
+            self.wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+def train(config) -> dict:
+    """Train (or evaluate) as the config says; returns the last losses {"train", "val", "step"}."""
+    distributed.initialize(config.distributed.coordinator_address, config.distributed.num_processes,
+                           config.distributed.process_id)
+    out_dir = Path(config.out_dir)
+    data_dir = Path(config.data_dir or Path("data") / config.dataset)
+    meta = data.load_meta(data_dir)
+    splits = {split: data.open_split(data_dir, split) for split in ("train", "val")}
+    vocab_size = meta["vocab_size"] if meta.get("tokenizer", "gpt2") != "gpt2" else PADDED_GPT2_VOCAB
+
+    mesh = sharding.make_mesh(config.mesh)
+    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.batch_size % data_parallel:
+        raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the {data_parallel} "
+                         "data-parallel devices (mesh data x fsdp)")
+    wanted = model_config(config, vocab_size)
+    ckpts = checkpoint.Checkpoints(out_dir, max_to_keep=config.max_to_keep,
+                                   async_save=config.async_checkpointing)
+    best_val_loss = math.inf
+    if config.init_from == "resume":
+        saved = checkpoint.model_config_from_meta(ckpts.newest_readable(ckpts.read_meta))
+        _check_same_shape(saved, wanted, out_dir)
+        trainer = Trainer(wanted, optim.make_optimizer(config), mesh, seed=config.seed)
+        target = trainer.abstract_state
+        params, opt_state, saved_meta = ckpts.restore(target.params, target.opt_state)
+        state = type(target)(step=jax.device_put(np.int32(saved_meta["step"]), target.step.sharding),
+                             params=params, opt_state=opt_state)
+        best_val_loss = saved_meta.get("best_val_loss", math.inf)
+    elif config.init_from == "scratch":
+        trainer = Trainer(wanted, optim.make_optimizer(config), mesh, seed=config.seed)
+        state = trainer.init(jax.random.key(config.seed))
+    else:
+        from flaxgpt.pretrained import load_pretrained
+        pretrained, params = load_pretrained(config.init_from, dtype=wanted.dtype)
+        if config.block_size < pretrained.block_size:
+            params, pretrained = crop_block_size(params, pretrained, config.block_size)
+        if vocab_size != PADDED_GPT2_VOCAB and vocab_size > pretrained.vocab_size:
+            raise ValueError(f"the dataset's vocabulary ({vocab_size}) is larger than {config.init_from}'s")
+        wanted = pretrained.replace(dropout=config.dropout, attention=config.attention)
+        trainer = Trainer(wanted, optim.make_optimizer(config), mesh, seed=config.seed)
+        state = trainer.state_from_params(params)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(config, out_dir)
+    if distributed.is_main_process():
+        (out_dir / "meta.json").write_text(json.dumps(meta))  # the tokenizer, for sample.py
+    n_params = count_params(state.params)
+    log.print(f"number of parameters: {n_params / 1e6:.2f}M on mesh {dict(mesh.shape)}")
+
+    A, B, T = config.gradient_accumulation_steps, config.batch_size, wanted.block_size
+    rows = sharding.process_rows(trainer.batch_sharding, (A, B, T), batch_axis=1)
+
+    def batch(split: str, step: int, n: int):
+        """The global batch [n, B, T] of (seed, step); this process reads only its rows."""
+        local_rows = (np.arange(n)[:, None] * B + np.arange(B)[rows][None]).ravel()
+        x, y = data.get_batch(splits[split], seed=config.seed, step=step, batch_size=n * B,
+                              block_size=T, split=split, rows=local_rows)
+        shape = (n, B, T)
+        return (sharding.global_batch(x.reshape(n, -1, T), trainer.batch_sharding, shape),
+                sharding.global_batch(y.reshape(n, -1, T), trainer.batch_sharding, shape))
+
+    schedule = optim.learning_rate_schedule(config)
+    flops = flops_per_token(wanted, n_params, T) * A * B * T
+    peak = mfu.device_peak_flops()
+    stop_requested = []
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
+
+    step = int(state.step)
+    losses = {}
+    t_last, steps_since = time.perf_counter(), 0
+    try:
+        while True:
+            if step % config.eval_interval == 0 or step == config.max_iters:
+                losses = {s: float(trainer.eval_step(state.params, *batch(s, step, config.eval_iters)))
+                          for s in ("train", "val")}
+                log.print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                log.write(step, **{"train/loss": losses["train"], "val/loss": losses["val"]})
+                if not all(map(math.isfinite, losses.values())):
+                    raise FloatingPointError(f"the loss is {losses} at step {step}; nothing was saved over "
+                                             f"the checkpoints in {ckpts.directory} (lower learning_rate?)")
+                if losses["val"] < best_val_loss or config.always_save_checkpoint:
+                    best_val_loss = min(best_val_loss, losses["val"])
+                    if step > 0 and not config.eval_only:
+                        ckpts.save(step, state.params, state.opt_state, {
+                            "step": step, "best_val_loss": best_val_loss, "val_loss": losses["val"],
+                            "model": wanted.to_dict(), "config": config.to_dict()})
+                t_last, steps_since = time.perf_counter(), 0  # don't count eval time in ms/step
+            if config.eval_only or step >= config.max_iters:
+                break
+            if stop_requested or ckpts.manager.reached_preemption(step):
+                log.print(f"preempted at step {step}: saving a checkpoint")
+                ckpts.save(step, state.params, state.opt_state, {
+                    "step": step, "best_val_loss": best_val_loss, "model": wanted.to_dict(),
+                    "config": config.to_dict()})
+                break
+            state, metrics = trainer.train_step(state, *batch("train", step, A))
+            step += 1
+            steps_since += 1
+            if step % config.log_interval == 0:
+                loss = float(metrics["loss"])  # waits for the step
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"the training loss is {loss} at step {step}; nothing was saved "
+                                             f"over the checkpoints in {ckpts.directory} (lower learning_rate?)")
+                now = time.perf_counter()
+                dt = (now - t_last) / steps_since
+                t_last, steps_since = now, 0
+                tokens_per_s = A * B * T / dt
+                utilisation = flops / dt / (jax.device_count() * peak)
+                log.print(f"iter {step}: loss {loss:.4f}, lr {float(schedule(step - 1)):.2e}, {dt * 1000:.1f} ms,"
+                          f" {tokens_per_s:,.0f} tok/s, mfu {utilisation * 100:.2f}%")
+                log.write(step, loss=loss, lr=float(schedule(step - 1)), ms_per_step=dt * 1000,
+                          tokens_per_s=tokens_per_s, mfu=utilisation, grad_norm=float(metrics["grad_norm"]))
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        ckpts.wait()
+        ckpts.close()
+        log.close()
+    return {**losses, "step": step}
