@@ -1,0 +1,102 @@
+"""Token files and the deterministic batch sampler (flaxgpt/data.py)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from flaxgpt.data import Batches, get_batch, load_meta, open_split
+
+
+def write_dataset(data_dir, train, val, dtype, **meta):
+    data_dir.mkdir(parents=True, exist_ok=True)
+    np.asarray(train, dtype=dtype).tofile(data_dir / "train.bin")
+    np.asarray(val, dtype=dtype).tofile(data_dir / "val.bin")
+    (data_dir / "meta.json").write_text(json.dumps({"dtype": dtype, **meta}))
+
+
+def test_same_seed_and_step_same_batch():
+    tokens = np.arange(10_000, dtype=np.uint16)
+    kw = dict(batch_size=8, block_size=32)
+    x0, y0 = get_batch(tokens, seed=1, step=5, **kw)
+    x1, y1 = get_batch(tokens, seed=1, step=5, **kw)
+    np.testing.assert_array_equal(x0, x1)
+    np.testing.assert_array_equal(y0, y1)
+    assert x0.shape == y0.shape == (8, 32) and x0.dtype == y0.dtype == np.int32
+    assert not np.array_equal(x0, get_batch(tokens, seed=1, step=6, **kw)[0])
+    assert not np.array_equal(x0, get_batch(tokens, seed=2, step=5, **kw)[0])
+    assert not np.array_equal(x0, get_batch(tokens, seed=1, step=5, split="val", **kw)[0])
+
+
+def test_targets_are_inputs_shifted_by_one():
+    tokens = np.arange(5_000, dtype=np.uint16)  # token == position: windows are easy to check
+    x, y = get_batch(tokens, seed=0, step=0, batch_size=4, block_size=16)
+    np.testing.assert_array_equal(y, x + 1)
+    np.testing.assert_array_equal(x, x[:, :1] + np.arange(16))
+
+
+def test_rows_slices_concatenate_to_the_full_batch():
+    tokens = np.arange(100_000, dtype=np.uint32)
+    kw = dict(seed=3, step=7, batch_size=12, block_size=64)
+    x, y = get_batch(tokens, **kw)
+    parts = [get_batch(tokens, rows=slice(p * 3, (p + 1) * 3), **kw) for p in range(4)]
+    np.testing.assert_array_equal(np.concatenate([px for px, _ in parts]), x)
+    np.testing.assert_array_equal(np.concatenate([py for _, py in parts]), y)
+    xs, _ = get_batch(tokens, rows=np.array([11, 0]), **kw)
+    np.testing.assert_array_equal(xs, x[[11, 0]])
+
+
+def test_windows_stay_in_bounds_and_reach_the_end():
+    block_size = 8
+    tokens = np.arange(block_size + 3, dtype=np.uint16)  # 3 possible windows
+    x, y = get_batch(tokens, seed=0, step=0, batch_size=200, block_size=block_size)
+    assert set(x[:, 0]) == {0, 1, 2}
+    assert y.max() == len(tokens) - 1
+    x, y = get_batch(tokens[:block_size + 1], seed=0, step=0, batch_size=2, block_size=block_size)
+    np.testing.assert_array_equal(x, [np.arange(8)] * 2)  # exactly one window: the whole array
+    np.testing.assert_array_equal(y, [np.arange(1, 9)] * 2)
+
+
+def test_uint32_files_round_trip(tmp_path):
+    big = np.array([0, 65_535, 65_536, 100_276] * 25)  # a vocabulary past uint16, e.g. cl100k's 100,277
+    write_dataset(tmp_path / "big", big, big[:10], "uint32", vocab_size=100_277)
+    train = open_split(tmp_path / "big", "train")
+    assert train.dtype == np.uint32 and len(train) == 100
+    x, y = get_batch(train, seed=0, step=0, batch_size=4, block_size=4)
+    assert x.dtype == np.int32 and set(x.ravel()) | set(y.ravel()) <= set(big.tolist())
+    assert 65_536 in set(get_batch(train, seed=0, step=0, batch_size=64, block_size=4)[0].ravel())
+    assert load_meta(tmp_path / "big")["vocab_size"] == 100_277
+
+
+def test_nanogpt_folder_without_meta_defaults_to_uint16(tmp_path):
+    np.arange(50, dtype=np.uint16).tofile(tmp_path / "train.bin")
+    assert load_meta(tmp_path) == {"dtype": "uint16"}
+    np.testing.assert_array_equal(open_split(tmp_path, "train"), np.arange(50))
+
+
+def test_missing_data_names_the_prepare_command(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"data/shakespeare_char.*`python prepare.py shakespeare_char`"):
+        open_split("data/shakespeare_char", "train")
+    (tmp_path / "elsewhere" / "openwebtext").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError) as e:
+        open_split(tmp_path / "elsewhere" / "openwebtext", "val")
+    assert "val.bin" in str(e.value) and "python prepare.py openwebtext --out_dir" in str(e.value)
+
+
+def test_too_short_dataset_says_to_lower_block_size():
+    with pytest.raises(ValueError, match=r"has 64 tokens.*block_size=64.*lower block_size"):
+        get_batch(np.arange(64), seed=0, step=0, batch_size=2, block_size=64)
+    with pytest.raises(ValueError, match="lower block_size"):
+        Batches(np.arange(10), seed=0, batch_size=2, block_size=16)
+
+
+def test_batches_resume_where_they_left_off():
+    tokens = np.arange(1_000, dtype=np.uint16)
+    kw = dict(seed=0, batch_size=2, block_size=8)
+    run = Batches(tokens, **kw)
+    first = [next(run) for _ in range(5)]
+    resumed = Batches(tokens, start=3, **kw)
+    for (xa, ya), (xb, yb) in zip(first[3:], [next(resumed) for _ in range(2)]):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
