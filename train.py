@@ -1,5 +1,8 @@
 """Train a GPT: python train.py --config=configs/shakespeare_char.py:cpu [--config.key=value ...]"""
 
+import sys
+from pathlib import Path
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -15,10 +18,31 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}: settings are --config.key=value")
     logging.set_verbosity(logging.WARNING)  # orbax and jax log every checkpoint write at INFO
     config = CONFIG.value
-    config_lib.validate(config)
-    train(config)
+    try:
+        config_lib.validate(config)
+        train(config)
+    except (FileNotFoundError, ValueError, FloatingPointError, RuntimeError) as e:  # what a user can fix
+        sys.exit(f"train.py: error: {e}")
+
+
+def parse_flags(argv):
+    """absl's parser, with one line instead of a traceback for an unknown --config.key."""
+    config_file = next((a.split("=", 1)[1].split(":")[0] for a in argv if a.startswith("--config=")), None)
+    if config_file and not Path(config_file).is_file():
+        choices = ", ".join(sorted(str(p) for p in Path("configs").glob("*.py")))
+        sys.exit(f"train.py: error: no config file {config_file} (configs here: {choices or 'none'})")
+    try:
+        return flags.FLAGS(argv)
+    except AttributeError as e:  # ml_collections' error for a key the config does not have
+        key = str(e).strip("\"'")
+        arg = next((a.split("=")[0] for a in argv if a.startswith("--config.") and key in a), key)
+        sys.exit(f"train.py: error: {arg}: the config has no key {key!r} (python train.py "
+                 "--config=<file> --helpfull lists them)")
+    except flags.Error as e:
+        reason = str(e).strip().splitlines()[-1]  # a config file's own exception comes last
+        sys.exit(f"train.py: error: {reason}")
 
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -6,6 +6,7 @@ maps them onto a device mesh.
 """
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -211,6 +212,7 @@ def init_cache(config: GPTConfig, batch_size: int, length: int | None = None) ->
             for _ in range(config.n_layer)]
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def init_params(config: GPTConfig, rng: jax.Array) -> dict:
     """Unboxed float params of a freshly initialised GPT (see sharding.py for the sharded version)."""
     variables = GPT(config).init(rng, jnp.zeros((1, 1), jnp.int32))

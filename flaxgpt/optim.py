@@ -29,6 +29,6 @@ def make_optimizer(config) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW with the schedule above (grad_clip 0 disables clipping)."""
     adamw = optax.adamw(learning_rate_schedule(config), b1=config.beta1, b2=config.beta2, eps=1e-8,
                         weight_decay=config.weight_decay, mask=decay_mask)
-    if config.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw)
-    return adamw
+    # The same state structure with clipping on or off, so a run can resume with another grad_clip.
+    clip = optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0 else optax.identity()
+    return optax.chain(clip, adamw)

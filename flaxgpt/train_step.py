@@ -97,7 +97,7 @@ class Trainer:
         grads = jax.tree.map(lambda g: g / x.shape[0], grads)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": jnp.mean(losses), "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": jnp.mean(losses), "grad_norm": optax.tree.norm(grads)}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     def _eval_step(self, params, x, y):

@@ -135,6 +135,13 @@ def train(config) -> dict:
     stop_requested = []
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
 
+    def save(step: int, **extra) -> None:
+        if step in ckpts.steps():  # the step we resumed from, or a broken directory we never overwrite
+            return
+        ckpts.save(step, state.params, state.opt_state, {
+            "step": step, "best_val_loss": best_val_loss, "model": wanted.to_dict(), "config": config.to_dict(),
+            **extra})
+
     step = int(state.step)
     losses = {}
     t_last, steps_since = time.perf_counter(), 0
@@ -151,17 +158,13 @@ def train(config) -> dict:
                 if losses["val"] < best_val_loss or config.always_save_checkpoint:
                     best_val_loss = min(best_val_loss, losses["val"])
                     if step > 0 and not config.eval_only:
-                        ckpts.save(step, state.params, state.opt_state, {
-                            "step": step, "best_val_loss": best_val_loss, "val_loss": losses["val"],
-                            "model": wanted.to_dict(), "config": config.to_dict()})
+                        save(step, val_loss=losses["val"])
                 t_last, steps_since = time.perf_counter(), 0  # don't count eval time in ms/step
             if config.eval_only or step >= config.max_iters:
                 break
             if stop_requested or ckpts.manager.reached_preemption(step):
                 log.print(f"preempted at step {step}: saving a checkpoint")
-                ckpts.save(step, state.params, state.opt_state, {
-                    "step": step, "best_val_loss": best_val_loss, "model": wanted.to_dict(),
-                    "config": config.to_dict()})
+                save(step)
                 break
             state, metrics = trainer.train_step(state, *batch("train", step, A))
             step += 1

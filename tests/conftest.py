@@ -1,0 +1,11 @@
+"""Test session set-up: 8 simulated CPU devices (for the sharding tests) and the shared offline data."""
+
+import os
+from pathlib import Path
+
+# Must happen before jax initialises its backend; single-device tests run on device 0 as usual.
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

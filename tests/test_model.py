@@ -1,0 +1,179 @@
+"""The GPT-2 model: shapes, causality, attention paths, init, parameter count, loss, FLOPs."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxgpt.model import (GPT, GPTConfig, count_params, crop_block_size, cross_entropy_loss,
+                           flops_per_token, init_cache, init_params)
+
+TINY = GPTConfig(block_size=16, vocab_size=37, n_layer=2, n_head=4, n_embd=32)
+
+
+def forward(config, params, x, **kwargs):
+    """Jitted GPT(config).apply (eager linen is slow); kwargs: deterministic, rngs, cache, mask, ..."""
+    return _forward(config, params, x, **kwargs)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames="deterministic")
+def _forward(config, params, x, deterministic=True, **kwargs):
+    return GPT(config).apply({"params": params}, x, deterministic=deterministic, **kwargs)
+
+
+def tokens(shape, vocab=TINY.vocab_size, seed=0):
+    return jax.random.randint(jax.random.key(seed), shape, 0, vocab)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(TINY, jax.random.key(0))
+
+
+def test_logits_shape_and_dtype(params):
+    logits = forward(TINY, params, tokens((3, 11)))
+    chex.assert_shape(logits, (3, 11, TINY.vocab_size))
+    assert logits.dtype == jnp.float32
+    chex.assert_tree_all_finite(logits)
+
+
+def test_jit_matches_eager(params):
+    x = tokens((1, 4))
+    eager = GPT(TINY).apply({"params": params}, x)
+    chex.assert_trees_all_close(forward(TINY, params, x), eager, atol=1e-5)
+
+
+def test_causality(params):
+    """Changing a future token never changes an earlier position's logits."""
+    x = np.array(tokens((1, TINY.block_size)))
+    base = forward(TINY, params, x)
+    for t in (0, 5, TINY.block_size - 1):
+        changed = x.copy()
+        changed[0, t] = (changed[0, t] + 1) % TINY.vocab_size
+        out = forward(TINY, params, changed)
+        np.testing.assert_array_equal(out[0, :t], base[0, :t])
+        assert not np.allclose(out[0, t], base[0, t])
+
+
+def test_sequence_longer_than_block_size_is_an_error(params):
+    with pytest.raises(ValueError, match="block_size is only 16"):
+        forward(TINY, params, tokens((1, TINY.block_size + 1)))
+
+
+def test_dropout_path_matches_fused_attention_when_dropout_is_off():
+    """The masked-softmax path (used for attention dropout) equals jax.nn.dot_product_attention."""
+    config = TINY.replace(dropout=0.5)
+    p = init_params(config, jax.random.key(1))
+    x = tokens((2, 12))
+    fused = forward(config, p, x, deterministic=True)
+    masked = forward(config.replace(dropout=1e-9), p, x, deterministic=False,
+                                                     rngs={"dropout": jax.random.key(0)})
+    chex.assert_trees_all_close(masked, fused, atol=1e-5)
+
+
+def test_dropout_is_random_in_training_and_off_in_eval():
+    config = TINY.replace(dropout=0.2)
+    p = init_params(config, jax.random.key(1))
+    x = tokens((2, 12))
+    run = lambda seed: forward(config, p, x, deterministic=False, rngs={"dropout": jax.random.key(seed)})
+    assert not np.allclose(run(0), run(1))
+    chex.assert_trees_all_close(run(3), run(3))
+    chex.assert_trees_all_close(forward(config, p, x), forward(TINY, p, x))
+
+
+def test_cached_forward_matches_full_forward(params):
+    """Prefill 5 tokens, then one token at a time through the cache: same logits as one full pass."""
+    x = tokens((2, 9))
+    full = forward(TINY, params, x)
+    cache = init_cache(TINY, 2)
+    slots = jnp.arange(TINY.block_size)
+    mask = lambda start, n: (slots[None, :] <= start + jnp.arange(n)[:, None])[None].repeat(2, 0)
+    logits, cache = forward(TINY, params, x[:, :5], mask=mask(0, 5), cache=cache, cache_index=0)
+    pieces = [logits]
+    for t in range(5, 9):
+        logits, cache = forward(TINY, params, x[:, t:t + 1], positions=jnp.full((2, 1), t),
+                                        mask=mask(t, 1), cache=cache, cache_index=t)
+        pieces.append(logits)
+    chex.assert_trees_all_close(jnp.concatenate(pieces, axis=1), full, atol=1e-5)
+
+
+def test_gpt2_parameter_count():
+    """GPT-2 124M at its vocabulary of 50257: 124,439,808 parameters, the tied lm_head counted once."""
+    config = GPTConfig.from_preset("gpt2")
+    shapes = jax.eval_shape(lambda rng: init_params(config, rng), jax.random.key(0))
+    assert count_params(shapes, non_embedding=False) == 124_439_808
+    assert count_params(shapes) == 124_439_808 - 1024 * 768
+
+
+def test_presets_and_config_errors():
+    assert GPTConfig.from_preset("gpt2-xl").n_embd == 1600
+    with pytest.raises(ValueError, match="gpt2-medium"):
+        GPTConfig.from_preset("gpt3")
+    with pytest.raises(ValueError, match="divisible"):
+        GPTConfig(n_embd=30, n_head=4)
+    with pytest.raises(ValueError, match="cudnn"):
+        GPTConfig(attention="flash")
+
+
+def test_nanogpt_initialisation():
+    """normal(0.02) weights, zero biases, unit LayerNorm scales, residual projections 0.02/sqrt(2L)."""
+    config = GPTConfig(block_size=64, vocab_size=512, n_layer=4, n_head=4, n_embd=128)
+    p = init_params(config, jax.random.key(0))
+    std = lambda a: float(np.std(np.asarray(a)))
+    assert std(p["wte"]["embedding"]) == pytest.approx(0.02, rel=0.05)
+    assert std(p["h_0"]["mlp"]["c_fc"]["kernel"]) == pytest.approx(0.02, rel=0.05)
+    residual = 0.02 / np.sqrt(2 * config.n_layer)
+    assert std(p["h_0"]["attn"]["c_proj"]["kernel"]) == pytest.approx(residual, rel=0.05)
+    assert std(p["h_3"]["mlp"]["c_proj"]["kernel"]) == pytest.approx(residual, rel=0.05)
+    assert not np.any(p["h_1"]["attn"]["c_attn"]["bias"])
+    np.testing.assert_array_equal(p["ln_f"]["scale"], 1.0)
+
+
+def test_no_bias_model_has_no_bias_parameters():
+    p = init_params(TINY.replace(bias=False), jax.random.key(0))
+    paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(p)]
+    assert not [path for path in paths if "bias" in path]
+
+
+def test_bfloat16_compute_keeps_float32_params_and_loss():
+    config = TINY.replace(dtype="bfloat16")
+    p = init_params(config, jax.random.key(0))
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(p))
+    x = tokens((2, 8))
+    logits = forward(config, p, x)
+    assert logits.dtype == jnp.bfloat16
+    loss = cross_entropy_loss(logits, x)
+    assert loss.dtype == jnp.float32
+    full = cross_entropy_loss(forward(TINY, p, x), x)
+    assert float(loss) == pytest.approx(float(full), rel=2e-2)
+
+
+def test_cross_entropy_ignores_minus_one():
+    logits = jax.random.normal(jax.random.key(0), (2, 3, 5))
+    targets = jnp.array([[1, -1, 4], [-1, -1, 0]])
+    logp = jax.nn.log_softmax(logits)
+    expected = -(logp[0, 0, 1] + logp[0, 2, 4] + logp[1, 2, 0]) / 3
+    assert float(cross_entropy_loss(logits, targets)) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_uniform_logits_give_log_vocab_loss():
+    logits = jnp.zeros((1, 4, 50))
+    assert float(cross_entropy_loss(logits, jnp.array([[1, 2, 3, 4]]))) == pytest.approx(np.log(50), rel=1e-6)
+
+
+def test_crop_block_size(params):
+    cropped, config = crop_block_size(params, TINY, 8)
+    assert config.block_size == 8 and cropped["wpe"]["embedding"].shape == (8, TINY.n_embd)
+    x = tokens((1, 8))
+    chex.assert_trees_all_close(forward(config, cropped, x), forward(TINY, params, x))
+    with pytest.raises(ValueError):
+        crop_block_size(params, TINY, 32)
+
+
+def test_flops_per_token_is_nanogpts_formula():
+    config = GPTConfig.from_preset("gpt2")
+    n = 85_000_000
+    assert flops_per_token(config, n) == 6 * n + 12 * 12 * 12 * 64 * 1024

@@ -1,0 +1,129 @@
+"""The training loop end to end: loss goes down, exact resume, checkpoints, and its error messages."""
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import chex
+import numpy as np
+import pytest
+
+from configs import shakespeare_char
+from flaxgpt.checkpoint import Checkpoints, load_params
+from flaxgpt.prepare import prepare
+from flaxgpt.trainer import train
+from conftest import SHARED_DATA
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = SHARED_DATA / "tinyshakespeare" / "input.txt"
+
+
+def corpus_text(n_chars: int) -> str:
+    if CORPUS.is_file():
+        return CORPUS.read_text()[:n_chars]
+    rng = np.random.default_rng(0)  # a stand-in with structure: repeated words
+    words = ["the ", "king ", "and ", "queen ", "shall ", "speak\n", "to ", "thee, ", "my ", "lord. "]
+    return "".join(rng.choice(words, size=n_chars // 5))[:n_chars]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    (root / "input.txt").write_text(corpus_text(200_000))
+    prepare("shakespeare_char", out_dir=root / "shakespeare_char", input_path=root / "input.txt")
+    return root / "shakespeare_char"
+
+
+def tiny_config(data_dir: Path, out_dir: Path, **overrides):
+    c = shakespeare_char.get_config("cpu")
+    c.data_dir, c.out_dir = str(data_dir), str(out_dir)
+    c.n_layer, c.n_head, c.n_embd, c.block_size, c.batch_size = 2, 2, 32, 16, 8
+    c.max_iters, c.eval_interval, c.eval_iters, c.log_interval = 6, 3, 2, 1
+    c.always_save_checkpoint, c.async_checkpointing = True, False
+    c.warmup_iters, c.lr_decay_iters = 2, 6
+    for key, value in overrides.items():
+        c[key] = value
+    return c
+
+
+@pytest.mark.slow
+def test_train_cli_loss_falls_well_below_unigram_baseline(data_dir, tmp_path):
+    """A short version of the README's CPU shakespeare_char run (2000 steps reach ~1.88), through train.py."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user has
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, "train.py", "--config=configs/shakespeare_char.py:cpu",
+                    f"--config.data_dir={data_dir}", f"--config.out_dir={out}", "--config.max_iters=300",
+                    "--config.lr_decay_iters=300", "--config.eval_interval=300", "--config.eval_iters=10",
+                    "--config.log_interval=100"], cwd=REPO, env=env, check=True, timeout=600)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    val_loss = [line["val/loss"] for line in lines if "val/loss" in line][-1]
+    counts = np.bincount(np.memmap(data_dir / "train.bin", dtype=np.uint16, mode="r"))
+    p = counts[counts > 0] / counts.sum()
+    unigram = float(-(p * np.log(p)).sum())  # the loss of the best model that ignores context
+    assert val_loss < unigram - 0.6, (val_loss, unigram)
+    logged = [line for line in lines if "loss" in line]
+    assert logged and all({"lr", "ms_per_step", "tokens_per_s", "mfu"} <= line.keys() for line in logged)
+    assert load_params(out)[0].n_layer == 4
+
+
+def test_resume_continues_exactly(data_dir, tmp_path):
+    """6 steps straight == 3 steps + resume + 3 steps, bit for bit (with dropout and accumulation)."""
+    common = dict(dropout=0.1, gradient_accumulation_steps=2)
+    train(tiny_config(data_dir, tmp_path / "straight", **common))
+    train(tiny_config(data_dir, tmp_path / "halves", max_iters=3, **common))
+    assert Checkpoints(tmp_path / "halves").steps() == [3]
+    train(tiny_config(data_dir, tmp_path / "halves", init_from="resume", **common))
+    _, straight = load_params(tmp_path / "straight")
+    _, resumed = load_params(tmp_path / "halves")
+    chex.assert_trees_all_equal(straight, resumed)
+
+
+def test_eval_only_and_sample_metadata(data_dir, tmp_path):
+    losses = train(tiny_config(data_dir, tmp_path, eval_only=True))
+    assert losses["step"] == 0 and np.isfinite(losses["val"])
+    assert not Checkpoints(tmp_path).steps()
+    assert json.loads((tmp_path / "meta.json").read_text())["tokenizer"] == "char"
+
+
+def test_resume_skips_broken_checkpoints_and_keeps_them(data_dir, tmp_path, caplog):
+    train(tiny_config(data_dir, tmp_path, max_iters=3))
+    ckpt_dir = tmp_path / "checkpoints"
+    shutil.copytree(ckpt_dir / "3", ckpt_dir / "5")
+    shutil.rmtree(ckpt_dir / "5" / "params")  # half written
+    (ckpt_dir / "9").mkdir()  # foreign
+    (ckpt_dir / "9" / "notes.txt").write_text("not a checkpoint")
+    with caplog.at_level(logging.WARNING):
+        losses = train(tiny_config(data_dir, tmp_path, init_from="resume", max_iters=4, eval_interval=100))
+    assert losses["step"] == 4
+    assert "skipping unreadable checkpoint" in caplog.text
+    assert {"5", "9", "4"} <= {p.name for p in ckpt_dir.iterdir()}  # nothing deleted, step 4 written
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
+    train(tiny_config(data_dir, tmp_path, max_iters=3))
+    before = Checkpoints(tmp_path).steps()
+    with pytest.raises(FloatingPointError, match="nothing was saved"):
+        train(tiny_config(data_dir, tmp_path, init_from="resume", learning_rate=1e30, decay_lr=False,
+                          grad_clip=0.0))
+    assert Checkpoints(tmp_path).steps() == before
+    load_params(tmp_path)  # still readable
+
+
+def test_errors_say_what_to_do(data_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="python prepare.py nothing_here"):
+        train(tiny_config(tmp_path / "nothing_here", tmp_path / "out"))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(tiny_config(data_dir, tmp_path / "empty", init_from="resume"))
+    train(tiny_config(data_dir, tmp_path / "run", max_iters=3))
+    with pytest.raises(ValueError, match="n_layer=2 \\(config: 3\\)"):
+        train(tiny_config(data_dir, tmp_path / "run", init_from="resume", n_layer=3))
+    (tmp_path / "short.txt").write_text(corpus_text(300))  # val split: 30 tokens
+    prepare("shakespeare_char", out_dir=tmp_path / "short", input_path=tmp_path / "short.txt")
+    with pytest.raises(ValueError, match="lower block_size"):
+        train(tiny_config(tmp_path / "short", tmp_path / "out", block_size=64))
+    with pytest.raises(ValueError, match="divisible by the 8 data-parallel devices"):
+        train(tiny_config(data_dir, tmp_path / "out", batch_size=12))
