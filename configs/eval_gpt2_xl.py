@@ -1,0 +1,7 @@
+"""Evaluate pretrained gpt2-xl on OpenWebText: configs/eval_gpt2.py with model=gpt2-xl."""
+
+from configs.eval_gpt2 import get_config as _eval_config
+
+
+def get_config():
+    return _eval_config("gpt2-xl")
