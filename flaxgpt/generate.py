@@ -1,0 +1,227 @@
+"""Sampling: KV-cached decoding compiled into one loop (`generate`), the same steps one at a time
+(`generate_stream`), and nanoGPT's reference algorithm (`generate_naive`).
+
+Shapes: B batch, T0 prompt length, S = block_size (cache slots), V vocab, N = max_new_tokens.
+
+The cache holds the last (up to) S tokens of each row's context: `window[b, s]` is the token whose keys
+and values sit in slot s, and `valid[b, s]` says whether it is a real one (left padding is not). The
+prompt is prefilled in one forward pass; each new token then goes into the next free slot and attends to
+the cache. Once all S slots are full the context no longer fits, and like nanoGPT, which crops it to its
+last S tokens, the window slides by one and all S tokens run again: with learned absolute positions every
+token's position changes, so no cached key or value can be reused from then on.
+"""
+
+import functools
+from typing import Iterator, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from flaxgpt.model import GPT, GPTConfig, LayerCache, init_cache
+
+
+@struct.dataclass
+class Sampler:
+    """How the next token is picked. temperature is traced (changing it does not recompile); top_k,
+    top_p and stop_token change the program and are static."""
+    temperature: float | jax.Array = 1.0
+    top_k: int | None = struct.field(pytree_node=False, default=None)
+    top_p: float | None = struct.field(pytree_node=False, default=None)
+    stop_token: int | None = struct.field(pytree_node=False, default=None)
+
+    def __call__(self, logits: jax.Array, rng: jax.Array) -> jax.Array:
+        """logits [B, V] -> tokens [B] int32: divide by temperature, keep the top_k most likely tokens,
+        then the fewest most likely ones whose probabilities sum to top_p, and sample; temperature 0 is
+        argmax. Ties at a cut-off are kept, as in nanoGPT."""
+        logits = logits.astype(jnp.float32)
+        sampling = self.temperature > 0
+        logits_t = logits / jnp.where(sampling, self.temperature, 1.0)
+        if self.top_k is not None:
+            kth = jax.lax.top_k(logits_t, min(self.top_k, logits.shape[-1]))[0][:, -1:]
+            logits_t = jnp.where(logits_t < kth, -jnp.inf, logits_t)
+        if self.top_p is not None:
+            descending = -jnp.sort(-logits_t, axis=-1)
+            probs = jax.nn.softmax(descending, axis=-1)
+            mass_before = jnp.cumsum(probs, axis=-1) - probs  # of the more likely tokens
+            n_keep = jnp.sum(mass_before < self.top_p, axis=-1, keepdims=True)  # >= 1
+            cutoff = jnp.take_along_axis(descending, n_keep - 1, axis=-1)
+            logits_t = jnp.where(logits_t < cutoff, -jnp.inf, logits_t)
+        sampled = jax.random.categorical(rng, logits_t, axis=-1)
+        return jnp.where(sampling, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+
+
+class DecodeState(NamedTuple):
+    cache: list[LayerCache]  # per layer k, v: [B, S, H, D]
+    window: jax.Array  # [B, S] int32: the token in each cache slot
+    valid: jax.Array  # [B, S] bool: the slot holds a real token (not padding, not yet written)
+    length: jax.Array  # () int32: slots written so far; stays S once the window slides
+    token: jax.Array  # [B] int32: the latest new token, not yet in the cache
+    done: jax.Array  # [B] bool: the row has emitted stop_token
+    step: jax.Array  # () int32: index of `token` among the new tokens
+
+
+def _run(params, config: GPTConfig, cache, window, valid, index, length: int):
+    """Forward window[:, index:index+length] into cache slots [index, index+length); each query attends
+    to the valid slots up to its own, positions count the valid slots before it.
+    -> (logits of the last query [B, V] float32, cache)."""
+    S = window.shape[1]
+    tokens = jax.lax.dynamic_slice_in_dim(window, index, length, axis=1)
+    positions = jax.lax.dynamic_slice_in_dim(jnp.cumsum(valid, axis=1) - 1, index, length, axis=1)
+    query_slots = index + jnp.arange(length)
+    mask = valid[:, None, :] & (jnp.arange(S)[None, None, :] <= query_slots[None, :, None])  # [B, T, S]
+    logits, cache = GPT(config).apply({"params": params}, tokens, positions=jnp.maximum(positions, 0),
+                                      mask=mask, cache=cache, cache_index=index)
+    return logits[:, -1].astype(jnp.float32), cache
+
+
+def _sampler(temperature, top_k, top_p, stop_token=None) -> Sampler:
+    if np.any(np.asarray(temperature) < 0):
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k <= 0:
+        raise ValueError(f"top_k must be positive, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    return Sampler(jnp.asarray(temperature, jnp.float32), top_k, top_p, stop_token)
+
+
+def _pick(sampler: Sampler, logits, rng, step, done):
+    """The new token of `step` [B] and the updated done mask; a stopped row repeats stop_token."""
+    token = sampler(logits, jax.random.fold_in(rng, step))
+    if sampler.stop_token is None:
+        return token, done
+    token = jnp.where(done, sampler.stop_token, token)
+    return token, done | (token == sampler.stop_token)
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _start(params, config: GPTConfig, sampler: Sampler, prompt, prompt_mask, rng) -> DecodeState:
+    """Prefill the prompt [B, T0 <= S] in one pass and sample the first new token."""
+    (B, T0), S = prompt.shape, config.block_size
+    window = jnp.zeros((B, S), jnp.int32).at[:, :T0].set(prompt)
+    valid = jnp.zeros((B, S), bool).at[:, :T0].set(prompt_mask)
+    logits, cache = _run(params, config, init_cache(config, B), window, valid, 0, T0)
+    step = jnp.int32(0)
+    token, done = _pick(sampler, logits, rng, step, jnp.zeros(B, bool))
+    return DecodeState(cache, window, valid, jnp.int32(T0), token, done, step)
+
+
+@functools.partial(jax.jit, static_argnames="config", donate_argnames="state")
+def _advance(params, config: GPTConfig, sampler: Sampler, state: DecodeState, rng) -> DecodeState:
+    """Feed the latest token and sample the next: the one decoding step, shared by every loop."""
+    S = config.block_size
+
+    def append(state):  # a free slot is left: write the token there, attend to the cache
+        window = jax.lax.dynamic_update_slice_in_dim(state.window, state.token[:, None], state.length, axis=1)
+        valid = jax.lax.dynamic_update_slice_in_dim(state.valid, jnp.ones((len(window), 1), bool),
+                                                    state.length, axis=1)
+        logits, cache = _run(params, config, state.cache, window, valid, state.length, 1)
+        return logits, cache, window, valid, state.length + 1
+
+    def slide(state):  # full: drop the oldest token and run the whole window afresh (nanoGPT's crop)
+        window = jnp.concatenate([state.window[:, 1:], state.token[:, None]], axis=1)
+        valid = jnp.concatenate([state.valid[:, 1:], jnp.ones_like(state.valid[:, :1])], axis=1)
+        logits, cache = _run(params, config, state.cache, window, valid, 0, S)
+        return logits, cache, window, valid, state.length
+
+    logits, cache, window, valid, length = jax.lax.cond(state.length < S, append, slide, state)
+    step = state.step + 1
+    token, done = _pick(sampler, logits, rng, step, state.done)
+    return DecodeState(cache, window, valid, length, token, done, step)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens"))
+def _generate(params, config: GPTConfig, sampler: Sampler, prompt, prompt_mask, rng, max_new_tokens: int):
+    state = _start(params, config, sampler, prompt, prompt_mask, rng)
+    fill = 0 if sampler.stop_token is None else sampler.stop_token
+    out = jnp.full((len(prompt), max_new_tokens), fill, jnp.int32).at[:, 0].set(state.token)
+
+    def not_finished(carry):
+        state, _ = carry
+        return (state.step + 1 < max_new_tokens) & ~jnp.all(state.done)
+
+    def decode(carry):
+        state, out = carry
+        state = _advance(params, config, sampler, state, rng)
+        return state, jax.lax.dynamic_update_slice_in_dim(out, state.token[:, None], state.step, axis=1)
+
+    return jax.lax.while_loop(not_finished, decode, (state, out))[1]
+
+
+def _prepare(config: GPTConfig, prompt, prompt_mask):
+    """Prompt [B, T0] and mask as int32/bool, cropped to the last block_size columns, checked."""
+    prompt = np.asarray(prompt, np.int32)
+    prompt_mask = np.ones(prompt.shape, bool) if prompt_mask is None else np.asarray(prompt_mask, bool)
+    if prompt.ndim != 2 or prompt.shape[1] == 0 or prompt_mask.shape != prompt.shape:
+        raise ValueError(f"prompt must be [B, T0 > 0] with a mask of its shape, got {prompt.shape} "
+                         f"and mask {prompt_mask.shape}")
+    prompt, prompt_mask = prompt[:, -config.block_size:], prompt_mask[:, -config.block_size:]
+    if not prompt_mask.any(axis=1).all():
+        raise ValueError("every prompt row needs at least one real token (prompt_mask True)")
+    return prompt, prompt_mask
+
+
+def generate(params, config: GPTConfig, prompt, *, max_new_tokens: int, rng: jax.Array, temperature=1.0,
+             top_k: int | None = None, top_p: float | None = None, prompt_mask=None,
+             stop_token: int | None = None) -> jax.Array:
+    """Sample max_new_tokens after each row of prompt [B, T0] -> new tokens [B, N] int32.
+
+    prompt_mask: [B, T0] bool, True on real tokens, for prompts left-padded to one length; each row's
+    positions start at 0 on its first real token, and padding is never attended to. A context longer
+    than block_size is cropped to its last block_size tokens, as nanoGPT does.
+    temperature 0 is greedy; top_k and top_p (nucleus) filter the distribution before sampling.
+    stop_token: a row that emits it is done; the rest of that row is stop_token, so the tokens up to the
+    first stop_token are its text. The loop ends early once every row is done.
+    Step t samples with jax.random.fold_in(rng, t), as generate_stream and generate_naive do.
+    """
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    sampler = _sampler(temperature, top_k, top_p, stop_token)
+    prompt, prompt_mask = _prepare(config, prompt, prompt_mask)
+    return _generate(params, config, sampler, prompt, prompt_mask, rng, max_new_tokens)
+
+
+def generate_stream(params, config: GPTConfig, prompt, *, max_new_tokens: int, rng: jax.Array,
+                    temperature=1.0, top_k: int | None = None, top_p: float | None = None, prompt_mask=None,
+                    stop_token: int | None = None) -> Iterator[np.ndarray]:
+    """`generate`, one step at a time: yields each new token [B] (numpy int32) as soon as it is sampled.
+
+    The same compiled steps and random keys as `generate`, so the same tokens; the stream ends after
+    the step on which the last row emits stop_token.
+    """
+    sampler = _sampler(temperature, top_k, top_p, stop_token)
+    prompt, prompt_mask = _prepare(config, prompt, prompt_mask)
+    state = _start(params, config, sampler, prompt, prompt_mask, rng)
+    for step in range(max_new_tokens):
+        if step:
+            state = _advance(params, config, sampler, state, rng)
+        yield np.array(state.token)  # a copy: the next step donates (reuses) the state's buffers
+        if stop_token is not None and np.all(state.done):
+            return
+
+
+@functools.partial(jax.jit, static_argnames="config", donate_argnames="tokens")
+def _naive_step(params, config: GPTConfig, sampler: Sampler, tokens, length, step, rng) -> jax.Array:
+    """tokens [B, S + N] holds `length` tokens; append new token `step` after a full forward over the last
+    (up to) S of them. One shape for every step: the context is the S columns from max(0, length - S),
+    and causal attention never looks past the last real token, so the columns after it do not matter."""
+    start = jnp.maximum(length - config.block_size, 0)
+    context = jax.lax.dynamic_slice_in_dim(tokens, start, config.block_size, axis=1)
+    logits = GPT(config).apply({"params": params}, context)
+    token = sampler(jnp.take(logits, length - start - 1, axis=1), jax.random.fold_in(rng, step))
+    return jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], length, axis=1)
+
+
+def generate_naive(params, config: GPTConfig, prompt, *, max_new_tokens: int, rng: jax.Array,
+                   temperature=1.0, top_k: int | None = None, top_p: float | None = None) -> jax.Array:
+    """nanoGPT's GPT.generate, the reference: for every new token a full causal forward over the context
+    cropped to its last block_size tokens (compiled once, as a forward of block_size tokens).
+    prompt [B, T0] -> new tokens [B, N], sampled with the same random keys as `generate`."""
+    sampler = _sampler(temperature, top_k, top_p)
+    prompt, _ = _prepare(config, prompt, None)
+    (B, T0), S = prompt.shape, config.block_size  # one buffer shape for every prompt length T0 <= S
+    tokens = jnp.zeros((B, S + max_new_tokens), jnp.int32).at[:, :T0].set(prompt)
+    for step in range(max_new_tokens):
+        tokens = _naive_step(params, config, sampler, tokens, T0 + step, step, rng)
+    return tokens[:, T0:T0 + max_new_tokens]

@@ -1,0 +1,176 @@
+"""Sample from a trained model or from GPT-2, as nanoGPT's sample.py does.
+
+    python sample.py --out_dir=out-shakespeare-char
+    python sample.py --init_from=gpt2-xl --start="What is the answer to life, the universe, and everything?" \
+        --num_samples=5 --max_new_tokens=100
+    python sample.py --init_from=path/to/hf_folder --start=FILE:prompt.txt --no-stream
+
+--init_from: "resume" (the training run in --out_dir), another training run's out_dir, a GPT-2 model
+(gpt2, gpt2-medium, gpt2-large, gpt2-xl), a Hugging Face folder holding config.json, or a nanoGPT ckpt.pt
+(or its out_dir). The tokenizer is the one in the run's meta.json (meta.pkl beside a ckpt.pt), else GPT-2's.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from flaxgpt.generate import generate, generate_stream
+from flaxgpt.model import PRESETS, GPTConfig
+from flaxgpt.tokenizer import GPT2Tokenizer, Tokenizer, from_meta
+
+SEPARATOR = "---------------"
+
+
+class UsageError(Exception):
+    """A mistake in the command line or its files: reported in one line, exit code 2."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--init_from", default="resume", help="resume (from --out_dir), an out_dir, a GPT-2 name, "
+                   "a Hugging Face folder or a nanoGPT ckpt.pt")
+    p.add_argument("--out_dir", default="out", help="the training run to sample from with --init_from=resume")
+    p.add_argument("--start", default="\n", help='the prompt, or FILE:path to read it from a file')
+    p.add_argument("--num_samples", type=int, default=10)
+    p.add_argument("--max_new_tokens", type=int, default=500)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; < 1 less random, > 1 more")
+    p.add_argument("--top_k", type=int, default=200, help="sample among the top_k most likely tokens only")
+    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling: the most likely tokens "
+                   "whose probabilities add up to top_p")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                   help="print the text as it is generated")
+    args = p.parse_args(argv)
+    if args.temperature < 0:
+        raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k <= 0:
+        raise UsageError(f"--top_k must be a positive number of tokens, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UsageError(f"--top_p must be in (0, 1], got {args.top_p}")
+    if args.num_samples < 1 or args.max_new_tokens < 1:
+        raise UsageError("--num_samples and --max_new_tokens must be positive")
+    return args
+
+
+def load_model(init_from: str, out_dir: str, dtype: str) -> tuple[GPTConfig, dict, Tokenizer]:
+    """(config, params, tokenizer) of what --init_from names."""
+    path = Path(out_dir if init_from == "resume" else init_from)
+    try:
+        if init_from in PRESETS or (path / "config.json").is_file():
+            from flaxgpt.pretrained import load_pretrained
+            return (*load_pretrained(init_from if init_from in PRESETS else path, dtype=dtype), GPT2Tokenizer())
+        if path.is_dir() and (path / "ckpt.pt").is_file() and not (path / "checkpoints").is_dir():
+            path = path / "ckpt.pt"  # a nanoGPT out_dir
+        if path.is_file() and path.suffix == ".pt":
+            from flaxgpt.pretrained import load_nanogpt, read_nanogpt_meta
+            config, params = load_nanogpt(path, dtype=dtype)
+            meta_pkl = path.with_name("meta.pkl")
+            return config, params, _tokenizer(path.parent, read_nanogpt_meta(meta_pkl) if meta_pkl.is_file() else None)
+        if path.is_dir():
+            from flaxgpt.checkpoint import load_params
+            return (*load_params(path, dtype=dtype), _tokenizer(path))
+    except (OSError, ValueError, RuntimeError, ImportError) as e:  # the loaders' messages say what is wrong
+        raise UsageError(str(e).strip().splitlines()[0]) from None
+    if init_from == "resume":
+        raise UsageError(f"--out_dir={out_dir}: no such directory (train a model there first, or pass "
+                         "--init_from)")
+    raise UsageError(f"--init_from={init_from}: not 'resume', a GPT-2 model ({', '.join(PRESETS)}), "
+                     "nor an existing out_dir, Hugging Face folder or ckpt.pt file")
+
+
+def _tokenizer(folder: Path, meta: dict | None = None) -> Tokenizer:
+    """The tokenizer in `meta`, else in folder/meta.json, else GPT-2 BPE."""
+    if meta is None and (folder / "meta.json").is_file():
+        meta = json.loads((folder / "meta.json").read_text())
+    return from_meta(meta)
+
+
+def read_prompt(start: str) -> str:
+    if start.startswith("FILE:"):
+        try:
+            start = Path(start[len("FILE:"):]).read_text(encoding="utf-8")
+        except OSError as e:
+            raise UsageError(f"--start={start}: {e.strerror}") from None
+    if not start:
+        raise UsageError("--start is empty: the model needs at least one token to continue")
+    return start
+
+
+class StreamDecoder:
+    """Text of a growing token list, piece by piece: each `push` returns what the new token adds.
+
+    BPE tokens can end inside a multi-byte character, which decodes as U+FFFD until its last byte comes,
+    so a trailing U+FFFD is held back until the next token (or `flush`) settles it.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.tokens, self.printed = tokenizer, [], 0
+
+    def push(self, token: int) -> str:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens)
+        return "" if text.endswith("\ufffd") else self._new(text)
+
+    def flush(self) -> str:
+        return self._new(self.tokenizer.decode(self.tokens))
+
+    def _new(self, text: str) -> str:
+        new, self.printed = text[self.printed:], len(text)
+        return new
+
+
+def crop_vocabulary(config: GPTConfig, params: dict, vocab_size: int) -> tuple[GPTConfig, dict]:
+    """Drop the embedding rows beyond the tokenizer's vocabulary (GPT-2's 50257 padded to 50304), so the
+    padding tokens, which have no text, are never sampled: the lm_head is tied to wte."""
+    if config.vocab_size <= vocab_size:
+        return config, params
+    params = {**params, "wte": {"embedding": params["wte"]["embedding"][:vocab_size]}}
+    return config.replace(vocab_size=vocab_size), params
+
+
+def run(args: argparse.Namespace) -> None:
+    start = read_prompt(args.start)
+    config, params, tokenizer = load_model(args.init_from, args.out_dir, args.dtype)
+    config, params = crop_vocabulary(config, params, tokenizer.vocab_size)
+    try:
+        start_ids = tokenizer.encode(start)
+    except ValueError as e:  # a character outside a character-level vocabulary
+        raise UsageError(f"--start: {e}") from None
+    if max(start_ids, default=0) >= config.vocab_size:
+        raise UsageError(f"--start: token {max(start_ids)} is outside the model's vocabulary of {config.vocab_size}: "
+                         "is the tokenizer right? (a nanoGPT ckpt.pt needs its meta.pkl beside it)")
+    if len(start_ids) > config.block_size:
+        print(f"warning: the prompt has {len(start_ids)} tokens but the model sees at most "
+              f"{config.block_size}; only its last {config.block_size} are used", file=sys.stderr)
+    prompt = np.asarray([start_ids], np.int32)
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+              top_p=args.top_p)
+    key = jax.random.key(args.seed)
+    for k in range(args.num_samples):  # one after another, as nanoGPT; sample k draws from fold_in(key, k)
+        rng = jax.random.fold_in(key, k)
+        print(start, end="", flush=True)
+        if args.stream:
+            decoder = StreamDecoder(tokenizer)
+            for token in generate_stream(params, config, prompt, rng=rng, **kw):
+                print(decoder.push(int(token[0])), end="", flush=True)
+            print(decoder.flush())
+        else:
+            print(tokenizer.decode(np.asarray(generate(params, config, prompt, rng=rng, **kw))[0]))
+        print(SEPARATOR, flush=True)
+
+
+def main(argv=None) -> None:
+    try:
+        run(parse_args(argv))
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Sampling (flaxgpt/generate.py): the KV cache against full forwards, the compiled loop against
+nanoGPT's reference loop, the sampling filters, stop tokens and streaming."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxgpt.generate import Sampler, _run, generate, generate_naive, generate_stream
+from flaxgpt.model import GPT, GPTConfig, init_cache, init_params
+
+CONFIG = GPTConfig(block_size=16, vocab_size=11, n_layer=2, n_head=2, n_embd=32)
+S = CONFIG.block_size
+
+
+@pytest.fixture(scope="module")
+def params():
+    """Weights ~25x larger than GPT-2's init, so greedy decoding wanders over the vocabulary instead of
+    repeating one token, and the outputs actually exercise the context."""
+    rng = np.random.default_rng(2)
+    params = init_params(CONFIG, jax.random.key(0))
+    return jax.tree.map(lambda x: x + rng.normal(0, 0.5, x.shape).astype(np.float32), params)
+
+
+def random_tokens(seed, shape):
+    return np.random.default_rng(seed).integers(0, CONFIG.vocab_size, shape, dtype=np.int32)
+
+
+run = jax.jit(_run, static_argnums=(1, 6))  # (params, config, cache, window, valid, index, length)
+forward = jax.jit(lambda params, tokens: GPT(CONFIG).apply({"params": params}, tokens))
+N = 2 * S + 3  # new tokens: well past block_size; most tests share it, and so their compiled programs
+
+
+def test_cache_matches_full_forward(params):
+    """Prefill 5 tokens, then decode the rest one by one: every step's logits equal a full forward's."""
+    tokens = jnp.asarray(random_tokens(0, (2, S)))
+    full = forward(params, tokens)  # [B, S, V]
+    valid = jnp.zeros((2, S), bool).at[:, :5].set(True)
+    logits, cache = run(params, CONFIG, init_cache(CONFIG, 2), tokens, valid, 0, 5)
+    np.testing.assert_allclose(logits, full[:, 4], atol=1e-5, rtol=0)
+    for i in range(5, S):
+        valid = valid.at[:, i].set(True)
+        logits, cache = run(params, CONFIG, cache, tokens, valid, i, 1)
+        np.testing.assert_allclose(logits, full[:, i], atol=1e-5, rtol=0)
+
+
+def test_left_padded_prefill_matches_unpadded_forward(params):
+    tokens = random_tokens(1, (S,))
+    full = forward(params, jnp.asarray(tokens[None]))  # causal: position i sees tokens[:i + 1] only
+    for n_real in (1, 6, S):
+        window = np.zeros((1, S), np.int32)
+        window[0, S - n_real:] = tokens[:n_real]
+        valid = jnp.arange(S)[None] >= S - n_real
+        logits, _ = run(params, CONFIG, init_cache(CONFIG, 1), jnp.asarray(window), valid, 0, S)
+        np.testing.assert_allclose(logits, full[:, n_real - 1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("prompt_length", [3, S, S + 5])  # S: slides at once; S + 5: cropped
+def test_greedy_matches_naive_past_block_size(params, prompt_length):
+    prompt = random_tokens(prompt_length, (2, prompt_length))
+    kw = dict(max_new_tokens=N, rng=jax.random.key(0), temperature=0.0)
+    cached = np.asarray(generate(params, CONFIG, prompt, **kw))
+    np.testing.assert_array_equal(cached, generate_naive(params, CONFIG, prompt, **kw))
+    assert cached.shape == (2, N) and len(np.unique(cached)) >= 3  # not one repeated token
+
+
+def test_left_padded_rows_match_naive_on_their_own_prompts(params):
+    lengths = [3, 1]
+    prompt, mask = np.zeros((2, 3), np.int32), np.zeros((2, 3), bool)
+    for b, n in enumerate(lengths):
+        prompt[b, 3 - n:], mask[b, 3 - n:] = random_tokens(10 + b, (n,)), True
+    kw = dict(max_new_tokens=N, rng=jax.random.key(0), temperature=0.0)
+    cached = np.asarray(generate(params, CONFIG, prompt, prompt_mask=mask, **kw))
+    for b, n in enumerate(lengths):
+        np.testing.assert_array_equal(cached[b], generate_naive(params, CONFIG, prompt[b:b + 1, 3 - n:], **kw)[0])
+
+
+SAMPLING = dict(temperature=0.9, top_k=6, top_p=0.95)
+
+
+def test_sampling_matches_naive_and_depends_on_seed(params):
+    prompt = random_tokens(2, (2, 3))
+    a = np.asarray(generate(params, CONFIG, prompt, max_new_tokens=N, rng=jax.random.key(7), **SAMPLING))
+    np.testing.assert_array_equal(a, generate(params, CONFIG, prompt, max_new_tokens=N, rng=jax.random.key(7),
+                                              **SAMPLING))
+    np.testing.assert_array_equal(a, generate_naive(params, CONFIG, prompt, max_new_tokens=N,
+                                                    rng=jax.random.key(7), **SAMPLING))
+    assert not np.array_equal(a, generate(params, CONFIG, prompt, max_new_tokens=N, rng=jax.random.key(8),
+                                          **SAMPLING))
+
+
+def test_top_k_1_is_greedy(params):
+    prompt = random_tokens(3, (2, 3))
+    kw = dict(max_new_tokens=N, rng=jax.random.key(1))
+    greedy = np.asarray(generate(params, CONFIG, prompt, temperature=0.0, **kw))
+    np.testing.assert_array_equal(greedy, generate(params, CONFIG, prompt, temperature=2.0, top_k=1, **kw))
+
+
+def sample_many(logits, n=4096, **kw):
+    """Token counts [V] of n samples from one row of logits."""
+    tokens = Sampler(jnp.float32(kw.pop("temperature", 1.0)), **kw)(jnp.tile(jnp.asarray(logits), (n, 1)),
+                                                                     jax.random.key(0))
+    return np.bincount(np.asarray(tokens), minlength=len(logits))
+
+
+def test_top_k_never_emits_an_excluded_token():
+    logits = np.array([0.5, 3.0, -1.0, 2.9, 0.0, 2.8, 1.0, -2.0, 0.2, 0.1, 0.3], np.float32)
+    counts = sample_many(logits, top_k=3, temperature=3.0)  # hot: without the filter all would show up
+    assert set(np.flatnonzero(counts)) == {1, 3, 5}
+    assert np.count_nonzero(sample_many(logits, temperature=3.0)) == len(logits)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = np.array([0.02, 0.4, 0.03, 0.25, 0.05, 0.15, 0.04, 0.02, 0.02, 0.01, 0.01])
+    logits = np.log(probs).astype(np.float32)
+    assert set(np.flatnonzero(sample_many(logits, top_p=0.6))) == {1, 3}  # 0.4 < 0.6 <= 0.65
+    assert set(np.flatnonzero(sample_many(logits, top_p=0.7))) == {1, 3, 5}
+    assert set(np.flatnonzero(sample_many(logits, top_p=0.7, top_k=2))) == {1, 3}
+    assert np.count_nonzero(sample_many(logits, top_p=1.0)) == len(logits)
+    assert set(np.flatnonzero(sample_many(logits, top_p=1e-6, temperature=5.0))) == {1}
+
+
+def test_stop_token_pads_the_rest_of_the_row(params):
+    prompt = random_tokens(4, (2, 3))
+    kw = dict(max_new_tokens=N, rng=jax.random.key(0), temperature=0.0)
+    free = np.asarray(generate(params, CONFIG, prompt, **kw))
+    stop = int(free[0, 3])  # row 0 stops on its 4th token at the latest; row 1 maybe later, maybe never
+    stopped = np.asarray(generate(params, CONFIG, prompt, stop_token=stop, **kw))
+    ends = []
+    for row_free, row in zip(free, stopped):
+        hits = np.flatnonzero(row_free == stop)
+        ends.append(hits[0] + 1 if len(hits) else N)
+        np.testing.assert_array_equal(row[:ends[-1]], row_free[:ends[-1]])
+        assert (row[ends[-1]:] == stop).all()
+    streamed = np.stack(list(generate_stream(params, CONFIG, prompt, stop_token=stop, **kw)), axis=1)
+    assert streamed.shape[1] == max(ends)  # the stream ends once every row has stopped
+    np.testing.assert_array_equal(streamed, stopped[:, :max(ends)])
+
+
+def test_stream_yields_the_tokens_of_generate(params):
+    prompt, mask = random_tokens(5, (2, 3)), np.array([[True] * 3, [False, False, True]])
+    kw = dict(max_new_tokens=N, rng=jax.random.key(3), prompt_mask=mask, **SAMPLING)
+    steps = list(generate_stream(params, CONFIG, prompt, **kw))
+    assert len(steps) == N and steps[0].shape == (2,) and steps[0].dtype == np.int32
+    np.testing.assert_array_equal(np.stack(steps, axis=1), generate(params, CONFIG, prompt, **kw))
+
+
+def test_changing_the_temperature_does_not_recompile(params):
+    from flaxgpt.generate import _generate
+
+    prompt = random_tokens(6, (2, 3))
+    generate(params, CONFIG, prompt, max_new_tokens=N, rng=jax.random.key(0), temperature=0.5)
+    compiled = _generate._cache_size()
+    for temperature in (0.0, 1.3):
+        generate(params, CONFIG, prompt, max_new_tokens=N, rng=jax.random.key(0), temperature=temperature)
+    assert _generate._cache_size() == compiled
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(temperature=-0.1), "temperature"), (dict(top_k=0), "top_k"), (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"), (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(prompt_mask=np.array([[True, True], [False, False]])), "real token"),
+])
+def test_invalid_arguments(params, kw, message):
+    with pytest.raises(ValueError, match=message):
+        generate(params, CONFIG, np.ones((2, 2), np.int32), **{"max_new_tokens": 3, "rng": jax.random.key(0), **kw})

@@ -1,0 +1,136 @@
+"""sample.py end to end, in process: a tiny Hugging Face folder, a tiny character-level training run,
+streaming, and the one-line errors (exit code 2)."""
+
+import json
+import pickle
+
+import jax
+import numpy as np
+import pytest
+
+import sample
+from conftest import SHARED_DATA
+from flaxgpt.checkpoint import Checkpoints
+from flaxgpt.model import GPTConfig, init_params
+from flaxgpt.tokenizer import GPT2Tokenizer
+
+CHARS = list("\n abcdefghij")
+CHAR_CONFIG = GPTConfig(block_size=16, vocab_size=len(CHARS), n_layer=2, n_head=2, n_embd=32)
+
+
+@pytest.fixture(autouse=True)
+def offline_gpt2_bpe(monkeypatch):
+    if (SHARED_DATA / "gpt2" / "r50k_base.tiktoken").is_file():
+        monkeypatch.setenv("FLAXGPT_DATA", str(SHARED_DATA))
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=50257, n_positions=32, n_embd=16, n_layer=2, n_head=2)
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def char_run(tmp_path_factory):
+    """A training run's out_dir: one checkpoint and the meta.json of a character vocabulary."""
+    out_dir = tmp_path_factory.mktemp("out-char")
+    checkpoints = Checkpoints(out_dir, async_save=False)
+    params = init_params(CHAR_CONFIG, jax.random.key(0))
+    checkpoints.save(100, params, {"count": np.zeros((), np.int32)}, {"model": CHAR_CONFIG.to_dict()})
+    checkpoints.close()
+    (out_dir / "meta.json").write_text(json.dumps({"tokenizer": "char", "chars": CHARS, "vocab_size": len(CHARS)}))
+    return out_dir
+
+
+def run_cli(capsys, *argv):
+    sample.main([str(a) for a in argv])
+    return capsys.readouterr()
+
+
+def samples(stdout):
+    *texts, tail = stdout.split(sample.SEPARATOR + "\n")
+    assert tail == ""
+    return texts
+
+
+def test_hf_folder_streams_the_same_text_it_prints_whole(capsys, hf_folder):
+    argv = ["--init_from", hf_folder, "--start", "Hello", "--num_samples", 2, "--max_new_tokens", 8, "--top_p", 0.9]
+    streamed = run_cli(capsys, *argv).out
+    texts = samples(streamed)
+    assert len(texts) == 2 and all(t.startswith("Hello") for t in texts)
+    assert texts[0] != texts[1]  # each sample draws its own random numbers
+    assert run_cli(capsys, *argv, "--no-stream").out == streamed
+    assert run_cli(capsys, *argv, "--seed", 1).out != streamed
+
+
+def test_training_run_with_a_character_vocabulary(capsys, char_run, tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("ab cab\n" * 4)  # 28 characters > block_size 16: cropped, with a warning
+    out = run_cli(capsys, "--out_dir", char_run, "--start", f"FILE:{prompt}", "--num_samples", 3,
+                  "--max_new_tokens", 20, "--temperature", 0)
+    texts = samples(out.out)
+    assert len(texts) == 3 and len(set(texts)) == 1  # greedy
+    assert texts[0].startswith("ab cab\n" * 4) and set(texts[0]) <= set(CHARS)
+    assert len(texts[0]) == 28 + 20 + 1  # prompt, new characters, the newline that ends a sample
+    assert out.err.count("warning") == 1 and "last 16" in out.err
+
+
+def test_nanogpt_checkpoint_with_its_meta_pkl(capsys, tmp_path):
+    nanogpt_config = CHAR_CONFIG.replace(gelu_approximate=False)  # nanoGPT's exact GELU
+    pytest.importorskip("torch")
+    from flaxgpt.pretrained import save_nanogpt
+
+    save_nanogpt(init_params(nanogpt_config, jax.random.key(1)), nanogpt_config, tmp_path / "ckpt.pt")
+    with open(tmp_path / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": len(CHARS), "itos": dict(enumerate(CHARS)),
+                     "stoi": {c: i for i, c in enumerate(CHARS)}}, f)
+    argv = ["--start", "abc", "--num_samples", 1, "--max_new_tokens", 10, "--temperature", 0]
+    out = run_cli(capsys, "--init_from", tmp_path / "ckpt.pt", *argv).out
+    assert out.startswith("abc") and set(samples(out)[0]) <= set(CHARS)
+    assert run_cli(capsys, "--out_dir", tmp_path, *argv).out == out  # nanoGPT's out_dir holding ckpt.pt
+
+
+def test_stream_decoder_holds_back_partial_characters():
+    tokenizer = GPT2Tokenizer()
+    text = "日本 café ✓"
+    decoder = sample.StreamDecoder(tokenizer)
+    pieces = [decoder.push(t) for t in tokenizer.encode(text)]
+    assert "".join(pieces) + decoder.flush() == text
+    assert "\ufffd" not in "".join(pieces) and "" in pieces  # some token ended inside a character
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--start", "abz"], "'z'"),  # with --out_dir=char_run
+    (["--start", ""], "--start is empty"),
+    (["--start", "FILE:/nonexistent/prompt.txt"], "No such file"),
+    (["--temperature", "-0.5"], "--temperature"),
+    (["--top_k", "0"], "--top_k"),
+    (["--top_p", "0"], "--top_p"),
+    (["--top_p", "1.5"], "--top_p"),
+])
+def test_bad_arguments(capsys, char_run, argv, message):
+    assert_usage_error(capsys, ["--out_dir", char_run, *argv], message)
+
+
+def test_missing_models(capsys, tmp_path):
+    assert_usage_error(capsys, ["--out_dir", tmp_path], "no checkpoint in")
+    assert_usage_error(capsys, ["--out_dir", tmp_path / "missing"], "no such directory")
+    assert_usage_error(capsys, ["--init_from", tmp_path / "missing"], "--init_from")
+    assert_usage_error(capsys, ["--init_from", "gpt3"], "--init_from")
+
+
+def test_prompt_outside_the_vocabulary(capsys, char_run, tmp_path):
+    """A character model whose run lacks meta.json falls back to GPT-2 BPE, whose ids do not fit."""
+    (tmp_path / "checkpoints").symlink_to(char_run / "checkpoints")
+    assert_usage_error(capsys, ["--out_dir", tmp_path, "--start", "hello"], "outside the model's vocabulary")
+
+
+def assert_usage_error(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
