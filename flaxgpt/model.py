@@ -175,11 +175,13 @@ class GPT(nn.Module):
     config: GPTConfig
 
     @nn.compact
-    def __call__(self, idx, *, deterministic=True, positions=None, mask=None, cache=None, cache_index=0):
+    def __call__(self, idx, *, deterministic=True, positions=None, mask=None, cache=None, cache_index=0,
+                 last_only=False):
         """idx: [B, T] int tokens -> logits [B, T, V] (and the updated cache when one is given).
 
-        positions: [B, T] position ids (default 0..T-1). mask, cache, cache_index: see
-        CausalSelfAttention; `cache` is a list with one LayerCache per layer (see `init_cache`).
+        positions: [B, T] position ids (default 0..T-1; pass cache_index + 0..T-1 when decoding).
+        mask, cache, cache_index: see CausalSelfAttention; `cache` is a list with one LayerCache per
+        layer (see `init_cache`). last_only: logits of the last position only, [B, 1, V] (sampling).
         """
         cfg = self.config
         T = idx.shape[1]
@@ -199,6 +201,8 @@ class GPT(nn.Module):
                 x, deterministic=deterministic, mask=mask, cache=None if cache is None else cache[i],
                 cache_index=cache_index)
             new_cache.append(layer_cache)
+        if last_only:
+            x = x[:, -1:]
         x = _layer_norm(cfg, "ln_f")(x)
         logits = wte.attend(x)  # lm_head tied to wte
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))

@@ -19,7 +19,7 @@ def forward(config, params, x, **kwargs):
     return _forward(config, params, x, **kwargs)
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames="deterministic")
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("deterministic", "last_only"))
 def _forward(config, params, x, deterministic=True, **kwargs):
     return GPT(config).apply({"params": params}, x, deterministic=deterministic, **kwargs)
 
@@ -177,3 +177,10 @@ def test_flops_per_token_is_nanogpts_formula():
     config = GPTConfig.from_preset("gpt2")
     n = 85_000_000
     assert flops_per_token(config, n) == 6 * n + 12 * 12 * 12 * 64 * 1024
+
+
+def test_last_only_logits_equal_the_last_row(params):
+    x = tokens((2, 9))
+    last = forward(TINY, params, x, last_only=True)
+    chex.assert_shape(last, (2, 1, TINY.vocab_size))
+    chex.assert_trees_all_close(last, forward(TINY, params, x)[:, -1:], atol=1e-6)
