@@ -1,6 +1,8 @@
 """flaxgpt: nanoGPT in JAX and Flax."""
 
-from flaxgpt.model import GPT, GPTConfig, cross_entropy_loss, count_params, init_params
+from flaxgpt.checkpoint import load_params
+from flaxgpt.generate import generate, generate_stream
+from flaxgpt.model import GPT, GPTConfig, count_params, cross_entropy_loss, init_params
 from flaxgpt.pretrained import load_pretrained, save_pretrained
 
 __version__ = "0.1.0"

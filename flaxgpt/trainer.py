@@ -87,9 +87,15 @@ def train(config) -> dict:
     ckpts = checkpoint.Checkpoints(out_dir, max_to_keep=config.max_to_keep,
                                    async_save=config.async_checkpointing)
     best_val_loss = math.inf
+    model_source = "config"  # or the pretrained model the run started from, which then sets the shape
     if config.init_from == "resume":
-        saved = checkpoint.model_config_from_meta(ckpts.newest_readable(ckpts.read_meta))
-        _check_same_shape(saved, wanted, out_dir)
+        saved_meta = ckpts.newest_readable(ckpts.read_meta)
+        saved = checkpoint.model_config_from_meta(saved_meta)
+        model_source = saved_meta.get("model_source", "config")
+        if model_source == "config":
+            _check_same_shape(saved, wanted, out_dir)
+        else:
+            wanted = saved.replace(dropout=config.dropout, attention=config.attention, dtype=wanted.dtype)
         trainer = Trainer(wanted, optim.make_optimizer(config), mesh, seed=config.seed)
         target = trainer.abstract_state
         params, opt_state, saved_meta = ckpts.restore(target.params, target.opt_state)
@@ -107,6 +113,7 @@ def train(config) -> dict:
         if vocab_size != PADDED_GPT2_VOCAB and vocab_size > pretrained.vocab_size:
             raise ValueError(f"the dataset's vocabulary ({vocab_size}) is larger than {config.init_from}'s")
         wanted = pretrained.replace(dropout=config.dropout, attention=config.attention)
+        model_source = config.init_from
         trainer = Trainer(wanted, optim.make_optimizer(config), mesh, seed=config.seed)
         state = trainer.state_from_params(params)
 
@@ -139,8 +146,8 @@ def train(config) -> dict:
         if step in ckpts.steps():  # the step we resumed from, or a broken directory we never overwrite
             return
         ckpts.save(step, state.params, state.opt_state, {
-            "step": step, "best_val_loss": best_val_loss, "model": wanted.to_dict(), "config": config.to_dict(),
-            **extra})
+            "step": step, "best_val_loss": best_val_loss, "model": wanted.to_dict(), "model_source": model_source,
+            "config": config.to_dict(), **extra})
 
     step = int(state.step)
     losses = {}

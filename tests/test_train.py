@@ -127,3 +127,20 @@ def test_errors_say_what_to_do(data_dir, tmp_path):
         train(tiny_config(tmp_path / "short", tmp_path / "out", block_size=64))
     with pytest.raises(ValueError, match="divisible by the 8 data-parallel devices"):
         train(tiny_config(data_dir, tmp_path / "out", batch_size=12))
+
+
+def test_finetune_from_a_hugging_face_folder(data_dir, tmp_path):
+    """init_from a pretrained folder: its weights and shape, cropped to the config's block_size."""
+    from flaxgpt.model import GPTConfig, init_params
+    from flaxgpt.pretrained import save_pretrained
+
+    pretrained = GPTConfig(block_size=32, vocab_size=97, n_layer=1, n_head=2, n_embd=16)
+    save_pretrained(init_params(pretrained, __import__("jax").random.key(3)), pretrained, tmp_path / "hf")
+    losses = train(tiny_config(data_dir, tmp_path / "out", init_from=str(tmp_path / "hf"), max_iters=2,
+                               n_layer=5))  # the model's shape comes from the folder, not the config
+    config, params = load_params(tmp_path / "out")
+    assert (config.n_layer, config.n_embd, config.block_size, config.vocab_size) == (1, 16, 16, 97)
+    assert losses["step"] == 2 and np.isfinite(losses["val"])
+    # Resuming a fine-tuning run takes the model's shape from the checkpoint, as the first run did.
+    losses = train(tiny_config(data_dir, tmp_path / "out", init_from="resume", max_iters=3))
+    assert losses["step"] == 3 and load_params(tmp_path / "out")[0].n_layer == 1
