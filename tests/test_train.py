@@ -4,8 +4,10 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import chex
@@ -144,3 +146,26 @@ def test_finetune_from_a_hugging_face_folder(data_dir, tmp_path):
     # Resuming a fine-tuning run takes the model's shape from the checkpoint, as the first run did.
     losses = train(tiny_config(data_dir, tmp_path / "out", init_from="resume", max_iters=3))
     assert losses["step"] == 3 and load_params(tmp_path / "out")[0].n_layer == 1
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits(data_dir, tmp_path):
+    """Preemption: SIGTERM makes train.py save the current step and stop cleanly; resume goes on from it."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, "train.py", "--config=configs/shakespeare_char.py:cpu", f"--config.data_dir={data_dir}",
+         f"--config.out_dir={out}", "--config.max_iters=100000", "--config.eval_interval=100000",
+         "--config.n_layer=1", "--config.n_embd=32", "--config.eval_iters=1"], cwd=REPO, env=env)
+    try:
+        metrics = out / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) > 3):
+            assert process.poll() is None and time.monotonic() < deadline, "train.py did not get going"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 0
+    finally:
+        process.kill()
+    steps = Checkpoints(out).steps()
+    assert len(steps) == 1 and steps[0] >= 3
