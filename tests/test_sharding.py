@@ -1,0 +1,326 @@
+"""Parallelism on 8 simulated CPU devices (tests/conftest.py sets the XLA flag): the mesh, sharded
+training equal to one device under DP / FSDP / TP and their combinations, the shardings the logical
+axis rules ask for, checkpoints restored across mesh changes, and the training loop on a 2-D mesh.
+
+Tolerances: the meshes reduce in a different order than one device (e.g. a sum of 8 partial sums),
+so results agree to float32 rounding, not bit for bit. The Trainer-level comparisons use SGD with
+momentum after global-norm clipping: Adam divides every gradient element by its own magnitude, so an
+element whose true gradient is 0 (e.g. the key bias: softmax ignores a shift of all scores) or tiny
+turns rounding noise into a +-lr step, and Adam's parameters of any two reduction orders differ by
+~lr. The end-to-end test through `train()` uses the real AdamW at the configs' warm-up learning rate.
+"""
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AxisType
+
+from configs import shakespeare_char
+from flaxgpt import checkpoint, optim, sharding
+from flaxgpt.config import base_config
+from flaxgpt.model import GPTConfig
+from flaxgpt.prepare import prepare
+from flaxgpt.train_step import Trainer
+from flaxgpt.trainer import train
+
+MESHES = {
+    "dp8": {"data": 8},
+    "fsdp8": {"fsdp": 8},
+    "tp2_dp4": {"data": 4, "tensor": 2},
+    "fsdp4_tp2": {"fsdp": 4, "tensor": 2},
+    "tp8": {"tensor": 8},
+}
+# Heads, MLP units (4 * 32) and vocabulary divide by 8, so every mesh above can split them.
+TINY = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=8, n_embd=32)
+A, B, T, STEPS = 2, 8, 16, 3  # gradient accumulation 2, global micro-batch 8 (divides over 8 devices)
+SEED = 3
+LOSS_TOL = dict(rtol=2e-6, atol=0)  # measured: <= 1 ulp (4.8e-7 at loss ~4.2)
+PARAM_TOL = dict(rtol=1e-5, atol=1e-7)  # measured: <= 1.5e-8 absolute after 3 steps (SGD)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def eight_devices():
+    assert jax.device_count() == 8, (
+        f"{jax.device_count()} devices: these tests need XLA_FLAGS=--xla_force_host_platform_device_count=8 "
+        "set before jax starts (tests/conftest.py does that)")
+
+
+def one_device_mesh():
+    return sharding.make_mesh({"data": 1}, jax.devices()[:1])
+
+
+def sgd():
+    # Clipping at 0.2 is active (the gradient norms are 0.3 - 0.8), so the global norm over all shards matters.
+    return optax.chain(optax.clip_by_global_norm(0.2), optax.sgd(0.5, momentum=0.9))
+
+
+def batches():
+    tokens = np.random.default_rng(0).integers(0, TINY.vocab_size, (STEPS, A, B, T + 1)).astype(np.int32)
+    return [(b[..., :-1], b[..., 1:]) for b in tokens]
+
+
+def spec(x) -> tuple:
+    """x's PartitionSpec as a tuple padded with None to x's rank (P('a') and P('a', None) are alike)."""
+    s = tuple(x.sharding.spec)
+    return s + (None,) * (len(x.shape) - len(s))
+
+
+def run(trainer: Trainer, state):
+    losses, norms = [], []
+    for x, y in batches():
+        x, y = jax.device_put(x, trainer.batch_sharding), jax.device_put(y, trainer.batch_sharding)
+        state, metrics = trainer.train_step(state, x, y)
+        losses.append(metrics["loss"])
+        norms.append(metrics["grad_norm"])
+    return state, np.array(losses), np.array(norms)
+
+
+def to_host(tree):
+    return jax.tree.map(np.asarray, tree)
+
+
+def assert_trees_close(actual, expected, **tol):
+    paths = jax.tree_util.tree_flatten_with_path(expected)[0]
+    for (path, e), a in zip(paths, jax.tree.leaves(actual)):
+        np.testing.assert_allclose(a, e, err_msg=jax.tree_util.keystr(path), **tol)
+
+
+# ----------------------------------------------------------------------------------------------- mesh
+
+@pytest.mark.parametrize("shape, sizes", [
+    ({"data": -1, "fsdp": 1, "tensor": 1}, (8, 1, 1)),
+    ({"fsdp": -1}, (1, 8, 1)),
+    ({"fsdp": -1, "tensor": 2}, (1, 4, 2)),
+    ({"data": 2, "fsdp": -1, "tensor": 2}, (2, 2, 2)),
+    ({"data": 4, "tensor": 2}, (4, 1, 2)),  # axes left out have size 1
+    ({"tensor": 8}, (1, 1, 8)),
+])
+def test_make_mesh_sizes(shape, sizes):
+    mesh = sharding.make_mesh(shape)
+    assert mesh.axis_names == sharding.MESH_AXES == ("data", "fsdp", "tensor")
+    assert tuple(mesh.shape[a] for a in mesh.axis_names) == sizes
+    assert mesh.axis_types == (AxisType.Auto,) * 3  # linen's logical partitioning needs Auto axes
+    assert sorted(d.id for d in mesh.devices.flat) == list(range(8))
+
+
+def test_make_mesh_from_the_base_config_and_a_device_subset():
+    mesh = sharding.make_mesh(base_config().mesh)  # a ConfigDict, as train() passes it
+    assert dict(mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+    mesh = sharding.make_mesh({"data": -1}, jax.devices()[:2])
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 1}
+    assert dict(one_device_mesh().shape) == {"data": 1, "fsdp": 1, "tensor": 1}
+
+
+@pytest.mark.parametrize("shape, message", [
+    ({"data": 1}, "needs 1 devices, but there are 8"),
+    ({"data": 2, "tensor": 2}, "needs 4 devices, but there are 8"),
+    ({"data": 4, "fsdp": 4}, "needs 16 devices"),
+    ({"data": -1, "tensor": 3}, "not divisible by 3"),
+    ({"data": -1, "fsdp": -1}, "only one mesh axis may be -1"),
+    ({"pipeline": 2, "data": -1}, "unknown mesh axes ['pipeline']"),
+])
+def test_make_mesh_errors(shape, message):
+    with pytest.raises(ValueError) as e:
+        sharding.make_mesh(shape)
+    assert message in str(e.value)
+
+
+def test_batch_sharding_splits_the_batch_over_data_and_fsdp():
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    s = sharding.batch_sharding(mesh, ndim=3, batch_axis=1)
+    assert tuple(s.spec) == (None, ("data", "fsdp"), None)
+    shards = s.addressable_devices_indices_map((A, B, T))
+    assert {idx[1].indices(B)[:2] for idx in shards.values()} == {(0, 2), (2, 4), (4, 6), (6, 8)}
+    assert sharding.process_rows(s, (A, B, T), batch_axis=1) == slice(0, B)  # one process holds all rows
+
+
+# ----------------------------------------------------------------------- sharded training == one device
+
+@pytest.fixture(scope="module")
+def reference():
+    """Init and 3 steps (2 micro-batches each) on one device: (initial state on the host, losses, norms,
+    final params on the host)."""
+    trainer = Trainer(TINY, sgd(), one_device_mesh(), seed=SEED)
+    init = to_host(trainer.init(jax.random.key(0)))
+    state, losses, norms = run(trainer, jax.device_put(init, trainer.state_sharding))
+    return init, losses, norms, to_host(state.params)
+
+
+@pytest.mark.parametrize("name", MESHES)
+def test_sharded_training_matches_one_device(name, reference):
+    init, ref_losses, ref_norms, ref_params = reference
+    trainer = Trainer(TINY, sgd(), sharding.make_mesh(MESHES[name]), seed=SEED)
+    if name == "fsdp4_tp2":  # sharded init (each device draws only its shards) draws the same numbers
+        state = trainer.init(jax.random.key(0))
+        assert_trees_close(to_host(state), init, rtol=0, atol=0)
+    else:
+        state = jax.device_put(init, trainer.state_sharding)
+    state, losses, norms = run(trainer, state)
+    np.testing.assert_allclose(losses, ref_losses, **LOSS_TOL)
+    np.testing.assert_allclose(norms, ref_norms, **LOSS_TOL)
+    assert_trees_close(to_host(state.params), ref_params, **PARAM_TOL)
+    assert int(state.step) == STEPS
+    for leaf, want in zip(jax.tree.leaves(state), jax.tree.leaves(trainer.state_sharding)):
+        assert leaf.sharding.is_equivalent_to(want, leaf.ndim)  # out_shardings keep the state in place
+
+
+def test_dropout_masks_do_not_depend_on_the_mesh(reference):
+    """The dropout RNG is a function of (seed, step, micro-step) only, and jax's random bits do not depend
+    on the sharding (with jax_threefry_partitionable, the default, each device draws only its slice; with
+    it off the masks are the same too, drawn whole). FSDP 4 x TP 2 splits the batch (all dropout masks)
+    and the heads (attention-weight dropout)."""
+    init, _, ref_norms, _ = reference
+    config = TINY.replace(dropout=0.2)
+    results = {}
+    for name, mesh in (("one", one_device_mesh()), ("fsdp4_tp2", sharding.make_mesh(MESHES["fsdp4_tp2"]))):
+        trainer = Trainer(config, sgd(), mesh, seed=SEED)
+        state, losses, norms = run(trainer, jax.device_put(init, trainer.state_sharding))
+        results[name] = losses, norms, to_host(state.params)
+    assert abs(results["one"][1][0] / ref_norms[0] - 1) > 1e-2  # dropout is on: not the gradient of p=0
+    np.testing.assert_allclose(results["fsdp4_tp2"][0], results["one"][0], **LOSS_TOL)
+    np.testing.assert_allclose(results["fsdp4_tp2"][1], results["one"][1], **LOSS_TOL)
+    assert_trees_close(results["fsdp4_tp2"][2], results["one"][2], **PARAM_TOL)
+
+
+# ------------------------------------------------------------------------------------------ shardings
+
+# Per parameter (path below a block, or top level): the PartitionSpec under data 1 x fsdp 4 x tensor 2.
+FSDP4_TP2_SPECS = {
+    "wte/embedding": ("tensor", "fsdp"),  # ("vocab", "embed")
+    "wpe/embedding": (None, "fsdp"),
+    "ln_f/scale": ("fsdp",), "ln_f/bias": ("fsdp",),
+    "ln_1/scale": ("fsdp",), "ln_1/bias": ("fsdp",), "ln_2/scale": ("fsdp",), "ln_2/bias": ("fsdp",),
+    "attn/c_attn/kernel": ("fsdp", None, "tensor", None),  # ("embed", None, "heads", "kv")
+    "attn/c_attn/bias": (None, "tensor", None),
+    "attn/c_proj/kernel": ("tensor", None, "fsdp"),  # ("heads", "kv", "embed")
+    "attn/c_proj/bias": ("fsdp",),
+    "mlp/c_fc/kernel": ("fsdp", "tensor"),  # ("embed", "mlp")
+    "mlp/c_fc/bias": ("tensor",),
+    "mlp/c_proj/kernel": ("tensor", "fsdp"),
+    "mlp/c_proj/bias": ("fsdp",),
+}
+
+
+def param_name(path) -> str:
+    keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    return "/".join(keys[1:] if keys[0].startswith("h_") else keys)
+
+
+def test_state_shardings_follow_the_logical_axis_rules():
+    """Params, AdamW's mu and nu as the rules say; scalars (step, Adam's count) replicated."""
+    trainer = Trainer(TINY, optim.make_optimizer(base_config()),
+                      sharding.make_mesh({"fsdp": 4, "tensor": 2}), seed=SEED)
+    state = trainer.abstract_state
+    params = jax.tree_util.tree_flatten_with_path(state.params)[0]
+    assert {param_name(path) for path, _ in params} == set(FSDP4_TP2_SPECS)
+    for path, leaf in params:
+        assert spec(leaf) == FSDP4_TP2_SPECS[param_name(path)], jax.tree_util.keystr(path)
+
+    assert spec(state.step) == () and state.step.sharding.is_fully_replicated
+    moments = {"mu": 0, "nu": 0}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]:
+        moment = [k.name for k in path if isinstance(k, jax.tree_util.GetAttrKey) and k.name in moments]
+        if moment:
+            moments[moment[0]] += 1
+            assert spec(leaf) == FSDP4_TP2_SPECS[param_name(path)], jax.tree_util.keystr(path)
+        else:
+            assert leaf.shape == () and spec(leaf) == (), jax.tree_util.keystr(path)  # counts
+    assert moments == {"mu": len(params), "nu": len(params)}
+
+
+def test_fsdp_shards_every_param_with_an_embed_axis_and_dp_replicates_everything():
+    fsdp = Trainer(TINY, sgd(), sharding.make_mesh({"fsdp": 8})).abstract_state.params
+    for path, leaf in jax.tree_util.tree_flatten_with_path(fsdp)[0]:
+        if param_name(path) in ("attn/c_attn/bias", "mlp/c_fc/bias"):  # no embed axis: replicated
+            assert leaf.sharding.is_fully_replicated, param_name(path)
+        else:
+            assert "fsdp" in spec(leaf), param_name(path)
+    dp = Trainer(TINY, sgd(), sharding.make_mesh({"data": 8})).abstract_state
+    assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(dp))
+
+
+# -------------------------------------------------------------------------------------------- checkpoints
+
+def random_state(abstract, seed=0):
+    """Host arrays of the abstract state's shapes with distinct random values (zeros prove little)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype) if s.ndim else
+                        np.asarray(rng.integers(1, 100), s.dtype), abstract)
+
+
+@pytest.mark.parametrize("source, targets", [("fsdp8", ["one", "tp2_dp4"]), ("one", ["fsdp8"])])
+def test_checkpoint_restores_onto_another_mesh(source, targets, tmp_path):
+    optimizer = optim.make_optimizer(base_config())
+
+    def trainer(name):
+        mesh = one_device_mesh() if name == "one" else sharding.make_mesh(MESHES[name])
+        return Trainer(TINY, optimizer, mesh)
+
+    saver = trainer(source)
+    values = random_state(saver.abstract_state)
+    state = jax.device_put(values, saver.state_sharding)
+    ckpts = checkpoint.Checkpoints(tmp_path)
+    ckpts.save(7, state.params, state.opt_state, {"step": 7})
+    ckpts.wait()
+    for name in targets:
+        target = trainer(name).abstract_state
+        params, opt_state, meta = ckpts.restore(target.params, target.opt_state)
+        assert meta == {"step": 7}
+        restored = {"params": params, "opt_state": opt_state}
+        expected = {"params": target.params, "opt_state": target.opt_state}
+        assert_trees_close(to_host(restored), {"params": values.params, "opt_state": values.opt_state},
+                           rtol=0, atol=0)
+        for leaf, want in zip(jax.tree.leaves(restored), jax.tree.leaves(expected)):
+            assert leaf.sharding.is_equivalent_to(want.sharding, leaf.ndim), name
+    ckpts.close()
+
+
+# ------------------------------------------------------------------------------------ the training loop
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """A character dataset with exactly 64 symbols (a vocabulary that tensor=2 can split)."""
+    root = tmp_path_factory.mktemp("sharding_data")
+    alphabet = "".join(chr(c) for c in range(48, 112))
+    rng = np.random.default_rng(0)
+    ids = (np.arange(20_000) * 7 + rng.integers(0, 3, 20_000)) % len(alphabet)
+    (root / "input.txt").write_text("".join(alphabet[i] for i in ids))
+    meta = prepare("shakespeare_char", out_dir=root / "chars", input_path=root / "input.txt")
+    assert meta["vocab_size"] == 64
+    return root / "chars"
+
+
+def loop_config(data_dir: Path, out_dir: Path, mesh: dict):
+    c = shakespeare_char.get_config("cpu")  # AdamW, lr warm-up from 1e-5, dropout 0
+    c.data_dir, c.out_dir, c.mesh = str(data_dir), str(out_dir), mesh
+    c.n_layer, c.n_head, c.n_embd, c.block_size, c.batch_size = 2, 4, 32, 16, 8
+    c.gradient_accumulation_steps = 2
+    c.max_iters, c.eval_interval, c.eval_iters, c.log_interval = 4, 4, 2, 1
+    c.always_save_checkpoint, c.async_checkpointing = True, False
+    return c
+
+
+def test_training_loop_on_fsdp4_tp2_matches_one_device(data_dir, tmp_path, monkeypatch):
+    results = {"2d": train(loop_config(data_dir, tmp_path / "2d", {"fsdp": 4, "tensor": 2}))}
+    make_mesh = sharding.make_mesh
+    # train() puts its mesh over all jax.devices(); give it only the first one.
+    monkeypatch.setattr(sharding, "make_mesh", lambda shape, devices=None: make_mesh(shape, jax.devices()[:1]))
+    results["one"] = train(loop_config(data_dir, tmp_path / "one", {"data": 1}))
+    monkeypatch.undo()
+    assert results["2d"]["step"] == results["one"]["step"] == 4
+    np.testing.assert_allclose(results["2d"]["val"], results["one"]["val"], **LOSS_TOL)
+
+    logs = {k: [json.loads(line) for line in (tmp_path / k / "metrics.jsonl").read_text().splitlines()]
+            for k in results}
+    assert [line["step"] for line in logs["2d"]] == [0, 1, 2, 3, 4, 4]  # eval, 4 steps, eval
+    for key in ("loss", "grad_norm", "train/loss", "val/loss"):
+        pairs = [(a[key], b[key]) for a, b in zip(logs["2d"], logs["one"], strict=True) if key in a]
+        assert pairs, key
+        np.testing.assert_allclose(*zip(*pairs), err_msg=key, **LOSS_TOL)
+
+    params = {k: to_host(checkpoint.load_params(tmp_path / k)[1]) for k in results}
+    assert_trees_close(params["2d"], params["one"], rtol=1e-5, atol=1e-7)  # measured: <= 3e-8
