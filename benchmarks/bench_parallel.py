@@ -60,8 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--block_size", type=int, default=64)
     p.add_argument("--batch_size", type=int, default=16, help="global micro-batch (all devices together)")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per step")
-    p.add_argument("--vocab_size", type=int, default=128,
-                   help="shakespeare_char's 65 characters padded to a multiple of 64 (TP splits the vocabulary)")
+    p.add_argument("--vocab_size", type=int, default=65, help="shakespeare_char's 65 characters")
     return p.parse_args(argv)
 
 

@@ -2,6 +2,9 @@
 
 import importlib.util
 import os
+import socket
+import sys
+import time
 
 import jax
 
@@ -29,16 +32,31 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         num_processes = int(os.environ["JAX_NUM_PROCESSES"])
     if process_id is None and "JAX_PROCESS_ID" in os.environ:
         process_id = int(os.environ["JAX_PROCESS_ID"])
-    try:
-        jax.distributed.initialize(coordinator_address, num_processes, process_id,
-                                   initialization_timeout=timeout)
-    except Exception as e:  # the coordination service raises bare XlaRuntimeErrors
-        address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "auto-detected")
-        raise RuntimeError(
-            f"jax.distributed could not connect process {process_id} of {num_processes} through the "
-            f"coordinator at {address} within {timeout}s ({type(e).__name__}: {str(e).splitlines()[0]}). "
-            "Start every process with the same coordinator address and process count, process 0 "
-            "reachable from the others.") from None
+    address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    where = f"process {process_id} of {num_processes} through the coordinator at {address or 'auto-detected'}"
+    advice = ("Start every process with the same coordinator address and process count, process 0 "
+              "reachable from the others.")
+    if address and process_id not in (None, 0) and not _reachable(address, timeout):
+        raise RuntimeError(f"jax.distributed could not connect {where} within {timeout}s: nothing listens "
+                           f"there. {advice}")
+    # jax's client aborts the process (SIGABRT) when the others do not join in time: say why beforehand.
+    print(f"flaxgpt: joining {where}; waiting up to {timeout}s for all processes (if this process then "
+          f"aborts with DEADLINE_EXCEEDED, a peer never joined). {advice}", file=sys.stderr, flush=True)
+    jax.distributed.initialize(coordinator_address, num_processes, process_id, initialization_timeout=timeout)
+
+
+def _reachable(address: str, timeout: float) -> bool:
+    """Whether a TCP connection to host:port opens within `timeout` seconds (retrying until then)."""
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=1):
+                return True
+        except OSError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.5)
 
 
 def is_main_process() -> bool:

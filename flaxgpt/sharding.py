@@ -56,8 +56,20 @@ def make_mesh(shape: Mapping[str, int], devices=None) -> Mesh:
 
 
 def logical_shardings(abstract_tree, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
-    """NamedShardings for a tree whose leaves may be boxed with logical axis names (unboxed result)."""
-    return nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_tree), mesh, rules)
+    """NamedShardings for a tree whose leaves may be boxed with logical axis names (unboxed result).
+
+    A dimension that its mesh axes do not divide (a 65-token vocabulary over tensor=2, gpt2-xl's 25
+    heads) is replicated instead of split.
+    """
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_tree), mesh, rules)
+
+    def fit(leaf, sharding: NamedSharding) -> NamedSharding:
+        spec = tuple(sharding.spec) + (None,) * (len(leaf.shape) - len(sharding.spec))
+        divides = lambda dim, axes: axes is None or dim % math.prod(
+            mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)) == 0
+        return NamedSharding(mesh, P(*(axes if divides(dim, axes) else None for dim, axes in zip(leaf.shape, spec))))
+
+    return jax.tree.map(fit, nn.meta.unbox(abstract_tree), shardings)
 
 
 def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:

@@ -178,6 +178,7 @@ def train(config) -> dict:
             steps_since += 1
             if step % config.log_interval == 0:
                 loss = float(metrics["loss"])  # waits for the step
+                lr = float(schedule(step - 1))
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"the training loss is {loss} at step {step}; nothing was saved "
                                              f"over the checkpoints in {ckpts.directory} (lower learning_rate?)")
@@ -186,9 +187,9 @@ def train(config) -> dict:
                 t_last, steps_since = now, 0
                 tokens_per_s = A * B * T / dt
                 utilisation = flops / dt / (jax.device_count() * peak)
-                log.print(f"iter {step}: loss {loss:.4f}, lr {float(schedule(step - 1)):.2e}, {dt * 1000:.1f} ms,"
+                log.print(f"iter {step}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms,"
                           f" {tokens_per_s:,.0f} tok/s, mfu {utilisation * 100:.2f}%")
-                log.write(step, loss=loss, lr=float(schedule(step - 1)), ms_per_step=dt * 1000,
+                log.write(step, loss=loss, lr=lr, ms_per_step=dt * 1000,
                           tokens_per_s=tokens_per_s, mfu=utilisation, grad_norm=float(metrics["grad_norm"]))
     finally:
         signal.signal(signal.SIGTERM, previous_handler)

@@ -243,6 +243,21 @@ def test_fsdp_shards_every_param_with_an_embed_axis_and_dp_replicates_everything
     assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(dp))
 
 
+def test_dimensions_the_mesh_does_not_divide_are_replicated():
+    """A 65-token vocabulary and 3 heads over tensor=2: those axes stay whole, training still matches."""
+    odd = GPTConfig(block_size=16, vocab_size=65, n_layer=1, n_head=3, n_embd=24)
+    params = Trainer(odd, sgd(), sharding.make_mesh({"fsdp": 4, "tensor": 2})).abstract_state.params
+    assert spec(params["wte"]["embedding"]) == (None, "fsdp")
+    assert spec(params["h_0"]["attn"]["c_attn"]["kernel"]) == ("fsdp", None, None, None)
+    assert spec(params["h_0"]["mlp"]["c_fc"]["kernel"]) == ("fsdp", "tensor")  # 96 hidden units divide
+    losses = []
+    for mesh in (one_device_mesh(), sharding.make_mesh({"fsdp": 4, "tensor": 2})):
+        trainer = Trainer(odd, sgd(), mesh)
+        x = jax.device_put(batches()[0][0] % odd.vocab_size, trainer.batch_sharding)
+        losses.append(float(trainer.train_step(trainer.init(jax.random.key(SEED)), x, x)[1]["loss"]))
+    np.testing.assert_allclose(losses[1], losses[0], **LOSS_TOL)
+
+
 # -------------------------------------------------------------------------------------------- checkpoints
 
 def random_state(abstract, seed=0):
