@@ -41,6 +41,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top_k", type=int, default=200, help="sample among the top_k most likely tokens only")
     p.add_argument("--top_p", type=float, default=None, help="nucleus sampling: the most likely tokens "
                    "whose probabilities add up to top_p")
+    p.add_argument("--window_shift", type=int, default=1, help="once the context outgrows block_size, drop this "
+                   "many of its oldest tokens at once: 1 is nanoGPT's exact crop; more (e.g. block_size // 2) is much "
+                   "faster past block_size, but each token then sees block_size - window_shift + 1 to block_size "
+                   "tokens of context")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
@@ -54,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UsageError(f"--top_p must be in (0, 1], got {args.top_p}")
     if args.num_samples < 1 or args.max_new_tokens < 1:
         raise UsageError("--num_samples and --max_new_tokens must be positive")
+    if args.window_shift < 1:
+        raise UsageError(f"--window_shift must be a positive number of tokens, got {args.window_shift}")
     return args
 
 
@@ -137,6 +143,9 @@ def run(args: argparse.Namespace) -> None:
     start = read_prompt(args.start)
     config, params, tokenizer = load_model(args.init_from, args.out_dir, args.dtype)
     config, params = crop_vocabulary(config, params, tokenizer.vocab_size)
+    if args.window_shift >= config.block_size:
+        raise UsageError(f"--window_shift={args.window_shift} must be less than the model's block_size "
+                         f"{config.block_size}")
     try:
         start_ids = tokenizer.encode(start)
     except ValueError as e:  # a character outside a character-level vocabulary
@@ -149,7 +158,7 @@ def run(args: argparse.Namespace) -> None:
               f"{config.block_size}; only its last {config.block_size} are used", file=sys.stderr)
     prompt = np.asarray([start_ids], np.int32)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-              top_p=args.top_p)
+              top_p=args.top_p, window_shift=args.window_shift)
     key = jax.random.key(args.seed)
     for k in range(args.num_samples):  # one after another, as nanoGPT; sample k draws from fold_in(key, k)
         rng = jax.random.fold_in(key, k)

@@ -6,9 +6,13 @@ Shapes: B batch, T0 prompt length, S = block_size (cache slots), V vocab, N = ma
 The cache holds the last (up to) S tokens of each row's context: `window[b, s]` is the token whose keys
 and values sit in slot s, and `valid[b, s]` says whether it is a real one (left padding is not). The
 prompt is prefilled in one forward pass; each new token then goes into the next free slot and attends to
-the cache. Once all S slots are full the context no longer fits, and like nanoGPT, which crops it to its
-last S tokens, the window slides by one and all S tokens run again: with learned absolute positions every
-token's position changes, so no cached key or value can be reused from then on.
+the cache. Once all S slots are full, the oldest window_shift (k) tokens are dropped and the rest, with the new
+token, are prefilled again as a fresh cache: with learned absolute positions every kept token's position changes.
+
+k = 1 is nanoGPT's crop to the last S tokens: past block_size every token sees exactly S tokens of context, but
+costs a full forward over S tokens. A larger k (e.g. S // 2) runs one forward over S - k + 1 tokens, then k - 1
+cheap cached steps; the price is that past block_size a token sees between S - k + 1 and S tokens of context.
+With left padding the window counts columns, padding included (as `generate_naive` with a prompt_mask does).
 """
 
 import functools
@@ -56,7 +60,7 @@ class DecodeState(NamedTuple):
     cache: list[LayerCache]  # per layer k, v: [B, S, H, D]
     window: jax.Array  # [B, S] int32: the token in each cache slot
     valid: jax.Array  # [B, S] bool: the slot holds a real token (not padding, not yet written)
-    length: jax.Array  # () int32: slots written so far; stays S once the window slides
+    length: jax.Array  # () int32: slots written so far (S - window_shift + 1 after a slide)
     token: jax.Array  # [B] int32: the latest new token, not yet in the cache
     done: jax.Array  # [B] bool: the row has emitted stop_token
     step: jax.Array  # () int32: index of `token` among the new tokens
@@ -72,7 +76,7 @@ def _run(params, config: GPTConfig, cache, window, valid, index, length: int):
     query_slots = index + jnp.arange(length)
     mask = valid[:, None, :] & (jnp.arange(S)[None, None, :] <= query_slots[None, :, None])  # [B, T, S]
     logits, cache = GPT(config).apply({"params": params}, tokens, positions=jnp.maximum(positions, 0),
-                                      mask=mask, cache=cache, cache_index=index)
+                                      mask=mask, cache=cache, cache_index=index, last_only=True)
     return logits[:, -1].astype(jnp.float32), cache
 
 
@@ -107,10 +111,10 @@ def _start(params, config: GPTConfig, sampler: Sampler, prompt, prompt_mask, rng
     return DecodeState(cache, window, valid, jnp.int32(T0), token, done, step)
 
 
-@functools.partial(jax.jit, static_argnames="config", donate_argnames="state")
-def _advance(params, config: GPTConfig, sampler: Sampler, state: DecodeState, rng) -> DecodeState:
+@functools.partial(jax.jit, static_argnames=("config", "window_shift"), donate_argnames="state")
+def _advance(params, config: GPTConfig, sampler: Sampler, state: DecodeState, rng, window_shift: int):
     """Feed the latest token and sample the next: the one decoding step, shared by every loop."""
-    S = config.block_size
+    S, k = config.block_size, window_shift
 
     def append(state):  # a free slot is left: write the token there, attend to the cache
         window = jax.lax.dynamic_update_slice_in_dim(state.window, state.token[:, None], state.length, axis=1)
@@ -119,11 +123,13 @@ def _advance(params, config: GPTConfig, sampler: Sampler, state: DecodeState, rn
         logits, cache = _run(params, config, state.cache, window, valid, state.length, 1)
         return logits, cache, window, valid, state.length + 1
 
-    def slide(state):  # full: drop the oldest token and run the whole window afresh (nanoGPT's crop)
-        window = jnp.concatenate([state.window[:, 1:], state.token[:, None]], axis=1)
-        valid = jnp.concatenate([state.valid[:, 1:], jnp.ones_like(state.valid[:, :1])], axis=1)
-        logits, cache = _run(params, config, state.cache, window, valid, 0, S)
-        return logits, cache, window, valid, state.length
+    def slide(state):  # full: drop the oldest k tokens, prefill the rest and the new one afresh from slot 0
+        kept = S - k + 1  # k = 1: all S slots, nanoGPT's crop; else the next k - 1 steps append to the rest
+        shift = lambda x, new: jnp.concatenate([x[:, k:], new, jnp.zeros_like(x[:, 1:k])], axis=1)
+        window = shift(state.window, state.token[:, None])
+        valid = shift(state.valid, jnp.ones_like(state.valid[:, :1]))
+        logits, cache = _run(params, config, state.cache, window, valid, 0, kept)
+        return logits, cache, window, valid, jnp.int32(kept)
 
     logits, cache, window, valid, length = jax.lax.cond(state.length < S, append, slide, state)
     step = state.step + 1
@@ -131,8 +137,9 @@ def _advance(params, config: GPTConfig, sampler: Sampler, state: DecodeState, rn
     return DecodeState(cache, window, valid, length, token, done, step)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens"))
-def _generate(params, config: GPTConfig, sampler: Sampler, prompt, prompt_mask, rng, max_new_tokens: int):
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "window_shift"))
+def _generate(params, config: GPTConfig, sampler: Sampler, prompt, prompt_mask, rng, max_new_tokens: int,
+              window_shift: int):
     state = _start(params, config, sampler, prompt, prompt_mask, rng)
     fill = 0 if sampler.stop_token is None else sampler.stop_token
     out = jnp.full((len(prompt), max_new_tokens), fill, jnp.int32).at[:, 0].set(state.token)
@@ -143,14 +150,16 @@ def _generate(params, config: GPTConfig, sampler: Sampler, prompt, prompt_mask, 
 
     def decode(carry):
         state, out = carry
-        state = _advance(params, config, sampler, state, rng)
+        state = _advance(params, config, sampler, state, rng, window_shift)
         return state, jax.lax.dynamic_update_slice_in_dim(out, state.token[:, None], state.step, axis=1)
 
     return jax.lax.while_loop(not_finished, decode, (state, out))[1]
 
 
-def _prepare(config: GPTConfig, prompt, prompt_mask):
+def _prepare(config: GPTConfig, prompt, prompt_mask, window_shift: int):
     """Prompt [B, T0] and mask as int32/bool, cropped to the last block_size columns, checked."""
+    if not 1 <= window_shift < config.block_size:
+        raise ValueError(f"window_shift must be in [1, block_size={config.block_size}), got {window_shift}")
     prompt = np.asarray(prompt, np.int32)
     prompt_mask = np.ones(prompt.shape, bool) if prompt_mask is None else np.asarray(prompt_mask, bool)
     if prompt.ndim != 2 or prompt.shape[1] == 0 or prompt_mask.shape != prompt.shape:
@@ -164,7 +173,7 @@ def _prepare(config: GPTConfig, prompt, prompt_mask):
 
 def generate(params, config: GPTConfig, prompt, *, max_new_tokens: int, rng: jax.Array, temperature=1.0,
              top_k: int | None = None, top_p: float | None = None, prompt_mask=None,
-             stop_token: int | None = None) -> jax.Array:
+             stop_token: int | None = None, window_shift: int = 1) -> jax.Array:
     """Sample max_new_tokens after each row of prompt [B, T0] -> new tokens [B, N] int32.
 
     prompt_mask: [B, T0] bool, True on real tokens, for prompts left-padded to one length; each row's
@@ -173,55 +182,71 @@ def generate(params, config: GPTConfig, prompt, *, max_new_tokens: int, rng: jax
     temperature 0 is greedy; top_k and top_p (nucleus) filter the distribution before sampling.
     stop_token: a row that emits it is done; the rest of that row is stop_token, so the tokens up to the
     first stop_token are its text. The loop ends early once every row is done.
+    window_shift: how many of the oldest tokens to drop when the context outgrows block_size, in
+    [1, block_size): 1 is nanoGPT's exact crop, larger is faster past block_size (see the module docstring).
     Step t samples with jax.random.fold_in(rng, t), as generate_stream and generate_naive do.
     """
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
     sampler = _sampler(temperature, top_k, top_p, stop_token)
-    prompt, prompt_mask = _prepare(config, prompt, prompt_mask)
-    return _generate(params, config, sampler, prompt, prompt_mask, rng, max_new_tokens)
+    prompt, prompt_mask = _prepare(config, prompt, prompt_mask, window_shift)
+    return _generate(params, config, sampler, prompt, prompt_mask, rng, max_new_tokens, window_shift)
 
 
 def generate_stream(params, config: GPTConfig, prompt, *, max_new_tokens: int, rng: jax.Array,
                     temperature=1.0, top_k: int | None = None, top_p: float | None = None, prompt_mask=None,
-                    stop_token: int | None = None) -> Iterator[np.ndarray]:
+                    stop_token: int | None = None, window_shift: int = 1) -> Iterator[np.ndarray]:
     """`generate`, one step at a time: yields each new token [B] (numpy int32) as soon as it is sampled.
 
     The same compiled steps and random keys as `generate`, so the same tokens; the stream ends after
     the step on which the last row emits stop_token.
     """
     sampler = _sampler(temperature, top_k, top_p, stop_token)
-    prompt, prompt_mask = _prepare(config, prompt, prompt_mask)
+    prompt, prompt_mask = _prepare(config, prompt, prompt_mask, window_shift)
     state = _start(params, config, sampler, prompt, prompt_mask, rng)
     for step in range(max_new_tokens):
         if step:
-            state = _advance(params, config, sampler, state, rng)
+            state = _advance(params, config, sampler, state, rng, window_shift)
         yield np.array(state.token)  # a copy: the next step donates (reuses) the state's buffers
         if stop_token is not None and np.all(state.done):
             return
 
 
 @functools.partial(jax.jit, static_argnames="config", donate_argnames="tokens")
-def _naive_step(params, config: GPTConfig, sampler: Sampler, tokens, length, step, rng) -> jax.Array:
-    """tokens [B, S + N] holds `length` tokens; append new token `step` after a full forward over the last
-    (up to) S of them. One shape for every step: the context is the S columns from max(0, length - S),
-    and causal attention never looks past the last real token, so the columns after it do not matter."""
-    start = jnp.maximum(length - config.block_size, 0)
-    context = jax.lax.dynamic_slice_in_dim(tokens, start, config.block_size, axis=1)
-    logits = GPT(config).apply({"params": params}, context)
+def _naive_step(params, config: GPTConfig, sampler: Sampler, tokens, valid, start, length, step, rng):
+    """tokens [B, W] holds `length` columns; append new token `step` after a full forward over its context,
+    columns [start, length). One shape for every step: the forward covers the S columns from `start`; causal
+    attention never looks past the last one, so the columns after it do not matter. valid [B, W] marks the
+    real columns (left padding is not), or is None for nanoGPT's plain causal forward."""
+    S = config.block_size
+    context = jax.lax.dynamic_slice_in_dim(tokens, start, S, axis=1)
+    padding = {}
+    if valid is not None:  # never attended to; positions count the real columns from `start`
+        real = jax.lax.dynamic_slice_in_dim(valid, start, S, axis=1)
+        padding = dict(mask=real[:, None, :] & jnp.tril(jnp.ones((S, S), bool)),
+                       positions=jnp.maximum(jnp.cumsum(real, axis=1) - 1, 0))
+    logits = GPT(config).apply({"params": params}, context, **padding)
     token = sampler(jnp.take(logits, length - start - 1, axis=1), jax.random.fold_in(rng, step))
     return jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], length, axis=1)
 
 
 def generate_naive(params, config: GPTConfig, prompt, *, max_new_tokens: int, rng: jax.Array,
-                   temperature=1.0, top_k: int | None = None, top_p: float | None = None) -> jax.Array:
-    """nanoGPT's GPT.generate, the reference: for every new token a full causal forward over the context
-    cropped to its last block_size tokens (compiled once, as a forward of block_size tokens).
-    prompt [B, T0] -> new tokens [B, N], sampled with the same random keys as `generate`."""
+                   temperature=1.0, top_k: int | None = None, top_p: float | None = None, prompt_mask=None,
+                   window_shift: int = 1) -> jax.Array:
+    """nanoGPT's GPT.generate, the reference: for every new token a full causal forward over its context
+    (compiled once, as a forward of block_size tokens). prompt [B, T0] -> new tokens [B, N], sampled with
+    the same random keys as `generate`, under its window_shift policy: the context runs from a window start
+    that jumps window_shift columns ahead whenever the context would exceed block_size (1: nanoGPT's crop).
+    prompt_mask: as in `generate` (the window counts the padding columns too); None runs nanoGPT's forward."""
     sampler = _sampler(temperature, top_k, top_p)
-    prompt, _ = _prepare(config, prompt, None)
+    padded = prompt_mask is not None
+    prompt, prompt_mask = _prepare(config, prompt, prompt_mask, window_shift)
     (B, T0), S = prompt.shape, config.block_size  # one buffer shape for every prompt length T0 <= S
-    tokens = jnp.zeros((B, S + max_new_tokens), jnp.int32).at[:, :T0].set(prompt)
+    tokens = jnp.zeros((B, 2 * S + max_new_tokens), jnp.int32).at[:, :T0].set(prompt)
+    valid = jnp.ones(tokens.shape, bool).at[:, :T0].set(prompt_mask) if padded else None
+    start = 0  # the context of new token `step` is columns [start, T0 + step)
     for step in range(max_new_tokens):
-        tokens = _naive_step(params, config, sampler, tokens, T0 + step, step, rng)
+        if T0 + step - start > S:
+            start += window_shift
+        tokens = _naive_step(params, config, sampler, tokens, valid, start, T0 + step, step, rng)
     return tokens[:, T0:T0 + max_new_tokens]

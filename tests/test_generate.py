@@ -1,5 +1,5 @@
 """Sampling (flaxgpt/generate.py): the KV cache against full forwards, the compiled loop against
-nanoGPT's reference loop, the sampling filters, stop tokens and streaming."""
+nanoGPT's reference loop (for every window_shift), the sampling filters, stop tokens and streaming."""
 
 import jax
 import jax.numpy as jnp
@@ -55,13 +55,38 @@ def test_left_padded_prefill_matches_unpadded_forward(params):
         np.testing.assert_allclose(logits, full[:, n_real - 1], atol=1e-5, rtol=0)
 
 
+SHIFTS = [1, S // 2, S - 1]  # 1: nanoGPT's crop; S // 2; S - 1: the context falls back to 2 tokens
+
+
+@pytest.mark.parametrize("window_shift", SHIFTS)
 @pytest.mark.parametrize("prompt_length", [3, S, S + 5])  # S: slides at once; S + 5: cropped
-def test_greedy_matches_naive_past_block_size(params, prompt_length):
+def test_greedy_matches_naive_past_block_size(params, prompt_length, window_shift):
     prompt = random_tokens(prompt_length, (2, prompt_length))
-    kw = dict(max_new_tokens=N, rng=jax.random.key(0), temperature=0.0)
+    kw = dict(max_new_tokens=N, rng=jax.random.key(0), temperature=0.0, window_shift=window_shift)
     cached = np.asarray(generate(params, CONFIG, prompt, **kw))
     np.testing.assert_array_equal(cached, generate_naive(params, CONFIG, prompt, **kw))
     assert cached.shape == (2, N) and len(np.unique(cached)) >= 3  # not one repeated token
+
+
+def test_window_shift_only_changes_tokens_past_block_size(params):
+    """The first S - T0 + 1 new tokens fit in the block whatever the shift; after that the context differs."""
+    prompt = random_tokens(20, (2, 5))
+    kw = dict(max_new_tokens=N, rng=jax.random.key(0), temperature=0.0)
+    exact = np.asarray(generate(params, CONFIG, prompt, **kw))
+    for window_shift in SHIFTS[1:]:
+        shifted = np.asarray(generate(params, CONFIG, prompt, window_shift=window_shift, **kw))
+        np.testing.assert_array_equal(shifted[:, :S - 5 + 1], exact[:, :S - 5 + 1])
+        assert not np.array_equal(shifted, exact)
+
+
+def test_left_padded_batch_with_a_window_shift_matches_naive(params):
+    """The window counts columns, padding included, in both loops; the unpadded row is an ordinary prompt."""
+    prompt, mask = random_tokens(12, (3, 6)), np.ones((3, 6), bool)
+    mask[1, :2] = mask[2, :5] = False
+    kw = dict(max_new_tokens=N, rng=jax.random.key(0), temperature=0.0, window_shift=S // 2)
+    cached = np.asarray(generate(params, CONFIG, prompt, prompt_mask=mask, **kw))
+    np.testing.assert_array_equal(cached, generate_naive(params, CONFIG, prompt, prompt_mask=mask, **kw))
+    np.testing.assert_array_equal(cached[:1], generate_naive(params, CONFIG, prompt[:1], **kw))
 
 
 def test_left_padded_rows_match_naive_on_their_own_prompts(params):
@@ -78,15 +103,14 @@ def test_left_padded_rows_match_naive_on_their_own_prompts(params):
 SAMPLING = dict(temperature=0.9, top_k=6, top_p=0.95)
 
 
-def test_sampling_matches_naive_and_depends_on_seed(params):
+@pytest.mark.parametrize("window_shift", [1, S // 2])
+def test_sampling_matches_naive_and_depends_on_seed(params, window_shift):
     prompt = random_tokens(2, (2, 3))
-    a = np.asarray(generate(params, CONFIG, prompt, max_new_tokens=N, rng=jax.random.key(7), **SAMPLING))
-    np.testing.assert_array_equal(a, generate(params, CONFIG, prompt, max_new_tokens=N, rng=jax.random.key(7),
-                                              **SAMPLING))
-    np.testing.assert_array_equal(a, generate_naive(params, CONFIG, prompt, max_new_tokens=N,
-                                                    rng=jax.random.key(7), **SAMPLING))
-    assert not np.array_equal(a, generate(params, CONFIG, prompt, max_new_tokens=N, rng=jax.random.key(8),
-                                          **SAMPLING))
+    kw = dict(max_new_tokens=N, window_shift=window_shift, **SAMPLING)
+    a = np.asarray(generate(params, CONFIG, prompt, rng=jax.random.key(7), **kw))
+    np.testing.assert_array_equal(a, generate(params, CONFIG, prompt, rng=jax.random.key(7), **kw))
+    np.testing.assert_array_equal(a, generate_naive(params, CONFIG, prompt, rng=jax.random.key(7), **kw))
+    assert not np.array_equal(a, generate(params, CONFIG, prompt, rng=jax.random.key(8), **kw))
 
 
 def test_top_k_1_is_greedy(params):
@@ -137,9 +161,10 @@ def test_stop_token_pads_the_rest_of_the_row(params):
     np.testing.assert_array_equal(streamed, stopped[:, :max(ends)])
 
 
-def test_stream_yields_the_tokens_of_generate(params):
+@pytest.mark.parametrize("window_shift", [1, S // 2])
+def test_stream_yields_the_tokens_of_generate(params, window_shift):
     prompt, mask = random_tokens(5, (2, 3)), np.array([[True] * 3, [False, False, True]])
-    kw = dict(max_new_tokens=N, rng=jax.random.key(3), prompt_mask=mask, **SAMPLING)
+    kw = dict(max_new_tokens=N, rng=jax.random.key(3), prompt_mask=mask, window_shift=window_shift, **SAMPLING)
     steps = list(generate_stream(params, CONFIG, prompt, **kw))
     assert len(steps) == N and steps[0].shape == (2,) and steps[0].dtype == np.int32
     np.testing.assert_array_equal(np.stack(steps, axis=1), generate(params, CONFIG, prompt, **kw))
@@ -164,3 +189,11 @@ def test_changing_the_temperature_does_not_recompile(params):
 def test_invalid_arguments(params, kw, message):
     with pytest.raises(ValueError, match=message):
         generate(params, CONFIG, np.ones((2, 2), np.int32), **{"max_new_tokens": 3, "rng": jax.random.key(0), **kw})
+
+
+@pytest.mark.parametrize("window_shift", [0, -1, S, S + 1])
+def test_window_shift_must_leave_room_in_the_block(params, window_shift):
+    kw = dict(max_new_tokens=3, rng=jax.random.key(0), window_shift=window_shift)
+    for sample in (generate, generate_naive, lambda *a, **kw: next(generate_stream(*a, **kw))):
+        with pytest.raises(ValueError, match=r"window_shift must be in \[1, block_size=16\)"):
+            sample(params, CONFIG, np.ones((2, 2), np.int32), **kw)

@@ -78,6 +78,26 @@ def test_training_run_with_a_character_vocabulary(capsys, char_run, tmp_path):
     assert out.err.count("warning") == 1 and "last 16" in out.err
 
 
+def test_window_shift_reaches_both_samplers(capsys, char_run, monkeypatch):
+    """--window_shift past block_size (16): streamed and whole, the same text, sampled with that shift."""
+    shifts = []
+
+    def spy(sampler):
+        def wrapped(*args, **kw):
+            shifts.append(kw["window_shift"])
+            return sampler(*args, **kw)
+        return wrapped
+
+    for name in ("generate", "generate_stream"):
+        monkeypatch.setattr(sample, name, spy(getattr(sample, name)))
+    argv = ["--out_dir", char_run, "--start", "ab", "--num_samples", 2, "--max_new_tokens", 40, "--window_shift", 8]
+    streamed = run_cli(capsys, *argv).out
+    assert run_cli(capsys, *argv, "--no-stream").out == streamed
+    texts = samples(streamed)
+    assert len(texts) == 2 and all(len(t) == 2 + 40 + 1 and set(t) <= set(CHARS) for t in texts)
+    assert shifts == [8] * 4  # 2 samples, streamed and whole
+
+
 def test_nanogpt_checkpoint_with_its_meta_pkl(capsys, tmp_path):
     nanogpt_config = CHAR_CONFIG.replace(gelu_approximate=False)  # nanoGPT's exact GELU
     pytest.importorskip("torch")
@@ -110,6 +130,8 @@ def test_stream_decoder_holds_back_partial_characters():
     (["--top_k", "0"], "--top_k"),
     (["--top_p", "0"], "--top_p"),
     (["--top_p", "1.5"], "--top_p"),
+    (["--window_shift", "0"], "--window_shift"),
+    (["--window_shift", "16"], "less than the model's block_size 16"),
 ])
 def test_bad_arguments(capsys, char_run, argv, message):
     assert_usage_error(capsys, ["--out_dir", char_run, *argv], message)
