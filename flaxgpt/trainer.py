@@ -68,6 +68,39 @@ class MetricsLog:
             self.file.close()
 
 
+def _initial_state(config, mesh, wanted: GPTConfig, ckpts: checkpoint.Checkpoints):
+    """The Trainer and its first state for config.init_from, with what a resumed run recorded.
+
+    -> (trainer, state, {"best_val_loss", "model_source"}). The model's shape comes from the config,
+    or from the pretrained model a run started from (then also when that run resumes).
+    """
+    optimizer = optim.make_optimizer(config)
+    if config.init_from == "scratch":
+        trainer = Trainer(wanted, optimizer, mesh, seed=config.seed)
+        return trainer, trainer.init(jax.random.key(config.seed)), {}
+    if config.init_from == "resume":
+        saved_meta = ckpts.newest_readable(ckpts.read_meta)
+        saved = checkpoint.model_config_from_meta(saved_meta)
+        if saved_meta.get("model_source", "config") == "config":
+            _check_same_shape(saved, wanted, ckpts.directory.parent)
+        else:
+            wanted = saved.replace(dropout=config.dropout, attention=config.attention, dtype=wanted.dtype)
+        trainer = Trainer(wanted, optimizer, mesh, seed=config.seed)
+        target = trainer.abstract_state
+        params, opt_state, saved_meta = ckpts.restore(target.params, target.opt_state)
+        step = jax.device_put(np.int32(saved_meta["step"]), target.step.sharding)
+        return trainer, type(target)(step=step, params=params, opt_state=opt_state), saved_meta
+    from flaxgpt.pretrained import load_pretrained
+    pretrained, params = load_pretrained(config.init_from, dtype=wanted.dtype)
+    if config.block_size < pretrained.block_size:
+        params, pretrained = crop_block_size(params, pretrained, config.block_size)
+    if wanted.vocab_size != PADDED_GPT2_VOCAB and wanted.vocab_size > pretrained.vocab_size:
+        raise ValueError(f"the dataset's vocabulary ({wanted.vocab_size}) is larger than {config.init_from}'s")
+    trainer = Trainer(pretrained.replace(dropout=config.dropout, attention=config.attention), optimizer, mesh,
+                      seed=config.seed)
+    return trainer, trainer.state_from_params(params), {"model_source": config.init_from}
+
+
 def train(config) -> dict:
     """Train (or evaluate) as the config says; returns the last losses {"train", "val", "step"}."""
     distributed.initialize(config.distributed.coordinator_address, config.distributed.num_processes,
@@ -83,39 +116,11 @@ def train(config) -> dict:
     if config.batch_size % data_parallel:
         raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the {data_parallel} "
                          "data-parallel devices (mesh data x fsdp)")
-    wanted = model_config(config, vocab_size)
     ckpts = checkpoint.Checkpoints(out_dir, max_to_keep=config.max_to_keep,
                                    async_save=config.async_checkpointing)
-    best_val_loss = math.inf
-    model_source = "config"  # or the pretrained model the run started from, which then sets the shape
-    if config.init_from == "resume":
-        saved_meta = ckpts.newest_readable(ckpts.read_meta)
-        saved = checkpoint.model_config_from_meta(saved_meta)
-        model_source = saved_meta.get("model_source", "config")
-        if model_source == "config":
-            _check_same_shape(saved, wanted, out_dir)
-        else:
-            wanted = saved.replace(dropout=config.dropout, attention=config.attention, dtype=wanted.dtype)
-        trainer = Trainer(wanted, optim.make_optimizer(config), mesh, seed=config.seed)
-        target = trainer.abstract_state
-        params, opt_state, saved_meta = ckpts.restore(target.params, target.opt_state)
-        state = type(target)(step=jax.device_put(np.int32(saved_meta["step"]), target.step.sharding),
-                             params=params, opt_state=opt_state)
-        best_val_loss = saved_meta.get("best_val_loss", math.inf)
-    elif config.init_from == "scratch":
-        trainer = Trainer(wanted, optim.make_optimizer(config), mesh, seed=config.seed)
-        state = trainer.init(jax.random.key(config.seed))
-    else:
-        from flaxgpt.pretrained import load_pretrained
-        pretrained, params = load_pretrained(config.init_from, dtype=wanted.dtype)
-        if config.block_size < pretrained.block_size:
-            params, pretrained = crop_block_size(params, pretrained, config.block_size)
-        if vocab_size != PADDED_GPT2_VOCAB and vocab_size > pretrained.vocab_size:
-            raise ValueError(f"the dataset's vocabulary ({vocab_size}) is larger than {config.init_from}'s")
-        wanted = pretrained.replace(dropout=config.dropout, attention=config.attention)
-        model_source = config.init_from
-        trainer = Trainer(wanted, optim.make_optimizer(config), mesh, seed=config.seed)
-        state = trainer.state_from_params(params)
+    trainer, state, start = _initial_state(config, mesh, model_config(config, vocab_size), ckpts)
+    model, best_val_loss = trainer.model_config, start.get("best_val_loss", math.inf)
+    model_source = start.get("model_source", "config")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(config, out_dir)
@@ -124,7 +129,7 @@ def train(config) -> dict:
     n_params = count_params(state.params)
     log.print(f"number of parameters: {n_params / 1e6:.2f}M on mesh {dict(mesh.shape)}")
 
-    A, B, T = config.gradient_accumulation_steps, config.batch_size, wanted.block_size
+    A, B, T = config.gradient_accumulation_steps, config.batch_size, model.block_size
     rows = sharding.process_rows(trainer.batch_sharding, (A, B, T), batch_axis=1)
 
     def batch(split: str, step: int, n: int):
@@ -137,7 +142,7 @@ def train(config) -> dict:
                 sharding.global_batch(y.reshape(n, -1, T), trainer.batch_sharding, shape))
 
     schedule = optim.learning_rate_schedule(config)
-    flops = flops_per_token(wanted, n_params, T) * A * B * T
+    flops = flops_per_token(model, n_params, T) * A * B * T
     peak = mfu.device_peak_flops()
     stop_requested = []
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
@@ -146,7 +151,7 @@ def train(config) -> dict:
         if step in ckpts.steps():  # the step we resumed from, or a broken directory we never overwrite
             return
         ckpts.save(step, state.params, state.opt_state, {
-            "step": step, "best_val_loss": best_val_loss, "model": wanted.to_dict(), "model_source": model_source,
+            "step": step, "best_val_loss": best_val_loss, "model": model.to_dict(), "model_source": model_source,
             "config": config.to_dict(), **extra})
 
     step = int(state.step)
