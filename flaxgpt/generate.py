@@ -42,8 +42,8 @@ class Sampler:
         logits = logits.astype(jnp.float32)
         sampling = self.temperature > 0
         logits_t = logits / jnp.where(sampling, self.temperature, 1.0)
-        if self.top_k is not None:
-            kth = jax.lax.top_k(logits_t, min(self.top_k, logits.shape[-1]))[0][:, -1:]
+        if self.top_k is not None and self.top_k < logits.shape[-1]:  # else it keeps them all: no filter
+            kth = jax.lax.top_k(logits_t, self.top_k)[0][:, -1:]
             logits_t = jnp.where(logits_t < kth, -jnp.inf, logits_t)
         if self.top_p is not None:
             descending = -jnp.sort(-logits_t, axis=-1)
@@ -62,17 +62,19 @@ class DecodeState(NamedTuple):
     valid: jax.Array  # [B, S] bool: the slot holds a real token (not padding, not yet written)
     length: jax.Array  # () int32: slots written so far (S - window_shift + 1 after a slide)
     token: jax.Array  # [B] int32: the latest new token, not yet in the cache
+    position: jax.Array  # [B] int32: the position id `token` will get (the real tokens in the cache before it)
     done: jax.Array  # [B] bool: the row has emitted stop_token
     step: jax.Array  # () int32: index of `token` among the new tokens
 
 
-def _run(params, config: GPTConfig, cache, window, valid, index, length: int):
+def _run(params, config: GPTConfig, cache, window, valid, index, length: int, positions=None):
     """Forward window[:, index:index+length] into cache slots [index, index+length); each query attends
-    to the valid slots up to its own, positions count the valid slots before it.
+    to the valid slots up to its own, positions count the valid slots before it (or are given, [B, length]).
     -> (logits of the last query [B, V] float32, cache)."""
     S = window.shape[1]
     tokens = jax.lax.dynamic_slice_in_dim(window, index, length, axis=1)
-    positions = jax.lax.dynamic_slice_in_dim(jnp.cumsum(valid, axis=1) - 1, index, length, axis=1)
+    if positions is None:
+        positions = jax.lax.dynamic_slice_in_dim(jnp.cumsum(valid, axis=1) - 1, index, length, axis=1)
     query_slots = index + jnp.arange(length)
     mask = valid[:, None, :] & (jnp.arange(S)[None, None, :] <= query_slots[None, :, None])  # [B, T, S]
     logits, cache = GPT(config).apply({"params": params}, tokens, positions=jnp.maximum(positions, 0),
@@ -108,38 +110,53 @@ def _start(params, config: GPTConfig, sampler: Sampler, prompt, prompt_mask, rng
     logits, cache = _run(params, config, init_cache(config, B), window, valid, 0, T0)
     step = jnp.int32(0)
     token, done = _pick(sampler, logits, rng, step, jnp.zeros(B, bool))
-    return DecodeState(cache, window, valid, jnp.int32(T0), token, done, step)
+    return DecodeState(cache, window, valid, jnp.int32(T0), token, jnp.sum(valid, axis=1, dtype=jnp.int32),
+                       done, step)
+
+
+def _append(params, config: GPTConfig, sampler: Sampler, rng, state: DecodeState) -> DecodeState:
+    """A free slot is left: write the latest token there, attend to the cache, sample the next."""
+    window = jax.lax.dynamic_update_slice_in_dim(state.window, state.token[:, None], state.length, axis=1)
+    valid = jax.lax.dynamic_update_slice_in_dim(state.valid, jnp.ones((len(window), 1), bool), state.length,
+                                                axis=1)
+    logits, cache = _run(params, config, state.cache, window, valid, state.length, 1, state.position[:, None])
+    return _sampled(sampler, rng, state, logits, cache, window, valid, state.length + 1, state.position + 1)
+
+
+def _slide(params, config: GPTConfig, sampler: Sampler, rng, state: DecodeState, window_shift: int) -> DecodeState:
+    """The cache is full: drop the oldest k tokens, prefill the rest and the latest token afresh from slot 0,
+    sample the next."""
+    S, k = config.block_size, window_shift
+    kept = S - k + 1  # k = 1: all S slots, nanoGPT's crop; else the next k - 1 steps append to the rest
+    shift = lambda x, new: jnp.concatenate([x[:, k:], new, jnp.zeros_like(x[:, 1:k])], axis=1)
+    window = shift(state.window, state.token[:, None])
+    valid = shift(state.valid, jnp.ones_like(state.valid[:, :1]))
+    logits, cache = _run(params, config, state.cache, window, valid, 0, kept)
+    return _sampled(sampler, rng, state, logits, cache, window, valid, jnp.int32(kept),
+                    jnp.sum(valid, axis=1, dtype=jnp.int32))
+
+
+def _sampled(sampler: Sampler, rng, state: DecodeState, logits, cache, window, valid, length,
+             position) -> DecodeState:
+    """The state after a step of `_append` or `_slide`: sample the next token from the logits."""
+    step = state.step + 1
+    token, done = _pick(sampler, logits, rng, step, state.done)
+    return DecodeState(cache, window, valid, length, token, position, done, step)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "window_shift"), donate_argnames="state")
 def _advance(params, config: GPTConfig, sampler: Sampler, state: DecodeState, rng, window_shift: int):
-    """Feed the latest token and sample the next: the one decoding step, shared by every loop."""
-    S, k = config.block_size, window_shift
-
-    def append(state):  # a free slot is left: write the token there, attend to the cache
-        window = jax.lax.dynamic_update_slice_in_dim(state.window, state.token[:, None], state.length, axis=1)
-        valid = jax.lax.dynamic_update_slice_in_dim(state.valid, jnp.ones((len(window), 1), bool),
-                                                    state.length, axis=1)
-        logits, cache = _run(params, config, state.cache, window, valid, state.length, 1)
-        return logits, cache, window, valid, state.length + 1
-
-    def slide(state):  # full: drop the oldest k tokens, prefill the rest and the new one afresh from slot 0
-        kept = S - k + 1  # k = 1: all S slots, nanoGPT's crop; else the next k - 1 steps append to the rest
-        shift = lambda x, new: jnp.concatenate([x[:, k:], new, jnp.zeros_like(x[:, 1:k])], axis=1)
-        window = shift(state.window, state.token[:, None])
-        valid = shift(state.valid, jnp.ones_like(state.valid[:, :1]))
-        logits, cache = _run(params, config, state.cache, window, valid, 0, kept)
-        return logits, cache, window, valid, jnp.int32(kept)
-
-    logits, cache, window, valid, length = jax.lax.cond(state.length < S, append, slide, state)
-    step = state.step + 1
-    token, done = _pick(sampler, logits, rng, step, state.done)
-    return DecodeState(cache, window, valid, length, token, done, step)
+    """Feed the latest token and sample the next: one step of `generate`, for streaming."""
+    return jax.lax.cond(state.length < config.block_size,
+                        lambda s: _append(params, config, sampler, rng, s),
+                        lambda s: _slide(params, config, sampler, rng, s, window_shift), state)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "window_shift"))
 def _generate(params, config: GPTConfig, sampler: Sampler, prompt, prompt_mask, rng, max_new_tokens: int,
               window_shift: int):
+    """The steps of `_advance` as two nested loops, so that no step branches on the (large) cache: cached
+    appends while a slot is free, then one slide, then appends again, ..."""
     state = _start(params, config, sampler, prompt, prompt_mask, rng)
     fill = 0 if sampler.stop_token is None else sampler.stop_token
     out = jnp.full((len(prompt), max_new_tokens), fill, jnp.int32).at[:, 0].set(state.token)
@@ -148,12 +165,17 @@ def _generate(params, config: GPTConfig, sampler: Sampler, prompt, prompt_mask, 
         state, _ = carry
         return (state.step + 1 < max_new_tokens) & ~jnp.all(state.done)
 
-    def decode(carry):
-        state, out = carry
-        state = _advance(params, config, sampler, state, rng, window_shift)
+    def record(state, out):
         return state, jax.lax.dynamic_update_slice_in_dim(out, state.token[:, None], state.step, axis=1)
 
-    return jax.lax.while_loop(not_finished, decode, (state, out))[1]
+    def appends(carry):  # while a slot is free (none with window_shift=1 once the block is full)
+        return jax.lax.while_loop(lambda c: (c[0].length < config.block_size) & not_finished(c),
+                                  lambda c: record(_append(params, config, sampler, rng, c[0]), c[1]), carry)
+
+    def slide_then_appends(carry):
+        return appends(record(_slide(params, config, sampler, rng, carry[0], window_shift), carry[1]))
+
+    return jax.lax.while_loop(not_finished, slide_then_appends, appends((state, out)))[1]
 
 
 def _prepare(config: GPTConfig, prompt, prompt_mask, window_shift: int):

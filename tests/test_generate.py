@@ -134,6 +134,14 @@ def test_top_k_never_emits_an_excluded_token():
     assert np.count_nonzero(sample_many(logits, temperature=3.0)) == len(logits)
 
 
+def test_top_k_of_the_whole_vocabulary_filters_nothing():
+    """top_k >= vocab skips the filter (no top_k program at all): the same samples as no top_k."""
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(3, CONFIG.vocab_size)), jnp.float32)
+    plain = Sampler(jnp.float32(1.5))(logits, jax.random.key(1))
+    for top_k in (CONFIG.vocab_size, CONFIG.vocab_size + 5):
+        np.testing.assert_array_equal(Sampler(jnp.float32(1.5), top_k=top_k)(logits, jax.random.key(1)), plain)
+
+
 def test_top_p_keeps_the_smallest_set_reaching_p():
     probs = np.array([0.02, 0.4, 0.03, 0.25, 0.05, 0.15, 0.04, 0.02, 0.02, 0.01, 0.01])
     logits = np.log(probs).astype(np.float32)
