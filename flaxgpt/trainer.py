@@ -3,6 +3,7 @@
 import json
 import math
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -145,7 +146,11 @@ def train(config) -> dict:
     flops = flops_per_token(model, n_params, T) * A * B * T
     peak = mfu.device_peak_flops()
     stop_requested = []
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
+    # SIGTERM (a preempted VM, a cluster's time limit): save at the next step and stop. Only the main
+    # thread may set signal handlers; elsewhere (a notebook's worker thread) orbax's preemption check remains.
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    if on_main_thread:
+        previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
 
     def save(step: int, **extra) -> None:
         if step in ckpts.steps():  # the step we resumed from, or a broken directory we never overwrite
@@ -174,7 +179,8 @@ def train(config) -> dict:
                 t_last, steps_since = time.perf_counter(), 0  # don't count eval time in ms/step
             if config.eval_only or step >= config.max_iters:
                 break
-            if stop_requested or ckpts.manager.reached_preemption(step):
+            # one process alone must not stop (its peers would wait); orbax syncs preemption across hosts
+            if (stop_requested and jax.process_count() == 1) or ckpts.manager.reached_preemption(step):
                 log.print(f"preempted at step {step}: saving a checkpoint")
                 save(step)
                 break
@@ -197,7 +203,8 @@ def train(config) -> dict:
                 log.write(step, loss=loss, lr=lr, ms_per_step=dt * 1000,
                           tokens_per_s=tokens_per_s, mfu=utilisation, grad_norm=float(metrics["grad_norm"]))
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous_handler)
         ckpts.wait()
         ckpts.close()
         log.close()
