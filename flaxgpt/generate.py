@@ -179,7 +179,11 @@ def _generate(params, config: GPTConfig, sampler: Sampler, prompt, prompt_mask, 
 
 
 def _prepare(config: GPTConfig, prompt, prompt_mask, window_shift: int):
-    """Prompt [B, T0] and mask as int32/bool, cropped to the last block_size columns, checked."""
+    """-> (config, prompt [B, T0] int32, mask bool), the prompt cropped to the last block_size columns.
+
+    Decoding always uses XLA's attention: its steps attend through an explicit mask over the cache, where
+    cuDNN's fused kernel (made for long causal training sequences) gains little, and which has not been
+    run on a GPU here."""
     if not 1 <= window_shift < config.block_size:
         raise ValueError(f"window_shift must be in [1, block_size={config.block_size}), got {window_shift}")
     prompt = np.asarray(prompt, np.int32)
@@ -190,7 +194,7 @@ def _prepare(config: GPTConfig, prompt, prompt_mask, window_shift: int):
     prompt, prompt_mask = prompt[:, -config.block_size:], prompt_mask[:, -config.block_size:]
     if not prompt_mask.any(axis=1).all():
         raise ValueError("every prompt row needs at least one real token (prompt_mask True)")
-    return prompt, prompt_mask
+    return config.replace(attention=None), prompt, prompt_mask
 
 
 def generate(params, config: GPTConfig, prompt, *, max_new_tokens: int, rng: jax.Array, temperature=1.0,
@@ -211,7 +215,7 @@ def generate(params, config: GPTConfig, prompt, *, max_new_tokens: int, rng: jax
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
     sampler = _sampler(temperature, top_k, top_p, stop_token)
-    prompt, prompt_mask = _prepare(config, prompt, prompt_mask, window_shift)
+    config, prompt, prompt_mask = _prepare(config, prompt, prompt_mask, window_shift)
     return _generate(params, config, sampler, prompt, prompt_mask, rng, max_new_tokens, window_shift)
 
 
@@ -224,7 +228,7 @@ def generate_stream(params, config: GPTConfig, prompt, *, max_new_tokens: int, r
     the step on which the last row emits stop_token.
     """
     sampler = _sampler(temperature, top_k, top_p, stop_token)
-    prompt, prompt_mask = _prepare(config, prompt, prompt_mask, window_shift)
+    config, prompt, prompt_mask = _prepare(config, prompt, prompt_mask, window_shift)
     state = _start(params, config, sampler, prompt, prompt_mask, rng)
     for step in range(max_new_tokens):
         if step:
@@ -262,7 +266,7 @@ def generate_naive(params, config: GPTConfig, prompt, *, max_new_tokens: int, rn
     prompt_mask: as in `generate` (the window counts the padding columns too); None runs nanoGPT's forward."""
     sampler = _sampler(temperature, top_k, top_p)
     padded = prompt_mask is not None
-    prompt, prompt_mask = _prepare(config, prompt, prompt_mask, window_shift)
+    config, prompt, prompt_mask = _prepare(config, prompt, prompt_mask, window_shift)
     (B, T0), S = prompt.shape, config.block_size  # one buffer shape for every prompt length T0 <= S
     tokens = jnp.zeros((B, 2 * S + max_new_tokens), jnp.int32).at[:, :T0].set(prompt)
     valid = jnp.ones(tokens.shape, bool).at[:, :T0].set(prompt_mask) if padded else None
