@@ -90,12 +90,16 @@ def model_config_from_meta(meta: dict[str, Any], **overrides) -> GPTConfig:
 
 
 def load_params(out_dir: str | Path, *, dtype: str | None = None) -> tuple[GPTConfig, Any]:
-    """The model config and params of the newest checkpoint of a training run, on the default device."""
+    """The model config and params of the newest checkpoint of a training run, on the default device.
+
+    For inference: dtype overrides the compute dtype, and attention is XLA's (as `generate` uses).
+    """
     checkpoints = Checkpoints(out_dir, create=False)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
     def read(step):  # the model's shape is stored in the checkpoint; the params' target follows from it
-        config = model_config_from_meta(checkpoints.read_meta(step), **({"dtype": dtype} if dtype else {}))
+        config = model_config_from_meta(checkpoints.read_meta(step), attention=None,
+                                        **({"dtype": dtype} if dtype else {}))
         shapes = jax.eval_shape(lambda rng: init_params(config, rng), jax.random.key(0))
         target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
         params, _, _ = checkpoints.restore(target, step=step)

@@ -44,6 +44,9 @@ class GPTConfig:
             raise ValueError(f"attention={self.attention!r}: choose one of {ATTENTION_IMPLEMENTATIONS}")
         for field in ("dtype", "param_dtype"):
             jnp.dtype(getattr(self, field))  # raises TypeError on an unknown name
+        if self.attention == "cudnn" and jnp.dtype(self.dtype) not in (jnp.bfloat16, jnp.float16):
+            raise ValueError(f"cuDNN attention computes in bfloat16 or float16, not {self.dtype}: set dtype, "
+                             "or use attention='xla'")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "GPTConfig":

@@ -116,6 +116,9 @@ def test_presets_and_config_errors():
         GPTConfig(n_embd=30, n_head=4)
     with pytest.raises(ValueError, match="cudnn"):
         GPTConfig(attention="flash")
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        GPTConfig(attention="cudnn")
+    assert GPTConfig(attention="cudnn", dtype="bfloat16").attention == "cudnn"
 
 
 def test_nanogpt_initialisation():
