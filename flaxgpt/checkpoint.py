@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from flaxgpt.model import GPTConfig, init_params
 
@@ -33,7 +34,18 @@ class Checkpoints:
                                              item_names=("params", "opt_state", "meta"))
 
     def steps(self) -> list[int]:
-        return sorted(self.manager.all_steps())
+        return sorted(self.manager.all_steps()) if self.directory.is_dir() else []
+
+    def set_aside(self, steps: list[int]) -> None:
+        """Rename unreadable step directories to `<step>.unreadable`: kept on disk, but no longer counted
+        as checkpoints (so a resumed run can write that step again and max_to_keep counts good ones)."""
+        if jax.process_index() == 0:
+            for step in steps:
+                path = self.directory / str(step)
+                path.rename(path.with_name(f"{step}.unreadable"))
+                log.warning("set aside unreadable checkpoint %s as %s.unreadable", path, step)
+        multihost_utils.sync_global_devices("flaxgpt: checkpoints set aside")
+        self.manager.reload()
 
     def save(self, step: int, params, opt_state, meta: dict[str, Any]) -> None:
         """Start writing step `step` (in the background when async); `wait()` before reading it back."""

@@ -81,5 +81,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.max_iters must be >= 0, got {config.max_iters}")
     if config.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ValueError(f"config.dtype={config.dtype!r}: use auto, float32, bfloat16 or float16")
+    if config.param_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"config.param_dtype={config.param_dtype!r}: use float32 or bfloat16")
+    if config.max_to_keep < 1:
+        raise ValueError(f"config.max_to_keep must be at least 1, got {config.max_to_keep}")
+    if config.attention == "cudnn" and config.dropout > 0:
+        raise ValueError("attention='cudnn' has no attention dropout: set config.dropout=0, or use attention='xla' "
+                         "(dropout then runs through a masked-softmax attention)")
     if config.attention not in (None, "xla", "cudnn"):
         raise ValueError(f"config.attention={config.attention!r}: use xla or cudnn (or leave it unset)")

@@ -77,22 +77,3 @@ def get_batch(tokens: np.ndarray, *, seed: int, step: int, batch_size: int, bloc
     # One gather of every selected window [rows, block_size + 1]; numpy reads just those pages of a memmap.
     windows = np.asarray(tokens[offsets[:, None] + np.arange(block_size + 1)], dtype=np.int32)
     return np.ascontiguousarray(windows[:, :-1]), np.ascontiguousarray(windows[:, 1:])
-
-
-class Batches:
-    """Iterator over (x, y) batches of one split from step `start` on; a resumed run passes its step."""
-
-    def __init__(self, tokens: np.ndarray, *, seed: int, batch_size: int, block_size: int,
-                 split: str = "train", start: int = 0, rows: slice | np.ndarray | None = None):
-        self.tokens, self.seed, self.step, self.split, self.rows = tokens, seed, start, split, rows
-        self.batch_size, self.block_size = batch_size, block_size
-        _check(len(tokens), block_size, split)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> tuple[np.ndarray, np.ndarray]:
-        batch = get_batch(self.tokens, seed=self.seed, step=self.step, batch_size=self.batch_size,
-                          block_size=self.block_size, split=self.split, rows=self.rows)
-        self.step += 1
-        return batch

@@ -7,7 +7,8 @@ import optax
 def learning_rate_schedule(config) -> optax.Schedule:
     """nanoGPT's get_lr: linear warmup to learning_rate, cosine decay to min_lr at lr_decay_iters, then flat.
 
-    optax's warmup starts at 0 for step 0; nanoGPT's is lr * (it + 1) / (warmup_iters + 1), so we shift by one.
+    nanoGPT's warmup is lr * (it + 1) / (warmup_iters + 1): optax's linear warmup from lr / (warmup_iters + 1)
+    gives exactly that.
     """
     if not config.decay_lr:
         return optax.constant_schedule(config.learning_rate)

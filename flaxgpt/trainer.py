@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from flaxgpt import checkpoint, data, distributed, mfu, optim, sharding
-from flaxgpt.model import GPTConfig, count_params, crop_block_size, flops_per_token
+from flaxgpt.model import PRESETS, GPTConfig, count_params, crop_block_size, flops_per_token
 from flaxgpt.train_step import Trainer
 
 PADDED_GPT2_VOCAB = 50304  # 50257 rounded up to a multiple of 64
@@ -89,10 +89,11 @@ def _initial_state(config, mesh, wanted: GPTConfig, ckpts: checkpoint.Checkpoint
         trainer = Trainer(wanted, optimizer, mesh, seed=config.seed)
         target = trainer.abstract_state
         params, opt_state, saved_meta = ckpts.restore(target.params, target.opt_state)
+        ckpts.set_aside([s for s in ckpts.steps() if s > saved_meta["step"]])  # newer, so unreadable
         step = jax.device_put(np.int32(saved_meta["step"]), target.step.sharding)
         return trainer, type(target)(step=step, params=params, opt_state=opt_state), saved_meta
     from flaxgpt.pretrained import load_pretrained
-    pretrained, params = load_pretrained(config.init_from, dtype=wanted.dtype)
+    pretrained, params = load_pretrained(config.init_from, dtype=wanted.dtype, param_dtype=wanted.param_dtype)
     if config.block_size < pretrained.block_size:
         params, pretrained = crop_block_size(params, pretrained, config.block_size)
     if wanted.vocab_size != PADDED_GPT2_VOCAB and wanted.vocab_size > pretrained.vocab_size:
@@ -109,16 +110,22 @@ def train(config) -> dict:
     out_dir = Path(config.out_dir)
     data_dir = Path(config.data_dir or Path("data") / config.dataset)
     meta = data.load_meta(data_dir)
+    if config.init_from in PRESETS and meta.get("tokenizer", "gpt2") != "gpt2":
+        raise ValueError(f"{data_dir} holds {meta['tokenizer']} tokens, but {config.init_from} reads GPT-2 BPE "
+                         "tokens: fine-tune on a GPT-2 BPE dataset (e.g. python prepare.py shakespeare)")
     splits = {split: data.open_split(data_dir, split) for split in ("train", "val")}
     vocab_size = meta["vocab_size"] if meta.get("tokenizer", "gpt2") != "gpt2" else PADDED_GPT2_VOCAB
 
+    if config.attention == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError(f"attention='cudnn' needs an NVIDIA GPU (this backend is {jax.default_backend()}): "
+                         "use attention='xla'")
     mesh = sharding.make_mesh(config.mesh)
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.batch_size % data_parallel:
         raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the {data_parallel} "
                          "data-parallel devices (mesh data x fsdp)")
     ckpts = checkpoint.Checkpoints(out_dir, max_to_keep=config.max_to_keep,
-                                   async_save=config.async_checkpointing)
+                                   async_save=config.async_checkpointing, create=config.init_from != "resume")
     trainer, state, start = _initial_state(config, mesh, model_config(config, vocab_size), ckpts)
     model, best_val_loss = trainer.model_config, start.get("best_val_loss", math.inf)
     model_source = start.get("model_source", "config")
@@ -143,7 +150,6 @@ def train(config) -> dict:
                 sharding.global_batch(y.reshape(n, -1, T), trainer.batch_sharding, shape))
 
     schedule = optim.learning_rate_schedule(config)
-    flops = flops_per_token(model, n_params, T) * A * B * T
     peak = mfu.device_peak_flops()
     stop_requested = []
     # SIGTERM (a preempted VM, a cluster's time limit): save at the next step and stop. Only the main
@@ -160,11 +166,13 @@ def train(config) -> dict:
             "config": config.to_dict(), **extra})
 
     step = int(state.step)
+    resumed_at = step if config.init_from == "resume" else None  # evaluated and saved by the earlier run
     losses = {}
     t_last, steps_since = time.perf_counter(), 0
     try:
         while True:
-            if step % config.eval_interval == 0 or step == config.max_iters:
+            eval_due = step % config.eval_interval == 0 or step == config.max_iters
+            if config.eval_only or (eval_due and step != resumed_at):
                 losses = {s: float(trainer.eval_step(state.params, *batch(s, step, config.eval_iters)))
                           for s in ("train", "val")}
                 log.print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
@@ -197,7 +205,7 @@ def train(config) -> dict:
                 dt = (now - t_last) / steps_since
                 t_last, steps_since = now, 0
                 tokens_per_s = A * B * T / dt
-                utilisation = flops / dt / (jax.device_count() * peak)
+                utilisation = mfu.mfu(flops_per_token(model, n_params, T), tokens_per_s, jax.device_count(), peak)
                 log.print(f"iter {step}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms,"
                           f" {tokens_per_s:,.0f} tok/s, mfu {utilisation * 100:.2f}%")
                 log.write(step, loss=loss, lr=lr, ms_per_step=dt * 1000,

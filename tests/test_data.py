@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from flaxgpt.data import Batches, get_batch, load_meta, open_split
+from flaxgpt.data import get_batch, load_meta, open_split
 
 
 def write_dataset(data_dir, train, val, dtype, **meta):
@@ -87,16 +87,3 @@ def test_missing_data_names_the_prepare_command(tmp_path, monkeypatch):
 def test_too_short_dataset_says_to_lower_block_size():
     with pytest.raises(ValueError, match=r"has 64 tokens.*block_size=64.*lower block_size"):
         get_batch(np.arange(64), seed=0, step=0, batch_size=2, block_size=64)
-    with pytest.raises(ValueError, match="lower block_size"):
-        Batches(np.arange(10), seed=0, batch_size=2, block_size=16)
-
-
-def test_batches_resume_where_they_left_off():
-    tokens = np.arange(1_000, dtype=np.uint16)
-    kw = dict(seed=0, batch_size=2, block_size=8)
-    run = Batches(tokens, **kw)
-    first = [next(run) for _ in range(5)]
-    resumed = Batches(tokens, start=3, **kw)
-    for (xa, ya), (xb, yb) in zip(first[3:], [next(resumed) for _ in range(2)]):
-        np.testing.assert_array_equal(xa, xb)
-        np.testing.assert_array_equal(ya, yb)

@@ -102,7 +102,13 @@ def test_resume_skips_broken_checkpoints_and_keeps_them(data_dir, tmp_path, capl
         losses = train(tiny_config(data_dir, tmp_path, init_from="resume", max_iters=4, eval_interval=100))
     assert losses["step"] == 4
     assert "skipping unreadable checkpoint" in caplog.text
-    assert {"5", "9", "4"} <= {p.name for p in ckpt_dir.iterdir()}  # nothing deleted, step 4 written
+    # Nothing deleted: the unreadable steps are set aside under another name, and step 4 is written.
+    assert {"5.unreadable", "9.unreadable", "3", "4"} <= {p.name for p in ckpt_dir.iterdir()}
+    assert (ckpt_dir / "9.unreadable" / "notes.txt").read_text() == "not a checkpoint"
+    assert Checkpoints(tmp_path).steps() == [3, 4]
+    # eval_only on a resumed run evaluates whatever the step.
+    losses = train(tiny_config(data_dir, tmp_path, init_from="resume", eval_only=True, eval_interval=100))
+    assert losses["step"] == 4 and np.isfinite(losses["val"])
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
@@ -120,6 +126,7 @@ def test_errors_say_what_to_do(data_dir, tmp_path):
         train(tiny_config(tmp_path / "nothing_here", tmp_path / "out"))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(tiny_config(data_dir, tmp_path / "empty", init_from="resume"))
+    assert not (tmp_path / "empty").exists()  # a failed resume leaves nothing behind
     train(tiny_config(data_dir, tmp_path / "run", max_iters=3))
     with pytest.raises(ValueError, match="n_layer=2 \\(config: 3\\)"):
         train(tiny_config(data_dir, tmp_path / "run", init_from="resume", n_layer=3))
