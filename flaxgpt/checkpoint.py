@@ -42,8 +42,13 @@ class Checkpoints:
         if jax.process_index() == 0:
             for step in steps:
                 path = self.directory / str(step)
-                path.rename(path.with_name(f"{step}.unreadable"))
-                log.warning("set aside unreadable checkpoint %s as %s.unreadable", path, step)
+                target = path.with_name(f"{step}.unreadable")
+                for n in range(1, 1000):  # never over an earlier one
+                    if not target.exists():
+                        break
+                    target = path.with_name(f"{step}.unreadable{n}")
+                path.rename(target)
+                log.warning("set aside unreadable checkpoint %s as %s", path, target.name)
         multihost_utils.sync_global_devices("flaxgpt: checkpoints set aside")
         self.manager.reload()
 
