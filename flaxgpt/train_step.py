@@ -35,6 +35,7 @@ class Trainer:
         self.seed = seed
         abstract = jax.eval_shape(self._boxed_state, jax.random.key(0))
         self.state_sharding = sharding.logical_shardings(abstract, mesh, rules)
+        self._state_shapes = nn.meta.unbox(abstract)
         self.batch_sharding = sharding.batch_sharding(mesh, ndim=3, batch_axis=1)
         replicated = NamedSharding(mesh, P())
         self._init = jax.jit(lambda rng: nn.meta.unbox(self._boxed_state(rng)),
@@ -49,9 +50,8 @@ class Trainer:
     @property
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and shardings of the state, e.g. as the target of a checkpoint restore."""
-        shapes = jax.eval_shape(lambda rng: nn.meta.unbox(self._boxed_state(rng)), jax.random.key(0))
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            shapes, self.state_sharding)
+                            self._state_shapes, self.state_sharding)
 
     def init(self, rng: jax.Array) -> TrainState:
         """A fresh state, created directly in its shards (never gathered on one device)."""
@@ -65,8 +65,8 @@ class Trainer:
             return self._from_params(params)
 
     def _boxed_state(self, rng) -> TrainState:
-        params = self.model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params))
+        """A fresh state whose params (and Adam moments) are boxed with their logical axis names."""
+        return self._state_from_params(self.model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"])
 
     def _state_from_params(self, params) -> TrainState:
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params))

@@ -110,11 +110,12 @@ def train(config) -> dict:
     out_dir = Path(config.out_dir)
     data_dir = Path(config.data_dir or Path("data") / config.dataset)
     meta = data.load_meta(data_dir)
-    if config.init_from in PRESETS and meta.get("tokenizer", "gpt2") != "gpt2":
-        raise ValueError(f"{data_dir} holds {meta['tokenizer']} tokens, but {config.init_from} reads GPT-2 BPE "
+    tokenizer = meta.get("tokenizer", "gpt2")  # nanoGPT-style folders without meta.json hold GPT-2 tokens
+    if config.init_from in PRESETS and tokenizer != "gpt2":
+        raise ValueError(f"{data_dir} holds {tokenizer} tokens, but {config.init_from} reads GPT-2 BPE "
                          "tokens: fine-tune on a GPT-2 BPE dataset (e.g. python prepare.py shakespeare)")
     splits = {split: data.open_split(data_dir, split) for split in ("train", "val")}
-    vocab_size = meta["vocab_size"] if meta.get("tokenizer", "gpt2") != "gpt2" else PADDED_GPT2_VOCAB
+    vocab_size = meta["vocab_size"] if tokenizer != "gpt2" else PADDED_GPT2_VOCAB
 
     if config.attention == "cudnn" and jax.default_backend() != "gpu":
         raise ValueError(f"attention='cudnn' needs an NVIDIA GPU (this backend is {jax.default_backend()}): "
@@ -150,6 +151,7 @@ def train(config) -> dict:
                 sharding.global_batch(y.reshape(n, -1, T), trainer.batch_sharding, shape))
 
     schedule = optim.learning_rate_schedule(config)
+    flops = flops_per_token(model, n_params, T)
     peak = mfu.device_peak_flops()
     stop_requested = []
     # SIGTERM (a preempted VM, a cluster's time limit): save at the next step and stop. Only the main
@@ -205,7 +207,7 @@ def train(config) -> dict:
                 dt = (now - t_last) / steps_since
                 t_last, steps_since = now, 0
                 tokens_per_s = A * B * T / dt
-                utilisation = mfu.mfu(flops_per_token(model, n_params, T), tokens_per_s, jax.device_count(), peak)
+                utilisation = mfu.mfu(flops, tokens_per_s, jax.device_count(), peak)
                 log.print(f"iter {step}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms,"
                           f" {tokens_per_s:,.0f} tok/s, mfu {utilisation * 100:.2f}%")
                 log.write(step, loss=loss, lr=lr, ms_per_step=dt * 1000,
