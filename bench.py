@@ -6,40 +6,53 @@ Batches are random tokens (the speed does not depend on the data); MFU is agains
 (flaxgpt/mfu.py: a table for TPUs and NVIDIA GPUs, a measured float32 matmul on CPU).
 """
 
+import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from flaxgpt import mfu, optim, sharding
+from flaxgpt import data, mfu, optim, sharding, tokenizer
+from flaxgpt.config import model_config, validate
 from flaxgpt.model import count_params, flops_per_token
-from flaxgpt.train_step import Trainer
-from flaxgpt.trainer import PADDED_GPT2_VOCAB, model_config
+from flaxgpt.train_step import TrainStep
 
 CONFIG = config_flags.DEFINE_config_file("config", "configs/shakespeare_char.py:cpu", "the config to time")
 STEPS = flags.DEFINE_integer("steps", 20, "timed steps, after 2 warm-up steps (compilation)")
-VOCAB = flags.DEFINE_integer("vocab_size", None, "vocabulary size (default: 65 for shakespeare_char, else 50304)")
+VOCAB = flags.DEFINE_integer("vocab_size", None, "vocabulary size (default: the prepared dataset's, as train.py)")
+
+
+def vocab_size(config) -> int:
+    """The model vocabulary train.py would use: from the prepared dataset's metadata."""
+    if VOCAB.value:
+        return VOCAB.value
+    try:
+        return tokenizer.model_vocab_size(data.load_meta(Path(config.data_dir or Path("data") / config.dataset)))
+    except (OSError, ValueError) as e:
+        sys.exit(f"bench.py: error: {e} (or give --vocab_size)")
 
 
 def main(_):
     config = CONFIG.value
-    vocab = VOCAB.value or (65 if config.dataset == "shakespeare_char" else PADDED_GPT2_VOCAB)
+    validate(config)
+    vocab = vocab_size(config)
     model = model_config(config, vocab)
     mesh = sharding.make_mesh(config.mesh)
-    trainer = Trainer(model, optim.make_optimizer(config), mesh, seed=config.seed)
-    state = trainer.init(jax.random.key(config.seed))
+    step_fns = TrainStep(model, optim.make_optimizer(config), mesh, seed=config.seed)
+    state = step_fns.init(jax.random.key(config.seed))
     A, B, T = config.gradient_accumulation_steps, config.batch_size, model.block_size
     tokens = np.random.default_rng(0).integers(0, vocab, (A, B, T + 1), dtype=np.int32)
-    x, y = (jax.device_put(a, trainer.batch_sharding) for a in (tokens[..., :-1], tokens[..., 1:]))
+    x, y = (jax.device_put(a, step_fns.batch_sharding) for a in (tokens[..., :-1], tokens[..., 1:]))
 
     for _ in range(2):  # compile and warm up
-        state, metrics = trainer.train_step(state, x, y)
+        state, metrics = step_fns.train_fn(state, x, y)
     jax.block_until_ready(metrics)
     start = time.perf_counter()
     for _ in range(STEPS.value):
-        state, metrics = trainer.train_step(state, x, y)
+        state, metrics = step_fns.train_fn(state, x, y)
     jax.block_until_ready(metrics)
     dt = (time.perf_counter() - start) / STEPS.value
 

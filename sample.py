@@ -11,16 +11,16 @@
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 
+from flaxgpt import tokenizer as tokenizers
 from flaxgpt.generate import generate, generate_stream
 from flaxgpt.model import PRESETS, GPTConfig
-from flaxgpt.tokenizer import GPT2Tokenizer, Tokenizer, from_meta
+from flaxgpt.tokenizer import GPT2Tokenizer, StreamDecoder, Tokenizer
 
 SEPARATOR = "---------------"
 
@@ -63,37 +63,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def load_model(init_from: str, out_dir: str, dtype: str) -> tuple[GPTConfig, dict, Tokenizer]:
-    """(config, params, tokenizer) of what --init_from names."""
+def load_model(init_from: str, out_dir: str, dtype: str) -> tuple[GPTConfig, dict, Tokenizer, str]:
+    """(config, params, tokenizer, what was loaded) of what --init_from names."""
     path = Path(out_dir if init_from == "resume" else init_from)
     try:
         if init_from in PRESETS or (path / "config.json").is_file():
             from flaxgpt.pretrained import load_pretrained
-            return (*load_pretrained(init_from if init_from in PRESETS else path, dtype=dtype), GPT2Tokenizer())
+            name = init_from if init_from in PRESETS else path
+            return (*load_pretrained(name, dtype=dtype), GPT2Tokenizer(), f"pretrained {name}")
         if path.is_dir() and (path / "ckpt.pt").is_file() and not (path / "checkpoints").is_dir():
             path = path / "ckpt.pt"  # a nanoGPT out_dir
         if path.is_file() and path.suffix == ".pt":
-            from flaxgpt.pretrained import load_nanogpt, read_nanogpt_meta
-            config, params = load_nanogpt(path, dtype=dtype)
-            meta_pkl = path.with_name("meta.pkl")
-            return config, params, _tokenizer(path.parent, read_nanogpt_meta(meta_pkl) if meta_pkl.is_file() else None)
+            from flaxgpt.pretrained import load_nanogpt
+            return (*load_nanogpt(path, dtype=dtype), tokenizers.from_dir(path.parent), f"nanoGPT {path}")
         if path.is_dir():
-            from flaxgpt.checkpoint import load_params
-            return (*load_params(path, dtype=dtype), _tokenizer(path))
+            from flaxgpt.checkpoint import load_run
+            config, params, meta = load_run(path, dtype=dtype)
+            loaded = (f"run {meta.get('run_id', '(unnamed)')} at step {meta['step']} "
+                      f"({path / 'checkpoints' / str(meta['step'])})")
+            return config, params, tokenizers.from_dir(path), loaded
     except (OSError, ValueError, RuntimeError, ImportError) as e:  # the loaders' messages say what is wrong
         raise UsageError(str(e).strip().splitlines()[0]) from None
     if init_from == "resume":
+        if path.exists():
+            raise UsageError(f"--out_dir={out_dir} is a file, not a training run's out_dir")
         raise UsageError(f"--out_dir={out_dir}: no such directory (train a model there first, or pass "
                          "--init_from)")
     raise UsageError(f"--init_from={init_from}: not 'resume', a GPT-2 model ({', '.join(PRESETS)}), "
                      "nor an existing out_dir, Hugging Face folder or ckpt.pt file")
-
-
-def _tokenizer(folder: Path, meta: dict | None = None) -> Tokenizer:
-    """The tokenizer in `meta`, else in folder/meta.json, else GPT-2 BPE."""
-    if meta is None and (folder / "meta.json").is_file():
-        meta = json.loads((folder / "meta.json").read_text())
-    return from_meta(meta)
 
 
 def read_prompt(start: str) -> str:
@@ -102,32 +99,11 @@ def read_prompt(start: str) -> str:
             start = Path(start[len("FILE:"):]).read_text(encoding="utf-8")
         except OSError as e:
             raise UsageError(f"--start={start}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise UsageError(f"--start={start}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not start:
         raise UsageError("--start is empty: the model needs at least one token to continue")
     return start
-
-
-class StreamDecoder:
-    """Text of a growing token list, piece by piece: each `push` returns what the new token adds.
-
-    BPE tokens can end inside a multi-byte character, which decodes as U+FFFD until its last byte comes,
-    so a trailing U+FFFD is held back until the next token (or `flush`) settles it.
-    """
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer, self.tokens, self.printed = tokenizer, [], 0
-
-    def push(self, token: int) -> str:
-        self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens)
-        return "" if text.endswith("\ufffd") else self._new(text)
-
-    def flush(self) -> str:
-        return self._new(self.tokenizer.decode(self.tokens))
-
-    def _new(self, text: str) -> str:
-        new, self.printed = text[self.printed:], len(text)
-        return new
 
 
 def crop_vocabulary(config: GPTConfig, params: dict, vocab_size: int) -> tuple[GPTConfig, dict]:
@@ -141,7 +117,7 @@ def crop_vocabulary(config: GPTConfig, params: dict, vocab_size: int) -> tuple[G
 
 def run(args: argparse.Namespace) -> None:
     start = read_prompt(args.start)
-    config, params, tokenizer = load_model(args.init_from, args.out_dir, args.dtype)
+    config, params, tokenizer, loaded = load_model(args.init_from, args.out_dir, args.dtype)
     config, params = crop_vocabulary(config, params, tokenizer.vocab_size)
     if args.window_shift >= config.block_size:
         raise UsageError(f"--window_shift={args.window_shift} must be less than the model's block_size "
@@ -156,6 +132,7 @@ def run(args: argparse.Namespace) -> None:
     if len(start_ids) > config.block_size:
         print(f"warning: the prompt has {len(start_ids)} tokens but the model sees at most "
               f"{config.block_size}; only its last {config.block_size} are used", file=sys.stderr)
+    print(f"sampling {loaded}", file=sys.stderr, flush=True)
     prompt = np.asarray([start_ids], np.int32)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
               top_p=args.top_p, window_shift=args.window_shift)

@@ -1,13 +1,16 @@
 """Train a GPT: python train.py --config=configs/shakespeare_char.py:cpu [--config.key=value ...]"""
 
+import difflib
+import re
+import runpy
 import sys
+import traceback
 from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flaxgpt import config as config_lib
-from flaxgpt.trainer import train
+from flaxgpt.loop import train
 
 CONFIG = config_flags.DEFINE_config_file("config", None, "a config file in configs/, e.g. configs/owt.py",
                                          lock_config=True)
@@ -17,30 +20,74 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}: settings are --config.key=value")
     logging.set_verbosity(logging.WARNING)  # orbax and jax log every checkpoint write at INFO
-    config = CONFIG.value
     try:
-        config_lib.validate(config)
-        train(config)
-    except (FileNotFoundError, ValueError, FloatingPointError, RuntimeError) as e:  # what a user can fix
+        train(CONFIG.value)
+    except (OSError, ValueError, FloatingPointError, RuntimeError) as e:  # what a user can fix
         sys.exit(f"train.py: error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("train.py: interrupted (a second Ctrl-C): nothing was saved since the last checkpoint")
+
+
+def _config_keys(config, prefix="") -> list[str]:
+    keys = []
+    for key, value in config.items():
+        keys.append(prefix + key)
+        if hasattr(value, "items"):
+            keys += _config_keys(value, f"{prefix}{key}.")
+    return keys
+
+
+def _load_config(config_arg: str):
+    """The ConfigDict of `path[:variant]`, as ml_collections builds it."""
+    path, *variant = config_arg.split(":", 1)
+    return runpy.run_path(path)["get_config"](*variant)
+
+
+def _config_file_error(config_arg: str) -> str | None:
+    """The file:line and message of a config file that does not load, as one line (None if it loads)."""
+    config_file = config_arg.split(":")[0]
+    try:
+        _load_config(config_arg)
+        return None
+    except SyntaxError as e:
+        return f"{e.filename}:{e.lineno}: {e.msg}"
+    except Exception as e:
+        frame = next((f for f in reversed(traceback.extract_tb(e.__traceback__))
+                      if Path(f.filename).resolve() == Path(config_file).resolve()), None)
+        where = f"{frame.filename}:{frame.lineno}: " if frame else f"{config_file}: "
+        return f"{where}{type(e).__name__}: {e}"
 
 
 def parse_flags(argv):
-    """absl's parser, with one line instead of a traceback for an unknown --config.key."""
-    config_file = next((a.split("=", 1)[1].split(":")[0] for a in argv if a.startswith("--config=")), None)
+    """absl's parser, with one line instead of a traceback for a bad config file or an unknown --config.key."""
+    config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    config_file = config_arg.split(":")[0] if config_arg else None
     if config_file and not Path(config_file).is_file():
         choices = ", ".join(sorted(str(p) for p in Path("configs").glob("*.py")))
         sys.exit(f"train.py: error: no config file {config_file} (configs here: {choices or 'none'})")
+    if config_file and (error := _config_file_error(config_arg)):
+        sys.exit(f"train.py: error: the config file does not load: {error}")
     try:
         return flags.FLAGS(argv)
     except AttributeError as e:  # ml_collections' error for a key the config does not have
-        key = str(e).strip("\"'")
+        match = re.search(r"'([^'\\]+)", str(e))
+        key = match.group(1) if match else str(e)
         arg = next((a.split("=")[0] for a in argv if a.startswith("--config.") and key in a), key)
-        sys.exit(f"train.py: error: {arg}: the config has no key {key!r} (python train.py "
-                 "--config=<file> --helpfull lists them)")
+        sys.exit(f"train.py: error: {arg}: the config has no key {key!r}{_closest_keys(config_arg, arg)}")
     except flags.Error as e:
         reason = str(e).strip().splitlines()[-1]  # a config file's own exception comes last
         sys.exit(f"train.py: error: {reason}")
+
+
+def _closest_keys(config_arg: str, arg: str) -> str:
+    """'; did you mean ...' with the config's keys closest to the unknown one."""
+    try:
+        keys = _config_keys(_load_config(config_arg))
+    except Exception:
+        return ""
+    close = difflib.get_close_matches(arg.removeprefix("--config."), keys, n=3, cutoff=0.5)
+    return f"; did you mean {' or '.join('--config.' + k for k in close)}?" if close else \
+        "; the keys are in flaxgpt/config.py"
 
 
 if __name__ == "__main__":

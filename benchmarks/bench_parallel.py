@@ -2,7 +2,7 @@
 
     python benchmarks/bench_parallel.py [--steps 20] [--repeats 3] [--modes dp8,fsdp8]
 
-Builds the sharded Trainer (flaxgpt/train_step.py) for each mesh, compiles the step, then times
+Builds the sharded TrainStep (flaxgpt/train_step.py) for each mesh, compiles the step, then times
 `--steps` steps (dispatched back to back, `block_until_ready` at the end) `--repeats` times and prints
 the median ms/step and tokens/s. The default model is the shakespeare_char cpu size (4 layers, 4 heads,
 128 wide, block 64, AdamW as configs/shakespeare_char.py) with batch 16 (its 12 does not divide by 8).
@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 from configs import shakespeare_char  # noqa: E402
 from flaxgpt import optim, sharding  # noqa: E402
 from flaxgpt.model import GPTConfig, count_params  # noqa: E402
-from flaxgpt.train_step import Trainer  # noqa: E402
+from flaxgpt.train_step import TrainStep  # noqa: E402
 
 MODES = {  # name -> (mesh, devices used)
     "1 device": ({"data": 1}, 1),
@@ -66,24 +66,24 @@ def parse_args(argv=None):
 
 def bench(name, mesh_shape, n_devices, model, optimizer, args):
     mesh = sharding.make_mesh(mesh_shape, jax.devices()[:n_devices])
-    trainer = Trainer(model, optimizer, mesh, seed=0)
+    step_fns = TrainStep(model, optimizer, mesh, seed=0)
     t0 = time.perf_counter()
-    state = trainer.init(jax.random.key(0))
+    state = step_fns.init(jax.random.key(0))
     shape = (args.grad_accum, args.batch_size, model.block_size + 1)
     tokens = np.random.default_rng(0).integers(0, model.vocab_size, shape).astype(np.int32)
-    x = jax.device_put(tokens[..., :-1], trainer.batch_sharding)
-    y = jax.device_put(tokens[..., 1:], trainer.batch_sharding)
-    state, metrics = trainer.train_step(state, x, y)
+    x = jax.device_put(tokens[..., :-1], step_fns.batch_sharding)
+    y = jax.device_put(tokens[..., 1:], step_fns.batch_sharding)
+    state, metrics = step_fns.train_fn(state, x, y)
     jax.block_until_ready((state, metrics))
     compile_s = time.perf_counter() - t0
     for _ in range(args.warmup):
-        state, metrics = trainer.train_step(state, x, y)
+        state, metrics = step_fns.train_fn(state, x, y)
     jax.block_until_ready((state, metrics))
     times = []
     for _ in range(args.repeats):
         t = time.perf_counter()
         for _ in range(args.steps):
-            state, metrics = trainer.train_step(state, x, y)
+            state, metrics = step_fns.train_fn(state, x, y)
         jax.block_until_ready((state, metrics))
         times.append((time.perf_counter() - t) / args.steps)
     dt = statistics.median(times)
@@ -104,7 +104,7 @@ def main(argv=None):
                       n_head=args.n_head, n_embd=args.n_embd, dropout=0.0, gelu_approximate=False)
     config = shakespeare_char.get_config("cpu")
     optimizer = optim.make_optimizer(config)
-    n_params = count_params(Trainer(model, optimizer, sharding.make_mesh({"data": 1}, jax.devices()[:1]))
+    n_params = count_params(TrainStep(model, optimizer, sharding.make_mesh({"data": 1}, jax.devices()[:1]))
                             .abstract_state.params)
     print(f"jax {jax.__version__}, {jax.device_count()} simulated {jax.devices()[0].platform} devices on "
           f"{os.cpu_count()} cores; model {n_params / 1e6:.2f}M params, {args.n_layer} layers x "

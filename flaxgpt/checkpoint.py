@@ -1,7 +1,10 @@
-"""Checkpoints with orbax: params, optimizer state and a JSON record (step, best val loss, configs).
+"""Checkpoints with orbax: params, optimizer state and a JSON record (step, run id, best val loss, configs,
+a checksum of every array).
 
 Layout: `<out_dir>/checkpoints/<step>/{params,opt_state,meta}`. Every process writes its own shards,
 so a checkpoint saved on one mesh restores onto any other (the restore target carries the shardings).
+The checksums are computed on the devices when a step is saved and checked when it is restored, so a file
+that changed on disk (bit rot, a bad copy) makes that step unreadable instead of loading wrong weights.
 """
 
 import logging
@@ -9,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
@@ -21,8 +26,61 @@ class CheckpointNotFoundError(FileNotFoundError):
     pass
 
 
+class CorruptCheckpointError(ValueError):
+    """A checkpoint whose arrays do not match the checksums it was saved with."""
+
+
+def saved_steps(out_dir: str | Path) -> list[int]:
+    """The step directories in `<out_dir>/checkpoints` (readable or not), oldest first, without orbax."""
+    directory = Path(out_dir) / "checkpoints"
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def run_id_of(out_dir: str | Path, step: int) -> str | None:
+    """The id of the run that saved `step` in out_dir, or None if it has none or cannot be read."""
+    try:
+        with Checkpoints(out_dir, create=False) as checkpoints:
+            return checkpoints.read_meta(step).get("run_id")
+    except Exception:  # an unreadable step: orbax raises many kinds of errors
+        return None
+
+
+@jax.jit
+def _checksums(tree):
+    """uint32 checksum of every array: sum of its bits times odd position weights, mod 2^32. Integer
+    addition is associative, so the result does not depend on the mesh or the reduction order."""
+    def checksum(x):
+        if x.dtype == jnp.bool_:
+            bits = x.astype(jnp.uint32)
+        else:
+            unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+            bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+        weights = jnp.arange(x.size, dtype=jnp.uint32).reshape(x.shape) * jnp.uint32(2654435761) + jnp.uint32(1)
+        return jnp.sum(bits * weights, dtype=jnp.uint32)
+    return jax.tree.map(checksum, tree)
+
+
+def tree_checksums(tree) -> dict[str, int]:
+    """{array path: checksum} of a tree of (possibly sharded, multi-host) arrays."""
+    sums = _checksums(tree)
+    return {jax.tree_util.keystr(path): int(np.asarray(leaf.addressable_data(0)))
+            for path, leaf in jax.tree_util.tree_leaves_with_path(sums)}
+
+
+def verify_checksums(tree, expected: dict[str, int], where: Path) -> None:
+    """Raise CorruptCheckpointError naming the arrays whose checksum differs from the saved one."""
+    bad = [path for path, value in tree_checksums(tree).items() if path in expected and expected[path] != value]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise CorruptCheckpointError(f"{where}: {', '.join(bad[:3])}{more} differ from the checksums saved with "
+                                     "them (the files changed on disk)")
+
+
 class Checkpoints:
-    """Saves and restores training checkpoints in `<out_dir>/checkpoints`."""
+    """Saves and restores training checkpoints in `<out_dir>/checkpoints`; a context manager that waits for
+    the last save and closes on exit."""
 
     def __init__(self, out_dir: str | Path, *, max_to_keep: int | None = 3, async_save: bool = True,
                  create: bool = True):
@@ -32,6 +90,15 @@ class Checkpoints:
             enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("params", "opt_state", "meta"))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        try:
+            self.wait()
+        finally:
+            self.close()
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps()) if self.directory.is_dir() else []
@@ -54,12 +121,28 @@ class Checkpoints:
 
     def save(self, step: int, params, opt_state, meta: dict[str, Any]) -> None:
         """Start writing step `step` (in the background when async); `wait()` before reading it back."""
+        meta = {**meta, "checksums": {"params": tree_checksums(params), "opt_state": tree_checksums(opt_state)}}
+        self._saving = step
         self.manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
             meta=ocp.args.JsonSave(meta)), force=True)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
+        self.check_for_errors()
+
+    def check_for_errors(self) -> None:
+        """Raise an OSError of one line if a background save failed (e.g. the disk is full)."""
+        try:
+            self.manager.check_for_errors()
+        except Exception as e:  # orbax wraps the writer's exception; its cause says what happened
+            cause = e
+            while cause.__cause__ is not None or cause.__context__ is not None:
+                cause = cause.__cause__ or cause.__context__
+            step = getattr(self, "_saving", None)
+            raise OSError(f"saving checkpoint {self.directory / str(step)} failed ({type(cause).__name__}: "
+                          f"{str(cause).splitlines()[0] if str(cause) else ''}); the earlier checkpoints in "
+                          f"{self.directory} are untouched") from None
 
     def close(self) -> None:
         self.manager.close()
@@ -67,17 +150,24 @@ class Checkpoints:
     def read_meta(self, step: int) -> dict[str, Any]:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-    def restore(self, abstract_params, abstract_opt_state=None, *, step: int | None = None):
+    def restore(self, abstract_params, abstract_opt_state=None, *, step: int | None = None,
+                run_id: str | None = None):
         """Restore the newest readable step (or `step`) -> (params, opt_state or None, meta).
 
-        The abstract trees (jax.ShapeDtypeStruct with shardings) say where every shard goes.
+        The abstract trees (jax.ShapeDtypeStruct with shardings) say where every shard goes. With run_id,
+        steps that another run saved are passed over. Arrays are checked against their saved checksums.
         """
         def read(s):
-            items = {"params": ocp.args.StandardRestore(abstract_params), "meta": ocp.args.JsonRestore()}
+            meta = self.read_meta(s)
+            if run_id is not None and meta.get("run_id") != run_id:
+                raise ValueError(f"saved by run {meta.get('run_id')}, not by run {run_id}")
+            items = {"params": ocp.args.StandardRestore(abstract_params)}
             if abstract_opt_state is not None:
                 items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
             restored = self.manager.restore(s, args=ocp.args.Composite(**items))
-            return restored["params"], restored.get("opt_state"), restored["meta"]
+            for name in items:
+                verify_checksums(restored[name], meta.get("checksums", {}).get(name, {}), self.directory / str(s))
+            return restored["params"], restored.get("opt_state"), meta
         return self.newest_readable(read, step=step)
 
     def newest_readable(self, read, *, step: int | None = None):
@@ -99,33 +189,40 @@ class Checkpoints:
                 log.warning("skipping unreadable checkpoint %s (%s: %s)", self.directory / str(s),
                             type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         raise ValueError(f"none of the checkpoints {candidates} in {self.directory} could be read; "
-                         "move them aside and resume from an earlier copy, or start with init_from='scratch'")
+                         "restore an earlier copy of them, or train a new run in another out_dir")
 
 
 def model_config_from_meta(meta: dict[str, Any], **overrides) -> GPTConfig:
     return GPTConfig(**{**meta["model"], **overrides})
 
 
-def load_params(out_dir: str | Path, *, dtype: str | None = None) -> tuple[GPTConfig, Any]:
-    """The model config and params of the newest checkpoint of a training run, on the default device.
+def load_run(out_dir: str | Path, *, dtype: str | None = None) -> tuple[GPTConfig, Any, dict[str, Any]]:
+    """(model config, params, meta) of the newest readable checkpoint of a training run, on the default device.
 
-    For inference: dtype overrides the compute dtype, and attention is XLA's (as `generate` uses).
+    For inference: dtype overrides the compute dtype, and attention is XLA's (as `generate` uses). meta holds
+    the step and run_id; checksums are verified, and a step that fails is passed over with a warning.
     """
-    checkpoints = Checkpoints(out_dir, create=False)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise NotADirectoryError(f"{out_dir} is a file, not a training run's out_dir")
+    with Checkpoints(out_dir, create=False) as checkpoints:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
-    def read(step):  # the model's shape is stored in the checkpoint; the params' target follows from it
-        config = model_config_from_meta(checkpoints.read_meta(step), attention=None,
-                                        **({"dtype": dtype} if dtype else {}))
-        shapes = jax.eval_shape(lambda rng: init_params(config, rng), jax.random.key(0))
-        target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
-        params, _, _ = checkpoints.restore(target, step=step)
-        return config, params
+        def read(step):  # the model's shape is stored in the checkpoint; the params' target follows from it
+            config = model_config_from_meta(checkpoints.read_meta(step), attention=None,
+                                            **({"dtype": dtype} if dtype else {}))
+            shapes = jax.eval_shape(lambda rng: init_params(config, rng), jax.random.key(0))
+            target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
+            params, _, meta = checkpoints.restore(target, step=step)
+            return config, params, {"step": step, **meta}
 
-    try:
-        return checkpoints.newest_readable(read)
-    except CheckpointNotFoundError:
-        raise CheckpointNotFoundError(f"no checkpoint in {checkpoints.directory}: train a model with "
-                                      f"train.py --config.out_dir={out_dir} first") from None
-    finally:
-        checkpoints.close()
+        try:
+            return checkpoints.newest_readable(read)
+        except CheckpointNotFoundError:
+            raise CheckpointNotFoundError(f"no checkpoint in {checkpoints.directory}: train a model with "
+                                          f"train.py --config.out_dir={out_dir} first") from None
+
+
+def load_params(out_dir: str | Path, *, dtype: str | None = None) -> tuple[GPTConfig, Any]:
+    """The model config and params of the newest readable checkpoint of a training run (see `load_run`)."""
+    config, params, _ = load_run(out_dir, dtype=dtype)
+    return config, params

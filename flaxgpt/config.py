@@ -4,8 +4,12 @@ Config files in configs/ start from `base_config()` and change what they need; e
 overridden on the command line as `--config.key=value` (an unknown key or a wrong type is an error).
 """
 
+import dataclasses
+
 import ml_collections
 from ml_collections import config_dict
+
+from flaxgpt.model import GPTConfig
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -21,6 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.max_to_keep = 3  # checkpoints kept in out_dir/checkpoints
     c.async_checkpointing = True
     c.init_from = "scratch"  # "scratch", "resume" (from out_dir), or a GPT-2 name / Hugging Face folder
+    c.overwrite = False  # a new run in an out_dir holding another run's checkpoints moves them to out_dir/previous/
     # logging
     c.wandb_log = False
     c.wandb_project = "owt"
@@ -66,21 +71,40 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def resolve_dtype(name: str) -> str:
+    """"auto": bfloat16 compute on accelerators, float32 on CPU (where bfloat16 is slower).
+
+    Looks at the backend, so call it only after `distributed.initialize`."""
+    if name != "auto":
+        return name
+    import jax
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def model_config(config: ml_collections.ConfigDict, vocab_size: int, *, dtype: str | None = None) -> GPTConfig:
+    """The GPTConfig a training config describes: each GPTConfig field is the config key of the same name,
+    except vocab_size (the dataset's) and dtype ("auto" resolved, or `dtype` when given)."""
+    fields = {f.name: config[f.name] for f in dataclasses.fields(GPTConfig) if f.name in config}
+    return GPTConfig(**{**fields, "vocab_size": vocab_size, "dtype": dtype or resolve_dtype(config.dtype)})
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Errors for settings that parse but cannot work, each naming the key."""
+    """Errors for settings that parse but cannot work, each naming the key. Touches no device, so it can
+    run before `distributed.initialize`; the model's own settings are checked by GPTConfig."""
     positive = ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
                 "log_interval", "n_layer", "n_head", "n_embd")
     for key in positive:
         if config[key] <= 0:
             raise ValueError(f"config.{key} must be positive, got {config[key]}")
-    if config.n_embd % config.n_head:
-        raise ValueError(f"config.n_embd={config.n_embd} must be divisible by config.n_head={config.n_head}")
     if not 0 <= config.dropout < 1:
         raise ValueError(f"config.dropout must be in [0, 1), got {config.dropout}")
     if config.max_iters < 0:
         raise ValueError(f"config.max_iters must be >= 0, got {config.max_iters}")
-    if config.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise ValueError(f"config.dtype={config.dtype!r}: use auto, float32, bfloat16 or float16")
+    if config.dtype == "float16":
+        raise ValueError("config.dtype='float16' would train without loss scaling, so small gradients underflow "
+                         "to zero: use dtype='bfloat16' (float32's range, the same speed on GPUs and TPUs)")
+    if config.dtype not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"config.dtype={config.dtype!r}: use auto, float32 or bfloat16")
     if config.param_dtype not in ("float32", "bfloat16"):
         raise ValueError(f"config.param_dtype={config.param_dtype!r}: use float32 or bfloat16")
     if config.max_to_keep < 1:
@@ -88,5 +112,5 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.attention == "cudnn" and config.dropout > 0:
         raise ValueError("attention='cudnn' has no attention dropout: set config.dropout=0, or use attention='xla' "
                          "(dropout then runs through a masked-softmax attention)")
-    if config.attention not in (None, "xla", "cudnn"):
-        raise ValueError(f"config.attention={config.attention!r}: use xla or cudnn (or leave it unset)")
+    # The model's own checks (heads divide the width, known attention, ...), with any vocabulary.
+    model_config(config, vocab_size=1, dtype="float32" if config.dtype == "auto" else None)

@@ -1,17 +1,19 @@
 """Reading prepared token files (`prepare.py`'s output) and sampling training batches from them.
 
 A prepared dataset is a folder `data/<name>/` holding `train.bin` and `val.bin` (flat token arrays,
-uint16 or uint32) and `meta.json` (tokenizer, vocab_size, dtype). Batches are random windows, as in
+uint16 or uint32) and `meta.json` (tokenizer, vocab_size, dtype), or nanoGPT's `meta.pkl` for its
+character datasets (see `tokenizer.read_meta`). Batches are random windows, as in
 nanoGPT, but drawn from an RNG keyed by (seed, step, split): a batch depends on nothing else, so a
 resumed run sees the same batches, and every host of a multi-host run can draw the same offsets and
 read only its own rows.
 """
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
+
+from flaxgpt import tokenizer
 
 SPLIT_CODES = {"train": 0, "val": 1}
 
@@ -25,18 +27,16 @@ def _missing(path: Path, data_dir: Path) -> FileNotFoundError:
 
 
 def load_meta(data_dir: str | os.PathLike) -> dict:
-    """The dataset's meta.json; {"dtype": "uint16"} for a nanoGPT-style folder that has none."""
+    """The dataset's vocabulary and token dtype (`tokenizer.read_meta`); a missing folder says how to make it."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise _missing(data_dir, data_dir)
-    meta_file = data_dir / "meta.json"
-    if not meta_file.is_file():
-        return {"dtype": "uint16"}
-    return json.loads(meta_file.read_text())
+        raise _missing(data_dir, data_dir) if not data_dir.exists() else NotADirectoryError(
+            f"data_dir {data_dir} is a file, not a dataset folder")
+    return tokenizer.read_meta(data_dir)
 
 
 def open_split(data_dir: str | os.PathLike, split: str) -> np.memmap:
-    """`<data_dir>/<split>.bin` as a read-only memmap [n_tokens], of the dtype meta.json names."""
+    """`<data_dir>/<split>.bin` as a read-only memmap [n_tokens], of the dtype the dataset's meta names."""
     data_dir = Path(data_dir)
     dtype = load_meta(data_dir)["dtype"]
     path = data_dir / f"{split}.bin"

@@ -1,6 +1,5 @@
 """Multi-host start-up: `jax.distributed.initialize` when the run spans several processes."""
 
-import importlib.util
 import os
 import socket
 import sys
@@ -12,10 +11,11 @@ import jax
 def is_multiprocess_launch(coordinator_address: str | None = None) -> bool:
     """Whether this process is one of several: a coordinator is named, or a cluster launched it.
 
-    Cloud TPU VMs (libtpu installed) and SLURM jobs are detected by jax itself from their environment.
+    Cloud TPU VMs and SLURM jobs are detected by jax itself from their environment; a TPU VM is one whose
+    worker list names several hosts (libtpu alone is no sign: it also installs on CPU machines).
     """
-    return bool(coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
-                or importlib.util.find_spec("libtpu") is not None
+    tpu_hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
+    return bool(coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or len(tpu_hosts) > 1
                 or int(os.environ.get("SLURM_NTASKS", "1")) > 1)
 
 

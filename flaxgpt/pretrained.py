@@ -11,7 +11,6 @@ torch, huggingface_hub and safetensors are optional (`pip install "flaxgpt[hf]"`
 import importlib
 import json
 import math
-import pickle
 import re
 import warnings
 from pathlib import Path
@@ -261,21 +260,3 @@ def save_nanogpt(params, config: GPTConfig, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": state, "model_args": model_args}, path)
     return path
-
-
-class _PlainDataUnpickler(pickle.Unpickler):
-    """Unpickles plain data (dicts, lists, strings, numbers) and refuses every class or function."""
-
-    def find_class(self, module, name):
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: meta.pkl should hold only a plain "
-                                     "dict, and unpickling a global could run arbitrary code")
-
-
-def read_nanogpt_meta(meta_pkl_path: str | Path) -> dict:
-    """nanoGPT's meta.pkl ({vocab_size, itos, stoi}) -> {"tokenizer": "char", "chars": [...], "vocab_size": V}."""
-    with open(meta_pkl_path, "rb") as f:
-        meta = _PlainDataUnpickler(f).load()
-    if not isinstance(meta, dict) or not {"vocab_size", "itos"} <= meta.keys():
-        raise ValueError(f"{meta_pkl_path} is not nanoGPT's meta.pkl: expected a dict with vocab_size and itos")
-    vocab_size = meta["vocab_size"]
-    return {"tokenizer": "char", "chars": [meta["itos"][i] for i in range(vocab_size)], "vocab_size": vocab_size}

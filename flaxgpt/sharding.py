@@ -72,10 +72,10 @@ def logical_shardings(abstract_tree, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
     return jax.tree.map(fit, nn.meta.unbox(abstract_tree), shardings)
 
 
-def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:
-    """Sharding of a batch array whose `batch_axis` is split over the data-parallel axes."""
+def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0, rules=LOGICAL_AXIS_RULES) -> NamedSharding:
+    """Sharding of a batch array whose `batch_axis` is split over the mesh axes `rules` give "batch"."""
     spec = [None] * ndim
-    spec[batch_axis] = nn.logical_to_mesh_axes(("batch",), LOGICAL_AXIS_RULES)[0]
+    spec[batch_axis] = nn.logical_to_mesh_axes(("batch",), rules)[0]
     return NamedSharding(mesh, P(*spec))
 
 

@@ -1,18 +1,23 @@
-"""Tokenizers: GPT-2 BPE through tiktoken, and nanoGPT's character vocabulary.
+"""Tokenizers and vocabulary metadata: GPT-2 BPE through tiktoken, nanoGPT's character vocabulary, and
+the one reader of the files that say which a dataset or a training run uses (meta.json, nanoGPT's meta.pkl).
 
 Offline machines: set FLAXGPT_DATA to a folder that mirrors the downloads
 (`gpt2/r50k_base.tiktoken`, `tinyshakespeare/input.txt`); anything missing there is downloaded.
 """
 
+import json
 import os
+import pickle
 from pathlib import Path
 from typing import Protocol, Sequence
 
 import tiktoken
 
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
-GPT2_EOT = 50256
+GPT2_EOT = 50256  # <|endoftext|>, GPT-2's last token
 GPT2_VOCAB_SIZE = 50257
+GPT2_PADDED_VOCAB_SIZE = 50304  # 50257 rounded up to a multiple of 64: nanoGPT's faster model vocabulary
+GPT2_META = {"tokenizer": "gpt2", "vocab_size": GPT2_VOCAB_SIZE, "dtype": "uint16"}
 
 
 def local_data_file(relative: str) -> Path | None:
@@ -96,3 +101,90 @@ def from_meta(meta: dict | None) -> Tokenizer:
     if meta and meta.get("tokenizer") == "char":
         return CharTokenizer(meta["chars"])
     return GPT2Tokenizer()
+
+
+def from_dir(folder: str | os.PathLike) -> Tokenizer:
+    """The tokenizer of a prepared dataset or a training run's out_dir (see `read_meta`)."""
+    return from_meta(read_meta(folder))
+
+
+def read_meta(folder: str | os.PathLike) -> dict:
+    """The vocabulary description in `folder`: {"tokenizer", "vocab_size", "dtype", ...}.
+
+    From meta.json (written by prepare.py and train.py), else from nanoGPT's meta.pkl (its character
+    vocabulary, uint16 tokens), else GPT-2 BPE in uint16 as nanoGPT's openwebtext and shakespeare
+    folders hold; that last case is marked {"assumed": True} so that callers can say so.
+    """
+    folder = Path(folder)
+    if (folder / "meta.json").is_file():
+        try:
+            return json.loads((folder / "meta.json").read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{folder / 'meta.json'} is not valid JSON ({e}): prepare the dataset again") from None
+    if (folder / "meta.pkl").is_file():
+        return {**read_nanogpt_meta(folder / "meta.pkl"), "dtype": "uint16"}
+    return {**GPT2_META, "assumed": True}
+
+
+def model_vocab_size(meta: dict) -> int:
+    """The vocabulary of a model trained from scratch on a dataset: GPT-2 BPE is padded to 50304 (nanoGPT's
+    faster size), any other vocabulary is the dataset's."""
+    return GPT2_PADDED_VOCAB_SIZE if meta.get("tokenizer", "gpt2") == "gpt2" else meta["vocab_size"]
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Unpickles plain data (dicts, lists, strings, numbers) and refuses every class or function."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: meta.pkl should hold only a plain "
+                                     "dict, and unpickling a global could run arbitrary code")
+
+
+def read_nanogpt_meta(meta_pkl_path: str | os.PathLike) -> dict:
+    """nanoGPT's meta.pkl ({vocab_size, itos, stoi}) -> {"tokenizer": "char", "chars": [...], "vocab_size": V}.
+
+    Read without executing anything: a pickle that names a class or function is refused.
+    """
+    path = Path(meta_pkl_path)
+    try:
+        with open(path, "rb") as f:
+            meta = _PlainDataUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        if str(e).startswith("refusing"):
+            raise ValueError(f"{path}: {e}") from None
+        raise ValueError(f"{path} is not a pickle file ({e}): expected nanoGPT's meta.pkl") from None
+    except (EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as e:  # text, truncated, ...
+        raise ValueError(f"{path} is not nanoGPT's meta.pkl ({type(e).__name__}: {e})") from None
+    if not isinstance(meta, dict) or not {"vocab_size", "itos"} <= meta.keys():
+        raise ValueError(f"{path} is not nanoGPT's meta.pkl: expected a dict with vocab_size and itos")
+    try:
+        vocab_size = int(meta["vocab_size"])
+        chars = [meta["itos"][i] for i in range(vocab_size)]
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: its itos does not cover vocab_size={meta['vocab_size']!r} ({e})") from None
+    if not all(isinstance(c, str) for c in chars):
+        raise ValueError(f"{path}: itos must map token ids to strings")
+    return {"tokenizer": "char", "chars": chars, "vocab_size": vocab_size}
+
+
+class StreamDecoder:
+    """Text of a growing token list, piece by piece: each `push` returns what the new token adds.
+
+    BPE tokens can end inside a multi-byte character, which decodes as U+FFFD until its last byte comes,
+    so a trailing U+FFFD is held back until the next token (or `flush`) settles it.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.tokens, self.printed = tokenizer, [], 0
+
+    def push(self, token: int) -> str:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens)
+        return "" if text.endswith("\ufffd") else self._new(text)
+
+    def flush(self) -> str:
+        return self._new(self.tokenizer.decode(self.tokens))
+
+    def _new(self, text: str) -> str:
+        new, self.printed = text[self.printed:], len(text)
+        return new

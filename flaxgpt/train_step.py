@@ -1,4 +1,7 @@
-"""Sharded training state, the jitted train step (with gradient accumulation) and the eval step."""
+"""Sharded training state, the jitted train step (with gradient accumulation) and the eval step.
+
+`TrainStep` holds them for one model, optimizer and mesh; `loop.py` drives them.
+"""
 
 from typing import Any
 
@@ -20,8 +23,9 @@ class TrainState:
     opt_state: Any
 
 
-class Trainer:
-    """The model, optimizer and mesh of a run, with its jitted, sharded init / train / eval functions.
+class TrainStep:
+    """The model, optimizer and mesh of a run, with its jitted, sharded functions: `init`,
+    `state_from_params`, `train_fn(state, x, y) -> (state, metrics)` and `eval_fn(params, x, y) -> loss`.
 
     Batches are [A, B, T] int32 (A gradient-accumulation micro-steps of B sequences), split over the
     mesh's data-parallel axes on B. The RNG for dropout is derived from (seed, step), so a resumed run
@@ -36,16 +40,16 @@ class Trainer:
         abstract = jax.eval_shape(self._boxed_state, jax.random.key(0))
         self.state_sharding = sharding.logical_shardings(abstract, mesh, rules)
         self._state_shapes = nn.meta.unbox(abstract)
-        self.batch_sharding = sharding.batch_sharding(mesh, ndim=3, batch_axis=1)
+        self.batch_sharding = sharding.batch_sharding(mesh, ndim=3, batch_axis=1, rules=rules)
         replicated = NamedSharding(mesh, P())
         self._init = jax.jit(lambda rng: nn.meta.unbox(self._boxed_state(rng)),
                              out_shardings=self.state_sharding)
         self._from_params = jax.jit(self._state_from_params, out_shardings=self.state_sharding)
-        self.train_step = jax.jit(self._train_step, donate_argnums=0,
+        self.train_fn = jax.jit(self._train_step, donate_argnums=0,
                                   in_shardings=(self.state_sharding, self.batch_sharding, self.batch_sharding),
                                   out_shardings=(self.state_sharding, replicated))
-        self.eval_step = jax.jit(self._eval_step, in_shardings=(self.state_sharding.params, self.batch_sharding,
-                                                                self.batch_sharding), out_shardings=replicated)
+        self.eval_fn = jax.jit(self._eval_step, in_shardings=(self.state_sharding.params, self.batch_sharding,
+                                                              self.batch_sharding), out_shardings=replicated)
 
     @property
     def abstract_state(self) -> TrainState:

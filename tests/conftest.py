@@ -9,3 +9,5 @@ os.environ["XLA_FLAGS"] = " ".join(
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+if SHARED_DATA.is_dir():  # GPT-2's BPE ranks and tiny Shakespeare without a download
+    os.environ.setdefault("FLAXGPT_DATA", str(SHARED_DATA))

@@ -1,6 +1,7 @@
 """Token files and the deterministic batch sampler (flaxgpt/data.py)."""
 
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -68,10 +69,26 @@ def test_uint32_files_round_trip(tmp_path):
     assert load_meta(tmp_path / "big")["vocab_size"] == 100_277
 
 
-def test_nanogpt_folder_without_meta_defaults_to_uint16(tmp_path):
+def test_nanogpt_folder_without_meta_is_assumed_gpt2_uint16(tmp_path):
     np.arange(50, dtype=np.uint16).tofile(tmp_path / "train.bin")
-    assert load_meta(tmp_path) == {"dtype": "uint16"}
+    assert load_meta(tmp_path) == {"tokenizer": "gpt2", "vocab_size": 50257, "dtype": "uint16", "assumed": True}
     np.testing.assert_array_equal(open_split(tmp_path, "train"), np.arange(50))
+
+
+def test_nanogpt_char_folder_reads_meta_pkl(tmp_path):
+    """nanoGPT's prepare.py for shakespeare_char writes meta.pkl (no meta.json): its characters are used."""
+    chars = sorted(set("hello world"))
+    with open(tmp_path / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)),
+                     "stoi": {c: i for i, c in enumerate(chars)}}, f)
+    meta = load_meta(tmp_path)
+    assert meta == {"tokenizer": "char", "chars": chars, "vocab_size": len(chars), "dtype": "uint16"}
+
+
+def test_data_dir_that_is_a_file(tmp_path):
+    (tmp_path / "data").write_text("")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        load_meta(tmp_path / "data")
 
 
 def test_missing_data_names_the_prepare_command(tmp_path, monkeypatch):

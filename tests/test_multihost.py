@@ -22,7 +22,7 @@ import pytest
 from configs import shakespeare_char
 from flaxgpt.checkpoint import load_params
 from flaxgpt.prepare import prepare
-from flaxgpt.trainer import train
+from flaxgpt.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 120  # for a whole two-process run
@@ -37,7 +37,7 @@ import json, sys
 args = json.loads(sys.argv[1])
 import jax
 from configs import shakespeare_char
-from flaxgpt.trainer import train
+from flaxgpt.loop import train
 
 c = shakespeare_char.get_config("cpu")
 for key, value in args["config"].items():

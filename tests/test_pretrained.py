@@ -4,7 +4,6 @@ import functools
 import json
 import logging
 import os
-import pickle
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 huggingface_hub = pytest.importorskip("huggingface_hub")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
-from flaxgpt import pretrained, tokenizer  # noqa: E402
+from flaxgpt import pretrained  # noqa: E402
 from flaxgpt.model import GPT, GPTConfig, cross_entropy_loss, init_params  # noqa: E402
 
 # Small GPT-2s with awkward sizes: vocab not a multiple of 64, 3 heads, block not a power of two, erf GELU.
@@ -178,34 +177,6 @@ def test_nanogpt_checkpoint_of_compiled_model(tmp_path):
     hf_config, hf_params = pretrained.load_pretrained(tmp_path / "hf")
     assert config == hf_config
     chex.assert_trees_all_equal(params, hf_params)
-
-
-def test_read_nanogpt_meta(tmp_path):
-    chars = sorted(set("First Citizen:\nBefore we proceed any further, hear me speak."))
-    meta = {"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": {c: i for i, c in enumerate(chars)}}
-    with open(tmp_path / "meta.pkl", "wb") as f:
-        pickle.dump(meta, f)
-    read = pretrained.read_nanogpt_meta(tmp_path / "meta.pkl")
-    assert read == {"tokenizer": "char", "chars": chars, "vocab_size": len(chars)}
-    tok = tokenizer.from_meta(read)
-    assert tok.decode(tok.encode("hear me")) == "hear me"
-
-
-class _Malicious:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-def test_read_nanogpt_meta_refuses_code(tmp_path):
-    marker = tmp_path / "pwned"
-    with open(tmp_path / "meta.pkl", "wb") as f:
-        pickle.dump({"vocab_size": 1, "itos": {0: _Malicious(marker)}}, f)
-    with pytest.raises(pickle.UnpicklingError, match="refusing to load .*system"):
-        pretrained.read_nanogpt_meta(tmp_path / "meta.pkl")
-    assert not marker.exists()
 
 
 # --- Errors ---

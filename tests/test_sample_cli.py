@@ -113,15 +113,6 @@ def test_nanogpt_checkpoint_with_its_meta_pkl(capsys, tmp_path):
     assert run_cli(capsys, "--out_dir", tmp_path, *argv).out == out  # nanoGPT's out_dir holding ckpt.pt
 
 
-def test_stream_decoder_holds_back_partial_characters():
-    tokenizer = GPT2Tokenizer()
-    text = "日本 café ✓"
-    decoder = sample.StreamDecoder(tokenizer)
-    pieces = [decoder.push(t) for t in tokenizer.encode(text)]
-    assert "".join(pieces) + decoder.flush() == text
-    assert "\ufffd" not in "".join(pieces) and "" in pieces  # some token ended inside a character
-
-
 @pytest.mark.parametrize("argv, message", [
     (["--start", "abz"], "'z'"),  # with --out_dir=char_run
     (["--start", ""], "--start is empty"),

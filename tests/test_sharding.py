@@ -3,7 +3,7 @@ training equal to one device under DP / FSDP / TP and their combinations, the sh
 axis rules ask for, checkpoints restored across mesh changes, and the training loop on a 2-D mesh.
 
 Tolerances: the meshes reduce in a different order than one device (e.g. a sum of 8 partial sums),
-so results agree to float32 rounding, not bit for bit. The Trainer-level comparisons use SGD with
+so results agree to float32 rounding, not bit for bit. The TrainStep-level comparisons use SGD with
 momentum after global-norm clipping: Adam divides every gradient element by its own magnitude, so an
 element whose true gradient is 0 (e.g. the key bias: softmax ignores a shift of all scores) or tiny
 turns rounding noise into a +-lr step, and Adam's parameters of any two reduction orders differ by
@@ -24,8 +24,8 @@ from flaxgpt import checkpoint, optim, sharding
 from flaxgpt.config import base_config
 from flaxgpt.model import GPTConfig
 from flaxgpt.prepare import prepare
-from flaxgpt.train_step import Trainer
-from flaxgpt.trainer import train
+from flaxgpt.train_step import TrainStep
+from flaxgpt.loop import train
 
 MESHES = {
     "dp8": {"data": 8},
@@ -69,11 +69,11 @@ def spec(x) -> tuple:
     return s + (None,) * (len(x.shape) - len(s))
 
 
-def run(trainer: Trainer, state):
+def run(step_fns: TrainStep, state):
     losses, norms = [], []
     for x, y in batches():
-        x, y = jax.device_put(x, trainer.batch_sharding), jax.device_put(y, trainer.batch_sharding)
-        state, metrics = trainer.train_step(state, x, y)
+        x, y = jax.device_put(x, step_fns.batch_sharding), jax.device_put(y, step_fns.batch_sharding)
+        state, metrics = step_fns.train_fn(state, x, y)
         losses.append(metrics["loss"])
         norms.append(metrics["grad_norm"])
     return state, np.array(losses), np.array(norms)
@@ -144,27 +144,27 @@ def test_batch_sharding_splits_the_batch_over_data_and_fsdp():
 def reference():
     """Init and 3 steps (2 micro-batches each) on one device: (initial state on the host, losses, norms,
     final params on the host)."""
-    trainer = Trainer(TINY, sgd(), one_device_mesh(), seed=SEED)
-    init = to_host(trainer.init(jax.random.key(0)))
-    state, losses, norms = run(trainer, jax.device_put(init, trainer.state_sharding))
+    step_fns = TrainStep(TINY, sgd(), one_device_mesh(), seed=SEED)
+    init = to_host(step_fns.init(jax.random.key(0)))
+    state, losses, norms = run(step_fns, jax.device_put(init, step_fns.state_sharding))
     return init, losses, norms, to_host(state.params)
 
 
 @pytest.mark.parametrize("name", MESHES)
 def test_sharded_training_matches_one_device(name, reference):
     init, ref_losses, ref_norms, ref_params = reference
-    trainer = Trainer(TINY, sgd(), sharding.make_mesh(MESHES[name]), seed=SEED)
+    step_fns = TrainStep(TINY, sgd(), sharding.make_mesh(MESHES[name]), seed=SEED)
     if name == "fsdp4_tp2":  # sharded init (each device draws only its shards) draws the same numbers
-        state = trainer.init(jax.random.key(0))
+        state = step_fns.init(jax.random.key(0))
         assert_trees_close(to_host(state), init, rtol=0, atol=0)
     else:
-        state = jax.device_put(init, trainer.state_sharding)
-    state, losses, norms = run(trainer, state)
+        state = jax.device_put(init, step_fns.state_sharding)
+    state, losses, norms = run(step_fns, state)
     np.testing.assert_allclose(losses, ref_losses, **LOSS_TOL)
     np.testing.assert_allclose(norms, ref_norms, **LOSS_TOL)
     assert_trees_close(to_host(state.params), ref_params, **PARAM_TOL)
     assert int(state.step) == STEPS
-    for leaf, want in zip(jax.tree.leaves(state), jax.tree.leaves(trainer.state_sharding)):
+    for leaf, want in zip(jax.tree.leaves(state), jax.tree.leaves(step_fns.state_sharding)):
         assert leaf.sharding.is_equivalent_to(want, leaf.ndim)  # out_shardings keep the state in place
 
 
@@ -177,8 +177,8 @@ def test_dropout_masks_do_not_depend_on_the_mesh(reference):
     config = TINY.replace(dropout=0.2)
     results = {}
     for name, mesh in (("one", one_device_mesh()), ("fsdp4_tp2", sharding.make_mesh(MESHES["fsdp4_tp2"]))):
-        trainer = Trainer(config, sgd(), mesh, seed=SEED)
-        state, losses, norms = run(trainer, jax.device_put(init, trainer.state_sharding))
+        step_fns = TrainStep(config, sgd(), mesh, seed=SEED)
+        state, losses, norms = run(step_fns, jax.device_put(init, step_fns.state_sharding))
         results[name] = losses, norms, to_host(state.params)
     assert abs(results["one"][1][0] / ref_norms[0] - 1) > 1e-2  # dropout is on: not the gradient of p=0
     np.testing.assert_allclose(results["fsdp4_tp2"][0], results["one"][0], **LOSS_TOL)
@@ -212,9 +212,9 @@ def param_name(path) -> str:
 
 def test_state_shardings_follow_the_logical_axis_rules():
     """Params, AdamW's mu and nu as the rules say; scalars (step, Adam's count) replicated."""
-    trainer = Trainer(TINY, optim.make_optimizer(base_config()),
+    step_fns = TrainStep(TINY, optim.make_optimizer(base_config()),
                       sharding.make_mesh({"fsdp": 4, "tensor": 2}), seed=SEED)
-    state = trainer.abstract_state
+    state = step_fns.abstract_state
     params = jax.tree_util.tree_flatten_with_path(state.params)[0]
     assert {param_name(path) for path, _ in params} == set(FSDP4_TP2_SPECS)
     for path, leaf in params:
@@ -233,28 +233,28 @@ def test_state_shardings_follow_the_logical_axis_rules():
 
 
 def test_fsdp_shards_every_param_with_an_embed_axis_and_dp_replicates_everything():
-    fsdp = Trainer(TINY, sgd(), sharding.make_mesh({"fsdp": 8})).abstract_state.params
+    fsdp = TrainStep(TINY, sgd(), sharding.make_mesh({"fsdp": 8})).abstract_state.params
     for path, leaf in jax.tree_util.tree_flatten_with_path(fsdp)[0]:
         if param_name(path) in ("attn/c_attn/bias", "mlp/c_fc/bias"):  # no embed axis: replicated
             assert leaf.sharding.is_fully_replicated, param_name(path)
         else:
             assert "fsdp" in spec(leaf), param_name(path)
-    dp = Trainer(TINY, sgd(), sharding.make_mesh({"data": 8})).abstract_state
+    dp = TrainStep(TINY, sgd(), sharding.make_mesh({"data": 8})).abstract_state
     assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(dp))
 
 
 def test_dimensions_the_mesh_does_not_divide_are_replicated():
     """A 65-token vocabulary and 3 heads over tensor=2: those axes stay whole, training still matches."""
     odd = GPTConfig(block_size=16, vocab_size=65, n_layer=1, n_head=3, n_embd=24)
-    params = Trainer(odd, sgd(), sharding.make_mesh({"fsdp": 4, "tensor": 2})).abstract_state.params
+    params = TrainStep(odd, sgd(), sharding.make_mesh({"fsdp": 4, "tensor": 2})).abstract_state.params
     assert spec(params["wte"]["embedding"]) == (None, "fsdp")
     assert spec(params["h_0"]["attn"]["c_attn"]["kernel"]) == ("fsdp", None, None, None)
     assert spec(params["h_0"]["mlp"]["c_fc"]["kernel"]) == ("fsdp", "tensor")  # 96 hidden units divide
     losses = []
     for mesh in (one_device_mesh(), sharding.make_mesh({"fsdp": 4, "tensor": 2})):
-        trainer = Trainer(odd, sgd(), mesh)
-        x = jax.device_put(batches()[0][0] % odd.vocab_size, trainer.batch_sharding)
-        losses.append(float(trainer.train_step(trainer.init(jax.random.key(SEED)), x, x)[1]["loss"]))
+        step_fns = TrainStep(odd, sgd(), mesh)
+        x = jax.device_put(batches()[0][0] % odd.vocab_size, step_fns.batch_sharding)
+        losses.append(float(step_fns.train_fn(step_fns.init(jax.random.key(SEED)), x, x)[1]["loss"]))
     np.testing.assert_allclose(losses[1], losses[0], **LOSS_TOL)
 
 
@@ -271,20 +271,20 @@ def random_state(abstract, seed=0):
 def test_checkpoint_restores_onto_another_mesh(source, targets, tmp_path):
     optimizer = optim.make_optimizer(base_config())
 
-    def trainer(name):
+    def step_fns_on(name):
         mesh = one_device_mesh() if name == "one" else sharding.make_mesh(MESHES[name])
-        return Trainer(TINY, optimizer, mesh)
+        return TrainStep(TINY, optimizer, mesh)
 
-    saver = trainer(source)
+    saver = step_fns_on(source)
     values = random_state(saver.abstract_state)
     state = jax.device_put(values, saver.state_sharding)
     ckpts = checkpoint.Checkpoints(tmp_path)
     ckpts.save(7, state.params, state.opt_state, {"step": 7})
     ckpts.wait()
     for name in targets:
-        target = trainer(name).abstract_state
+        target = step_fns_on(name).abstract_state
         params, opt_state, meta = ckpts.restore(target.params, target.opt_state)
-        assert meta == {"step": 7}
+        assert meta["step"] == 7 and set(meta["checksums"]) == {"params", "opt_state"}
         restored = {"params": params, "opt_state": opt_state}
         expected = {"params": target.params, "opt_state": target.opt_state}
         assert_trees_close(to_host(restored), {"params": values.params, "opt_state": values.opt_state},

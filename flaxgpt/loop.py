@@ -1,0 +1,356 @@
+"""The training loop: nanoGPT's train.py as one function of a config (see flaxgpt/config.py).
+
+`train(config)` opens the dataset (`Dataset`), claims the out_dir for this run (`claim_out_dir`), builds
+the model's sharded steps and first state (`initial_state`), then evaluates, checkpoints and steps until
+max_iters, a stop request (`StopRequest`: SIGTERM, Ctrl-C, a Cloud TPU preemption) or a non-finite loss.
+
+Every run has an id, written into its checkpoints and metrics: a new run never starts in an out_dir that
+holds another run's checkpoints, and `init_from="resume"` continues the run of the newest checkpoint.
+"""
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import math
+import secrets
+import signal
+import threading
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from flaxgpt import checkpoint, data, distributed, mfu, optim, sharding, tokenizer
+from flaxgpt.config import model_config, validate
+from flaxgpt.model import PRESETS, GPTConfig, count_params, crop_block_size, flops_per_token
+from flaxgpt.train_step import TrainState, TrainStep
+
+# Settings a resumed run must share with its checkpoint (the rest, e.g. dropout, may change on resume).
+MODEL_KEYS_TO_MATCH = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "gelu_approximate")
+# What a run writes into its out_dir; `overwrite` moves these aside, and nothing else in out_dir is touched.
+RUN_FILES = ("checkpoints", "metrics.jsonl", "meta.json")
+
+
+@dataclasses.dataclass
+class Dataset:
+    """A prepared dataset: its folder, its vocabulary description (`tokenizer.read_meta`) and its splits."""
+    directory: Path
+    meta: dict
+    splits: dict[str, np.memmap]
+
+    @classmethod
+    def open(cls, config) -> "Dataset":
+        directory = Path(config.data_dir or Path("data") / config.dataset)
+        meta = data.load_meta(directory)
+        return cls(directory, meta, {split: data.open_split(directory, split) for split in ("train", "val")})
+
+    @property
+    def tokenizer(self) -> str:
+        return self.meta.get("tokenizer", "gpt2")
+
+    @property
+    def model_vocab_size(self) -> int:
+        return tokenizer.model_vocab_size(self.meta)
+
+
+class Batches:
+    """The global batch [n, B, T] (x and y) of (split, seed, step) as sharded arrays; this process reads
+    only its own rows of the dataset."""
+
+    def __init__(self, dataset: Dataset, step_fns: TrainStep, seed: int, batch_size: int, accumulation: int):
+        self.dataset, self.sharding, self.seed = dataset, step_fns.batch_sharding, seed
+        self.B, self.T = batch_size, step_fns.model_config.block_size
+        self.rows = sharding.process_rows(self.sharding, (accumulation, self.B, self.T), batch_axis=1)
+
+    def __call__(self, split: str, step: int, n: int):
+        B, T = self.B, self.T
+        local_rows = (np.arange(n)[:, None] * B + np.arange(B)[self.rows][None]).ravel()
+        x, y = data.get_batch(self.dataset.splits[split], seed=self.seed, step=step, batch_size=n * B,
+                              block_size=T, split=split, rows=local_rows)
+        return (sharding.global_batch(x.reshape(n, -1, T), self.sharding, (n, B, T)),
+                sharding.global_batch(y.reshape(n, -1, T), self.sharding, (n, B, T)))
+
+
+class MetricsLog:
+    """Printed lines and a JSON-lines file in out_dir (and wandb), from process 0 only; every row names the run."""
+
+    def __init__(self, config, out_dir: Path, run_id: str):
+        self.active = distributed.is_main_process()
+        self.run_id = run_id
+        self.file = open(out_dir / "metrics.jsonl", "a") if self.active else None
+        self.wandb = None
+        if self.active and config.wandb_log:
+            import wandb
+            self.wandb = wandb.init(project=config.wandb_project, name=config.wandb_run_name,
+                                    config=config.to_dict())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        if self.file:
+            self.file.close()
+
+    def print(self, text: str) -> None:
+        if self.active:
+            print(text, flush=True)
+
+    def write(self, step: int, **metrics) -> None:
+        if not self.active:
+            return
+        self.file.write(json.dumps({"step": step, "run": self.run_id, **metrics}) + "\n")
+        self.file.flush()
+        if self.wandb:
+            self.wandb.log(metrics, step=step)
+
+
+class StopRequest:
+    """SIGTERM (a preempted VM, a cluster's time limit) or Ctrl-C: save at the next step, then stop; a second
+    Ctrl-C stops at once. Only the main thread may set signal handlers; elsewhere (a notebook's worker
+    thread) orbax's preemption check remains."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *_):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, _frame):
+        if self.signal_name and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        if distributed.is_main_process():
+            print(f"\n{self.signal_name}: saving a checkpoint after this step, then stopping"
+                  + (" (Ctrl-C again stops at once, without saving)" if signum == signal.SIGINT else ""),
+                  flush=True)
+
+    def __bool__(self) -> bool:
+        return self.signal_name is not None
+
+
+def new_run_id() -> str:
+    """A readable unique id, e.g. 20261122-093512-4f2a9c, the same on every process of the run."""
+    run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+    if jax.process_count() > 1:
+        run_id = bytes(multihost_utils.broadcast_one_to_all(np.frombuffer(run_id.encode(), np.uint8))).decode()
+    return run_id
+
+
+def claim_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Make sure a new run does not mix with another in out_dir: with another run's checkpoints there, stop
+    with the choices, or (overwrite) move that run's files into out_dir/previous/<its id>/."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"out_dir {out_dir} is a file: choose a directory with --config.out_dir")
+    steps = checkpoint.saved_steps(out_dir)
+    if not steps:
+        return
+    owner = checkpoint.run_id_of(out_dir, steps[-1])
+    if not overwrite:
+        raise ValueError(
+            f"{out_dir} holds the checkpoints of {f'run {owner}' if owner else 'an earlier run'} (steps "
+            f"{', '.join(map(str, steps))}): continue it with --config.init_from=resume, choose another "
+            "--config.out_dir, or set --config.overwrite=True to move that run's files aside (nothing is deleted)")
+    if distributed.is_main_process():
+        aside = out_dir / "previous" / (owner or f"run-before-{datetime.date.today():%Y%m%d}")
+        for n in range(1, 1000):
+            if not aside.exists():
+                break
+            aside = aside.with_name(f"{aside.name.split('.')[0]}.{n}")
+        aside.mkdir(parents=True)
+        for name in RUN_FILES:
+            if (out_dir / name).exists():
+                (out_dir / name).rename(aside / name)
+        print(f"overwrite: moved the files of the earlier run to {aside}", flush=True)
+    multihost_utils.sync_global_devices("flaxgpt: out_dir claimed")
+
+
+def _check_same_model(saved: GPTConfig, wanted: GPTConfig, where: Path) -> None:
+    diffs = [f"{k}={getattr(saved, k)} (config: {getattr(wanted, k)})"
+             for k in MODEL_KEYS_TO_MATCH if getattr(saved, k) != getattr(wanted, k)]
+    if diffs:
+        raise ValueError(f"the checkpoint in {where} has {', '.join(diffs)}: set the config to the "
+                         "checkpoint's model, or pick another out_dir to start a new run")
+
+
+def initial_state(config, mesh, wanted: GPTConfig, ckpts: checkpoint.Checkpoints):
+    """The TrainStep and its first state for config.init_from, with what a resumed run recorded.
+
+    -> (step_fns, state, {"run_id", "best_val_loss", "model_source", ...}). The model's shape comes from the
+    config, or from the pretrained model a run started from (then also when that run resumes).
+    """
+    optimizer = optim.make_optimizer(config)
+    if config.init_from == "scratch":
+        step_fns = TrainStep(wanted, optimizer, mesh, seed=config.seed)
+        return step_fns, step_fns.init(jax.random.key(config.seed)), {"run_id": new_run_id()}
+    if config.init_from == "resume":
+        saved_meta = ckpts.newest_readable(ckpts.read_meta)
+        saved = checkpoint.model_config_from_meta(saved_meta)
+        if saved_meta.get("model_source", "config") == "config":
+            _check_same_model(saved, wanted, ckpts.directory.parent)
+        else:
+            wanted = saved.replace(dropout=config.dropout, attention=config.attention, dtype=wanted.dtype)
+        step_fns = TrainStep(wanted, optimizer, mesh, seed=config.seed)
+        target = step_fns.abstract_state
+        params, opt_state, saved_meta = ckpts.restore(target.params, target.opt_state,
+                                                      run_id=saved_meta.get("run_id"))
+        ckpts.set_aside([s for s in ckpts.steps() if s > saved_meta["step"]])  # newer, so unreadable
+        step = jax.device_put(np.int32(saved_meta["step"]), target.step.sharding)
+        return step_fns, TrainState(step=step, params=params, opt_state=opt_state), saved_meta
+    from flaxgpt.pretrained import load_pretrained
+    pretrained, params = load_pretrained(config.init_from, dtype=wanted.dtype, param_dtype=wanted.param_dtype)
+    if config.block_size < pretrained.block_size:
+        params, pretrained = crop_block_size(params, pretrained, config.block_size)
+    step_fns = TrainStep(pretrained.replace(dropout=config.dropout, attention=config.attention), optimizer, mesh,
+                         seed=config.seed)
+    return step_fns, step_fns.state_from_params(params), {"run_id": new_run_id(), "model_source": config.init_from}
+
+
+def _check_vocabulary(dataset: Dataset, model: GPTConfig, init_from: str) -> None:
+    """Tokens the model has no embedding for would train to NaN: say so before the first step."""
+    if init_from in PRESETS and dataset.tokenizer != "gpt2":
+        raise ValueError(f"{dataset.directory} holds {dataset.tokenizer} tokens, but {init_from} reads GPT-2 "
+                         "BPE tokens: fine-tune on a GPT-2 BPE dataset (e.g. python prepare.py shakespeare)")
+    if dataset.meta["vocab_size"] > model.vocab_size:
+        raise ValueError(f"{dataset.directory} holds {dataset.tokenizer} tokens (a vocabulary of "
+                         f"{dataset.meta['vocab_size']:,}), more than the model's {model.vocab_size:,}: train "
+                         "this model on the dataset it was made for, or start a new run in another out_dir")
+
+
+def evaluate(step_fns: TrainStep, params, batches: Batches, step: int, eval_iters: int) -> dict[str, float]:
+    """Mean loss over eval_iters batches of each split: {"train": ..., "val": ...}."""
+    return {split: float(step_fns.eval_fn(params, *batches(split, step, eval_iters))) for split in ("train", "val")}
+
+
+def _non_finite(what: str, value, step: int, ckpts: checkpoint.Checkpoints) -> FloatingPointError:
+    return FloatingPointError(f"the {what} is {value} at step {step}; nothing was saved over the checkpoints in "
+                              f"{ckpts.directory} (the learning rate may be too high: lower learning_rate, or "
+                              "raise warmup_iters, then resume)")
+
+
+def train(config) -> dict:
+    """Train (or evaluate) as the config says; returns the last losses {"train", "val", "step"}."""
+    validate(config)
+    distributed.initialize(config.distributed.coordinator_address, config.distributed.num_processes,
+                           config.distributed.process_id)
+    dataset = Dataset.open(config)
+    if dataset.meta.get("assumed") and distributed.is_main_process():
+        print(f"{dataset.directory} has no meta.json or meta.pkl: assuming GPT-2 BPE tokens (uint16), as "
+              "nanoGPT's openwebtext and shakespeare folders hold", flush=True)
+    if config.attention == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError(f"attention='cudnn' needs an NVIDIA GPU (this backend is {jax.default_backend()}): "
+                         "use attention='xla'")
+    mesh = sharding.make_mesh(config.mesh)
+    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.batch_size % data_parallel:
+        raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the {data_parallel} "
+                         "data-parallel devices (mesh data x fsdp)")
+    out_dir = Path(config.out_dir)
+    resuming = config.init_from == "resume"
+    if not resuming and not config.eval_only:
+        claim_out_dir(out_dir, config.overwrite)
+    with contextlib.ExitStack() as stack:
+        ckpts = stack.enter_context(checkpoint.Checkpoints(
+            out_dir, max_to_keep=config.max_to_keep, async_save=config.async_checkpointing, create=not resuming))
+        step_fns, state, start = initial_state(config, mesh, model_config(config, dataset.model_vocab_size), ckpts)
+        _check_vocabulary(dataset, step_fns.model_config, config.init_from)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        run_id = start.get("run_id") or "unnamed"
+        log = stack.enter_context(MetricsLog(config, out_dir, run_id))
+        stop = stack.enter_context(StopRequest())
+        if distributed.is_main_process():  # the tokenizer, for sample.py
+            (out_dir / "meta.json").write_text(json.dumps({k: v for k, v in dataset.meta.items() if k != "assumed"}))
+        return _run(config, step_fns, state, start, Batches(dataset, step_fns, config.seed, config.batch_size,
+                                                             config.gradient_accumulation_steps), ckpts, log, stop)
+
+
+def _run(config, step_fns: TrainStep, state: TrainState, start: dict, batches: Batches,
+         ckpts: checkpoint.Checkpoints, log: MetricsLog, stop: StopRequest) -> dict:
+    """Evaluate, save and step until the run is over; -> the last losses {"train", "val", "step"}."""
+    model = step_fns.model_config
+    run_id, best_val_loss = start["run_id"], start.get("best_val_loss", math.inf)
+    n_params = count_params(state.params)
+    step = int(state.step)
+    resumed_at = step if config.init_from == "resume" else None  # evaluated and saved by the earlier run
+    if resumed_at is None:
+        log.print(f"run {run_id}: {n_params / 1e6:.2f}M parameters on mesh {dict(step_fns.mesh.shape)}")
+    else:
+        log.print(f"resuming run {run_id} at step {step} ({ckpts.directory / str(step)}): "
+                  f"{n_params / 1e6:.2f}M parameters on mesh {dict(step_fns.mesh.shape)}")
+        if step >= config.max_iters and not config.eval_only:
+            log.print(f"run {run_id} is finished: it reached max_iters={config.max_iters}; raise "
+                      "--config.max_iters (and lr_decay_iters) to train it further")
+            return {"step": step}
+
+    def save(step: int, **extra) -> None:
+        if step in ckpts.steps():  # the step we resumed from, or a broken directory we never overwrite
+            return
+        ckpts.save(step, state.params, state.opt_state, {
+            "step": step, "run_id": run_id, "best_val_loss": best_val_loss, "model": model.to_dict(),
+            "model_source": start.get("model_source", "config"), "config": config.to_dict(), **extra})
+
+    A, B, T = config.gradient_accumulation_steps, config.batch_size, model.block_size
+    schedule = optim.learning_rate_schedule(config)
+    flops = flops_per_token(model, n_params, T)
+    peak = mfu.device_peak_flops()
+    losses = {}
+    t_last, steps_since, compiled = time.perf_counter(), 0, False
+    while True:
+        eval_due = step % config.eval_interval == 0 or step == config.max_iters
+        if config.eval_only or (eval_due and step != resumed_at):
+            losses = evaluate(step_fns, state.params, batches, step, config.eval_iters)
+            log.print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            log.write(step, **{"train/loss": losses["train"], "val/loss": losses["val"]})
+            if not all(map(math.isfinite, losses.values())):
+                raise _non_finite("loss", losses, step, ckpts)
+            if losses["val"] < best_val_loss or config.always_save_checkpoint:
+                best_val_loss = min(best_val_loss, losses["val"])
+                if step > 0 and not config.eval_only:
+                    save(step, val_loss=losses["val"])
+            t_last, steps_since = time.perf_counter(), 0  # don't count eval time in ms/step
+        if config.eval_only or step >= config.max_iters:
+            break
+        # one process alone must not stop (its peers would wait); orbax syncs preemption across hosts
+        if (stop and jax.process_count() == 1) or ckpts.manager.reached_preemption(step):
+            log.print(f"stopping at step {step} ({stop.signal_name or 'preempted'}): saving a checkpoint")
+            save(step)
+            break
+        ckpts.check_for_errors()
+        state, metrics = step_fns.train_fn(state, *batches("train", step, A))
+        step += 1
+        steps_since += 1
+        first = not compiled  # the first step compiles: its time is reported apart, not as a step time
+        if first or step % config.log_interval == 0:
+            loss = float(metrics["loss"])  # waits for the step
+            lr = float(schedule(step - 1))
+            if not math.isfinite(loss):
+                raise _non_finite("training loss", loss, step, ckpts)
+            now = time.perf_counter()
+            dt = (now - t_last) / steps_since
+            t_last, steps_since, compiled = now, 0, True
+            row = dict(loss=loss, lr=lr, grad_norm=float(metrics["grad_norm"]))
+            if first:
+                log.print(f"iter {step}: loss {loss:.4f}, lr {lr:.2e}, compiled and ran in {dt:.1f} s")
+                log.write(step, **row, compile_s=dt)
+                continue
+            tokens_per_s = A * B * T / dt
+            utilisation = mfu.mfu(flops, tokens_per_s, jax.device_count(), peak)
+            log.print(f"iter {step}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms,"
+                      f" {tokens_per_s:,.0f} tok/s, mfu {utilisation * 100:.2f}%")
+            log.write(step, **row, ms_per_step=dt * 1000, tokens_per_s=tokens_per_s, mfu=utilisation)
+    ckpts.wait()
+    saved = ckpts.steps()
+    if saved and not config.eval_only:
+        log.print(f"run {run_id}: newest checkpoint {ckpts.directory / str(saved[-1])}; sample from it with "
+                  f"python sample.py --out_dir={config.out_dir}")
+    return {**losses, "step": step}
