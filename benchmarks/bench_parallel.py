@@ -4,8 +4,8 @@
 
 Builds the sharded TrainStep (flaxgpt/train_step.py) for each mesh, compiles the step, then times
 `--steps` steps (dispatched back to back, `block_until_ready` at the end) `--repeats` times and prints
-the median ms/step and tokens/s. The default model is the shakespeare_char cpu size (4 layers, 4 heads,
-128 wide, block 64, AdamW as configs/shakespeare_char.py) with batch 16 (its 12 does not divide by 8).
+the median ms/step and tokens/s. The model and AdamW are configs/shakespeare_char.py:cpu's (4 layers, 4
+heads, 128 wide, block 64, the prepared dataset's vocabulary) with batch 16 (its 12 does not divide by 8).
 
 The 8 devices are simulated on the host's CPU cores (XLA's --xla_force_host_platform_device_count), so
 these figures show the cost of partitioning and collectives on one CPU, not the speed-up real chips give:
@@ -34,8 +34,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import shakespeare_char  # noqa: E402
-from flaxgpt import optim, sharding  # noqa: E402
-from flaxgpt.model import GPTConfig, count_params  # noqa: E402
+from flaxgpt import benchmarking, optim, sharding  # noqa: E402
+from flaxgpt.model import count_params  # noqa: E402
 from flaxgpt.train_step import TrainStep  # noqa: E402
 
 MODES = {  # name -> (mesh, devices used)
@@ -54,13 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
     p.add_argument("--modes", default=",".join(KEYS), help=f"comma-separated subset of {','.join(KEYS)}")
-    p.add_argument("--n_layer", type=int, default=4)
-    p.add_argument("--n_head", type=int, default=4)
-    p.add_argument("--n_embd", type=int, default=128)
-    p.add_argument("--block_size", type=int, default=64)
     p.add_argument("--batch_size", type=int, default=16, help="global micro-batch (all devices together)")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per step")
-    p.add_argument("--vocab_size", type=int, default=65, help="shakespeare_char's 65 characters")
+    p.add_argument("--vocab_size", type=int, default=None, help="default: the prepared shakespeare_char's")
     return p.parse_args(argv)
 
 
@@ -76,16 +72,8 @@ def bench(name, mesh_shape, n_devices, model, optimizer, args):
     state, metrics = step_fns.train_fn(state, x, y)
     jax.block_until_ready((state, metrics))
     compile_s = time.perf_counter() - t0
-    for _ in range(args.warmup):
-        state, metrics = step_fns.train_fn(state, x, y)
-    jax.block_until_ready((state, metrics))
-    times = []
-    for _ in range(args.repeats):
-        t = time.perf_counter()
-        for _ in range(args.steps):
-            state, metrics = step_fns.train_fn(state, x, y)
-        jax.block_until_ready((state, metrics))
-        times.append((time.perf_counter() - t) / args.steps)
+    (state, metrics), times = benchmarking.time_steps(lambda sm: step_fns.train_fn(sm[0], x, y), (state, metrics),
+                                                      steps=args.steps, repeats=args.repeats, warmup=args.warmup)
     dt = statistics.median(times)
     return {"mode": name, "mesh": dict(mesh.shape), "compile_s": compile_s, "ms": dt * 1e3,
             "ms_min": min(times) * 1e3, "tok_s": args.grad_accum * args.batch_size * model.block_size / dt,
@@ -100,15 +88,17 @@ def main(argv=None):
     modes = [KEYS[m.strip()] for m in args.modes.split(",") if m.strip()]
     if jax.device_count() < N_DEVICES:
         sys.exit(f"{jax.device_count()} devices: jax started before XLA_FLAGS could be set")
-    model = GPTConfig(block_size=args.block_size, vocab_size=args.vocab_size, n_layer=args.n_layer,
-                      n_head=args.n_head, n_embd=args.n_embd, dropout=0.0, gelu_approximate=False)
     config = shakespeare_char.get_config("cpu")
+    try:
+        model = benchmarking.benchmark_model(config, args.vocab_size)
+    except (OSError, ValueError) as e:
+        sys.exit(f"bench_parallel.py: error: {e}")
     optimizer = optim.make_optimizer(config)
     n_params = count_params(TrainStep(model, optimizer, sharding.make_mesh({"data": 1}, jax.devices()[:1]))
                             .abstract_state.params)
     print(f"jax {jax.__version__}, {jax.device_count()} simulated {jax.devices()[0].platform} devices on "
-          f"{os.cpu_count()} cores; model {n_params / 1e6:.2f}M params, {args.n_layer} layers x "
-          f"{args.n_embd} wide, {args.n_head} heads, vocab {args.vocab_size}, block {args.block_size}; "
+          f"{os.cpu_count()} cores; model {n_params / 1e6:.2f}M params, {model.n_layer} layers x "
+          f"{model.n_embd} wide, {model.n_head} heads, vocab {model.vocab_size}, block {model.block_size}; "
           f"batch {args.grad_accum} x {args.batch_size}; {args.repeats} x {args.steps} steps", flush=True)
     rows = []
     for name in modes:

@@ -15,7 +15,6 @@ nanoGPT does; with window_shift=k it drops k tokens at once and reruns the windo
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 # Run from a checkout without installing: the repository root holds the flaxgpt package.
@@ -24,28 +23,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from configs import shakespeare_char  # noqa: E402
+from flaxgpt.benchmarking import benchmark_model, best_time  # noqa: E402
 from flaxgpt.generate import generate, generate_naive  # noqa: E402
-from flaxgpt.model import GPTConfig, init_params  # noqa: E402
-
-# configs/shakespeare_char.py:cpu, nanoGPT's laptop baby GPT (0.8M parameters).
-SHAKESPEARE_CHAR_CPU = GPTConfig(block_size=64, vocab_size=65, n_layer=4, n_head=4, n_embd=128, dropout=0.0,
-                                 gelu_approximate=False)
-
-
-def best_time(fn, repeats: int) -> float:
-    """Seconds of the fastest of `repeats` runs of fn(), after one warm-up (compiling) run."""
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return min(times)
+from flaxgpt.model import init_params  # noqa: E402
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out_dir", help="a training run to load (default: random init of the CPU shakespeare_char size)")
+    p.add_argument("--out_dir", help="a training run to load (default: random init of configs/shakespeare_char.py:cpu, "
+                   "with the prepared dataset's vocabulary)")
     p.add_argument("--max_new_tokens", type=int, default=500)
     p.add_argument("--batch_size", type=int, nargs="+", default=[1, 10],
                    help="the batch sizes to time, one table each (default 1, and sample.py's num_samples 10)")
@@ -59,7 +46,7 @@ def main(argv=None):
         from flaxgpt.checkpoint import load_params
         config, params = load_params(args.out_dir)
     else:
-        config = SHAKESPEARE_CHAR_CPU
+        config = benchmark_model(shakespeare_char.get_config("cpu"))
         params = init_params(config, jax.random.key(0))
     shift = args.window_shift or config.block_size // 2
     n = args.max_new_tokens

@@ -343,8 +343,7 @@ def _run(config, step_fns: TrainStep, state: TrainState, start: dict, batches: B
                 log.print(f"iter {step}: loss {loss:.4f}, lr {lr:.2e}, compiled and ran in {dt:.1f} s")
                 log.write(step, **row, compile_s=dt)
                 continue
-            tokens_per_s = A * B * T / dt
-            utilisation = mfu.mfu(flops, tokens_per_s, jax.device_count(), peak)
+            tokens_per_s, utilisation = mfu.throughput(A * B * T, dt, flops, jax.device_count(), peak)
             log.print(f"iter {step}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms,"
                       f" {tokens_per_s:,.0f} tok/s, mfu {utilisation * 100:.2f}%")
             log.write(step, **row, ms_per_step=dt * 1000, tokens_per_s=tokens_per_s, mfu=utilisation)

@@ -50,3 +50,10 @@ def measured_matmul_flops(device: jax.Device, n: int = 2048, repeats: int = 5) -
 
 def mfu(flops_per_token: float, tokens_per_second: float, num_devices: int, peak: float) -> float:
     return flops_per_token * tokens_per_second / (num_devices * peak)
+
+
+def throughput(tokens_per_step: int, seconds_per_step: float, flops_per_token: float, num_devices: int,
+               peak: float) -> tuple[float, float]:
+    """(tokens/s, MFU) of training steps of `tokens_per_step` tokens taking `seconds_per_step` each."""
+    tokens_per_second = tokens_per_step / seconds_per_step
+    return tokens_per_second, mfu(flops_per_token, tokens_per_second, num_devices, peak)

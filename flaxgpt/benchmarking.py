@@ -1,0 +1,58 @@
+"""Timing for the benchmarks (bench.py, benchmarks/): one way to time steps and calls, and the model a
+config describes, with the vocabulary of its prepared dataset as train.py would use.
+
+Times are wall-clock seconds around `jax.block_until_ready`, after warm-up calls that compile.
+"""
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+
+from flaxgpt import data, tokenizer
+from flaxgpt.config import model_config
+from flaxgpt.model import GPTConfig
+
+
+def dataset_vocab_size(config) -> int:
+    """The model vocabulary train.py would use for config.dataset (from its prepared metadata)."""
+    data_dir = Path(config.data_dir or Path("data") / config.dataset)
+    try:
+        return tokenizer.model_vocab_size(data.load_meta(data_dir))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e} (or give the vocabulary size)") from None
+
+
+def benchmark_model(config, vocab_size: int | None = None) -> GPTConfig:
+    """The GPTConfig that training with `config` builds (vocab_size: given, or the prepared dataset's)."""
+    return model_config(config, vocab_size or dataset_vocab_size(config))
+
+
+def time_steps(step: Callable[[Any], Any], state, *, steps: int, repeats: int = 1, warmup: int = 2):
+    """Run `state = step(state)` warmup times, then `repeats` blocks of `steps` calls dispatched back to back.
+
+    -> (the last state, [seconds per step of each block]).
+    """
+    for _ in range(warmup):
+        state = step(state)
+    jax.block_until_ready(state)
+    per_step = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            state = step(state)
+        jax.block_until_ready(state)
+        per_step.append((time.perf_counter() - start) / steps)
+    return state, per_step
+
+
+def best_time(fn: Callable[[], Any], repeats: int) -> float:
+    """Seconds of the fastest of `repeats` calls of fn(), after one warm-up (compiling) call."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return min(times)
