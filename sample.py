@@ -11,6 +11,7 @@
 """
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import jax
 import numpy as np
 
 from flaxgpt import tokenizer as tokenizers
-from flaxgpt.generate import generate, generate_stream
+from flaxgpt.generate import check_max_new_tokens, checked_prompt, generate, generate_stream, make_sampler
 from flaxgpt.model import PRESETS, GPTConfig
 from flaxgpt.tokenizer import GPT2Tokenizer, StreamDecoder, Tokenizer
 
@@ -50,17 +51,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                    help="print the text as it is generated")
     args = p.parse_args(argv)
-    if args.temperature < 0:
-        raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
-    if args.top_k is not None and args.top_k <= 0:
-        raise UsageError(f"--top_k must be a positive number of tokens, got {args.top_k}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise UsageError(f"--top_p must be in (0, 1], got {args.top_p}")
-    if args.num_samples < 1 or args.max_new_tokens < 1:
-        raise UsageError("--num_samples and --max_new_tokens must be positive")
-    if args.window_shift < 1:
-        raise UsageError(f"--window_shift must be a positive number of tokens, got {args.window_shift}")
+    if args.num_samples < 1:
+        raise UsageError(f"--num_samples must be positive, got {args.num_samples}")
+    with library_checks():  # before loading a model: the sampling settings alone
+        make_sampler(args.temperature, args.top_k, args.top_p)
+        check_max_new_tokens(args.max_new_tokens)
     return args
+
+
+@contextlib.contextmanager
+def library_checks():
+    """flaxgpt's ValueErrors name the setting ("top_p must be ..."): report them as the option, in one line."""
+    try:
+        yield
+    except ValueError as e:
+        raise UsageError(f"--{e}") from None
 
 
 def load_model(init_from: str, out_dir: str, dtype: str) -> tuple[GPTConfig, dict, Tokenizer, str]:
@@ -119,9 +124,6 @@ def run(args: argparse.Namespace) -> None:
     start = read_prompt(args.start)
     config, params, tokenizer, loaded = load_model(args.init_from, args.out_dir, args.dtype)
     config, params = crop_vocabulary(config, params, tokenizer.vocab_size)
-    if args.window_shift >= config.block_size:
-        raise UsageError(f"--window_shift={args.window_shift} must be less than the model's block_size "
-                         f"{config.block_size}")
     try:
         start_ids = tokenizer.encode(start)
     except ValueError as e:  # a character outside a character-level vocabulary
@@ -132,8 +134,10 @@ def run(args: argparse.Namespace) -> None:
     if len(start_ids) > config.block_size:
         print(f"warning: the prompt has {len(start_ids)} tokens but the model sees at most "
               f"{config.block_size}; only its last {config.block_size} are used", file=sys.stderr)
-    print(f"sampling {loaded}", file=sys.stderr, flush=True)
     prompt = np.asarray([start_ids], np.int32)
+    with library_checks():
+        checked_prompt(config, prompt, None, args.window_shift)
+    print(f"sampling {loaded}", file=sys.stderr, flush=True)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
               top_p=args.top_p, window_shift=args.window_shift)
     key = jax.random.key(args.seed)

@@ -25,7 +25,8 @@ import numpy as np  # noqa: E402
 
 from configs import shakespeare_char  # noqa: E402
 from flaxgpt.benchmarking import benchmark_model, best_time  # noqa: E402
-from flaxgpt.generate import generate, generate_naive  # noqa: E402
+from flaxgpt.generate import generate  # noqa: E402
+from flaxgpt.sampling_reference import generate_naive  # noqa: E402
 from flaxgpt.model import init_params  # noqa: E402
 
 

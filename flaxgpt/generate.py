@@ -1,5 +1,5 @@
-"""Sampling: KV-cached decoding compiled into one loop (`generate`), the same steps one at a time
-(`generate_stream`), and nanoGPT's reference algorithm (`generate_naive`).
+"""Sampling: KV-cached decoding compiled into one loop (`generate`) and the same steps one at a time
+(`generate_stream`); nanoGPT's algorithm, the reference they are tested against, is in sampling_reference.py.
 
 Shapes: B batch, T0 prompt length, S = block_size (cache slots), V vocab, N = max_new_tokens.
 
@@ -12,7 +12,7 @@ token, are prefilled again as a fresh cache: with learned absolute positions eve
 k = 1 is nanoGPT's crop to the last S tokens: past block_size every token sees exactly S tokens of context, but
 costs a full forward over S tokens. A larger k (e.g. S // 2) runs one forward over S - k + 1 tokens, then k - 1
 cheap cached steps; the price is that past block_size a token sees between S - k + 1 and S tokens of context.
-With left padding the window counts columns, padding included (as `generate_naive` with a prompt_mask does).
+With left padding the window counts columns, padding included (as sampling_reference.generate_naive with a prompt_mask does).
 """
 
 import functools
@@ -82,7 +82,9 @@ def _run(params, config: GPTConfig, cache, window, valid, index, length: int, po
     return logits[:, -1].astype(jnp.float32), cache
 
 
-def _sampler(temperature, top_k, top_p, stop_token=None) -> Sampler:
+def make_sampler(temperature=1.0, top_k: int | None = None, top_p: float | None = None,
+                 stop_token: int | None = None) -> Sampler:
+    """A Sampler from the user's settings; ValueError (naming the setting) for one that cannot work."""
     if np.any(np.asarray(temperature) < 0):
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k <= 0:
@@ -92,7 +94,7 @@ def _sampler(temperature, top_k, top_p, stop_token=None) -> Sampler:
     return Sampler(jnp.asarray(temperature, jnp.float32), top_k, top_p, stop_token)
 
 
-def _pick(sampler: Sampler, logits, rng, step, done):
+def _next_token(sampler: Sampler, logits, rng, step, done):
     """The new token of `step` [B] and the updated done mask; a stopped row repeats stop_token."""
     token = sampler(logits, jax.random.fold_in(rng, step))
     if sampler.stop_token is None:
@@ -109,7 +111,7 @@ def _start(params, config: GPTConfig, sampler: Sampler, prompt, prompt_mask, rng
     valid = jnp.zeros((B, S), bool).at[:, :T0].set(prompt_mask)
     logits, cache = _run(params, config, init_cache(config, B), window, valid, 0, T0)
     step = jnp.int32(0)
-    token, done = _pick(sampler, logits, rng, step, jnp.zeros(B, bool))
+    token, done = _next_token(sampler, logits, rng, step, jnp.zeros(B, bool))
     return DecodeState(cache, window, valid, jnp.int32(T0), token, jnp.sum(valid, axis=1, dtype=jnp.int32),
                        done, step)
 
@@ -120,7 +122,7 @@ def _append(params, config: GPTConfig, sampler: Sampler, rng, state: DecodeState
     valid = jax.lax.dynamic_update_slice_in_dim(state.valid, jnp.ones((len(window), 1), bool), state.length,
                                                 axis=1)
     logits, cache = _run(params, config, state.cache, window, valid, state.length, 1, state.position[:, None])
-    return _sampled(sampler, rng, state, logits, cache, window, valid, state.length + 1, state.position + 1)
+    return _after_step(sampler, rng, state, logits, cache, window, valid, state.length + 1, state.position + 1)
 
 
 def _slide(params, config: GPTConfig, sampler: Sampler, rng, state: DecodeState, window_shift: int) -> DecodeState:
@@ -132,15 +134,15 @@ def _slide(params, config: GPTConfig, sampler: Sampler, rng, state: DecodeState,
     window = shift(state.window, state.token[:, None])
     valid = shift(state.valid, jnp.ones_like(state.valid[:, :1]))
     logits, cache = _run(params, config, state.cache, window, valid, 0, kept)
-    return _sampled(sampler, rng, state, logits, cache, window, valid, jnp.int32(kept),
+    return _after_step(sampler, rng, state, logits, cache, window, valid, jnp.int32(kept),
                     jnp.sum(valid, axis=1, dtype=jnp.int32))
 
 
-def _sampled(sampler: Sampler, rng, state: DecodeState, logits, cache, window, valid, length,
+def _after_step(sampler: Sampler, rng, state: DecodeState, logits, cache, window, valid, length,
              position) -> DecodeState:
     """The state after a step of `_append` or `_slide`: sample the next token from the logits."""
     step = state.step + 1
-    token, done = _pick(sampler, logits, rng, step, state.done)
+    token, done = _next_token(sampler, logits, rng, step, state.done)
     return DecodeState(cache, window, valid, length, token, position, done, step)
 
 
@@ -178,7 +180,7 @@ def _generate(params, config: GPTConfig, sampler: Sampler, prompt, prompt_mask, 
     return jax.lax.while_loop(not_finished, slide_then_appends, appends((state, out)))[1]
 
 
-def _prepare(config: GPTConfig, prompt, prompt_mask, window_shift: int):
+def checked_prompt(config: GPTConfig, prompt, prompt_mask, window_shift: int):
     """-> (config, prompt [B, T0] int32, mask bool), the prompt cropped to the last block_size columns.
 
     Decoding always uses XLA's attention: its steps attend through an explicit mask over the cache, where
@@ -197,6 +199,11 @@ def _prepare(config: GPTConfig, prompt, prompt_mask, window_shift: int):
     return config.replace(attention=None), prompt, prompt_mask
 
 
+def check_max_new_tokens(max_new_tokens: int) -> None:
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+
+
 def generate(params, config: GPTConfig, prompt, *, max_new_tokens: int, rng: jax.Array, temperature=1.0,
              top_k: int | None = None, top_p: float | None = None, prompt_mask=None,
              stop_token: int | None = None, window_shift: int = 1) -> jax.Array:
@@ -212,10 +219,9 @@ def generate(params, config: GPTConfig, prompt, *, max_new_tokens: int, rng: jax
     [1, block_size): 1 is nanoGPT's exact crop, larger is faster past block_size (see the module docstring).
     Step t samples with jax.random.fold_in(rng, t), as generate_stream and generate_naive do.
     """
-    if max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
-    sampler = _sampler(temperature, top_k, top_p, stop_token)
-    config, prompt, prompt_mask = _prepare(config, prompt, prompt_mask, window_shift)
+    check_max_new_tokens(max_new_tokens)
+    sampler = make_sampler(temperature, top_k, top_p, stop_token)
+    config, prompt, prompt_mask = checked_prompt(config, prompt, prompt_mask, window_shift)
     return _generate(params, config, sampler, prompt, prompt_mask, rng, max_new_tokens, window_shift)
 
 
@@ -227,8 +233,9 @@ def generate_stream(params, config: GPTConfig, prompt, *, max_new_tokens: int, r
     The same compiled steps and random keys as `generate`, so the same tokens; the stream ends after
     the step on which the last row emits stop_token.
     """
-    sampler = _sampler(temperature, top_k, top_p, stop_token)
-    config, prompt, prompt_mask = _prepare(config, prompt, prompt_mask, window_shift)
+    check_max_new_tokens(max_new_tokens)
+    sampler = make_sampler(temperature, top_k, top_p, stop_token)
+    config, prompt, prompt_mask = checked_prompt(config, prompt, prompt_mask, window_shift)
     state = _start(params, config, sampler, prompt, prompt_mask, rng)
     for step in range(max_new_tokens):
         if step:
@@ -236,43 +243,3 @@ def generate_stream(params, config: GPTConfig, prompt, *, max_new_tokens: int, r
         yield np.array(state.token)  # a copy: the next step donates (reuses) the state's buffers
         if stop_token is not None and np.all(state.done):
             return
-
-
-@functools.partial(jax.jit, static_argnames="config", donate_argnames="tokens")
-def _naive_step(params, config: GPTConfig, sampler: Sampler, tokens, valid, start, length, step, rng):
-    """tokens [B, W] holds `length` columns; append new token `step` after a full forward over its context,
-    columns [start, length). One shape for every step: the forward covers the S columns from `start`; causal
-    attention never looks past the last one, so the columns after it do not matter. valid [B, W] marks the
-    real columns (left padding is not), or is None for nanoGPT's plain causal forward."""
-    S = config.block_size
-    context = jax.lax.dynamic_slice_in_dim(tokens, start, S, axis=1)
-    padding = {}
-    if valid is not None:  # never attended to; positions count the real columns from `start`
-        real = jax.lax.dynamic_slice_in_dim(valid, start, S, axis=1)
-        padding = dict(mask=real[:, None, :] & jnp.tril(jnp.ones((S, S), bool)),
-                       positions=jnp.maximum(jnp.cumsum(real, axis=1) - 1, 0))
-    logits = GPT(config).apply({"params": params}, context, **padding)
-    token = sampler(jnp.take(logits, length - start - 1, axis=1), jax.random.fold_in(rng, step))
-    return jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], length, axis=1)
-
-
-def generate_naive(params, config: GPTConfig, prompt, *, max_new_tokens: int, rng: jax.Array,
-                   temperature=1.0, top_k: int | None = None, top_p: float | None = None, prompt_mask=None,
-                   window_shift: int = 1) -> jax.Array:
-    """nanoGPT's GPT.generate, the reference: for every new token a full causal forward over its context
-    (compiled once, as a forward of block_size tokens). prompt [B, T0] -> new tokens [B, N], sampled with
-    the same random keys as `generate`, under its window_shift policy: the context runs from a window start
-    that jumps window_shift columns ahead whenever the context would exceed block_size (1: nanoGPT's crop).
-    prompt_mask: as in `generate` (the window counts the padding columns too); None runs nanoGPT's forward."""
-    sampler = _sampler(temperature, top_k, top_p)
-    padded = prompt_mask is not None
-    config, prompt, prompt_mask = _prepare(config, prompt, prompt_mask, window_shift)
-    (B, T0), S = prompt.shape, config.block_size  # one buffer shape for every prompt length T0 <= S
-    tokens = jnp.zeros((B, 2 * S + max_new_tokens), jnp.int32).at[:, :T0].set(prompt)
-    valid = jnp.ones(tokens.shape, bool).at[:, :T0].set(prompt_mask) if padded else None
-    start = 0  # the context of new token `step` is columns [start, T0 + step)
-    for step in range(max_new_tokens):
-        if T0 + step - start > S:
-            start += window_shift
-        tokens = _naive_step(params, config, sampler, tokens, valid, start, T0 + step, step, rng)
-    return tokens[:, T0:T0 + max_new_tokens]

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxgpt.generate import Sampler, _run, generate, generate_naive, generate_stream
+from flaxgpt.generate import Sampler, _run, generate, generate_stream
+from flaxgpt.sampling_reference import generate_naive
 from flaxgpt.model import GPT, GPTConfig, init_cache, init_params
 
 CONFIG = GPTConfig(block_size=16, vocab_size=11, n_layer=2, n_head=2, n_embd=32)

@@ -122,7 +122,8 @@ def test_nanogpt_checkpoint_with_its_meta_pkl(capsys, tmp_path):
     (["--top_p", "0"], "--top_p"),
     (["--top_p", "1.5"], "--top_p"),
     (["--window_shift", "0"], "--window_shift"),
-    (["--window_shift", "16"], "less than the model's block_size 16"),
+    (["--window_shift", "16"], "--window_shift must be in [1, block_size=16), got 16"),
+    (["--max_new_tokens", "0"], "--max_new_tokens must be positive"),
 ])
 def test_bad_arguments(capsys, char_run, argv, message):
     assert_usage_error(capsys, ["--out_dir", char_run, *argv], message)
