@@ -18,10 +18,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from flaxgpt import tokenizer as tokenizers
 from flaxgpt.generate import check_max_new_tokens, checked_prompt, generate, generate_stream, make_sampler
-from flaxgpt.model import PRESETS, GPTConfig
-from flaxgpt.tokenizer import GPT2Tokenizer, StreamDecoder, Tokenizer
+from flaxgpt.load import LoadedModel, load_model
+from flaxgpt.model import GPTConfig
+from flaxgpt.tokenizer import StreamDecoder
 
 SEPARATOR = "---------------"
 
@@ -68,34 +68,20 @@ def library_checks():
         raise UsageError(f"--{e}") from None
 
 
-def load_model(init_from: str, out_dir: str, dtype: str) -> tuple[GPTConfig, dict, Tokenizer, str]:
-    """(config, params, tokenizer, what was loaded) of what --init_from names."""
-    path = Path(out_dir if init_from == "resume" else init_from)
+def load(init_from: str, out_dir: str, dtype: str) -> LoadedModel:
+    """The model --init_from names (--out_dir's run for "resume"), or a UsageError of one line."""
+    source = out_dir if init_from == "resume" else init_from
     try:
-        if init_from in PRESETS or (path / "config.json").is_file():
-            from flaxgpt.pretrained import load_pretrained
-            name = init_from if init_from in PRESETS else path
-            return (*load_pretrained(name, dtype=dtype), GPT2Tokenizer(), f"pretrained {name}")
-        if path.is_dir() and (path / "ckpt.pt").is_file() and not (path / "checkpoints").is_dir():
-            path = path / "ckpt.pt"  # a nanoGPT out_dir
-        if path.is_file() and path.suffix == ".pt":
-            from flaxgpt.pretrained import load_nanogpt
-            return (*load_nanogpt(path, dtype=dtype), tokenizers.from_dir(path.parent), f"nanoGPT {path}")
-        if path.is_dir():
-            from flaxgpt.checkpoint import load_run
-            config, params, meta = load_run(path, dtype=dtype)
-            loaded = (f"run {meta.get('run_id', '(unnamed)')} at step {meta['step']} "
-                      f"({path / 'checkpoints' / str(meta['step'])})")
-            return config, params, tokenizers.from_dir(path), loaded
+        return load_model(source, dtype=dtype)
     except (OSError, ValueError, RuntimeError, ImportError) as e:  # the loaders' messages say what is wrong
-        raise UsageError(str(e).strip().splitlines()[0]) from None
-    if init_from == "resume":
-        if path.exists():
-            raise UsageError(f"--out_dir={out_dir} is a file, not a training run's out_dir")
-        raise UsageError(f"--out_dir={out_dir}: no such directory (train a model there first, or pass "
-                         "--init_from)")
-    raise UsageError(f"--init_from={init_from}: not 'resume', a GPT-2 model ({', '.join(PRESETS)}), "
-                     "nor an existing out_dir, Hugging Face folder or ckpt.pt file")
+        message = str(e).strip().splitlines()[0]
+        if init_from == "resume" and not Path(out_dir).exists():
+            message = f"--out_dir={out_dir}: no such directory (train a model there first, or pass --init_from)"
+        elif init_from == "resume" and Path(out_dir).is_file():
+            message = f"--out_dir={out_dir} is a file, not a training run's out_dir"
+        elif isinstance(e, FileNotFoundError) and init_from != "resume" and not Path(init_from).exists():
+            message = f"--init_from={init_from}: {message.split(': ', 1)[-1]}"
+        raise UsageError(message) from None
 
 
 def read_prompt(start: str) -> str:
@@ -122,7 +108,7 @@ def crop_vocabulary(config: GPTConfig, params: dict, vocab_size: int) -> tuple[G
 
 def run(args: argparse.Namespace) -> None:
     start = read_prompt(args.start)
-    config, params, tokenizer, loaded = load_model(args.init_from, args.out_dir, args.dtype)
+    config, params, tokenizer, loaded = load(args.init_from, args.out_dir, args.dtype)
     config, params = crop_vocabulary(config, params, tokenizer.vocab_size)
     try:
         start_ids = tokenizer.encode(start)

@@ -24,7 +24,6 @@ def get_config(variant: str = "gpu"):
     c.n_head = 6
     c.n_embd = 384
     c.dropout = 0.2
-    c.gelu_approximate = False  # nanoGPT's exact GELU
     c.learning_rate = 1e-3  # with baby networks we can afford to go a bit higher
     c.max_iters = 5000
     c.lr_decay_iters = 5000  # make equal to max_iters usually

@@ -8,6 +8,7 @@ that changed on disk (bit rot, a bad copy) makes that step unreadable instead of
 """
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,34 @@ from flaxgpt.model import GPTConfig, init_params
 log = logging.getLogger(__name__)
 
 
+def _ignore_closed_event_loop(previous_hook):
+    """After a failed restore, orbax's tensorstore reads still in flight call back into the asyncio loop that
+    orbax has closed; Python reports each as an unraisable "Event loop is closed" RuntimeError. They are
+    harmless (the restore already failed and was reported), so only those are dropped."""
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        previous_hook(unraisable)
+    return hook
+
+
+sys.unraisablehook = _ignore_closed_event_loop(sys.unraisablehook)
+
+
 class CheckpointNotFoundError(FileNotFoundError):
     pass
+
+
+class UnreadableCheckpointError(ValueError):
+    """A checkpoint step that cannot be restored (half written, foreign, damaged)."""
+
+
+def _reason(error: Exception, limit: int = 300) -> str:
+    """The first line of an error, without the tensorstore spec that orbax's errors append."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = text.split(" [tensorstore_spec")[0]
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 class CorruptCheckpointError(ValueError):
@@ -122,6 +149,7 @@ class Checkpoints:
     def save(self, step: int, params, opt_state, meta: dict[str, Any]) -> None:
         """Start writing step `step` (in the background when async); `wait()` before reading it back."""
         meta = {**meta, "checksums": {"params": tree_checksums(params), "opt_state": tree_checksums(opt_state)}}
+        self.directory.mkdir(parents=True, exist_ok=True)  # here, not before: a run that fails early leaves nothing
         self._saving = step
         self.manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
@@ -183,11 +211,16 @@ class Checkpoints:
         for s in candidates:
             try:
                 return read(s)
+            except UnreadableCheckpointError as e:  # from a nested read of the same step
+                if len(candidates) == 1:
+                    raise
+                log.warning("skipping %s", e)
             except Exception as e:  # orbax raises many kinds of errors for a broken step directory
                 if len(candidates) == 1:
-                    raise ValueError(f"cannot read checkpoint {self.directory / str(s)}: {e}") from e
+                    raise UnreadableCheckpointError(f"cannot read checkpoint {self.directory / str(s)}: "
+                                                    f"{_reason(e)}") from e
                 log.warning("skipping unreadable checkpoint %s (%s: %s)", self.directory / str(s),
-                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                            type(e).__name__, _reason(e))
         raise ValueError(f"none of the checkpoints {candidates} in {self.directory} could be read; "
                          "restore an earlier copy of them, or train a new run in another out_dir")
 

@@ -41,8 +41,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.n_head = 12
     c.n_embd = 768
     c.dropout = 0.0  # 0 for pretraining, 0.1+ for finetuning
-    c.bias = True
-    c.gelu_approximate = True  # GPT-2's tanh GELU; False for exact erf GELU as nanoGPT's own models
+    c.bias = False  # as nanoGPT trains from scratch; GPT-2 checkpoints bring their own biases
+    c.gelu_approximate = False  # exact erf GELU, as nanoGPT trains; GPT-2 checkpoints bring their tanh GELU
     c.attention = config_dict.placeholder(str)  # jax.nn.dot_product_attention implementation: xla, cudnn
     # AdamW
     c.learning_rate = 6e-4

@@ -261,7 +261,7 @@ def train(config) -> dict:
         claim_out_dir(out_dir, config.overwrite)
     with contextlib.ExitStack() as stack:
         ckpts = stack.enter_context(checkpoint.Checkpoints(
-            out_dir, max_to_keep=config.max_to_keep, async_save=config.async_checkpointing, create=not resuming))
+            out_dir, max_to_keep=config.max_to_keep, async_save=config.async_checkpointing, create=False))
         step_fns, state, start = initial_state(config, mesh, model_config(config, dataset.model_vocab_size), ckpts)
         _check_vocabulary(dataset, step_fns.model_config, config.init_from)
         out_dir.mkdir(parents=True, exist_ok=True)

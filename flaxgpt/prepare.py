@@ -76,9 +76,15 @@ def fetch_tinyshakespeare(out_dir: Path, input_path: str | os.PathLike | None = 
     """The tinyshakespeare text: `input_path`, else $FLAXGPT_DATA's copy, else `out_dir/input.txt`,
     downloaded there if it is not there yet."""
     if input_path is not None:
-        if not Path(input_path).is_file():
+        path = Path(input_path)
+        if not path.exists():
             raise FileNotFoundError(f"--input {input_path}: no such file")
-        return Path(input_path)
+        if path.is_dir():
+            raise IsADirectoryError(f"--input {input_path} is a directory: give the text file itself")
+        if not path.is_file():
+            raise ValueError(f"--input {input_path} is not a regular file (a pipe or a device): save the text to "
+                             "a file first")
+        return path
     local = local_data_file("tinyshakespeare/input.txt") or out_dir / "input.txt"
     if local.is_file():
         return local
@@ -102,7 +108,14 @@ def _gpt2() -> GPT2Tokenizer:
 
 def prepare_shakespeare(name: str, out_dir: Path, input_path: str | os.PathLike | None = None) -> dict:
     """Tokenize tinyshakespeare by characters or GPT-2 BPE; the text's first 90% is train, the rest val."""
-    text = fetch_tinyshakespeare(out_dir, input_path).read_text(encoding="utf-8")
+    source = fetch_tinyshakespeare(out_dir, input_path)
+    try:
+        text = source.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{source} is not UTF-8 text ({e.reason} at byte {e.start}): give a plain text file") from None
+    if len(text) < 10:
+        raise ValueError(f"{source} holds {len(text)} characters: a dataset needs text to split into train and "
+                         "val (tinyshakespeare has about 1.1M)")
     if name == "shakespeare_char":
         tokenizer = CharTokenizer.from_text(text)
         encode, kind, extra = tokenizer.encode, "char", {"chars": tokenizer.chars}
@@ -197,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out_dir = args.out_dir or os.path.join("data", args.dataset)
     try:
         meta = prepare(args.dataset, out_dir, args.input, args.num_proc)
-    except (FileNotFoundError, ConnectionError, ModuleNotFoundError) as e:
+    except (OSError, ValueError, ModuleNotFoundError) as e:  # includes ConnectionError: what a user can fix
         sys.exit(f"prepare.py: error: {e}")
     print(f"{args.dataset}: {meta['tokenizer']} vocabulary of {meta['vocab_size']:,} tokens ({meta['dtype']}); "
           f"train {meta['train_tokens']:,} tokens, val {meta['val_tokens']:,} tokens -> {out_dir}")

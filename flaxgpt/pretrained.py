@@ -128,10 +128,18 @@ def load_pretrained(name_or_path: str | Path, *, dtype: str | None = None,
     if missing:
         raise FileNotFoundError(f"{folder} lacks {' and '.join(missing)}: a GPT-2 folder holds config.json "
                                 "and model.safetensors or pytorch_model.bin")
-    hf_config = json.loads((folder / "config.json").read_text())
+    try:
+        hf_config = json.loads((folder / "config.json").read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{folder / 'config.json'} is not valid JSON ({e}): download it again") from None
     config = _config_from_hf(hf_config, folder).replace(dtype=dtype or GPTConfig.dtype, param_dtype=param_dtype)
     if weights.suffix == ".safetensors":
-        state = _require("safetensors.numpy").load_file(weights)
+        safetensors = _require("safetensors.numpy")
+        try:
+            state = safetensors.load_file(weights)
+        except Exception as e:  # the Rust reader's SafetensorError is not an OSError or ValueError
+            raise CheckpointError(f"{weights} is not a readable safetensors file ({str(e).splitlines()[0]}): "
+                                  "it is damaged or incomplete; download or save it again") from None
     else:
         state = _numpy_state(_torch_load(weights))
     return config, _from_torch(state, config, linear=False, source=str(weights))
@@ -218,7 +226,15 @@ def save_pretrained(params, config: GPTConfig, folder: str | Path, *, vocab_size
 
 def _torch_load(path: Path):
     """torch.load that only unpickles tensors and plain containers, so it runs no code."""
-    return _require("torch").load(path, map_location="cpu", weights_only=True)
+    torch = _require("torch")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for a bad file
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            reason = "it holds Python objects other than tensors, which are not loaded because unpickling them " \
+                     "could run code"
+        raise CheckpointError(f"refusing or unable to load {path}: {reason}") from None
 
 
 def _numpy_state(state: dict) -> dict[str, np.ndarray]:

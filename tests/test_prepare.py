@@ -119,3 +119,18 @@ def test_failed_download_says_what_to_do(tmp_path, monkeypatch, capsys):
     assert os.listdir(tmp_path / "out") == []  # no partial input.txt or token files
     with pytest.raises(SystemExit, match="no such file"):
         prep.main(["shakespeare_char", "--input", str(tmp_path / "missing.txt"), "--out_dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize("make_input, message", [
+    (lambda d: d, "is a directory"),
+    (lambda d: (d / "empty.txt", (d / "empty.txt").write_text(""))[0], "holds 0 characters"),
+    (lambda d: (d / "data.bin", (d / "data.bin").write_bytes(bytes(range(256)) * 4))[0], "is not UTF-8 text"),
+    (lambda d: (d / "fifo", os.mkfifo(d / "fifo"))[0], "not a regular file"),
+])
+def test_bad_input_files_are_one_line_and_write_nothing(tmp_path, make_input, message):
+    source = tmp_path / "source"
+    source.mkdir()
+    with pytest.raises(SystemExit) as e:
+        prep.main(["shakespeare_char", "--input", str(make_input(source)), "--out_dir", str(tmp_path / "out")])
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "out" / "meta.json").exists()

@@ -148,3 +148,64 @@ def assert_usage_error(capsys, argv, message):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_damaged_or_malicious_files_are_one_line(capsys, char_run, tmp_path):
+    import pickle
+    import shutil
+
+    torch = pytest.importorskip("torch")
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"n_positions": 16, "vocab_size": 50257, "n_layer": 1, "n_head": 2,
+                                                "n_embd": 16}))
+    (hf / "model.safetensors").write_bytes(b"garbage, not a safetensors header")
+    assert_usage_error(capsys, ["--init_from", hf], "not a readable safetensors file")
+
+    marker = tmp_path / "pwned"
+    torch.save({"model_args": {}, "model": {}, "payload": _RunsCode(marker)}, tmp_path / "ckpt.pt")
+    assert_usage_error(capsys, ["--init_from", tmp_path / "ckpt.pt"], "could run code")
+    assert not marker.exists()
+    with open(tmp_path / "meta.pkl", "wb") as f:  # beside a real nanoGPT ckpt.pt
+        pickle.dump({"vocab_size": 1, "itos": {0: _RunsCode(marker)}}, f)
+    nanogpt = tmp_path / "nanogpt"
+    nanogpt.mkdir()
+    from flaxgpt.pretrained import save_nanogpt
+    save_nanogpt(init_params(CHAR_CONFIG, jax.random.key(0)), CHAR_CONFIG, nanogpt / "ckpt.pt")
+    shutil.copy(tmp_path / "meta.pkl", nanogpt / "meta.pkl")
+    assert_usage_error(capsys, ["--init_from", nanogpt / "ckpt.pt"], "refusing to load")
+    assert not marker.exists()
+
+    (tmp_path / "a_file").write_text("")
+    assert_usage_error(capsys, ["--out_dir", tmp_path / "a_file"], "is a file")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    assert_usage_error(capsys, ["--out_dir", char_run, "--start", f"FILE:{tmp_path / 'latin1.txt'}"], "not UTF-8")
+
+
+def test_all_checkpoints_unreadable_says_what_to_do_and_no_event_loop_noise(char_run, tmp_path):
+    """A run whose only checkpoint lost its manifest: one error line, no asyncio tracebacks at exit."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out_dir = tmp_path / "run"
+    shutil.copytree(char_run, out_dir)
+    for manifest in out_dir.rglob("manifest.ocdbt"):
+        manifest.unlink()
+    result = subprocess.run([sys.executable, "sample.py", "--out_dir", str(out_dir), "--num_samples", "1",
+                             "--max_new_tokens", "2"], cwd=Path(sample.__file__).parent, capture_output=True,
+                            text=True, timeout=120, env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "cannot read checkpoint" in errors[0] and "scratch" not in errors[0]
+    assert "Traceback" not in result.stderr and "Event loop is closed" not in result.stderr, result.stderr

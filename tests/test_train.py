@@ -157,23 +157,105 @@ def test_finetune_from_a_hugging_face_folder(data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_exits(data_dir, tmp_path):
-    """Preemption: SIGTERM makes train.py save the current step and stop cleanly; resume goes on from it."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_saves_a_checkpoint_and_exits(data_dir, tmp_path, signum):
+    """Preemption or Ctrl-C: train.py saves the current step and stops cleanly, in a few lines."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     out = tmp_path / "out"
     process = subprocess.Popen(
         [sys.executable, "train.py", "--config=configs/shakespeare_char.py:cpu", f"--config.data_dir={data_dir}",
          f"--config.out_dir={out}", "--config.max_iters=100000", "--config.eval_interval=100000",
-         "--config.n_layer=1", "--config.n_embd=32", "--config.eval_iters=1"], cwd=REPO, env=env)
+         "--config.n_layer=1", "--config.n_embd=32", "--config.eval_iters=1", "--config.log_interval=1000"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         metrics = out / "metrics.jsonl"
         deadline = time.monotonic() + 300
-        while not (metrics.is_file() and len(metrics.read_text().splitlines()) > 3):
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) > 1):  # the eval and step 1
             assert process.poll() is None and time.monotonic() < deadline, "train.py did not get going"
             time.sleep(0.2)
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=120) == 0
+        time.sleep(0.5)
+        process.send_signal(signum)
+        stdout, stderr = process.communicate(timeout=120)
+        assert process.returncode == 0, stderr
     finally:
         process.kill()
+    assert "Traceback" not in stdout + stderr and len(stderr.splitlines()) <= 3, stderr
+    assert "stopping at step" in stdout and signal.Signals(signum).name in stdout
     steps = Checkpoints(out).steps()
-    assert len(steps) == 1 and steps[0] >= 3
+    assert len(steps) == 1 and steps[0] >= 1
+
+
+def files_and_mtimes(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def test_a_new_run_never_reuses_another_runs_out_dir(data_dir, tmp_path, capsys):
+    train(tiny_config(data_dir, tmp_path, max_iters=3))
+    first_run = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["run"]
+    before = files_and_mtimes(tmp_path)
+    with pytest.raises(ValueError) as e:
+        train(tiny_config(data_dir, tmp_path, max_iters=3, learning_rate=1e-2))
+    message = str(e.value)
+    assert f"run {first_run}" in message and "steps 3" in message
+    assert "init_from=resume" in message and "out_dir" in message and "overwrite=True" in message
+    assert files_and_mtimes(tmp_path) == before  # nothing written, nothing deleted
+
+    # overwrite moves the earlier run aside, file for file, and starts afresh.
+    train(tiny_config(data_dir, tmp_path, max_iters=2, overwrite=True))
+    aside = tmp_path / "previous" / first_run
+    assert {k.removeprefix(f"previous/{first_run}/"): v for k, v in files_and_mtimes(tmp_path).items()
+            if k.startswith("previous/")} == before
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len({row["run"] for row in rows}) == 1 and rows[0]["run"] != first_run
+    assert Checkpoints(tmp_path).steps() == [2] and Checkpoints(aside.parent / first_run).steps() == [3]
+
+
+def test_resume_names_its_run_and_a_finished_run_says_so(data_dir, tmp_path, capsys):
+    train(tiny_config(data_dir, tmp_path, max_iters=3))
+    run_id = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["run"]
+    capsys.readouterr()
+    losses = train(tiny_config(data_dir, tmp_path, max_iters=3, init_from="resume"))
+    out = capsys.readouterr().out
+    assert f"resuming run {run_id} at step 3" in out and "is finished" in out and losses["step"] == 3
+    train(tiny_config(data_dir, tmp_path, max_iters=4, init_from="resume"))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {row["run"] for row in rows} == {run_id}
+    assert "sample.py --out_dir=" in capsys.readouterr().out
+
+
+def test_a_nanogpt_character_dataset_trains_with_its_own_vocabulary(data_dir, tmp_path):
+    """nanoGPT's prepare.py writes train.bin, val.bin and meta.pkl (no meta.json): characters, not GPT-2 BPE."""
+    import pickle
+
+    from flaxgpt.tokenizer import from_dir
+
+    nanogpt_data = tmp_path / "nanogpt_shakespeare_char"
+    nanogpt_data.mkdir()
+    for split in ("train", "val"):
+        shutil.copy(data_dir / f"{split}.bin", nanogpt_data / f"{split}.bin")
+    chars = json.loads((data_dir / "meta.json").read_text())["chars"]
+    with open(nanogpt_data / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)),
+                     "stoi": {c: i for i, c in enumerate(chars)}}, f)
+    losses = train(tiny_config(nanogpt_data, tmp_path / "out", max_iters=2))
+    config, _ = load_params(tmp_path / "out")
+    assert config.vocab_size == len(chars) and losses["val"] < 4.5  # ln(65) = 4.17 at the start, not ln(50304)
+    assert from_dir(tmp_path / "out").decode([0, 1, 2]) == "".join(chars[:3])
+
+
+def test_a_vocabulary_the_model_lacks_stops_before_the_first_step(data_dir, tmp_path):
+    """A fine-tuned 97-token model resumed on GPT-2 BPE data would train to NaN: it stops with the reason."""
+    from flaxgpt.model import GPTConfig, init_params
+    from flaxgpt.pretrained import save_pretrained
+
+    pretrained = GPTConfig(block_size=32, vocab_size=97, n_layer=1, n_head=2, n_embd=16)
+    save_pretrained(init_params(pretrained, __import__("jax").random.key(3)), pretrained, tmp_path / "hf")
+    train(tiny_config(data_dir, tmp_path / "out", init_from=str(tmp_path / "hf"), max_iters=2))
+    bpe = tmp_path / "bpe"
+    bpe.mkdir()
+    for split in ("train", "val"):
+        np.random.default_rng(0).integers(0, 50257, 5000).astype(np.uint16).tofile(bpe / f"{split}.bin")
+    (bpe / "meta.json").write_text(json.dumps({"tokenizer": "gpt2", "vocab_size": 50257, "dtype": "uint16"}))
+    with pytest.raises(ValueError, match="a vocabulary of 50,257.*more than the model's 97"):
+        train(tiny_config(bpe, tmp_path / "out", init_from="resume", max_iters=4))
+    assert Checkpoints(tmp_path / "out").steps() == [2]

@@ -1,0 +1,118 @@
+"""What a run shows and records, from process 0 only: printed lines or a progress bar, metrics.jsonl,
+TensorBoard scalars and (optionally) wandb.
+
+metrics.jsonl holds one JSON row per logged step and per evaluation, each naming the run; TensorBoard
+event files go to `out_dir/tensorboard` (open with `tensorboard --logdir out_dir`). A resumed run first
+drops what an earlier attempt of the same run logged after the step it resumes from, so that every step
+appears once per run in both.
+"""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from flaxgpt import distributed
+
+TENSORBOARD_DIR = "tensorboard"
+# metrics.jsonl keys -> TensorBoard tags
+TENSORBOARD_TAGS = {"loss": "train/step_loss", "train/loss": "train/loss", "val/loss": "val/loss", "lr": "lr",
+                    "grad_norm": "grad_norm", "tokens_per_s": "tokens_per_s", "mfu": "mfu"}
+
+
+def drop_rows_after(path: Path, run_id: str, step: int) -> None:
+    """Rewrite metrics.jsonl without the rows of `run_id` past `step` (an interrupted attempt's), atomically."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a crash
+            continue
+        if not (row.get("run") == run_id and row.get("step", -1) > step):
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class MetricsLog:
+    """The run's output: `print` for lines, `write` for metrics rows, `step_done` after every train step.
+
+    On a terminal (and with config.progress) a tqdm bar shows step/max_iters, rate, ETA and the latest
+    loss, and replaces the per-step lines; elsewhere (CI, nohup, a SLURM log) the per-step lines stay and
+    carry the ETA. resumed_at: the step a resumed run continues from (None for a new run).
+    """
+
+    def __init__(self, config, out_dir: Path, run_id: str, *, start_step: int = 0, resumed_at: int | None = None):
+        self.active = distributed.is_main_process()
+        self.run_id, self.max_iters = run_id, config.max_iters
+        self.file = self.tensorboard = self.wandb = self.bar = None
+        self._start = (start_step, time.perf_counter())
+        if not self.active:
+            return
+        if resumed_at is not None:
+            drop_rows_after(out_dir / "metrics.jsonl", run_id, resumed_at)
+        self.file = open(out_dir / "metrics.jsonl", "a")
+        if config.tensorboard:
+            from tensorboardX import SummaryWriter
+            self.tensorboard = SummaryWriter(str(out_dir / TENSORBOARD_DIR),
+                                             purge_step=None if resumed_at is None else resumed_at + 1)
+        if config.wandb_log:
+            import wandb
+            self.wandb = wandb.init(project=config.wandb_project, name=config.wandb_run_name, id=run_id,
+                                    resume="allow", config=config.to_dict())
+        if config.progress and sys.stdout.isatty() and not config.eval_only:
+            from tqdm import tqdm
+            self.bar = tqdm(total=config.max_iters, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        for closable in (self.bar, self.tensorboard, self.file):
+            if closable is not None:
+                closable.close()
+
+    def print(self, text: str) -> None:
+        if self.active:
+            (self.bar.write if self.bar else print)(text)
+            sys.stdout.flush()
+
+    def print_step(self, text: str, step: int) -> None:
+        """A per-step line: on the bar's terminal it is the bar itself; elsewhere printed with the ETA."""
+        if self.active and not self.bar:
+            print(f"{text}, eta {format_seconds(self.eta(step))}", flush=True)
+
+    def eta(self, step: int) -> float:
+        """Seconds to max_iters at the average rate since this process started training."""
+        start_step, start_time = self._start
+        done = step - start_step
+        return 0.0 if done <= 0 else (time.perf_counter() - start_time) / done * (self.max_iters - step)
+
+    def step_done(self, step: int, loss: float | None = None) -> None:
+        if self.bar:
+            self.bar.update(step - self.bar.n)
+            if loss is not None:
+                self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def write(self, step: int, **metrics) -> None:
+        if not self.active:
+            return
+        self.file.write(json.dumps({"step": step, "run": self.run_id, **metrics}) + "\n")
+        self.file.flush()
+        if self.tensorboard:
+            for key, value in metrics.items():
+                if key in TENSORBOARD_TAGS:
+                    self.tensorboard.add_scalar(TENSORBOARD_TAGS[key], value, step)
+            self.tensorboard.flush()
+        if self.wandb:
+            self.wandb.log(metrics, step=step)

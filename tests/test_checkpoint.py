@@ -1,0 +1,104 @@
+"""Checkpoints (flaxgpt/checkpoint.py): checksums, fallback past corrupt steps, run ids, failed saves."""
+
+import logging
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from flaxgpt import checkpoint, sharding
+from flaxgpt.model import GPTConfig, init_params
+
+TINY = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
+
+
+def save_steps(out_dir: Path, steps, run_id="run-a"):
+    """Steps of a run whose params differ from step to step -> {step: params}."""
+    saved = {}
+    with checkpoint.Checkpoints(out_dir, async_save=False) as ckpts:
+        for step in steps:
+            params = init_params(TINY, jax.random.key(step))
+            ckpts.save(step, params, {"count": jnp.int32(step)},
+                       {"step": step, "run_id": run_id, "model": TINY.to_dict()})
+            saved[step] = params
+    return saved
+
+
+def params_files(step_dir: Path) -> list[Path]:
+    """The data files that hold a step's params (orbax's OCDBT layout), largest first."""
+    files = [p for p in (step_dir / "params").rglob("*") if p.is_file() and "manifest" not in p.name
+             and p.stat().st_size > 1000]
+    return sorted(files, key=lambda p: -p.stat().st_size)
+
+
+def test_checksums_are_the_same_on_any_mesh_and_catch_one_changed_value():
+    params = init_params(TINY, jax.random.key(0))
+    one = checkpoint.tree_checksums(params)
+    mesh = sharding.make_mesh({"fsdp": 8})
+
+    def split_last_axis(x):  # over 8 devices where it divides, else replicated
+        axis = "fsdp" if x.shape[-1] % 8 == 0 else None
+        return jax.device_put(x, NamedSharding(mesh, P(*([None] * (x.ndim - 1)), axis)))
+
+    sharded = jax.tree.map(split_last_axis, params)
+    assert checkpoint.tree_checksums(sharded) == one
+    changed = jax.tree.map(lambda x: x, params)
+    changed["h_1"]["mlp"]["c_fc"]["kernel"] = changed["h_1"]["mlp"]["c_fc"]["kernel"].at[3, 5].add(1e-7)
+    with pytest.raises(checkpoint.CorruptCheckpointError, match=r"\['h_1'\]\['mlp'\]\['c_fc'\]\['kernel'\]"):
+        checkpoint.verify_checksums(changed, one, Path("somewhere"))
+    checkpoint.verify_checksums(params, one, Path("somewhere"))  # unchanged: passes
+
+
+def test_flipped_bytes_make_a_step_unreadable_and_the_previous_one_is_used(tmp_path, caplog):
+    saved = save_steps(tmp_path, [1, 2])
+    target = jax.eval_shape(lambda: saved[1])
+    data_file = params_files(tmp_path / "checkpoints" / "2")[0]
+    blob = bytearray(data_file.read_bytes())
+    rng = np.random.default_rng(0)
+    for i in rng.choice(np.arange(len(blob) // 4, len(blob) - 64), size=64, replace=False):
+        blob[i] ^= 0x5A
+    data_file.write_bytes(bytes(blob))
+    with caplog.at_level(logging.WARNING), checkpoint.Checkpoints(tmp_path, create=False) as ckpts:
+        params, _, meta = ckpts.restore(target)
+    assert meta["step"] == 1 and "checkpoints/2" in caplog.text
+    assert "differ from the checksums" in caplog.text  # the bytes decoded: only the checksums caught them
+    jax.tree.map(np.testing.assert_array_equal, params, saved[1])
+    config, params = checkpoint.load_params(tmp_path)  # sampling falls back the same way
+    jax.tree.map(np.testing.assert_array_equal, params, saved[1])
+
+
+def test_restore_passes_over_another_runs_steps(tmp_path, caplog):
+    save_steps(tmp_path, [1], run_id="run-a")
+    save_steps(tmp_path, [2], run_id="run-b")
+    assert checkpoint.saved_steps(tmp_path) == [1, 2]
+    assert checkpoint.run_id_of(tmp_path, 2) == "run-b" and checkpoint.run_id_of(tmp_path, 7) is None
+    target = jax.eval_shape(lambda: init_params(TINY, jax.random.key(0)))
+    with caplog.at_level(logging.WARNING), checkpoint.Checkpoints(tmp_path, create=False) as ckpts:
+        assert ckpts.restore(target, run_id="run-a")[2]["step"] == 1
+        assert ckpts.restore(target, run_id="run-b")[2]["step"] == 2
+    assert "not by run run-a" in caplog.text
+
+
+def test_a_failed_background_save_is_one_line_naming_the_checkpoint(tmp_path, monkeypatch):
+    ckpts = checkpoint.Checkpoints(tmp_path)
+    params = init_params(TINY, jax.random.key(0))
+    ckpts.save(5, params, {"count": jnp.int32(0)}, {"step": 5})
+    ckpts.manager.wait_until_finished()
+
+    def failed():
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError as e:
+            raise RuntimeError("async save failed") from e
+
+    monkeypatch.setattr(ckpts.manager, "check_for_errors", failed)
+    with pytest.raises(OSError) as e:
+        ckpts.check_for_errors()
+    message = str(e.value)
+    assert "\n" not in message and "checkpoints/5" in message and "No space left on device" in message
+    assert "untouched" in message
+    monkeypatch.undo()
+    ckpts.close()
