@@ -10,6 +10,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from flaxgpt.model import GPTConfig
+from flaxgpt.profiling import parse_profile_steps
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -27,6 +28,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.init_from = "scratch"  # "scratch", "resume" (from out_dir), or a GPT-2 name / Hugging Face folder
     c.overwrite = False  # a new run in an out_dir holding another run's checkpoints moves them to out_dir/previous/
     # logging
+    c.progress = True  # a progress bar with ETA on a terminal (plain lines elsewhere)
+    c.tensorboard = True  # TensorBoard scalars in out_dir/tensorboard
+    c.profile_steps = ""  # "START:STOP": a jax.profiler trace of those steps in out_dir/profile
     c.wandb_log = False
     c.wandb_project = "owt"
     c.wandb_run_name = "gpt2"
@@ -112,5 +116,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.attention == "cudnn" and config.dropout > 0:
         raise ValueError("attention='cudnn' has no attention dropout: set config.dropout=0, or use attention='xla' "
                          "(dropout then runs through a masked-softmax attention)")
+    parse_profile_steps(config.profile_steps)
     # The model's own checks (heads divide the width, known attention, ...), with any vocabulary.
     model_config(config, vocab_size=1, dtype="float32" if config.dtype == "auto" else None)

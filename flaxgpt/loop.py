@@ -25,13 +25,15 @@ from jax.experimental import multihost_utils
 
 from flaxgpt import checkpoint, data, distributed, mfu, optim, sharding, tokenizer
 from flaxgpt.config import model_config, validate
+from flaxgpt.metrics import TENSORBOARD_DIR, MetricsLog
+from flaxgpt.profiling import PROFILE_DIR, StepProfiler
 from flaxgpt.model import PRESETS, GPTConfig, count_params, crop_block_size, flops_per_token
 from flaxgpt.train_step import TrainState, TrainStep
 
 # Settings a resumed run must share with its checkpoint (the rest, e.g. dropout, may change on resume).
 MODEL_KEYS_TO_MATCH = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "gelu_approximate")
 # What a run writes into its out_dir; `overwrite` moves these aside, and nothing else in out_dir is touched.
-RUN_FILES = ("checkpoints", "metrics.jsonl", "meta.json")
+RUN_FILES = ("checkpoints", "metrics.jsonl", "meta.json", TENSORBOARD_DIR, "loss.png", PROFILE_DIR)
 
 
 @dataclasses.dataclass
@@ -72,39 +74,6 @@ class Batches:
                               block_size=T, split=split, rows=local_rows)
         return (sharding.global_batch(x.reshape(n, -1, T), self.sharding, (n, B, T)),
                 sharding.global_batch(y.reshape(n, -1, T), self.sharding, (n, B, T)))
-
-
-class MetricsLog:
-    """Printed lines and a JSON-lines file in out_dir (and wandb), from process 0 only; every row names the run."""
-
-    def __init__(self, config, out_dir: Path, run_id: str):
-        self.active = distributed.is_main_process()
-        self.run_id = run_id
-        self.file = open(out_dir / "metrics.jsonl", "a") if self.active else None
-        self.wandb = None
-        if self.active and config.wandb_log:
-            import wandb
-            self.wandb = wandb.init(project=config.wandb_project, name=config.wandb_run_name,
-                                    config=config.to_dict())
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *_):
-        if self.file:
-            self.file.close()
-
-    def print(self, text: str) -> None:
-        if self.active:
-            print(text, flush=True)
-
-    def write(self, step: int, **metrics) -> None:
-        if not self.active:
-            return
-        self.file.write(json.dumps({"step": step, "run": self.run_id, **metrics}) + "\n")
-        self.file.flush()
-        if self.wandb:
-            self.wandb.log(metrics, step=step)
 
 
 class StopRequest:
@@ -265,17 +234,33 @@ def train(config) -> dict:
         step_fns, state, start = initial_state(config, mesh, model_config(config, dataset.model_vocab_size), ckpts)
         _check_vocabulary(dataset, step_fns.model_config, config.init_from)
         out_dir.mkdir(parents=True, exist_ok=True)
-        run_id = start.get("run_id") or "unnamed"
-        log = stack.enter_context(MetricsLog(config, out_dir, run_id))
+        start.setdefault("run_id", new_run_id())  # a checkpoint from before run ids
+        log = stack.enter_context(MetricsLog(config, out_dir, start["run_id"], start_step=int(state.step),
+                                             resumed_at=int(state.step) if resuming else None))
         stop = stack.enter_context(StopRequest())
+        profiler = StepProfiler(config.profile_steps, out_dir, log.print)
+        stack.callback(profiler.stop)
         if distributed.is_main_process():  # the tokenizer, for sample.py
             (out_dir / "meta.json").write_text(json.dumps({k: v for k, v in dataset.meta.items() if k != "assumed"}))
-        return _run(config, step_fns, state, start, Batches(dataset, step_fns, config.seed, config.batch_size,
-                                                             config.gradient_accumulation_steps), ckpts, log, stop)
+        batches = Batches(dataset, step_fns, config.seed, config.batch_size, config.gradient_accumulation_steps)
+        losses = _run(config, step_fns, state, start, batches, ckpts, log, stop, profiler)
+    _plot(out_dir)
+    return losses
+
+
+def _plot(out_dir: Path) -> None:
+    """out_dir/loss.png of the run, when matplotlib is installed (the `plot` extra)."""
+    if not distributed.is_main_process():
+        return
+    try:
+        from flaxgpt.plot import plot_runs
+        plot_runs([out_dir], out_dir / "loss.png")
+    except ImportError:
+        pass
 
 
 def _run(config, step_fns: TrainStep, state: TrainState, start: dict, batches: Batches,
-         ckpts: checkpoint.Checkpoints, log: MetricsLog, stop: StopRequest) -> dict:
+         ckpts: checkpoint.Checkpoints, log: MetricsLog, stop: StopRequest, profiler: StepProfiler) -> dict:
     """Evaluate, save and step until the run is over; -> the last losses {"train", "val", "step"}."""
     model = step_fns.model_config
     run_id, best_val_loss = start["run_id"], start.get("best_val_loss", math.inf)
@@ -310,7 +295,7 @@ def _run(config, step_fns: TrainStep, state: TrainState, start: dict, batches: B
         if config.eval_only or (eval_due and step != resumed_at):
             losses = evaluate(step_fns, state.params, batches, step, config.eval_iters)
             log.print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            log.write(step, **{"train/loss": losses["train"], "val/loss": losses["val"]})
+            log.write(step, **{"train/loss": losses["train"], "val/loss": losses["val"], "tokens": step * A * B * T})
             if not all(map(math.isfinite, losses.values())):
                 raise _non_finite("loss", losses, step, ckpts)
             if losses["val"] < best_val_loss or config.always_save_checkpoint:
@@ -326,9 +311,12 @@ def _run(config, step_fns: TrainStep, state: TrainState, start: dict, batches: B
             save(step)
             break
         ckpts.check_for_errors()
+        profiler.before_step(step)
         state, metrics = step_fns.train_fn(state, *batches("train", step, A))
         step += 1
         steps_since += 1
+        profiler.after_step(step, metrics)
+        log.step_done(step)
         first = not compiled  # the first step compiles: its time is reported apart, not as a step time
         if first or step % config.log_interval == 0:
             loss = float(metrics["loss"])  # waits for the step
@@ -338,14 +326,15 @@ def _run(config, step_fns: TrainStep, state: TrainState, start: dict, batches: B
             now = time.perf_counter()
             dt = (now - t_last) / steps_since
             t_last, steps_since, compiled = now, 0, True
-            row = dict(loss=loss, lr=lr, grad_norm=float(metrics["grad_norm"]))
+            row = dict(loss=loss, lr=lr, grad_norm=float(metrics["grad_norm"]), tokens=step * A * B * T)
+            log.step_done(step, loss)
             if first:
                 log.print(f"iter {step}: loss {loss:.4f}, lr {lr:.2e}, compiled and ran in {dt:.1f} s")
                 log.write(step, **row, compile_s=dt)
                 continue
             tokens_per_s, utilisation = mfu.throughput(A * B * T, dt, flops, jax.device_count(), peak)
-            log.print(f"iter {step}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms,"
-                      f" {tokens_per_s:,.0f} tok/s, mfu {utilisation * 100:.2f}%")
+            log.print_step(f"iter {step}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms,"
+                           f" {tokens_per_s:,.0f} tok/s, mfu {utilisation * 100:.2f}%", step)
             log.write(step, **row, ms_per_step=dt * 1000, tokens_per_s=tokens_per_s, mfu=utilisation)
     ckpts.wait()
     saved = ckpts.steps()

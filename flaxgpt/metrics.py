@@ -64,7 +64,8 @@ class MetricsLog:
         self.file = open(out_dir / "metrics.jsonl", "a")
         if config.tensorboard:
             from tensorboardX import SummaryWriter
-            self.tensorboard = SummaryWriter(str(out_dir / TENSORBOARD_DIR),
+            # purge_step: TensorBoard hides what an interrupted attempt logged past the resumed step.
+            self.tensorboard = SummaryWriter(str(out_dir / TENSORBOARD_DIR), filename_suffix=f".{time.time_ns()}",
                                              purge_step=None if resumed_at is None else resumed_at + 1)
         if config.wandb_log:
             import wandb
@@ -72,7 +73,8 @@ class MetricsLog:
                                     resume="allow", config=config.to_dict())
         if config.progress and sys.stdout.isatty() and not config.eval_only:
             from tqdm import tqdm
-            self.bar = tqdm(total=config.max_iters, initial=start_step, unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=config.max_iters, initial=start_step, unit="step", dynamic_ncols=True,
+                            file=sys.stdout)
 
     def __enter__(self):
         return self

@@ -41,7 +41,7 @@ def plot_runs(out_dirs, output: Path, x: str = "step") -> Path:
         label = Path(out_dir).name + (f" ({run_id})" if run_id else "")
 
         def xs(selected):
-            return [r["step"] * (r.get("tokens_per_step", 0) if x == "tokens" else 1) for r in selected]
+            return [r.get("tokens", 0) if x == "tokens" else r["step"] for r in selected]
 
         steps = [r for r in rows if "loss" in r]
         evals = [r for r in rows if "val/loss" in r]

@@ -1,0 +1,99 @@
+"""What a run records (flaxgpt/metrics.py): metrics.jsonl rows, TensorBoard scalars, lines with ETA, resume."""
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from flaxgpt.config import base_config
+from flaxgpt.metrics import MetricsLog, drop_rows_after, format_seconds
+
+
+def tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value)]} as TensorBoard shows them, read from the TFRecord event files in log_dir (length,
+    crc, event proto, crc); a session start at step S (a resumed writer's purge_step) hides earlier steps >= S."""
+    from tensorboardX.proto import event_pb2
+
+    scalars = {}
+    for path in sorted(log_dir.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+                scalars = {tag: [(s, v) for s, v in points if s < event.step] for tag, points in scalars.items()}
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def config(**overrides):
+    c = base_config()
+    c.max_iters = 10
+    for key, value in overrides.items():
+        c[key] = value
+    return c
+
+
+def test_rows_name_the_run_and_tensorboard_gets_the_scalars(tmp_path):
+    with MetricsLog(config(), tmp_path, "run-a") as log:
+        log.write(0, **{"train/loss": 4.0, "val/loss": 4.1})
+        for step in (1, 2):
+            log.write(step, loss=3.0 - step * 0.5, lr=1e-3, grad_norm=0.5)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["run"]) for r in rows] == [(0, "run-a"), (1, "run-a"), (2, "run-a")]
+    scalars = tensorboard_scalars(tmp_path / "tensorboard")
+    assert scalars["val/loss"] == [(0, pytest.approx(4.1))]
+    assert scalars["train/step_loss"] == [(1, 2.5), (2, 2.0)] and scalars["lr"][0][0] == 1
+
+
+def test_resume_drops_what_an_interrupted_attempt_logged_past_its_checkpoint(tmp_path):
+    with MetricsLog(config(), tmp_path, "run-a") as log:
+        for step in range(1, 6):  # crashed after step 5, the checkpoint was at 3
+            log.write(step, loss=1.0 / step)
+    with MetricsLog(config(), tmp_path, "run-a", start_step=3, resumed_at=3) as log:
+        for step in (4, 5):
+            log.write(step, loss=0.0)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and [r["loss"] for r in rows[3:]] == [0.0, 0.0]
+    points = tensorboard_scalars(tmp_path / "tensorboard")["train/step_loss"]
+    assert [s for s, _ in points] == [1, 2, 3, 4, 5] and [v for _, v in points[3:]] == [0.0, 0.0]
+
+
+def test_drop_rows_after_keeps_other_runs_and_skips_cut_lines(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 5, "run": "old"}\n{"step": 5, "run": "new"}\n{"step": 2, "run": "new"}\n{"ste')
+    drop_rows_after(path, "new", 3)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [{"step": 5, "run": "old"},
+                                                                            {"step": 2, "run": "new"}]
+
+
+def test_without_a_terminal_step_lines_are_printed_with_an_eta(tmp_path, capsys):
+    with MetricsLog(config(), tmp_path, "run-a") as log:  # pytest's stdout is not a TTY
+        assert log.bar is None
+        log.print_step("iter 5: loss 1.0", 5)
+    out = capsys.readouterr().out
+    assert out.startswith("iter 5: loss 1.0, eta ") and out.count("\n") == 1
+
+
+def test_on_a_terminal_a_progress_bar_replaces_step_lines(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)
+    with MetricsLog(config(), tmp_path, "run-a", start_step=2) as log:
+        assert log.bar is not None and log.bar.n == 2 and log.bar.total == 10
+        log.step_done(3, 1.25)
+        log.print_step("iter 3: loss 1.25", 3)
+        assert log.bar.n == 3
+    assert "iter 3" not in capsys.readouterr().out
+
+
+def test_tensorboard_can_be_switched_off(tmp_path):
+    with MetricsLog(config(tensorboard=False), tmp_path, "run-a") as log:
+        log.write(1, loss=1.0)
+    assert not (tmp_path / "tensorboard").exists()
+
+
+def test_format_seconds():
+    assert format_seconds(75) == "1m15s" and format_seconds(3 * 3600 + 120) == "3h02m"
