@@ -23,16 +23,6 @@ EXAMPLES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny_gpt2(tmp_path_factory):
-    """A random GPT-2-vocabulary model saved as a Hugging Face folder."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2)
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
-    return folder
-
-
 def reference_losses(folder, examples):
     """(total, mean) ending losses [N, 4] computed by transformers, row by row, without padding."""
     import torch
@@ -54,12 +44,12 @@ def reference_losses(folder, examples):
     return np.array(totals).reshape(-1, 4), np.array(means).reshape(-1, 4)
 
 
-def test_scores_equal_transformers_on_the_same_weights(tiny_gpt2):
+def test_scores_equal_transformers_on_the_same_weights(tiny_hf_gpt2):
     from flaxgpt.load import load_model
 
-    config, params, tokenizer, _ = load_model(tiny_gpt2)
+    config, params, tokenizer, _ = load_model(tiny_hf_gpt2)
     result = hellaswag.evaluate(params, config, EXAMPLES, tokenizer, batch_examples=2, progress=False)  # 3 batches
-    total, mean = reference_losses(tiny_gpt2, EXAMPLES)
+    total, mean = reference_losses(tiny_hf_gpt2, EXAMPLES)
     np.testing.assert_allclose(result["total_loss"], total, rtol=1e-4)
     np.testing.assert_allclose(result["mean_loss"], mean, rtol=1e-4)
     labels = np.array([e["label"] for e in EXAMPLES])
@@ -79,12 +69,12 @@ def test_render_pads_to_one_length_and_marks_the_endings():
             assert marked.tolist() == tok.encode_ordinary(" " + ending)
 
 
-def test_cli_reads_a_local_file_and_prints_both_accuracies(tiny_gpt2, tmp_path, capsys):
+def test_cli_reads_a_local_file_and_prints_both_accuracies(tiny_hf_gpt2, tmp_path, capsys):
     import eval_hellaswag
 
     path = tmp_path / "hellaswag_val.jsonl"
     path.write_text("".join(json.dumps(e) + "\n" for e in EXAMPLES))
-    result = eval_hellaswag.main(["--init_from", str(tiny_gpt2), "--file", str(path), "--limit", "4"])
+    result = eval_hellaswag.main(["--init_from", str(tiny_hf_gpt2), "--file", str(path), "--limit", "4"])
     out = capsys.readouterr().out
     assert result["examples"] == 4 and f"acc_norm {result['acc_norm']:.4f}" in out
 

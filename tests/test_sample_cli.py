@@ -9,28 +9,12 @@ import numpy as np
 import pytest
 
 import sample
-from conftest import SHARED_DATA
 from flaxgpt.checkpoint import Checkpoints
 from flaxgpt.model import GPTConfig, init_params
 from flaxgpt.tokenizer import GPT2Tokenizer
 
 CHARS = list("\n abcdefghij")
 CHAR_CONFIG = GPTConfig(block_size=16, vocab_size=len(CHARS), n_layer=2, n_head=2, n_embd=32)
-
-
-@pytest.fixture(autouse=True)
-def offline_gpt2_bpe(monkeypatch):
-    if (SHARED_DATA / "gpt2" / "r50k_base.tiktoken").is_file():
-        monkeypatch.setenv("FLAXGPT_DATA", str(SHARED_DATA))
-
-
-@pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(vocab_size=50257, n_positions=32, n_embd=16, n_layer=2, n_head=2)
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +40,8 @@ def samples(stdout):
     return texts
 
 
-def test_hf_folder_streams_the_same_text_it_prints_whole(capsys, hf_folder):
-    argv = ["--init_from", hf_folder, "--start", "Hello", "--num_samples", 2, "--max_new_tokens", 8, "--top_p", 0.9]
+def test_hf_folder_streams_the_same_text_it_prints_whole(capsys, tiny_hf_gpt2):
+    argv = ["--init_from", tiny_hf_gpt2, "--start", "Hello", "--num_samples", 2, "--max_new_tokens", 8, "--top_p", 0.9]
     streamed = run_cli(capsys, *argv).out
     texts = samples(streamed)
     assert len(texts) == 2 and all(t.startswith("Hello") for t in texts)
