@@ -218,6 +218,7 @@ def test_libtpu_alone_is_not_a_multiprocess_launch(monkeypatch, tmp_path):
     assert not distributed.is_multiprocess_launch()
     monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "host-0,host-1")
     assert distributed.is_multiprocess_launch()
+    monkeypatch.undo()
     device = tmp_path / "0000:00:04.0"
     device.mkdir()
     (device / "vendor").write_text("0x1ae0\n")
