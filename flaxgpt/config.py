@@ -7,6 +7,8 @@ overridden on the command line as `--config.key=value` (an unknown key or a wron
 import ml_collections
 from ml_collections import config_dict
 
+from flaxgpt.model import REMAT_POLICIES
+
 
 def base_config() -> ml_collections.ConfigDict:
     """nanoGPT's defaults: GPT-2 124M on OpenWebText."""
@@ -38,7 +40,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.dropout = 0.0  # 0 for pretraining, 0.1+ for finetuning
     c.bias = True
     c.gelu_approximate = True  # GPT-2's tanh GELU; False for exact erf GELU as nanoGPT's own models
-    c.attention = config_dict.placeholder(str)  # jax.nn.dot_product_attention implementation: xla, cudnn
+    # attention: auto (splash on TPU, cuDNN on NVIDIA GPUs in bfloat16/float16, else xla), xla, cudnn, splash
+    c.attention = "auto"
+    c.scan_layers = True  # the blocks as one nn.scan: compile time stays flat as n_layer grows
+    # rematerialisation per block, what the backward pass keeps (flaxgpt/model.py REMAT_POLICIES):
+    # none (everything), full (only block inputs: least memory, ~1/3 more compute), dots_saveable
+    # (matmul outputs), dots_with_no_batch_dims_saveable (projections, not attention's [T, T] products)
+    c.remat = "none"
     # AdamW
     c.learning_rate = 6e-4
     c.max_iters = 600000
@@ -88,5 +96,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.attention == "cudnn" and config.dropout > 0:
         raise ValueError("attention='cudnn' has no attention dropout: set config.dropout=0, or use attention='xla' "
                          "(dropout then runs through a masked-softmax attention)")
-    if config.attention not in (None, "xla", "cudnn"):
-        raise ValueError(f"config.attention={config.attention!r}: use xla or cudnn (or leave it unset)")
+    if config.attention not in ("auto", "xla", "cudnn", "splash"):
+        raise ValueError(f"config.attention={config.attention!r}: use auto, xla, cudnn or splash")
+    if config.remat not in REMAT_POLICIES:
+        raise ValueError(f"config.remat={config.remat!r}: use one of {', '.join(REMAT_POLICIES)}")

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from flaxgpt import checkpoint, data, distributed, mfu, optim, sharding
-from flaxgpt.model import PRESETS, GPTConfig, count_params, crop_block_size, flops_per_token
+from flaxgpt.model import PRESETS, GPTConfig, convert_layers, count_params, crop_block_size, flops_per_token
 from flaxgpt.train_step import Trainer
 
 PADDED_GPT2_VOCAB = 50304  # 50257 rounded up to a multiple of 64
@@ -29,7 +29,8 @@ def model_config(config, vocab_size: int) -> GPTConfig:
     return GPTConfig(block_size=config.block_size, vocab_size=vocab_size, n_layer=config.n_layer,
                      n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout, bias=config.bias,
                      gelu_approximate=config.gelu_approximate, dtype=resolve_dtype(config.dtype),
-                     param_dtype=config.param_dtype, attention=config.attention)
+                     param_dtype=config.param_dtype, attention=config.attention, scan_layers=config.scan_layers,
+                     remat=config.remat)
 
 
 def _check_same_shape(saved: GPTConfig, wanted: GPTConfig, where: Path) -> None:
@@ -85,10 +86,18 @@ def _initial_state(config, mesh, wanted: GPTConfig, ckpts: checkpoint.Checkpoint
         if saved_meta.get("model_source", "config") == "config":
             _check_same_shape(saved, wanted, ckpts.directory.parent)
         else:
-            wanted = saved.replace(dropout=config.dropout, attention=config.attention, dtype=wanted.dtype)
+            wanted = saved.replace(dropout=config.dropout, attention=wanted.attention, dtype=wanted.dtype,
+                                   scan_layers=wanted.scan_layers, remat=wanted.remat)
         trainer = Trainer(wanted, optimizer, mesh, seed=config.seed)
         target = trainer.abstract_state
-        params, opt_state, saved_meta = ckpts.restore(target.params, target.opt_state)
+        if saved.scan_layers == wanted.scan_layers:
+            params, opt_state, saved_meta = ckpts.restore(target.params, target.opt_state)
+        else:  # restore in the saved layer layout, then stack (or unstack) params and Adam moments
+            as_saved = Trainer(wanted.replace(scan_layers=saved.scan_layers), optimizer, mesh).abstract_state
+            params, opt_state, saved_meta = ckpts.restore(as_saved.params, as_saved.opt_state)
+            params, opt_state = jax.jit(
+                lambda *tree: convert_layers(tree, wanted.scan_layers),
+                out_shardings=(trainer.state_sharding.params, trainer.state_sharding.opt_state))(params, opt_state)
         ckpts.set_aside([s for s in ckpts.steps() if s > saved_meta["step"]])  # newer, so unreadable
         step = jax.device_put(np.int32(saved_meta["step"]), target.step.sharding)
         return trainer, type(target)(step=step, params=params, opt_state=opt_state), saved_meta
@@ -98,8 +107,10 @@ def _initial_state(config, mesh, wanted: GPTConfig, ckpts: checkpoint.Checkpoint
         params, pretrained = crop_block_size(params, pretrained, config.block_size)
     if wanted.vocab_size != PADDED_GPT2_VOCAB and wanted.vocab_size > pretrained.vocab_size:
         raise ValueError(f"the dataset's vocabulary ({wanted.vocab_size}) is larger than {config.init_from}'s")
-    trainer = Trainer(pretrained.replace(dropout=config.dropout, attention=config.attention), optimizer, mesh,
-                      seed=config.seed)
+    pretrained = pretrained.replace(dropout=config.dropout, attention=wanted.attention,
+                                    scan_layers=wanted.scan_layers, remat=wanted.remat)
+    params = convert_layers(params, wanted.scan_layers)
+    trainer = Trainer(pretrained, optimizer, mesh, seed=config.seed)
     return trainer, trainer.state_from_params(params), {"model_source": config.init_from}
 
 

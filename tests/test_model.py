@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from flaxgpt.model import (GPT, GPTConfig, count_params, crop_block_size, cross_entropy_loss,
-                           flops_per_token, init_cache, init_params)
+                           convert_layers, flops_per_token, init_cache, init_params)
 
 TINY = GPTConfig(block_size=16, vocab_size=37, n_layer=2, n_head=4, n_embd=32)
 
@@ -121,10 +121,11 @@ def test_presets_and_config_errors():
     assert GPTConfig(attention="cudnn", dtype="bfloat16").attention == "cudnn"
 
 
-def test_nanogpt_initialisation():
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_nanogpt_initialisation(scan_layers):
     """normal(0.02) weights, zero biases, unit LayerNorm scales, residual projections 0.02/sqrt(2L)."""
-    config = GPTConfig(block_size=64, vocab_size=512, n_layer=4, n_head=4, n_embd=128)
-    p = init_params(config, jax.random.key(0))
+    config = GPTConfig(block_size=64, vocab_size=512, n_layer=4, n_head=4, n_embd=128, scan_layers=scan_layers)
+    p = convert_layers(init_params(config, jax.random.key(0)), scan_layers=False)
     std = lambda a: float(np.std(np.asarray(a)))
     assert std(p["wte"]["embedding"]) == pytest.approx(0.02, rel=0.05)
     assert std(p["h_0"]["mlp"]["c_fc"]["kernel"]) == pytest.approx(0.02, rel=0.05)
