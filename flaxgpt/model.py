@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from flaxgpt.splash import splash_supports
+
 PRESETS = {  # nanoGPT's sizes for the OpenAI checkpoints (vocab 50257, block 1024, with biases).
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
@@ -59,6 +61,9 @@ class GPTConfig:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"attention={self.attention!r}: choose one of {ATTENTION_IMPLEMENTATIONS}")
+        if self.attention == "splash" and not splash_supports(self.block_size, self.head_dim):
+            raise ValueError(f"attention='splash' needs block_size ({self.block_size}) a multiple of 128 and "
+                             f"head_dim ({self.head_dim}) a multiple of 64: use attention='auto' or 'xla'")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}: choose one of {', '.join(REMAT_POLICIES)}")
         for field in ("dtype", "param_dtype"):
@@ -135,11 +140,13 @@ class CausalSelfAttention(nn.Module):
             cache = LayerCache(k, v)
         if cfg.dropout > 0 and not deterministic:
             y = _attention_with_dropout(q, k, v, mask, nn.Dropout(cfg.dropout, name="attn_dropout"))
-        elif mask is None and resolve_attention(cfg, jax.default_backend()) == "splash":
+        elif (mask is None and resolve_attention(cfg, jax.default_backend()) == "splash"
+              and splash_supports(q.shape[1], cfg.head_dim)):  # else (init's 1 token) XLA's attention
             from flaxgpt.splash import splash_causal_attention
             y = splash_causal_attention(q, k, v)
         else:  # an explicit mask (cached decoding) always takes XLA's attention
             implementation = resolve_attention(cfg, jax.default_backend()) if mask is None else "xla"
+            implementation = {"auto": None, "splash": "xla"}.get(implementation, implementation)
             y = jax.nn.dot_product_attention(
                 q, k.astype(q.dtype), v.astype(q.dtype), mask=None if mask is None else mask[:, None],
                 is_causal=mask is None, implementation=implementation)
@@ -155,26 +162,17 @@ def resolve_attention(config: GPTConfig, platform: str) -> str:
     """The attention implementation `config.attention` means on `platform` ("tpu", "gpu", "cpu").
 
     auto is splash on TPU when the kernel can take the shapes (splash_supports), cuDNN on GPUs when
-    computing in bfloat16/float16, else XLA. An explicit splash that cannot run is an error.
+    computing in bfloat16/float16 without dropout, else XLA. Explicit choices are returned as they are
+    (train() checks that they suit the backend).
     """
-    from flaxgpt.splash import splash_supports
-    choice = config.attention
-    if choice == "auto":
-        if platform == "tpu" and splash_supports(config.block_size, config.head_dim):
-            return "splash"
-        if platform in ("gpu", "cuda") and jnp.dtype(config.dtype) in (jnp.bfloat16, jnp.float16):
-            return "cudnn"
-        return "xla"
-    if choice == "splash" and platform != "tpu" and not config_interprets_splash():
-        raise ValueError(f"attention='splash' runs on TPUs only (this backend is {platform}): use "
-                         "attention='auto' or 'xla'")
-    return choice
-
-
-def config_interprets_splash() -> bool:
-    """Whether the splash kernel runs in Pallas interpret mode (for checks on CPU)."""
-    from flaxgpt.splash import INTERPRET
-    return INTERPRET.get()
+    if config.attention != "auto":
+        return config.attention
+    if platform == "tpu" and splash_supports(config.block_size, config.head_dim):
+        return "splash"
+    if (platform in ("gpu", "cuda") and jnp.dtype(config.dtype) in (jnp.bfloat16, jnp.float16)
+            and config.dropout == 0):
+        return "cudnn"
+    return "xla"
 
 
 def _attention_with_dropout(q, k, v, mask, dropout: nn.Dropout):

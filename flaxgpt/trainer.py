@@ -131,6 +131,9 @@ def train(config) -> dict:
     if config.attention == "cudnn" and jax.default_backend() != "gpu":
         raise ValueError(f"attention='cudnn' needs an NVIDIA GPU (this backend is {jax.default_backend()}): "
                          "use attention='xla'")
+    if config.attention == "splash" and jax.default_backend() != "tpu":
+        raise ValueError(f"attention='splash' needs a TPU (this backend is {jax.default_backend()}): "
+                         "use attention='auto' or 'xla'")
     mesh = sharding.make_mesh(config.mesh)
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.batch_size % data_parallel:
