@@ -19,6 +19,7 @@ GiB = 2**30
 class Slice(NamedTuple):
     """A Cloud TPU slice as libtpu names it."""
     topology: str  # e.g. "v5e:2x4": chip generation and chip grid
+    chip_config: str  # "megacore" where a chip's two TensorCores act as one device (v4, v5p)
     chips_per_host_bounds: tuple[int, int, int]
     hbm_gib: float  # per chip
     device_kind: str  # a key of mfu.PEAK_FLOPS (dense bfloat16 peak per chip)
@@ -27,16 +28,16 @@ class Slice(NamedTuple):
 # The accelerator names users type (gcloud's --accelerator-type) -> topology. v4 and v5p count
 # TensorCores (2 per chip), v5e and v6e count chips.
 SLICES = {
-    "v4-8": Slice("v4:2x2x1", (2, 2, 1), 32, "TPU v4"),
-    "v4-32": Slice("v4:2x2x4", (2, 2, 1), 32, "TPU v4"),
-    "v4-128": Slice("v4:4x4x4", (2, 2, 1), 32, "TPU v4"),
-    "v5e-8": Slice("v5e:2x4", (2, 2, 1), 16, "TPU v5 lite"),
-    "v5e-16": Slice("v5e:4x4", (2, 2, 1), 16, "TPU v5 lite"),
-    "v5e-256": Slice("v5e:16x16", (2, 2, 1), 16, "TPU v5 lite"),
-    "v5p-8": Slice("v5p:2x2x1", (2, 2, 1), 95, "TPU v5p"),
-    "v5p-128": Slice("v5p:4x4x4", (2, 2, 1), 95, "TPU v5p"),
-    "v6e-8": Slice("v6e:2x4", (2, 2, 1), 32, "TPU v6 lite"),
-    "v6e-256": Slice("v6e:16x16", (2, 2, 1), 32, "TPU v6 lite"),
+    "v4-8": Slice("v4:2x2x1", "megacore", (2, 2, 1), 32, "TPU v4"),
+    "v4-32": Slice("v4:2x2x4", "megacore", (2, 2, 1), 32, "TPU v4"),
+    "v4-128": Slice("v4:4x4x4", "megacore", (2, 2, 1), 32, "TPU v4"),
+    "v5e-8": Slice("v5e:2x4", "default", (2, 2, 1), 16, "TPU v5 lite"),
+    "v5e-16": Slice("v5e:4x4", "default", (2, 2, 1), 16, "TPU v5 lite"),
+    "v5e-256": Slice("v5e:16x16", "default", (2, 2, 1), 16, "TPU v5 lite"),
+    "v5p-8": Slice("v5p:2x2x1", "megacore", (2, 2, 1), 95, "TPU v5p"),
+    "v5p-128": Slice("v5p:4x4x4", "megacore", (2, 2, 1), 95, "TPU v5p"),
+    "v6e-8": Slice("v6e:2x4", "default", (2, 2, 1), 32, "TPU v6 lite"),
+    "v6e-256": Slice("v6e:16x16", "default", (2, 2, 1), 32, "TPU v6 lite"),
 }
 
 
@@ -53,12 +54,13 @@ def topology_devices(name: str):
     if name not in SLICES:
         raise ValueError(f"unknown TPU slice {name!r}: choose one of {', '.join(SLICES)}")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server off a TPU VM
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: no chip to guard with a lock
     import importlib.util
     if importlib.util.find_spec("libtpu") is None:
         raise RuntimeError('compiling for TPUs needs libtpu: pip install "flaxgpt[tpu]"')
     from jax.experimental import topologies
     spec = SLICES[name]
-    return topologies.get_topology_desc(platform="tpu", topology_name=spec.topology, chip_config_name="default",
+    return topologies.get_topology_desc(platform="tpu", topology_name=spec.topology, chip_config_name=spec.chip_config,
                                         chips_per_host_bounds=spec.chips_per_host_bounds, num_slices=1).devices
 
 
@@ -117,6 +119,13 @@ def suggest(config, arguments_gib: float, hbm_gib: float) -> str:
     return "a larger slice, or tensor parallelism (--config.mesh.tensor)"
 
 
+def _replicated_state_gib(config) -> float:
+    """Float32 params, gradients and Adam moments (16 bytes a parameter) of the whole model, in GiB."""
+    C = config.n_embd
+    n_params = 12 * config.n_layer * C * C + (_vocab_size(config) + config.block_size) * C
+    return 16 * n_params / GiB
+
+
 def _vocab_size(config) -> int:
     """The dataset's vocabulary if its folder is here, else GPT-2's padded one (as train() decides)."""
     from flaxgpt import data
@@ -143,7 +152,7 @@ def plan(config, slice_name: str, print_fn=print) -> bool:
         needed = parse_out_of_memory(str(e))
         amount = f"{needed:.2f} GiB" if needed is not None else "more than"
         print_fn(f"does not fit: {amount} of {spec.hbm_gib:.2f} GiB per chip: try "
-                 f"{suggest(config, math.inf, spec.hbm_gib)}")
+                 f"{suggest(config, _replicated_state_gib(config), spec.hbm_gib)}")
         return False
     seconds = time.perf_counter() - start
     memory = train_step.memory_analysis()
