@@ -1,4 +1,8 @@
-"""Train a GPT: python train.py --config=configs/shakespeare_char.py:cpu [--config.key=value ...]"""
+"""Train a GPT: python train.py --config=configs/shakespeare_char.py:cpu [--config.key=value ...]
+
+Check a config for a Cloud TPU slice on any machine, without the slice: add --compile_for=v5e-8 (see
+flaxgpt/tpu_compile.py); it compiles the train step and prints memory per chip and a fits verdict.
+"""
 
 import difflib
 import re
@@ -14,6 +18,8 @@ from flaxgpt.loop import train
 
 CONFIG = config_flags.DEFINE_config_file("config", None, "a config file in configs/, e.g. configs/owt.py",
                                          lock_config=True)
+COMPILE_FOR = flags.DEFINE_string("compile_for", None, "compile the train step for a Cloud TPU slice (e.g. "
+                                  "v5e-8, v4-32, v5p-128) on this machine, report memory per chip, and exit")
 
 
 def main(argv):
@@ -21,7 +27,12 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}: settings are --config.key=value")
     logging.set_verbosity(logging.WARNING)  # orbax and jax log every checkpoint write at INFO
     try:
-        train(CONFIG.value)
+        config = CONFIG.value
+        if COMPILE_FOR.value:
+            from flaxgpt.config import validate
+            validate(config)
+            sys.exit(0 if compile_for(config, COMPILE_FOR.value) else 1)
+        train(config)
     except (OSError, ValueError, FloatingPointError, RuntimeError) as e:  # what a user can fix
         sys.exit(f"train.py: error: {e}")
     except KeyboardInterrupt:
@@ -56,6 +67,13 @@ def _config_file_error(config_arg: str) -> str | None:
                       if Path(f.filename).resolve() == Path(config_file).resolve()), None)
         where = f"{frame.filename}:{frame.lineno}: " if frame else f"{config_file}: "
         return f"{where}{type(e).__name__}: {e}"
+
+
+def compile_for(config, slice_name: str) -> bool:
+    import jax
+    from flaxgpt import tpu_compile
+    jax.config.update("jax_platforms", "cpu")  # the TPU devices are compile-only; nothing runs
+    return tpu_compile.plan(config, slice_name)
 
 
 def parse_flags(argv):

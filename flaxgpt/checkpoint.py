@@ -226,7 +226,7 @@ class Checkpoints:
 
 
 def model_config_from_meta(meta: dict[str, Any], **overrides) -> GPTConfig:
-    return GPTConfig(**{**meta["model"], **overrides})
+    return GPTConfig(**{"scan_layers": False, **meta["model"], **overrides})  # older runs had no scan
 
 
 def load_run(out_dir: str | Path, *, dtype: str | None = None) -> tuple[GPTConfig, Any, dict[str, Any]]:
@@ -241,7 +241,7 @@ def load_run(out_dir: str | Path, *, dtype: str | None = None) -> tuple[GPTConfi
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
         def read(step):  # the model's shape is stored in the checkpoint; the params' target follows from it
-            config = model_config_from_meta(checkpoints.read_meta(step), attention=None,
+            config = model_config_from_meta(checkpoints.read_meta(step), attention="xla",
                                             **({"dtype": dtype} if dtype else {}))
             shapes = jax.eval_shape(lambda rng: init_params(config, rng), jax.random.key(0))
             target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)

@@ -47,7 +47,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.dropout = 0.0  # 0 for pretraining, 0.1+ for finetuning
     c.bias = False  # as nanoGPT trains from scratch; GPT-2 checkpoints bring their own biases
     c.gelu_approximate = False  # exact erf GELU, as nanoGPT trains; GPT-2 checkpoints bring their tanh GELU
-    c.attention = config_dict.placeholder(str)  # jax.nn.dot_product_attention implementation: xla, cudnn
+    # attention: auto (splash on TPU, cuDNN on NVIDIA GPUs in bfloat16/float16, else xla), xla, cudnn, splash
+    c.attention = "auto"
+    c.scan_layers = True  # the blocks as one nn.scan: compile time stays flat as n_layer grows
+    # rematerialisation per block, what the backward pass keeps (flaxgpt/model.py REMAT_POLICIES):
+    # none (everything), full (only block inputs: least memory, ~1/3 more compute), dots_saveable
+    # (matmul outputs), dots_with_no_batch_dims_saveable (projections, not attention's [T, T] products)
+    c.remat = "none"
     # AdamW
     c.learning_rate = 6e-4
     c.max_iters = 600000

@@ -1,6 +1,8 @@
 """Multi-host start-up: `jax.distributed.initialize` when the run spans several processes."""
 
+import glob
 import os
+from pathlib import Path
 import socket
 import sys
 import time
@@ -11,12 +13,33 @@ import jax
 def is_multiprocess_launch(coordinator_address: str | None = None) -> bool:
     """Whether this process is one of several: a coordinator is named, or a cluster launched it.
 
-    Cloud TPU VMs and SLURM jobs are detected by jax itself from their environment; a TPU VM is one whose
-    worker list names several hosts (libtpu alone is no sign: it also installs on CPU machines).
+    Cloud TPU VMs and SLURM jobs are detected here and then joined by jax's own cluster detection.
+    Having libtpu installed is not a TPU VM: CPU machines install it to compile for TPU topologies.
     """
-    tpu_hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
-    return bool(coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or len(tpu_hosts) > 1
+    return bool(coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+                or on_cloud_tpu_vm()
                 or int(os.environ.get("SLURM_NTASKS", "1")) > 1)
+
+
+# Environment variables that Cloud TPU (GKE pods, multislice) set for the runtime.
+TPU_CLUSTER_ENV = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "MEGASCALE_COORDINATOR_ADDRESS")
+GOOGLE_PCI_VENDOR = "0x1ae0"
+
+
+def on_cloud_tpu_vm() -> bool:
+    """Whether TPU chips are attached to this machine (Google PCI devices) or a TPU cluster set its
+    variables. A CPU machine that sets TPU_SKIP_MDS_QUERY to compile for TPU topologies is not one."""
+    if any(os.environ.get(name) for name in TPU_CLUSTER_ENV):
+        return True
+    if os.environ.get("TPU_SKIP_MDS_QUERY"):
+        return False
+    return tpu_chips_attached() > 0
+
+
+def tpu_chips_attached(pci_root: str = "/sys/bus/pci/devices") -> int:
+    """Number of Google accelerator PCI devices (TPU chips) on this machine."""
+    return sum(Path(vendor).read_text().strip() == GOOGLE_PCI_VENDOR
+               for vendor in glob.glob(f"{pci_root}/*/vendor"))
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,

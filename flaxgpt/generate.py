@@ -57,7 +57,7 @@ class Sampler:
 
 
 class DecodeState(NamedTuple):
-    cache: list[LayerCache]  # per layer k, v: [B, S, H, D]
+    cache: LayerCache | list[LayerCache]  # k, v: [L, B, S, H, D] with scan_layers, else per layer [B, S, H, D]
     window: jax.Array  # [B, S] int32: the token in each cache slot
     valid: jax.Array  # [B, S] bool: the slot holds a real token (not padding, not yet written)
     length: jax.Array  # () int32: slots written so far (S - window_shift + 1 after a slide)
@@ -196,7 +196,7 @@ def checked_prompt(config: GPTConfig, prompt, prompt_mask, window_shift: int):
     prompt, prompt_mask = prompt[:, -config.block_size:], prompt_mask[:, -config.block_size:]
     if not prompt_mask.any(axis=1).all():
         raise ValueError("every prompt row needs at least one real token (prompt_mask True)")
-    return config.replace(attention=None), prompt, prompt_mask
+    return config.replace(attention="xla"), prompt, prompt_mask
 
 
 def check_max_new_tokens(max_new_tokens: int) -> None:

@@ -27,7 +27,7 @@ from flaxgpt import checkpoint, data, distributed, mfu, optim, sharding, tokeniz
 from flaxgpt.config import model_config, validate
 from flaxgpt.metrics import TENSORBOARD_DIR, MetricsLog
 from flaxgpt.profiling import PROFILE_DIR, StepProfiler
-from flaxgpt.model import PRESETS, GPTConfig, count_params, crop_block_size, flops_per_token
+from flaxgpt.model import PRESETS, GPTConfig, convert_layers, count_params, crop_block_size, flops_per_token
 from flaxgpt.train_step import TrainState, TrainStep
 
 # Settings a resumed run must share with its checkpoint (the rest, e.g. dropout, may change on resume).
@@ -168,11 +168,18 @@ def initial_state(config, mesh, wanted: GPTConfig, ckpts: checkpoint.Checkpoints
         if saved_meta.get("model_source", "config") == "config":
             _check_same_model(saved, wanted, ckpts.directory.parent)
         else:
-            wanted = saved.replace(dropout=config.dropout, attention=config.attention, dtype=wanted.dtype)
+            wanted = saved.replace(dropout=config.dropout, attention=wanted.attention, dtype=wanted.dtype,
+                                   scan_layers=wanted.scan_layers, remat=wanted.remat)
         step_fns = TrainStep(wanted, optimizer, mesh, seed=config.seed)
         target = step_fns.abstract_state
+        if saved.scan_layers != wanted.scan_layers:  # restore in the saved layer layout, then (un)stack
+            target = TrainStep(wanted.replace(scan_layers=saved.scan_layers), optimizer, mesh).abstract_state
         params, opt_state, saved_meta = ckpts.restore(target.params, target.opt_state,
                                                       run_id=saved_meta.get("run_id"))
+        if saved.scan_layers != wanted.scan_layers:
+            params, opt_state = jax.jit(
+                lambda *tree: convert_layers(tree, wanted.scan_layers),
+                out_shardings=(step_fns.state_sharding.params, step_fns.state_sharding.opt_state))(params, opt_state)
         ckpts.set_aside([s for s in ckpts.steps() if s > saved_meta["step"]])  # newer, so unreadable
         step = jax.device_put(np.int32(saved_meta["step"]), target.step.sharding)
         return step_fns, TrainState(step=step, params=params, opt_state=opt_state), saved_meta
@@ -180,8 +187,10 @@ def initial_state(config, mesh, wanted: GPTConfig, ckpts: checkpoint.Checkpoints
     pretrained, params = load_pretrained(config.init_from, dtype=wanted.dtype, param_dtype=wanted.param_dtype)
     if config.block_size < pretrained.block_size:
         params, pretrained = crop_block_size(params, pretrained, config.block_size)
-    step_fns = TrainStep(pretrained.replace(dropout=config.dropout, attention=config.attention), optimizer, mesh,
-                         seed=config.seed)
+    pretrained = pretrained.replace(dropout=config.dropout, attention=wanted.attention,
+                                    scan_layers=wanted.scan_layers, remat=wanted.remat)
+    step_fns = TrainStep(pretrained, optimizer, mesh, seed=config.seed)
+    params = convert_layers(params, wanted.scan_layers)
     return step_fns, step_fns.state_from_params(params), {"run_id": new_run_id(), "model_source": config.init_from}
 
 
@@ -219,6 +228,9 @@ def train(config) -> dict:
     if config.attention == "cudnn" and jax.default_backend() != "gpu":
         raise ValueError(f"attention='cudnn' needs an NVIDIA GPU (this backend is {jax.default_backend()}): "
                          "use attention='xla'")
+    if config.attention == "splash" and jax.default_backend() != "tpu":
+        raise ValueError(f"attention='splash' needs a TPU (this backend is {jax.default_backend()}): "
+                         "use attention='auto' or 'xla'")
     mesh = sharding.make_mesh(config.mesh)
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.batch_size % data_parallel:

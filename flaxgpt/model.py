@@ -2,7 +2,9 @@
 
 Shapes: B batch, T query length, S key length, C n_embd, H n_head, D head size (C // H), V vocab.
 Every parameter carries logical axis names ("vocab", "embed", "heads", "kv", "mlp"); `sharding.py`
-maps them onto a device mesh.
+maps them onto a device mesh. With scan_layers the blocks are one `nn.scan`: their parameters are
+stacked on a leading axis L named "layers" (params["h"]), else they are params["h_0"] ... ["h_{L-1}"];
+`convert_layers` turns one layout into the other.
 """
 
 import dataclasses
@@ -14,14 +16,27 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from flaxgpt.splash import splash_supports
+
 PRESETS = {  # nanoGPT's sizes for the OpenAI checkpoints (vocab 50257, block 1024, with biases).
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
 }
-ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
-
+# auto: splash on TPU, cuDNN on NVIDIA GPUs in bfloat16/float16, XLA elsewhere (see resolve_attention).
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+# What a block keeps from its forward pass for the backward pass (jax.checkpoint_policies); the rest is
+# recomputed. none: keep everything (no remat, most memory); full: keep only the block's input (least
+# memory, one extra forward); dots_saveable: keep matmul outputs, recompute the cheap elementwise ops;
+# dots_with_no_batch_dims_saveable: keep the projections' outputs but not attention's batched
+# q.k / p.v products (the [B, H, T, T] ones), recompute those.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
@@ -35,13 +50,22 @@ class GPTConfig:
     gelu_approximate: bool = True  # GPT-2's tanh "gelu_new"; nanoGPT's own models use exact erf GELU.
     dtype: str = "float32"  # compute dtype, e.g. "bfloat16".
     param_dtype: str = "float32"
-    attention: str | None = None  # jax.nn.dot_product_attention implementation: None, "xla", "cudnn".
+    attention: str = "auto"  # one of ATTENTION_IMPLEMENTATIONS; None (older configs) means auto.
+    scan_layers: bool = True  # the blocks as one nn.scan: compile time independent of n_layer
+    remat: str = "none"  # one of REMAT_POLICIES, applied per block
 
     def __post_init__(self):
+        if self.attention is None:
+            object.__setattr__(self, "attention", "auto")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"attention={self.attention!r}: choose one of {ATTENTION_IMPLEMENTATIONS}")
+        if self.attention == "splash" and not splash_supports(self.block_size, self.head_dim):
+            raise ValueError(f"attention='splash' needs block_size ({self.block_size}) a multiple of 128 and "
+                             f"head_dim ({self.head_dim}) a multiple of 64: use attention='auto' or 'xla'")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}: choose one of {', '.join(REMAT_POLICIES)}")
         for field in ("dtype", "param_dtype"):
             jnp.dtype(getattr(self, field))  # raises TypeError on an unknown name
         if self.attention == "cudnn" and jnp.dtype(self.dtype) not in (jnp.bfloat16, jnp.float16):
@@ -116,10 +140,16 @@ class CausalSelfAttention(nn.Module):
             cache = LayerCache(k, v)
         if cfg.dropout > 0 and not deterministic:
             y = _attention_with_dropout(q, k, v, mask, nn.Dropout(cfg.dropout, name="attn_dropout"))
-        else:
+        elif (mask is None and resolve_attention(cfg, jax.default_backend()) == "splash"
+              and splash_supports(q.shape[1], cfg.head_dim)):  # else (init's 1 token) XLA's attention
+            from flaxgpt.splash import splash_causal_attention
+            y = splash_causal_attention(q, k, v)
+        else:  # an explicit mask (cached decoding) always takes XLA's attention
+            implementation = resolve_attention(cfg, jax.default_backend()) if mask is None else "xla"
+            implementation = {"auto": None, "splash": "xla"}.get(implementation, implementation)
             y = jax.nn.dot_product_attention(
                 q, k.astype(q.dtype), v.astype(q.dtype), mask=None if mask is None else mask[:, None],
-                is_causal=mask is None, implementation=cfg.attention)
+                is_causal=mask is None, implementation=implementation)
         y = nn.DenseGeneral(
             cfg.n_embd, axis=(-2, -1), use_bias=cfg.bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
             kernel_init=_init(_residual_std(cfg), ("heads", "kv", "embed")), bias_init=_zeros(("embed",)),
@@ -127,6 +157,22 @@ class CausalSelfAttention(nn.Module):
         y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
         return y, cache
 
+
+def resolve_attention(config: GPTConfig, platform: str) -> str:
+    """The attention implementation `config.attention` means on `platform` ("tpu", "gpu", "cpu").
+
+    auto is splash on TPU when the kernel can take the shapes (splash_supports), cuDNN on GPUs when
+    computing in bfloat16/float16 without dropout, else XLA. Explicit choices are returned as they are
+    (train() checks that they suit the backend).
+    """
+    if config.attention != "auto":
+        return config.attention
+    if platform == "tpu" and splash_supports(config.block_size, config.head_dim):
+        return "splash"
+    if (platform in ("gpu", "cuda") and jnp.dtype(config.dtype) in (jnp.bfloat16, jnp.float16)
+            and config.dropout == 0):
+        return "cudnn"
+    return "xla"
 
 
 def _attention_with_dropout(q, k, v, mask, dropout: nn.Dropout):
@@ -164,8 +210,12 @@ class Block(nn.Module):
     config: GPTConfig
 
     @nn.compact
-    def __call__(self, x, *, deterministic=True, mask=None, cache=None, cache_index=0):
-        """Pre-LayerNorm transformer block. x: [B, T, C] -> ([B, T, C], cache)."""
+    def __call__(self, x, cache=None, mask=None, cache_index=0, deterministic=True):
+        """Pre-LayerNorm transformer block. x: [B, T, C] -> ([B, T, C], cache).
+
+        Positional arguments, as nn.scan and nn.remat pass them (x is the scan's carry, cache its
+        per-layer input and output).
+        """
         y, cache = CausalSelfAttention(self.config, name="attn")(
             _layer_norm(self.config, "ln_1")(x), deterministic=deterministic, mask=mask, cache=cache,
             cache_index=cache_index)
@@ -183,8 +233,8 @@ class GPT(nn.Module):
         """idx: [B, T] int tokens -> logits [B, T, V] (and the updated cache when one is given).
 
         positions: [B, T] position ids (default 0..T-1; pass cache_index + 0..T-1 when decoding).
-        mask, cache, cache_index: see CausalSelfAttention; `cache` is a list with one LayerCache per
-        layer (see `init_cache`). last_only: logits of the last position only, [B, 1, V] (sampling).
+        mask, cache, cache_index: see CausalSelfAttention; `cache` is one LayerCache stacked over the
+        layers ([L, B, S, H, D]) with scan_layers, else a list of per-layer ones (see `init_cache`). last_only: logits of the last position only, [B, 1, V] (sampling).
         """
         cfg = self.config
         T = idx.shape[1]
@@ -198,12 +248,21 @@ class GPT(nn.Module):
                        embedding_init=_init(0.02, (None, "embed")), name="wpe")
         x = nn.Dropout(cfg.dropout)(wte(idx) + wpe(positions), deterministic=deterministic)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        new_cache = []
-        for i in range(cfg.n_layer):
-            x, layer_cache = Block(cfg, name=f"h_{i}")(
-                x, deterministic=deterministic, mask=mask, cache=None if cache is None else cache[i],
-                cache_index=cache_index)
-            new_cache.append(layer_cache)
+        block = Block
+        if cfg.remat != "none":  # inside a scan, CSE cannot merge the recomputation away
+            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers,
+                             static_argnums=(5,))  # deterministic (self counts as 0)
+        if cfg.scan_layers:
+            blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layer,
+                             metadata_params={nn.PARTITION_NAME: "layers"})
+            x, new_cache = blocks(cfg, name="h")(x, cache, mask, cache_index, deterministic)
+        else:
+            new_cache = []
+            for i in range(cfg.n_layer):
+                x, layer_cache = block(cfg, name=f"h_{i}")(
+                    x, None if cache is None else cache[i], mask, cache_index, deterministic)
+                new_cache.append(layer_cache)
         if last_only:
             x = x[:, -1:]
         x = _layer_norm(cfg, "ln_f")(x)
@@ -212,9 +271,13 @@ class GPT(nn.Module):
         return logits if cache is None else (logits, new_cache)
 
 
-def init_cache(config: GPTConfig, batch_size: int, length: int | None = None) -> list[LayerCache]:
-    """Zeroed per-layer key/value caches, each k, v: [B, S, H, D] with S = length or block_size."""
+def init_cache(config: GPTConfig, batch_size: int, length: int | None = None) -> LayerCache | list[LayerCache]:
+    """Zeroed key/value caches with S = length or block_size: with scan_layers one LayerCache with
+    k, v: [L, B, S, H, D], else a list of L LayerCaches with k, v: [B, S, H, D]."""
     shape = (batch_size, length or config.block_size, config.n_head, config.head_dim)
+    if config.scan_layers:
+        shape = (config.n_layer, *shape)
+        return LayerCache(jnp.zeros(shape, config.dtype), jnp.zeros(shape, config.dtype))
     return [LayerCache(jnp.zeros(shape, config.dtype), jnp.zeros(shape, config.dtype))
             for _ in range(config.n_layer)]
 
@@ -224,6 +287,40 @@ def init_params(config: GPTConfig, rng: jax.Array) -> dict:
     """Unboxed float params of a freshly initialised GPT (see sharding.py for the sharded version)."""
     variables = GPT(config).init(rng, jnp.zeros((1, 1), jnp.int32))
     return nn.meta.unbox(variables["params"])
+
+
+def stack_layers(params: dict) -> dict:
+    """Unscanned params (h_0 ... h_{L-1}) -> scanned (h, every leaf stacked on a leading [L] axis)."""
+    names = sorted((k for k in params if k.startswith("h_")), key=lambda k: int(k[2:]))
+    if not names:
+        return params
+    rest = {k: v for k, v in params.items() if not k.startswith("h_")}
+    return {**rest, "h": jax.tree.map(lambda *layers: jnp.stack(layers), *(params[k] for k in names))}
+
+
+def unstack_layers(params: dict) -> dict:
+    """Scanned params (h with a leading [L] axis) -> unscanned (h_0 ... h_{L-1})."""
+    if "h" not in params:
+        return params
+    n_layer = jax.tree.leaves(params["h"])[0].shape[0]
+    rest = {k: v for k, v in params.items() if k != "h"}
+    return {**rest, **{f"h_{i}": jax.tree.map(lambda x: x[i], params["h"]) for i in range(n_layer)}}
+
+
+def convert_layers(tree, scan_layers: bool):
+    """Params, or any tree holding param-shaped dicts (optimizer state), in the given layer layout."""
+    if isinstance(tree, dict):
+        tree = stack_layers(tree) if scan_layers else unstack_layers(tree)
+        return {k: convert_layers(v, scan_layers) for k, v in tree.items()}
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # NamedTuple, e.g. optax's ScaleByAdamState
+        return type(tree)(*(convert_layers(v, scan_layers) for v in tree))
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(convert_layers(v, scan_layers) for v in tree)
+    return tree
+
+
+def is_scanned(params: dict) -> bool:
+    return "h" in params
 
 
 def cross_entropy_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:

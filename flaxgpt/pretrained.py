@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from flaxgpt.model import PRESETS, GPTConfig, init_params
+from flaxgpt.model import PRESETS, GPTConfig, convert_layers, init_params
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 GPT2_VOCAB_SIZE = 50257
@@ -51,7 +51,9 @@ class _Tensor(NamedTuple):
 
 
 def _torch_layout(config: GPTConfig, *, linear: bool) -> dict[str, _Tensor]:
-    """{torch name without prefix: _Tensor}, derived from the model; linear: kernels are nn.Linear's."""
+    """{torch name without prefix: _Tensor}, derived from the unscanned model (one entry per layer, as
+    torch names them); linear: kernels are nn.Linear's."""
+    config = config.replace(scan_layers=False)
     expected = jax.eval_shape(lambda rng: init_params(config, rng), jax.random.key(0))
     layout = {}
     for path, leaf in traverse_util.flatten_dict(expected).items():
@@ -86,12 +88,12 @@ def _from_torch(state: dict[str, np.ndarray], config: GPTConfig, *, linear: bool
                               f"n_embd={config.n_embd}: {'; '.join(problems[:5])}{more}")
     flat = {t.path: jnp.asarray((state[k].T if t.transposed else state[k]).reshape(t.shape), config.param_dtype)
             for k, t in layout.items()}
-    return traverse_util.unflatten_dict(flat)
+    return convert_layers(traverse_util.unflatten_dict(flat), config.scan_layers)
 
 
 def _to_torch(params, config: GPTConfig, *, linear: bool) -> dict[str, np.ndarray]:
     """Our params -> float32 numpy state dict, names without prefix."""
-    flat = traverse_util.flatten_dict(jax.device_get(nn.meta.unbox(params)))
+    flat = traverse_util.flatten_dict(jax.device_get(convert_layers(nn.meta.unbox(params), False)))
     layout = _torch_layout(config, linear=linear)
     got, want = {p: v.shape for p, v in flat.items()}, {t.path: t.shape for t in layout.values()}
     if got != want:

@@ -6,6 +6,7 @@ axis ("batch", "length", ...). One table below maps those names onto the mesh ax
   fsdp   - ZeRO-3: the batch is split and parameters/optimizer state are split on their embed axis,
            gathered layer by layer as the step needs them.
   tensor - Megatron tensor parallel: attention heads, MLP hidden units and the vocabulary are split.
+The scanned blocks' leading "layers" axis is never split.
 """
 
 import math
@@ -26,6 +27,7 @@ LOGICAL_AXIS_RULES = (
     ("mlp", "tensor"),
     ("length", None),
     ("kv", None),
+    ("layers", None),  # the stacked blocks' leading axis (scan_layers): every device holds all layers
 )
 
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from flaxgpt import sharding
+from flaxgpt import sharding, splash
 from flaxgpt.model import GPT, GPTConfig, cross_entropy_loss
 
 
@@ -80,8 +80,9 @@ class TrainStep:
 
     def loss_fn(self, params, x, y, rng=None):
         """x, y: [B, T] -> scalar mean loss; dropout is on when an rng is given."""
-        logits = self.model.apply({"params": params}, x, deterministic=rng is None,
-                                  rngs=None if rng is None else {"dropout": rng})
+        with splash.kernel_mesh(self.mesh):  # splash attention runs under shard_map over this mesh
+            logits = self.model.apply({"params": params}, x, deterministic=rng is None,
+                                      rngs=None if rng is None else {"dropout": rng})
         return cross_entropy_loss(logits, y)
 
     def _train_step(self, state: TrainState, x, y):

@@ -46,8 +46,8 @@ def test_checksums_are_the_same_on_any_mesh_and_catch_one_changed_value():
     sharded = jax.tree.map(split_last_axis, params)
     assert checkpoint.tree_checksums(sharded) == one
     changed = jax.tree.map(lambda x: x, params)
-    changed["h_1"]["mlp"]["c_fc"]["kernel"] = changed["h_1"]["mlp"]["c_fc"]["kernel"].at[3, 5].add(1e-7)
-    with pytest.raises(checkpoint.CorruptCheckpointError, match=r"\['h_1'\]\['mlp'\]\['c_fc'\]\['kernel'\]"):
+    changed["h"]["mlp"]["c_fc"]["kernel"] = changed["h"]["mlp"]["c_fc"]["kernel"].at[1, 3, 5].add(1e-7)
+    with pytest.raises(checkpoint.CorruptCheckpointError, match=r"\['h'\]\['mlp'\]\['c_fc'\]\['kernel'\]"):
         checkpoint.verify_checksums(changed, one, Path("somewhere"))
     checkpoint.verify_checksums(params, one, Path("somewhere"))  # unchanged: passes
 

@@ -206,3 +206,31 @@ def test_window_shift_must_leave_room_in_the_block(params, window_shift):
     for sample in (generate, generate_naive, lambda *a, **kw: next(generate_stream(*a, **kw))):
         with pytest.raises(ValueError, match=r"window_shift must be in \[1, block_size=16\)"):
             sample(params, CONFIG, np.ones((2, 2), np.int32), **kw)
+
+
+UNSCANNED = CONFIG.replace(scan_layers=False)
+
+
+def test_unscanned_cache_matches_full_forward(params):
+    """The per-layer cache list of unscanned blocks decodes as the stacked [L, B, S, H, D] cache does."""
+    from flaxgpt.model import convert_layers
+    unscanned = convert_layers(params, scan_layers=False)
+    tokens = jnp.asarray(random_tokens(0, (2, S)))
+    full = forward(params, tokens)
+    valid = jnp.zeros((2, S), bool).at[:, :5].set(True)
+    cache = init_cache(UNSCANNED, 2)
+    assert isinstance(cache, list) and len(cache) == CONFIG.n_layer
+    logits, cache = run(unscanned, UNSCANNED, cache, tokens, valid, 0, 5)
+    np.testing.assert_allclose(logits, full[:, 4], atol=1e-5, rtol=0)
+    for i in range(5, S):
+        valid = valid.at[:, i].set(True)
+        logits, cache = run(unscanned, UNSCANNED, cache, tokens, valid, i, 1)
+        np.testing.assert_allclose(logits, full[:, i], atol=1e-5, rtol=0)
+
+
+def test_unscanned_generate_matches_scanned(params):
+    from flaxgpt.model import convert_layers
+    prompt = random_tokens(3, (2, 3))
+    kw = dict(max_new_tokens=N, rng=jax.random.key(0), temperature=0.0, window_shift=S // 2)
+    np.testing.assert_array_equal(generate(convert_layers(params, False), UNSCANNED, prompt, **kw),
+                                  generate(params, CONFIG, prompt, **kw))

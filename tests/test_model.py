@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from flaxgpt.model import (GPT, GPTConfig, count_params, crop_block_size, cross_entropy_loss,
-                           flops_per_token, init_cache, init_params)
+                           convert_layers, flops_per_token, init_cache, init_params,
+                           resolve_attention)
 
 TINY = GPTConfig(block_size=16, vocab_size=37, n_layer=2, n_head=4, n_embd=32)
 
@@ -121,10 +122,11 @@ def test_presets_and_config_errors():
     assert GPTConfig(attention="cudnn", dtype="bfloat16").attention == "cudnn"
 
 
-def test_nanogpt_initialisation():
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_nanogpt_initialisation(scan_layers):
     """normal(0.02) weights, zero biases, unit LayerNorm scales, residual projections 0.02/sqrt(2L)."""
-    config = GPTConfig(block_size=64, vocab_size=512, n_layer=4, n_head=4, n_embd=128)
-    p = init_params(config, jax.random.key(0))
+    config = GPTConfig(block_size=64, vocab_size=512, n_layer=4, n_head=4, n_embd=128, scan_layers=scan_layers)
+    p = convert_layers(init_params(config, jax.random.key(0)), scan_layers=False)
     std = lambda a: float(np.std(np.asarray(a)))
     assert std(p["wte"]["embedding"]) == pytest.approx(0.02, rel=0.05)
     assert std(p["h_0"]["mlp"]["c_fc"]["kernel"]) == pytest.approx(0.02, rel=0.05)
@@ -187,3 +189,81 @@ def test_last_only_logits_equal_the_last_row(params):
     last = forward(TINY, params, x, last_only=True)
     chex.assert_shape(last, (2, 1, TINY.vocab_size))
     chex.assert_trees_all_close(last, forward(TINY, params, x)[:, -1:], atol=1e-6)
+
+
+# ------------------------------------------------------------------ scanned layers, remat, splash
+
+def test_scanned_and_unscanned_layouts_convert_both_ways_and_give_the_same_logits():
+    params = init_params(TINY, jax.random.key(0))
+    assert params["h"]["attn"]["c_attn"]["kernel"].shape == (TINY.n_layer, 32, 3, 4, 8)
+    unscanned = convert_layers(params, scan_layers=False)
+    assert sorted(k for k in unscanned if k.startswith("h")) == ["h_0", "h_1"]
+    chex.assert_trees_all_equal(convert_layers(unscanned, scan_layers=True), params)
+    assert count_params(unscanned) == count_params(params)
+    x = tokens((2, TINY.block_size))
+    np.testing.assert_allclose(GPT(TINY.replace(scan_layers=False)).apply({"params": unscanned}, x),
+                               GPT(TINY).apply({"params": params}, x), atol=1e-5, rtol=0)
+
+
+def test_scanned_and_unscanned_training_give_the_same_losses():
+    """Three AdamW steps (2 micro-batches each) on both layouts from the same weights."""
+    import optax
+    from flaxgpt import sharding
+    from flaxgpt.train_step import TrainStep
+    mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    params = init_params(TINY, jax.random.key(0))
+    data = [tokens((2, 4, TINY.block_size), seed=s) for s in range(3)]
+    losses = {}
+    for scan_layers in (True, False):
+        step_fns = TrainStep(TINY.replace(scan_layers=scan_layers), optax.adamw(1e-2), mesh)
+        state = step_fns.state_from_params(convert_layers(params, scan_layers))
+        losses[scan_layers] = []
+        for x in data:
+            state, metrics = step_fns.train_fn(state, x, x)
+            losses[scan_layers].append(float(metrics["loss"]))
+    np.testing.assert_allclose(losses[False], losses[True], rtol=1e-5)
+    assert losses[True][-1] < losses[True][0]
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+@pytest.mark.parametrize("remat", ["full", "dots_saveable", "dots_with_no_batch_dims_saveable"])
+def test_remat_policies_give_the_same_gradients_as_none(remat, scan_layers):
+    config = TINY.replace(scan_layers=scan_layers)
+    params = convert_layers(init_params(TINY, jax.random.key(0)), scan_layers)
+    x = tokens((2, TINY.block_size))
+    grad = lambda c: jax.jit(jax.grad(lambda p: cross_entropy_loss(GPT(c).apply({"params": p}, x), x)))(params)
+    chex.assert_trees_all_close(grad(config.replace(remat=remat)), grad(config), atol=1e-6, rtol=1e-5)
+
+
+def test_unknown_remat_and_unsupported_splash_shapes_are_errors():
+    with pytest.raises(ValueError, match="remat='some'"):
+        GPTConfig(remat="some")
+    with pytest.raises(ValueError, match="multiple of 128"):
+        GPTConfig(block_size=100, attention="splash")
+
+
+def test_auto_attention_resolves_per_platform():
+    config = GPTConfig(n_head=12, n_embd=768, block_size=1024)
+    assert resolve_attention(config, "tpu") == "splash"
+    assert resolve_attention(config.replace(block_size=100), "tpu") == "xla"  # the kernel's 128-token tiles
+    assert resolve_attention(config, "gpu") == "xla"  # float32: cuDNN needs bfloat16/float16
+    assert resolve_attention(config.replace(dtype="bfloat16"), "gpu") == "cudnn"
+    assert resolve_attention(config, "cpu") == "xla"
+    assert resolve_attention(config.replace(attention="xla"), "tpu") == "xla"
+
+
+def test_splash_attention_matches_xla_in_interpret_mode():
+    """The Pallas kernel, interpreted on CPU: logits and gradients equal XLA attention's."""
+    from flaxgpt import splash
+    config = GPTConfig(block_size=128, vocab_size=37, n_layer=2, n_head=2, n_embd=128)
+    params = init_params(config, jax.random.key(0))
+    x = tokens((2, 128))
+    loss = lambda c: lambda p: cross_entropy_loss(GPT(c).apply({"params": p}, x), x)
+    token = splash.INTERPRET.set(True)
+    try:
+        splash_loss, splash_grads = jax.value_and_grad(loss(config.replace(attention="splash")))(params)
+    finally:
+        splash.INTERPRET.reset(token)
+    xla_loss, xla_grads = jax.value_and_grad(loss(config.replace(attention="xla")))(params)
+    np.testing.assert_allclose(splash_loss, xla_loss, rtol=1e-5)
+    chex.assert_trees_all_close(splash_grads, xla_grads, atol=1e-6, rtol=1e-4)

@@ -202,3 +202,26 @@ def test_a_missing_peer_gives_a_clear_error(lone_processes):
     rc, _, err, _ = lone_processes[0]
     assert "flaxgpt: joining process 0 of 2 through the coordinator at 127.0.0.1:" in err, err[-3000:]
     assert "a peer never joined" in err
+
+
+def test_libtpu_alone_is_not_a_multiprocess_launch(monkeypatch, tmp_path):
+    """CPU machines install libtpu to compile for TPU topologies; only attached chips or a TPU cluster's
+    variables make a launch multi-process."""
+    from flaxgpt import distributed
+    for name in (*distributed.TPU_CLUSTER_ENV, "JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_SKIP_MDS_QUERY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(distributed, "tpu_chips_attached", lambda: 0)
+    assert not distributed.is_multiprocess_launch()
+    monkeypatch.setattr(distributed, "tpu_chips_attached", lambda: 4)
+    assert distributed.is_multiprocess_launch()
+    monkeypatch.setenv("TPU_SKIP_MDS_QUERY", "1")
+    assert not distributed.is_multiprocess_launch()
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "host-0,host-1")
+    assert distributed.is_multiprocess_launch()
+    monkeypatch.undo()
+    device = tmp_path / "0000:00:04.0"
+    device.mkdir()
+    (device / "vendor").write_text("0x1ae0\n")
+    (tmp_path / "0000:00:05.0").mkdir()
+    (tmp_path / "0000:00:05.0" / "vendor").write_text("0x8086\n")
+    assert distributed.tpu_chips_attached(str(tmp_path)) == 1

@@ -40,9 +40,11 @@ def test_constant_schedule_without_decay():
 
 
 def test_weight_decay_only_on_matrices_and_embeddings():
-    params = jax.eval_shape(lambda r: init_params(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=4,
-                                                            vocab_size=11), r), jax.random.key(0))
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=4, vocab_size=11, scan_layers=False)
+    params = jax.eval_shape(lambda r: init_params(config, r), jax.random.key(0))
     mask = decay_mask(params)
+    scanned = decay_mask(jax.eval_shape(lambda r: init_params(config.replace(scan_layers=True), r), jax.random.key(0)))
+    assert scanned["h"]["attn"]["c_attn"]["kernel"] and not scanned["h"]["ln_1"]["scale"]
     assert mask["wte"]["embedding"] and mask["wpe"]["embedding"]
     assert mask["h_0"]["attn"]["c_attn"]["kernel"] and mask["h_0"]["mlp"]["c_proj"]["kernel"]
     assert not mask["h_0"]["attn"]["c_attn"]["bias"]  # 3-D, but a bias
