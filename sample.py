@@ -20,7 +20,7 @@ import numpy as np
 
 from flaxgpt.generate import check_max_new_tokens, checked_prompt, generate, generate_stream, make_sampler
 from flaxgpt.load import LoadedModel, load_model
-from flaxgpt.model import GPTConfig
+from flaxgpt.model import crop_vocab_size
 from flaxgpt.tokenizer import StreamDecoder
 
 SEPARATOR = "---------------"
@@ -97,19 +97,11 @@ def read_prompt(start: str) -> str:
     return start
 
 
-def crop_vocabulary(config: GPTConfig, params: dict, vocab_size: int) -> tuple[GPTConfig, dict]:
-    """Drop the embedding rows beyond the tokenizer's vocabulary (GPT-2's 50257 padded to 50304), so the
-    padding tokens, which have no text, are never sampled: the lm_head is tied to wte."""
-    if config.vocab_size <= vocab_size:
-        return config, params
-    params = {**params, "wte": {"embedding": params["wte"]["embedding"][:vocab_size]}}
-    return config.replace(vocab_size=vocab_size), params
-
-
 def run(args: argparse.Namespace) -> None:
     start = read_prompt(args.start)
     config, params, tokenizer, loaded = load(args.init_from, args.out_dir, args.dtype)
-    config, params = crop_vocabulary(config, params, tokenizer.vocab_size)
+    if tokenizer.vocab_size < config.vocab_size:  # GPT-2's padding rows have no text: never sample them
+        params, config = crop_vocab_size(params, config, tokenizer.vocab_size)
     try:
         start_ids = tokenizer.encode(start)
     except ValueError as e:  # a character outside a character-level vocabulary

@@ -31,7 +31,7 @@ def main(argv):
         if COMPILE_FOR.value:
             from flaxgpt.config import validate
             validate(config)
-            sys.exit(0 if compile_for(config, COMPILE_FOR.value) else 1)
+            sys.exit(0 if compile_for(config, COMPILE_FOR.value).fits else 1)
         train(config)
     except (OSError, ValueError, FloatingPointError, RuntimeError) as e:  # what a user can fix
         sys.exit(f"train.py: error: {e}")
@@ -69,7 +69,7 @@ def _config_file_error(config_arg: str) -> str | None:
         return f"{where}{type(e).__name__}: {e}"
 
 
-def compile_for(config, slice_name: str) -> bool:
+def compile_for(config, slice_name: str):
     import jax
     from flaxgpt import tpu_compile
     jax.config.update("jax_platforms", "cpu")  # the TPU devices are compile-only; nothing runs

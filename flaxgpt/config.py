@@ -101,13 +101,9 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int, *, dtype: s
 def validate(config: ml_collections.ConfigDict) -> None:
     """Errors for settings that parse but cannot work, each naming the key. Touches no device, so it can
     run before `distributed.initialize`; the model's own settings are checked by GPTConfig."""
-    positive = ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
-                "log_interval", "n_layer", "n_head", "n_embd")
-    for key in positive:
+    for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
         if config[key] <= 0:
             raise ValueError(f"config.{key} must be positive, got {config[key]}")
-    if not 0 <= config.dropout < 1:
-        raise ValueError(f"config.dropout must be in [0, 1), got {config.dropout}")
     if config.max_iters < 0:
         raise ValueError(f"config.max_iters must be >= 0, got {config.max_iters}")
     if config.dtype == "float16":

@@ -77,8 +77,8 @@ def _run(params, config: GPTConfig, cache, window, valid, index, length: int, po
         positions = jax.lax.dynamic_slice_in_dim(jnp.cumsum(valid, axis=1) - 1, index, length, axis=1)
     query_slots = index + jnp.arange(length)
     mask = valid[:, None, :] & (jnp.arange(S)[None, None, :] <= query_slots[None, :, None])  # [B, T, S]
-    logits, cache = GPT(config).apply({"params": params}, tokens, positions=jnp.maximum(positions, 0),
-                                      mask=mask, cache=cache, cache_index=index, last_only=True)
+    logits, cache = GPT(config).apply({"params": params}, tokens, cache, positions=jnp.maximum(positions, 0),
+                                      mask=mask, cache_index=index, method=GPT.decode)
     return logits[:, -1].astype(jnp.float32), cache
 
 

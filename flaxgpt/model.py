@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from flaxgpt.splash import splash_supports
+from flaxgpt.tokenizer import GPT2_PADDED_VOCAB_SIZE, GPT2_VOCAB_SIZE
 
 PRESETS = {  # nanoGPT's sizes for the OpenAI checkpoints (vocab 50257, block 1024, with biases).
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
@@ -41,7 +42,7 @@ REMAT_POLICIES = {
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
     block_size: int = 1024
-    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for speed.
+    vocab_size: int = GPT2_PADDED_VOCAB_SIZE  # GPT-2's 50257 padded up to a multiple of 64 for speed.
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
@@ -57,6 +58,11 @@ class GPTConfig:
     def __post_init__(self):
         if self.attention is None:
             object.__setattr__(self, "attention", "auto")
+        for field in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, field) <= 0:
+                raise ValueError(f"{field} must be positive, got {getattr(self, field)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
@@ -76,7 +82,7 @@ class GPTConfig:
     def from_preset(cls, name: str, **overrides) -> "GPTConfig":
         if name not in PRESETS:
             raise ValueError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)}")
-        return cls(**{"vocab_size": 50257, "block_size": 1024, "bias": True, **PRESETS[name], **overrides})
+        return cls(**{"vocab_size": GPT2_VOCAB_SIZE, "block_size": 1024, "bias": True, **PRESETS[name], **overrides})
 
     def replace(self, **changes) -> "GPTConfig":
         return dataclasses.replace(self, **changes)
@@ -227,15 +233,29 @@ class Block(nn.Module):
 class GPT(nn.Module):
     config: GPTConfig
 
-    @nn.compact
-    def __call__(self, idx, *, deterministic=True, positions=None, mask=None, cache=None, cache_index=0,
-                 last_only=False):
-        """idx: [B, T] int tokens -> logits [B, T, V] (and the updated cache when one is given).
+    def __call__(self, idx, *, deterministic=True, positions=None, mask=None):
+        """idx: [B, T] int tokens -> logits [B, T, V].
 
-        positions: [B, T] position ids (default 0..T-1; pass cache_index + 0..T-1 when decoding).
-        mask, cache, cache_index: see CausalSelfAttention; `cache` is one LayerCache stacked over the
-        layers ([L, B, S, H, D]) with scan_layers, else a list of per-layer ones (see `init_cache`). last_only: logits of the last position only, [B, 1, V] (sampling).
+        positions: [B, T] position ids (default 0..T-1); mask: optional [B, T, T] bool, True where a query
+        may attend to a key (e.g. causal and not padding); None is plain causal attention.
         """
+        return self.forward(idx, deterministic=deterministic, positions=positions, mask=mask)[0]
+
+    def decode(self, idx, cache, *, positions, mask, cache_index):
+        """Cached decoding: idx [B, T] -> (logits of the last position [B, 1, V], the updated cache).
+
+        positions: [B, T] position ids; mask: [B, T, S] bool, True where a query may attend to a cache slot;
+        the keys and values of idx are written at cache slots cache_index ... cache_index + T - 1. `cache`
+        is one LayerCache stacked over the layers ([L, B, S, H, D]) with scan_layers, else a list of
+        per-layer ones (see `init_cache`).
+        """
+        return self.forward(idx, positions=positions, mask=mask, cache=cache, cache_index=cache_index,
+                            last_only=True)
+
+    @nn.compact
+    def forward(self, idx, *, deterministic=True, positions=None, mask=None, cache=None, cache_index=0,
+                last_only=False):
+        """What `__call__` and `decode` share: -> (logits [B, T or 1, V], the updated cache or None)."""
         cfg = self.config
         T = idx.shape[1]
         if T > cfg.block_size:
@@ -268,7 +288,7 @@ class GPT(nn.Module):
         x = _layer_norm(cfg, "ln_f")(x)
         logits = wte.attend(x)  # lm_head tied to wte
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
-        return logits if cache is None else (logits, new_cache)
+        return logits, (None if cache is None else new_cache)
 
 
 def init_cache(config: GPTConfig, batch_size: int, length: int | None = None) -> LayerCache | list[LayerCache]:
@@ -347,6 +367,15 @@ def crop_block_size(params: dict, config: GPTConfig, block_size: int) -> tuple[d
         raise ValueError(f"cannot grow block_size from {config.block_size} to {block_size}")
     params = dict(params, wpe={"embedding": params["wpe"]["embedding"][:block_size]})
     return params, config.replace(block_size=block_size)
+
+
+def crop_vocab_size(params: dict, config: GPTConfig, vocab_size: int) -> tuple[dict, GPTConfig]:
+    """Keep the first vocab_size rows of the (tied) token embedding, e.g. GPT-2's 50304 padded rows back to
+    its 50257 tokens, so that padding tokens, which have no text, are never sampled or exported."""
+    if vocab_size > config.vocab_size:
+        raise ValueError(f"cannot grow vocab_size from {config.vocab_size} to {vocab_size}")
+    params = dict(params, wte={"embedding": params["wte"]["embedding"][:vocab_size]})
+    return params, config.replace(vocab_size=vocab_size)
 
 
 def flops_per_token(config: GPTConfig, n_params: int, seq_len: int | None = None) -> float:

@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from flaxgpt.model import PRESETS, GPTConfig, convert_layers, init_params
+from flaxgpt.model import PRESETS, GPTConfig, convert_layers, crop_vocab_size, init_params
+from flaxgpt.tokenizer import GPT2_EOT, GPT2_PADDED_VOCAB_SIZE, GPT2_VOCAB_SIZE
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-GPT2_VOCAB_SIZE = 50257
 _TANH_GELU = {"gelu_new": True, "gelu_pytorch_tanh": True, "gelu": False}  # HF activation -> gelu_approximate
 _BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")  # causal-mask buffers of HF / nanoGPT attention
 
@@ -202,12 +202,11 @@ def save_pretrained(params, config: GPTConfig, folder: str | Path, *, vocab_size
     if not config.bias:
         raise ValueError("HF GPT-2 always has biases: a bias=False model cannot be saved as one (use save_nanogpt)")
     if vocab_size is None:
-        vocab_size = GPT2_VOCAB_SIZE if config.vocab_size == 50304 else config.vocab_size
+        vocab_size = GPT2_VOCAB_SIZE if config.vocab_size == GPT2_PADDED_VOCAB_SIZE else config.vocab_size
     if vocab_size > config.vocab_size:
         raise ValueError(f"vocab_size={vocab_size} exceeds the model's {config.vocab_size}")
     params = nn.meta.unbox(params)
-    params = {**params, "wte": {"embedding": params["wte"]["embedding"][:vocab_size]}}
-    config = config.replace(vocab_size=vocab_size)
+    params, config = crop_vocab_size(params, config, vocab_size)
     state = {f"transformer.{k}": v for k, v in _to_torch(params, config, linear=False).items()}
     act = "gelu_new" if config.gelu_approximate else "gelu"
     hf = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=vocab_size,
@@ -215,7 +214,7 @@ def save_pretrained(params, config: GPTConfig, folder: str | Path, *, vocab_size
               n_layer=config.n_layer, n_head=config.n_head, n_inner=None, activation_function=act,
               layer_norm_epsilon=1e-5, resid_pdrop=config.dropout, embd_pdrop=config.dropout,
               attn_pdrop=config.dropout, tie_word_embeddings=True, dtype="float32")
-    eot = 50256 if vocab_size > 50256 else None  # GPT-2's <|endoftext|>; smaller vocabularies lack it
+    eot = GPT2_EOT if vocab_size > GPT2_EOT else None  # GPT-2's <|endoftext|>; smaller vocabularies lack it
     hf.update(bos_token_id=eot, eos_token_id=eot)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -133,8 +133,18 @@ def _vocab_size(config) -> int:
     return tokenizer.model_vocab_size(data.load_meta(data_dir) if data_dir.is_dir() else tokenizer.GPT2_META)
 
 
-def plan(config, slice_name: str, print_fn=print) -> bool:
-    """Compile for the slice and print the per-chip report and the verdict line; -> whether it fits."""
+class Plan(NamedTuple):
+    """What compiling for a slice found: fits, total GiB per chip (needed, when it did not compile), the
+    chip's HBM, the compute-floor step time (None when it did not compile) and the compile seconds."""
+    fits: bool
+    total_gib: float | None
+    hbm_gib: float
+    floor_ms: float | None
+    compile_s: float | None
+
+
+def plan(config, slice_name: str, print_fn=print) -> Plan:
+    """Compile for the slice and print the per-chip report and the verdict line."""
     devices = topology_devices(slice_name)
     spec = SLICES[slice_name]
     from flaxgpt import mfu
@@ -151,7 +161,7 @@ def plan(config, slice_name: str, print_fn=print) -> bool:
         amount = f"{needed:.2f} GiB" if needed is not None else "more than"
         print_fn(f"does not fit: {amount} of {spec.hbm_gib:.2f} GiB per chip: try "
                  f"{suggest(config, _replicated_state_gib(config), spec.hbm_gib)}")
-        return False
+        return Plan(False, needed, spec.hbm_gib, None, None)
     seconds = time.perf_counter() - start
     memory = train_step.memory_analysis()
     arguments = memory.argument_size_in_bytes / GiB
@@ -188,4 +198,4 @@ def plan(config, slice_name: str, print_fn=print) -> bool:
     else:
         print_fn(f"does not fit: {total:.2f} GiB of {spec.hbm_gib:.2f} GiB per chip: try "
                  f"{suggest(config, arguments, spec.hbm_gib)}")
-    return fits
+    return Plan(fits, total, spec.hbm_gib, floor_ms, seconds)

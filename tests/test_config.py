@@ -33,7 +33,7 @@ def test_owt_keeps_nanogpts_half_million_tokens_per_step():
     ("dtype", "float8", "config.dtype"),
     ("param_dtype", "float33", "config.param_dtype"),
     ("max_to_keep", 0, "config.max_to_keep"),
-    ("dropout", 1.0, "config.dropout"),
+    ("dropout", 1.0, "dropout must be in \\[0, 1\\)"),
 ])
 def test_validate_names_the_key(key, value, message):
     c = base_config()

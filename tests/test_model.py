@@ -85,6 +85,12 @@ def test_dropout_is_random_in_training_and_off_in_eval():
     chex.assert_trees_all_close(forward(config, p, x), forward(TINY, p, x))
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def decode(config, params, x, cache, positions, mask, cache_index):
+    return GPT(config).apply({"params": params}, x, cache, positions=positions, mask=mask, cache_index=cache_index,
+                             method=GPT.decode)
+
+
 def test_cached_forward_matches_full_forward(params):
     """Prefill 5 tokens, then one token at a time through the cache: same logits as one full pass."""
     x = tokens((2, 9))
@@ -92,13 +98,12 @@ def test_cached_forward_matches_full_forward(params):
     cache = init_cache(TINY, 2)
     slots = jnp.arange(TINY.block_size)
     mask = lambda start, n: (slots[None, :] <= start + jnp.arange(n)[:, None])[None].repeat(2, 0)
-    logits, cache = forward(TINY, params, x[:, :5], mask=mask(0, 5), cache=cache, cache_index=0)
-    pieces = [logits]
+    logits, cache = decode(TINY, params, x[:, :5], cache, jnp.arange(5)[None].repeat(2, 0), mask(0, 5), 0)
+    pieces = [logits]  # decode returns the last position's logits
     for t in range(5, 9):
-        logits, cache = forward(TINY, params, x[:, t:t + 1], positions=jnp.full((2, 1), t),
-                                        mask=mask(t, 1), cache=cache, cache_index=t)
+        logits, cache = decode(TINY, params, x[:, t:t + 1], cache, jnp.full((2, 1), t), mask(t, 1), t)
         pieces.append(logits)
-    chex.assert_trees_all_close(jnp.concatenate(pieces, axis=1), full, atol=1e-5)
+    chex.assert_trees_all_close(jnp.concatenate(pieces, axis=1), full[:, 4:], atol=1e-5)
 
 
 def test_gpt2_parameter_count():
@@ -186,7 +191,8 @@ def test_flops_per_token_is_nanogpts_formula():
 
 def test_last_only_logits_equal_the_last_row(params):
     x = tokens((2, 9))
-    last = forward(TINY, params, x, last_only=True)
+    last, no_cache = GPT(TINY).apply({"params": params}, x, last_only=True, method=GPT.forward)
+    assert no_cache is None
     chex.assert_shape(last, (2, 1, TINY.vocab_size))
     chex.assert_trees_all_close(last, forward(TINY, params, x)[:, -1:], atol=1e-6)
 

@@ -31,8 +31,10 @@ def small_config(tmp_path, **overrides):
 
 def report(config, slice_name):
     lines = []
-    fits = tpu_compile.plan(config, slice_name, print_fn=lines.append)
-    return fits, lines
+    result = tpu_compile.plan(config, slice_name, print_fn=lines.append)
+    if result.fits:
+        assert f"fits: {result.total_gib:.2f} GiB" in lines[-1] and result.floor_ms > 0
+    return result.fits, lines
 
 
 MESHES = {"dp": {}, "fsdp": {"mesh.data": 1, "mesh.fsdp": -1}, "tp": {"mesh.data": -1, "mesh.tensor": 2}}
