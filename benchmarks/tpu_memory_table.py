@@ -39,7 +39,7 @@ def config_for(size: str, slice_name: str, per_chip: int):
     c.n_layer, c.n_head, c.n_embd = (PRESETS[size][k] for k in ("n_layer", "n_head", "n_embd"))
     mesh, c.remat = SETTINGS[size]
     c.mesh.data, c.mesh.fsdp = mesh["data"], mesh["fsdp"]
-    c.batch_size = per_chip * int(slice_name.split("-")[1])
+    c.batch_size = per_chip * len(tpu_compile.topology_devices(slice_name))  # v4-8, v5p-8: 4 chips
     c.gradient_accumulation_steps = 1
     c.eval_iters = 1
     return c

@@ -6,7 +6,6 @@ give what each chip needs. The state and steps come from the same pieces trainin
 (`compile_steps`); only the devices differ.
 """
 
-import math
 import os
 import re
 import time
@@ -149,7 +148,6 @@ def plan(config, slice_name: str, print_fn=print) -> Plan:
     spec = SLICES[slice_name]
     from flaxgpt import mfu
     from flaxgpt.model import count_params, flops_per_token
-    import jax
 
     start = time.perf_counter()
     try:

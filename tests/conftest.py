@@ -13,7 +13,72 @@ if SHARED_DATA.is_dir():  # GPT-2's BPE ranks and tiny Shakespeare without a dow
     os.environ.setdefault("FLAXGPT_DATA", str(SHARED_DATA))
 
 
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+CORPUS = SHARED_DATA / "tinyshakespeare" / "input.txt"
+
+
+def corpus_text(n_chars: int) -> str:
+    """The first n_chars of tiny Shakespeare (or, without ../shared, text with some structure)."""
+    if CORPUS.is_file():
+        return CORPUS.read_text()[:n_chars]
+    rng = np.random.default_rng(0)
+    words = ["the ", "king ", "and ", "queen ", "shall ", "speak\n", "to ", "thee, ", "my ", "lord. "]
+    return "".join(rng.choice(words, size=n_chars // 5))[:n_chars]
+
+
+@pytest.fixture(scope="session")
+def shakespeare_char_dir(tmp_path_factory) -> Path:
+    """A prepared character dataset of the first 200,000 characters of tiny Shakespeare."""
+    from flaxgpt.prepare import prepare
+    root = tmp_path_factory.mktemp("data")
+    (root / "input.txt").write_text(corpus_text(200_000))
+    prepare("shakespeare_char", out_dir=root / "shakespeare_char", input_path=root / "input.txt")
+    return root / "shakespeare_char"
+
+
+@pytest.fixture(scope="session")
+def alphabet64_dir(tmp_path_factory) -> Path:
+    """A character dataset of exactly 64 symbols: a vocabulary that tensor=2 (or 4, 8) can split."""
+    from flaxgpt.prepare import prepare
+    root = tmp_path_factory.mktemp("alphabet64")
+    alphabet = "".join(chr(c) for c in range(48, 112))
+    ids = (np.arange(20_000) * 7 + np.random.default_rng(0).integers(0, 3, 20_000)) % len(alphabet)
+    (root / "input.txt").write_text("".join(alphabet[i] for i in ids))
+    assert prepare("shakespeare_char", out_dir=root / "chars", input_path=root / "input.txt")["vocab_size"] == 64
+    return root / "chars"
+
+
+# A run of configs/shakespeare_char.py:cpu (AdamW, lr warm-up, dropout 0) shrunk to seconds.
+TINY_RUN = dict(n_layer=2, n_head=4, n_embd=32, block_size=16, batch_size=8, max_iters=6, eval_interval=3,
+                eval_iters=2, log_interval=1, always_save_checkpoint=True, async_checkpointing=False,
+                warmup_iters=2, lr_decay_iters=6)
+
+
+def tiny_run_config(data_dir: Path, out_dir: Path, **overrides):
+    """The shakespeare_char cpu config with TINY_RUN's settings, data_dir, out_dir and any overrides."""
+    from configs import shakespeare_char
+    c = shakespeare_char.get_config("cpu")
+    for key, value in {**TINY_RUN, "data_dir": str(data_dir), "out_dir": str(out_dir), **overrides}.items():
+        c[key] = value
+    return c
+
+
+def one_device_mesh():
+    from flaxgpt import sharding
+    return sharding.make_mesh({"data": 1}, jax.devices()[:1])
+
+
+def to_host(tree):
+    return jax.tree.map(np.asarray, tree)
+
+
+def assert_trees_close(actual, expected, **tol):
+    paths = jax.tree_util.tree_flatten_with_path(expected)[0]
+    for (path, e), a in zip(paths, jax.tree.leaves(actual)):
+        np.testing.assert_allclose(a, e, err_msg=jax.tree_util.keystr(path), **tol)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from flaxgpt import checkpoint, sharding
+from conftest import assert_trees_close, one_device_mesh, to_host
+from flaxgpt import checkpoint, optim, sharding
+from flaxgpt.config import base_config
+from flaxgpt.train_step import TrainStep
 from flaxgpt.model import GPTConfig, init_params
 
 TINY = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
@@ -101,4 +104,38 @@ def test_a_failed_background_save_is_one_line_naming_the_checkpoint(tmp_path, mo
     assert "\n" not in message and "checkpoints/5" in message and "No space left on device" in message
     assert "untouched" in message
     monkeypatch.undo()
+    ckpts.close()
+
+
+def random_state(abstract, seed=0):
+    """Host arrays of the abstract state's shapes with distinct random values (zeros prove little)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype) if s.ndim else
+                        np.asarray(rng.integers(1, 100), s.dtype), abstract)
+
+
+@pytest.mark.parametrize("source, targets", [("fsdp8", ["one", "tp2_dp4"]), ("one", ["fsdp8"])])
+def test_checkpoint_restores_onto_another_mesh(source, targets, tmp_path):
+    optimizer = optim.make_optimizer(base_config())
+
+    def step_fns_on(name):
+        mesh = one_device_mesh() if name == "one" else sharding.make_mesh({'fsdp8': {'fsdp': 8}, 'tp2_dp4': {'data': 4, 'tensor': 2}}[name])
+        return TrainStep(TINY, optimizer, mesh)
+
+    saver = step_fns_on(source)
+    values = random_state(saver.abstract_state)
+    state = jax.device_put(values, saver.state_sharding)
+    ckpts = checkpoint.Checkpoints(tmp_path)
+    ckpts.save(7, state.params, state.opt_state, {"step": 7})
+    ckpts.wait()
+    for name in targets:
+        target = step_fns_on(name).abstract_state
+        params, opt_state, meta = ckpts.restore(target.params, target.opt_state)
+        assert meta["step"] == 7 and set(meta["checksums"]) == {"params", "opt_state"}
+        restored = {"params": params, "opt_state": opt_state}
+        expected = {"params": target.params, "opt_state": target.opt_state}
+        assert_trees_close(to_host(restored), {"params": values.params, "opt_state": values.opt_state},
+                           rtol=0, atol=0)
+        for leaf, want in zip(jax.tree.leaves(restored), jax.tree.leaves(expected)):
+            assert leaf.sharding.is_equivalent_to(want.sharding, leaf.ndim), name
     ckpts.close()

@@ -21,7 +21,6 @@ import pytest
 
 from configs import shakespeare_char
 from flaxgpt.checkpoint import load_params
-from flaxgpt.prepare import prepare
 from flaxgpt.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,14 +98,8 @@ def report(outputs) -> str:
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """A 64-character dataset (a vocabulary that tensor=2 can split)."""
-    root = tmp_path_factory.mktemp("multihost_data")
-    alphabet = "".join(chr(c) for c in range(48, 112))
-    ids = (np.arange(20_000) * 7 + np.random.default_rng(0).integers(0, 3, 20_000)) % len(alphabet)
-    (root / "input.txt").write_text("".join(alphabet[i] for i in ids))
-    assert prepare("shakespeare_char", out_dir=root / "chars", input_path=root / "input.txt")["vocab_size"] == 64
-    return root / "chars"
+def data_dir(alphabet64_dir) -> Path:
+    return alphabet64_dir
 
 
 def run_config(data_dir: Path, out_dir: Path) -> dict:

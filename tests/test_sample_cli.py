@@ -11,7 +11,7 @@ import pytest
 import sample
 from flaxgpt.checkpoint import Checkpoints
 from flaxgpt.model import GPTConfig, init_params
-from flaxgpt.tokenizer import GPT2Tokenizer
+
 
 CHARS = list("\n abcdefghij")
 CHAR_CONFIG = GPTConfig(block_size=16, vocab_size=len(CHARS), n_layer=2, n_head=2, n_embd=32)

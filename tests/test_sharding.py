@@ -10,8 +10,6 @@ turns rounding noise into a +-lr step, and Adam's parameters of any two reductio
 ~lr. The end-to-end test through `train()` uses the real AdamW at the configs' warm-up learning rate.
 """
 
-import json
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -19,13 +17,11 @@ import optax
 import pytest
 from jax.sharding import AxisType
 
-from configs import shakespeare_char
-from flaxgpt import checkpoint, optim, sharding
+from flaxgpt import optim, sharding
 from flaxgpt.config import base_config
 from flaxgpt.model import GPTConfig
-from flaxgpt.prepare import prepare
 from flaxgpt.train_step import TrainStep
-from flaxgpt.loop import train
+from conftest import assert_trees_close, one_device_mesh, to_host
 
 MESHES = {
     "dp8": {"data": 8},
@@ -47,10 +43,6 @@ def eight_devices():
     assert jax.device_count() == 8, (
         f"{jax.device_count()} devices: these tests need XLA_FLAGS=--xla_force_host_platform_device_count=8 "
         "set before jax starts (tests/conftest.py does that)")
-
-
-def one_device_mesh():
-    return sharding.make_mesh({"data": 1}, jax.devices()[:1])
 
 
 def sgd():
@@ -77,16 +69,6 @@ def run(step_fns: TrainStep, state):
         losses.append(metrics["loss"])
         norms.append(metrics["grad_norm"])
     return state, np.array(losses), np.array(norms)
-
-
-def to_host(tree):
-    return jax.tree.map(np.asarray, tree)
-
-
-def assert_trees_close(actual, expected, **tol):
-    paths = jax.tree_util.tree_flatten_with_path(expected)[0]
-    for (path, e), a in zip(paths, jax.tree.leaves(actual)):
-        np.testing.assert_allclose(a, e, err_msg=jax.tree_util.keystr(path), **tol)
 
 
 # ----------------------------------------------------------------------------------------------- mesh
@@ -269,83 +251,3 @@ def test_dimensions_the_mesh_does_not_divide_are_replicated():
 
 
 # -------------------------------------------------------------------------------------------- checkpoints
-
-def random_state(abstract, seed=0):
-    """Host arrays of the abstract state's shapes with distinct random values (zeros prove little)."""
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype) if s.ndim else
-                        np.asarray(rng.integers(1, 100), s.dtype), abstract)
-
-
-@pytest.mark.parametrize("source, targets", [("fsdp8", ["one", "tp2_dp4"]), ("one", ["fsdp8"])])
-def test_checkpoint_restores_onto_another_mesh(source, targets, tmp_path):
-    optimizer = optim.make_optimizer(base_config())
-
-    def step_fns_on(name):
-        mesh = one_device_mesh() if name == "one" else sharding.make_mesh(MESHES[name])
-        return TrainStep(TINY, optimizer, mesh)
-
-    saver = step_fns_on(source)
-    values = random_state(saver.abstract_state)
-    state = jax.device_put(values, saver.state_sharding)
-    ckpts = checkpoint.Checkpoints(tmp_path)
-    ckpts.save(7, state.params, state.opt_state, {"step": 7})
-    ckpts.wait()
-    for name in targets:
-        target = step_fns_on(name).abstract_state
-        params, opt_state, meta = ckpts.restore(target.params, target.opt_state)
-        assert meta["step"] == 7 and set(meta["checksums"]) == {"params", "opt_state"}
-        restored = {"params": params, "opt_state": opt_state}
-        expected = {"params": target.params, "opt_state": target.opt_state}
-        assert_trees_close(to_host(restored), {"params": values.params, "opt_state": values.opt_state},
-                           rtol=0, atol=0)
-        for leaf, want in zip(jax.tree.leaves(restored), jax.tree.leaves(expected)):
-            assert leaf.sharding.is_equivalent_to(want.sharding, leaf.ndim), name
-    ckpts.close()
-
-
-# ------------------------------------------------------------------------------------ the training loop
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """A character dataset with exactly 64 symbols (a vocabulary that tensor=2 can split)."""
-    root = tmp_path_factory.mktemp("sharding_data")
-    alphabet = "".join(chr(c) for c in range(48, 112))
-    rng = np.random.default_rng(0)
-    ids = (np.arange(20_000) * 7 + rng.integers(0, 3, 20_000)) % len(alphabet)
-    (root / "input.txt").write_text("".join(alphabet[i] for i in ids))
-    meta = prepare("shakespeare_char", out_dir=root / "chars", input_path=root / "input.txt")
-    assert meta["vocab_size"] == 64
-    return root / "chars"
-
-
-def loop_config(data_dir: Path, out_dir: Path, mesh: dict):
-    c = shakespeare_char.get_config("cpu")  # AdamW, lr warm-up from 1e-5, dropout 0
-    c.data_dir, c.out_dir, c.mesh = str(data_dir), str(out_dir), mesh
-    c.n_layer, c.n_head, c.n_embd, c.block_size, c.batch_size = 2, 4, 32, 16, 8
-    c.gradient_accumulation_steps = 2
-    c.max_iters, c.eval_interval, c.eval_iters, c.log_interval = 4, 4, 2, 1
-    c.always_save_checkpoint, c.async_checkpointing = True, False
-    return c
-
-
-def test_training_loop_on_fsdp4_tp2_matches_one_device(data_dir, tmp_path, monkeypatch):
-    results = {"2d": train(loop_config(data_dir, tmp_path / "2d", {"fsdp": 4, "tensor": 2}))}
-    make_mesh = sharding.make_mesh
-    # train() puts its mesh over all jax.devices(); give it only the first one.
-    monkeypatch.setattr(sharding, "make_mesh", lambda shape, devices=None: make_mesh(shape, jax.devices()[:1]))
-    results["one"] = train(loop_config(data_dir, tmp_path / "one", {"data": 1}))
-    monkeypatch.undo()
-    assert results["2d"]["step"] == results["one"]["step"] == 4
-    np.testing.assert_allclose(results["2d"]["val"], results["one"]["val"], **LOSS_TOL)
-
-    logs = {k: [json.loads(line) for line in (tmp_path / k / "metrics.jsonl").read_text().splitlines()]
-            for k in results}
-    assert [line["step"] for line in logs["2d"]] == [0, 1, 2, 3, 4, 4]  # eval, 4 steps, eval
-    for key in ("loss", "grad_norm", "train/loss", "val/loss"):
-        pairs = [(a[key], b[key]) for a, b in zip(logs["2d"], logs["one"], strict=True) if key in a]
-        assert pairs, key
-        np.testing.assert_allclose(*zip(*pairs), err_msg=key, **LOSS_TOL)
-
-    params = {k: to_host(checkpoint.load_params(tmp_path / k)[1]) for k in results}
-    assert_trees_close(params["2d"], params["one"], rtol=1e-5, atol=1e-7)  # measured: <= 3e-8

@@ -1,4 +1,5 @@
-"""The training loop end to end: loss goes down, exact resume, checkpoints, and its error messages."""
+"""The training loop (flaxgpt/loop.py) and train.py end to end: loss goes down, exact resume, run identity,
+checkpoints, stop requests, and its error messages."""
 
 import json
 import logging
@@ -11,45 +12,21 @@ import time
 from pathlib import Path
 
 import chex
+import jax
 import numpy as np
 import pytest
 
-from configs import shakespeare_char
 from flaxgpt.checkpoint import Checkpoints, load_params
 from flaxgpt.prepare import prepare
 from flaxgpt.loop import train
-from conftest import SHARED_DATA
+from conftest import assert_trees_close, corpus_text, tiny_run_config, to_host
 
 REPO = Path(__file__).resolve().parents[1]
-CORPUS = SHARED_DATA / "tinyshakespeare" / "input.txt"
-
-
-def corpus_text(n_chars: int) -> str:
-    if CORPUS.is_file():
-        return CORPUS.read_text()[:n_chars]
-    rng = np.random.default_rng(0)  # a stand-in with structure: repeated words
-    words = ["the ", "king ", "and ", "queen ", "shall ", "speak\n", "to ", "thee, ", "my ", "lord. "]
-    return "".join(rng.choice(words, size=n_chars // 5))[:n_chars]
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    (root / "input.txt").write_text(corpus_text(200_000))
-    prepare("shakespeare_char", out_dir=root / "shakespeare_char", input_path=root / "input.txt")
-    return root / "shakespeare_char"
-
-
-def tiny_config(data_dir: Path, out_dir: Path, **overrides):
-    c = shakespeare_char.get_config("cpu")
-    c.data_dir, c.out_dir = str(data_dir), str(out_dir)
-    c.n_layer, c.n_head, c.n_embd, c.block_size, c.batch_size = 2, 2, 32, 16, 8
-    c.max_iters, c.eval_interval, c.eval_iters, c.log_interval = 6, 3, 2, 1
-    c.always_save_checkpoint, c.async_checkpointing = True, False
-    c.warmup_iters, c.lr_decay_iters = 2, 6
-    for key, value in overrides.items():
-        c[key] = value
-    return c
+def data_dir(shakespeare_char_dir) -> Path:
+    return shakespeare_char_dir
 
 
 @pytest.mark.slow
@@ -76,31 +53,31 @@ def test_train_cli_loss_falls_well_below_unigram_baseline(data_dir, tmp_path):
 def test_resume_continues_exactly(data_dir, tmp_path):
     """6 steps straight == 3 steps + resume + 3 steps, bit for bit (with dropout and accumulation)."""
     common = dict(dropout=0.1, gradient_accumulation_steps=2)
-    train(tiny_config(data_dir, tmp_path / "straight", **common))
-    train(tiny_config(data_dir, tmp_path / "halves", max_iters=3, **common))
+    train(tiny_run_config(data_dir, tmp_path / "straight", **common))
+    train(tiny_run_config(data_dir, tmp_path / "halves", max_iters=3, **common))
     assert Checkpoints(tmp_path / "halves").steps() == [3]
-    train(tiny_config(data_dir, tmp_path / "halves", init_from="resume", **common))
+    train(tiny_run_config(data_dir, tmp_path / "halves", init_from="resume", **common))
     _, straight = load_params(tmp_path / "straight")
     _, resumed = load_params(tmp_path / "halves")
     chex.assert_trees_all_equal(straight, resumed)
 
 
 def test_eval_only_and_sample_metadata(data_dir, tmp_path):
-    losses = train(tiny_config(data_dir, tmp_path, eval_only=True))
+    losses = train(tiny_run_config(data_dir, tmp_path, eval_only=True))
     assert losses["step"] == 0 and np.isfinite(losses["val"])
     assert not Checkpoints(tmp_path).steps()
     assert json.loads((tmp_path / "meta.json").read_text())["tokenizer"] == "char"
 
 
 def test_resume_skips_broken_checkpoints_and_keeps_them(data_dir, tmp_path, caplog):
-    train(tiny_config(data_dir, tmp_path, max_iters=3))
+    train(tiny_run_config(data_dir, tmp_path, max_iters=3))
     ckpt_dir = tmp_path / "checkpoints"
     shutil.copytree(ckpt_dir / "3", ckpt_dir / "5")
     shutil.rmtree(ckpt_dir / "5" / "params")  # half written
     (ckpt_dir / "9").mkdir()  # foreign
     (ckpt_dir / "9" / "notes.txt").write_text("not a checkpoint")
     with caplog.at_level(logging.WARNING):
-        losses = train(tiny_config(data_dir, tmp_path, init_from="resume", max_iters=4, eval_interval=100))
+        losses = train(tiny_run_config(data_dir, tmp_path, init_from="resume", max_iters=4, eval_interval=100))
     assert losses["step"] == 4
     assert "skipping unreadable checkpoint" in caplog.text
     # Nothing deleted: the unreadable steps are set aside under another name, and step 4 is written.
@@ -108,15 +85,15 @@ def test_resume_skips_broken_checkpoints_and_keeps_them(data_dir, tmp_path, capl
     assert (ckpt_dir / "9.unreadable" / "notes.txt").read_text() == "not a checkpoint"
     assert Checkpoints(tmp_path).steps() == [3, 4]
     # eval_only on a resumed run evaluates whatever the step.
-    losses = train(tiny_config(data_dir, tmp_path, init_from="resume", eval_only=True, eval_interval=100))
+    losses = train(tiny_run_config(data_dir, tmp_path, init_from="resume", eval_only=True, eval_interval=100))
     assert losses["step"] == 4 and np.isfinite(losses["val"])
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
-    train(tiny_config(data_dir, tmp_path, max_iters=3))
+    train(tiny_run_config(data_dir, tmp_path, max_iters=3))
     before = Checkpoints(tmp_path).steps()
     with pytest.raises(FloatingPointError, match="nothing was saved"):
-        train(tiny_config(data_dir, tmp_path, init_from="resume", learning_rate=1e30, decay_lr=False,
+        train(tiny_run_config(data_dir, tmp_path, init_from="resume", learning_rate=1e30, decay_lr=False,
                           grad_clip=0.0))
     assert Checkpoints(tmp_path).steps() == before
     load_params(tmp_path)  # still readable
@@ -124,19 +101,19 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
 
 def test_errors_say_what_to_do(data_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="python prepare.py nothing_here"):
-        train(tiny_config(tmp_path / "nothing_here", tmp_path / "out"))
+        train(tiny_run_config(tmp_path / "nothing_here", tmp_path / "out"))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        train(tiny_config(data_dir, tmp_path / "empty", init_from="resume"))
+        train(tiny_run_config(data_dir, tmp_path / "empty", init_from="resume"))
     assert not (tmp_path / "empty").exists()  # a failed resume leaves nothing behind
-    train(tiny_config(data_dir, tmp_path / "run", max_iters=3))
+    train(tiny_run_config(data_dir, tmp_path / "run", max_iters=3))
     with pytest.raises(ValueError, match="n_layer=2 \\(config: 3\\)"):
-        train(tiny_config(data_dir, tmp_path / "run", init_from="resume", n_layer=3))
+        train(tiny_run_config(data_dir, tmp_path / "run", init_from="resume", n_layer=3))
     (tmp_path / "short.txt").write_text(corpus_text(300))  # val split: 30 tokens
     prepare("shakespeare_char", out_dir=tmp_path / "short", input_path=tmp_path / "short.txt")
     with pytest.raises(ValueError, match="lower block_size"):
-        train(tiny_config(tmp_path / "short", tmp_path / "out", block_size=64))
+        train(tiny_run_config(tmp_path / "short", tmp_path / "out", block_size=64))
     with pytest.raises(ValueError, match="divisible by the 8 data-parallel devices"):
-        train(tiny_config(data_dir, tmp_path / "out", batch_size=12))
+        train(tiny_run_config(data_dir, tmp_path / "out", batch_size=12))
 
 
 def test_finetune_from_a_hugging_face_folder(data_dir, tmp_path):
@@ -146,13 +123,13 @@ def test_finetune_from_a_hugging_face_folder(data_dir, tmp_path):
 
     pretrained = GPTConfig(block_size=32, vocab_size=97, n_layer=1, n_head=2, n_embd=16)
     save_pretrained(init_params(pretrained, __import__("jax").random.key(3)), pretrained, tmp_path / "hf")
-    losses = train(tiny_config(data_dir, tmp_path / "out", init_from=str(tmp_path / "hf"), max_iters=2,
+    losses = train(tiny_run_config(data_dir, tmp_path / "out", init_from=str(tmp_path / "hf"), max_iters=2,
                                n_layer=5))  # the model's shape comes from the folder, not the config
     config, params = load_params(tmp_path / "out")
     assert (config.n_layer, config.n_embd, config.block_size, config.vocab_size) == (1, 16, 16, 97)
     assert losses["step"] == 2 and np.isfinite(losses["val"])
     # Resuming a fine-tuning run takes the model's shape from the checkpoint, as the first run did.
-    losses = train(tiny_config(data_dir, tmp_path / "out", init_from="resume", max_iters=3))
+    losses = train(tiny_run_config(data_dir, tmp_path / "out", init_from="resume", max_iters=3))
     assert losses["step"] == 3 and load_params(tmp_path / "out")[0].n_layer == 1
 
 
@@ -190,18 +167,18 @@ def files_and_mtimes(root: Path) -> dict:
 
 
 def test_a_new_run_never_reuses_another_runs_out_dir(data_dir, tmp_path, capsys):
-    train(tiny_config(data_dir, tmp_path, max_iters=3))
+    train(tiny_run_config(data_dir, tmp_path, max_iters=3))
     first_run = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["run"]
     before = files_and_mtimes(tmp_path)
     with pytest.raises(ValueError) as e:
-        train(tiny_config(data_dir, tmp_path, max_iters=3, learning_rate=1e-2))
+        train(tiny_run_config(data_dir, tmp_path, max_iters=3, learning_rate=1e-2))
     message = str(e.value)
     assert f"run {first_run}" in message and "steps 3" in message
     assert "init_from=resume" in message and "out_dir" in message and "overwrite=True" in message
     assert files_and_mtimes(tmp_path) == before  # nothing written, nothing deleted
 
     # overwrite moves the earlier run aside, file for file, and starts afresh.
-    train(tiny_config(data_dir, tmp_path, max_iters=2, overwrite=True))
+    train(tiny_run_config(data_dir, tmp_path, max_iters=2, overwrite=True))
     aside = tmp_path / "previous" / first_run
     assert {k.removeprefix(f"previous/{first_run}/"): v for k, v in files_and_mtimes(tmp_path).items()
             if k.startswith("previous/")} == before
@@ -211,13 +188,13 @@ def test_a_new_run_never_reuses_another_runs_out_dir(data_dir, tmp_path, capsys)
 
 
 def test_resume_names_its_run_and_a_finished_run_says_so(data_dir, tmp_path, capsys):
-    train(tiny_config(data_dir, tmp_path, max_iters=3))
+    train(tiny_run_config(data_dir, tmp_path, max_iters=3))
     run_id = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["run"]
     capsys.readouterr()
-    losses = train(tiny_config(data_dir, tmp_path, max_iters=3, init_from="resume"))
+    losses = train(tiny_run_config(data_dir, tmp_path, max_iters=3, init_from="resume"))
     out = capsys.readouterr().out
     assert f"resuming run {run_id} at step 3" in out and "is finished" in out and losses["step"] == 3
-    train(tiny_config(data_dir, tmp_path, max_iters=4, init_from="resume"))
+    train(tiny_run_config(data_dir, tmp_path, max_iters=4, init_from="resume"))
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert {row["run"] for row in rows} == {run_id}
     assert "sample.py --out_dir=" in capsys.readouterr().out
@@ -237,7 +214,7 @@ def test_a_nanogpt_character_dataset_trains_with_its_own_vocabulary(data_dir, tm
     with open(nanogpt_data / "meta.pkl", "wb") as f:
         pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)),
                      "stoi": {c: i for i, c in enumerate(chars)}}, f)
-    losses = train(tiny_config(nanogpt_data, tmp_path / "out", max_iters=2))
+    losses = train(tiny_run_config(nanogpt_data, tmp_path / "out", max_iters=2))
     config, _ = load_params(tmp_path / "out")
     assert config.vocab_size == len(chars) and losses["val"] < 4.5  # ln(65) = 4.17 at the start, not ln(50304)
     assert from_dir(tmp_path / "out").decode([0, 1, 2]) == "".join(chars[:3])
@@ -250,12 +227,41 @@ def test_a_vocabulary_the_model_lacks_stops_before_the_first_step(data_dir, tmp_
 
     pretrained = GPTConfig(block_size=32, vocab_size=97, n_layer=1, n_head=2, n_embd=16)
     save_pretrained(init_params(pretrained, __import__("jax").random.key(3)), pretrained, tmp_path / "hf")
-    train(tiny_config(data_dir, tmp_path / "out", init_from=str(tmp_path / "hf"), max_iters=2))
+    train(tiny_run_config(data_dir, tmp_path / "out", init_from=str(tmp_path / "hf"), max_iters=2))
     bpe = tmp_path / "bpe"
     bpe.mkdir()
     for split in ("train", "val"):
         np.random.default_rng(0).integers(0, 50257, 5000).astype(np.uint16).tofile(bpe / f"{split}.bin")
     (bpe / "meta.json").write_text(json.dumps({"tokenizer": "gpt2", "vocab_size": 50257, "dtype": "uint16"}))
     with pytest.raises(ValueError, match="a vocabulary of 50,257.*more than the model's 97"):
-        train(tiny_config(bpe, tmp_path / "out", init_from="resume", max_iters=4))
+        train(tiny_run_config(bpe, tmp_path / "out", init_from="resume", max_iters=4))
     assert Checkpoints(tmp_path / "out").steps() == [2]
+
+
+def test_training_loop_on_fsdp4_tp2_matches_one_device(alphabet64_dir, tmp_path, monkeypatch):
+    """The whole loop on an FSDP 4 x TP 2 mesh of 8 devices logs, evaluates and saves what one device does."""
+    from flaxgpt import sharding
+
+    def loop_config(out_dir, mesh):
+        return tiny_run_config(alphabet64_dir, out_dir, mesh=mesh, gradient_accumulation_steps=2, max_iters=4,
+                               eval_interval=4, warmup_iters=100, lr_decay_iters=2000)
+
+    results = {"2d": train(loop_config(tmp_path / "2d", {"fsdp": 4, "tensor": 2}))}
+    make_mesh = sharding.make_mesh
+    # train() puts its mesh over all jax.devices(); give it only the first one.
+    monkeypatch.setattr(sharding, "make_mesh", lambda shape, devices=None: make_mesh(shape, jax.devices()[:1]))
+    results["one"] = train(loop_config(tmp_path / "one", {"data": 1}))
+    monkeypatch.undo()
+    assert results["2d"]["step"] == results["one"]["step"] == 4
+    np.testing.assert_allclose(results["2d"]["val"], results["one"]["val"], rtol=2e-6, atol=0)
+
+    logs = {k: [json.loads(line) for line in (tmp_path / k / "metrics.jsonl").read_text().splitlines()]
+            for k in results}
+    assert [line["step"] for line in logs["2d"]] == [0, 1, 2, 3, 4, 4]  # eval, 4 steps, eval
+    for key in ("loss", "grad_norm", "train/loss", "val/loss"):
+        pairs = [(a[key], b[key]) for a, b in zip(logs["2d"], logs["one"], strict=True) if key in a]
+        assert pairs, key
+        np.testing.assert_allclose(*zip(*pairs), err_msg=key, rtol=2e-6, atol=0)
+
+    params = {k: to_host(load_params(tmp_path / k)[1]) for k in results}
+    assert_trees_close(params["2d"], params["one"], rtol=1e-5, atol=1e-7)  # measured: <= 3e-8
