@@ -151,6 +151,7 @@ class Checkpoints:
         meta = {**meta, "checksums": {"params": tree_checksums(params), "opt_state": tree_checksums(opt_state)}}
         self.directory.mkdir(parents=True, exist_ok=True)  # here, not before: a run that fails early leaves nothing
         self._saving = step
+        self._saving_bytes = sum(x.nbytes for x in jax.tree.leaves((params, opt_state)))
         self.manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
             meta=ocp.args.JsonSave(meta)), force=True)
@@ -167,10 +168,10 @@ class Checkpoints:
             cause = e
             while cause.__cause__ is not None or cause.__context__ is not None:
                 cause = cause.__cause__ or cause.__context__
-            step = getattr(self, "_saving", None)
+            step, needed = getattr(self, "_saving", None), getattr(self, "_saving_bytes", 0)
             raise OSError(f"saving checkpoint {self.directory / str(step)} failed ({type(cause).__name__}: "
-                          f"{str(cause).splitlines()[0] if str(cause) else ''}); the earlier checkpoints in "
-                          f"{self.directory} are untouched") from None
+                          f"{str(cause).splitlines()[0] if str(cause) else ''}); it needs about "
+                          f"{needed / 2**20:,.1f} MiB; the earlier checkpoints in {self.directory} are untouched") from None
 
     def close(self) -> None:
         self.manager.close()

@@ -102,7 +102,8 @@ def test_a_failed_background_save_is_one_line_naming_the_checkpoint(tmp_path, mo
         ckpts.check_for_errors()
     message = str(e.value)
     assert "\n" not in message and "checkpoints/5" in message and "No space left on device" in message
-    assert "untouched" in message
+    needed = sum(x.nbytes for x in jax.tree.leaves(params)) + 4  # params and the int32 "count"
+    assert "untouched" in message and f"needs about {needed / 2**20:,.1f} MiB" in message
     monkeypatch.undo()
     ckpts.close()
 
