@@ -32,16 +32,23 @@ forward = jax.jit(lambda params, tokens: GPT(CONFIG).apply({"params": params}, t
 N = 2 * S + 3  # new tokens: well past block_size; most tests share it, and so their compiled programs
 
 
-def test_cache_matches_full_forward(params):
-    """Prefill 5 tokens, then decode the rest one by one: every step's logits equal a full forward's."""
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_cache_matches_full_forward(params, scan_layers):
+    """Prefill 5 tokens, then decode the rest one by one: every step's logits equal a full forward's, with
+    the stacked [L, B, S, H, D] cache of scanned blocks and the per-layer list of unscanned ones."""
+    from flaxgpt.model import convert_layers
+    config = CONFIG.replace(scan_layers=scan_layers)
+    layer_params = convert_layers(params, scan_layers)
     tokens = jnp.asarray(random_tokens(0, (2, S)))
     full = forward(params, tokens)  # [B, S, V]
     valid = jnp.zeros((2, S), bool).at[:, :5].set(True)
-    logits, cache = run(params, CONFIG, init_cache(CONFIG, 2), tokens, valid, 0, 5)
+    cache = init_cache(config, 2)
+    assert isinstance(cache, list) != scan_layers
+    logits, cache = run(layer_params, config, cache, tokens, valid, 0, 5)
     np.testing.assert_allclose(logits, full[:, 4], atol=1e-5, rtol=0)
     for i in range(5, S):
         valid = valid.at[:, i].set(True)
-        logits, cache = run(params, CONFIG, cache, tokens, valid, i, 1)
+        logits, cache = run(layer_params, config, cache, tokens, valid, i, 1)
         np.testing.assert_allclose(logits, full[:, i], atol=1e-5, rtol=0)
 
 
@@ -209,23 +216,6 @@ def test_window_shift_must_leave_room_in_the_block(params, window_shift):
 
 
 UNSCANNED = CONFIG.replace(scan_layers=False)
-
-
-def test_unscanned_cache_matches_full_forward(params):
-    """The per-layer cache list of unscanned blocks decodes as the stacked [L, B, S, H, D] cache does."""
-    from flaxgpt.model import convert_layers
-    unscanned = convert_layers(params, scan_layers=False)
-    tokens = jnp.asarray(random_tokens(0, (2, S)))
-    full = forward(params, tokens)
-    valid = jnp.zeros((2, S), bool).at[:, :5].set(True)
-    cache = init_cache(UNSCANNED, 2)
-    assert isinstance(cache, list) and len(cache) == CONFIG.n_layer
-    logits, cache = run(unscanned, UNSCANNED, cache, tokens, valid, 0, 5)
-    np.testing.assert_allclose(logits, full[:, 4], atol=1e-5, rtol=0)
-    for i in range(5, S):
-        valid = valid.at[:, i].set(True)
-        logits, cache = run(unscanned, UNSCANNED, cache, tokens, valid, i, 1)
-        np.testing.assert_allclose(logits, full[:, i], atol=1e-5, rtol=0)
 
 
 def test_unscanned_generate_matches_scanned(params):
