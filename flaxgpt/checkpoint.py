@@ -7,6 +7,7 @@ The checksums are computed on the devices when a step is saved and checked when 
 that changed on disk (bit rot, a bad copy) makes that step unreadable instead of loading wrong weights.
 """
 
+import errno
 import logging
 import sys
 from pathlib import Path
@@ -36,6 +37,17 @@ def _ignore_closed_event_loop(previous_hook):
 
 
 sys.unraisablehook = _ignore_closed_event_loop(sys.unraisablehook)
+
+
+class _UnretrievedOrbaxTasks(logging.Filter):
+    """The same leftovers, when they die unretrieved: asyncio logs "Task exception was never retrieved"."""
+
+    def filter(self, record):
+        message = record.getMessage()
+        return not (message.startswith("Task exception was never retrieved") and "orbax" in message)
+
+
+logging.getLogger("asyncio").addFilter(_UnretrievedOrbaxTasks())
 
 
 class CheckpointNotFoundError(FileNotFoundError):
@@ -148,30 +160,49 @@ class Checkpoints:
 
     def save(self, step: int, params, opt_state, meta: dict[str, Any]) -> None:
         """Start writing step `step` (in the background when async); `wait()` before reading it back."""
+        self.check_for_errors()  # an earlier background save that failed is reported as such
         meta = {**meta, "checksums": {"params": tree_checksums(params), "opt_state": tree_checksums(opt_state)}}
         self.directory.mkdir(parents=True, exist_ok=True)  # here, not before: a run that fails early leaves nothing
-        self._saving = step
-        self._saving_bytes = sum(x.nbytes for x in jax.tree.leaves((params, opt_state)))
-        self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-            meta=ocp.args.JsonSave(meta)), force=True)
+        self._saving = (step, sum(x.nbytes for x in jax.tree.leaves((params, opt_state))))
+        try:
+            self.manager.save(step, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+                meta=ocp.args.JsonSave(meta)), force=True)
+        except Exception as e:  # a synchronous save fails here, with the writer's error inside orbax's
+            raise self._save_error(e) from None
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
-        self.check_for_errors()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._save_error(e) from None
 
     def check_for_errors(self) -> None:
         """Raise an OSError of one line if a background save failed (e.g. the disk is full)."""
         try:
             self.manager.check_for_errors()
-        except Exception as e:  # orbax wraps the writer's exception; its cause says what happened
-            cause = e
-            while cause.__cause__ is not None or cause.__context__ is not None:
-                cause = cause.__cause__ or cause.__context__
-            step, needed = getattr(self, "_saving", None), getattr(self, "_saving_bytes", 0)
-            raise OSError(f"saving checkpoint {self.directory / str(step)} failed ({type(cause).__name__}: "
-                          f"{str(cause).splitlines()[0] if str(cause) else ''}); it needs about "
-                          f"{needed / 2**20:,.1f} MiB; the earlier checkpoints in {self.directory} are untouched") from None
+            # orbax's finalize thread keeps the writer's error for itself (check_for_errors alone never sees
+            # it); once no save is in progress, waiting returns at once and raises it
+            if not self.manager.is_saving_in_progress():
+                self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._save_error(e) from None
+
+    def _save_error(self, error: Exception) -> OSError:
+        """One line for a failed save: which step, the space it needs, and that nothing was lost (orbax
+        writes a step under a temporary name and renames it only once it is complete)."""
+        cause = error  # orbax wraps the writer's exception; the innermost one says what happened
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__
+        step, n_bytes = getattr(self, "_saving", (None, 0))
+        reason = _reason(cause)
+        disk_full = getattr(cause, "errno", None) == errno.ENOSPC or "No space left" in reason
+        what = "the disk is full" if disk_full else f"{type(cause).__name__}: {reason}"
+        failure = OSError(f"saving checkpoint {self.directory / str(step)} failed ({what}); it needs about "
+                          f"{n_bytes / 2**20:,.1f} MiB free. Nothing was lost: the earlier checkpoints in "
+                          f"{self.directory} are untouched; resume from the newest with --config.init_from=resume")
+        failure.errno = getattr(cause, "errno", None)
+        return failure
 
     def close(self) -> None:
         self.manager.close()
