@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from flaxgpt.model import GPT, GPTConfig, LayerCache, init_cache
+from flaxgpt.model import GPT, GPTConfig, LayerCache, convert_layers, init_cache
 
 
 @struct.dataclass
@@ -180,6 +180,15 @@ def _generate(params, config: GPTConfig, sampler: Sampler, prompt, prompt_mask, 
     return jax.lax.while_loop(not_finished, slide_then_appends, appends((state, out)))[1]
 
 
+def decoding_layout(params, config: GPTConfig):
+    """Params and config with one block per layer (unscanned) for cached decoding. A scanned model would
+    carry its [L, B, S, H, D] cache through nn.scan, whose stacked output rewrites the whole cache every
+    token; per-layer caches are updated in place. Unstacking costs one copy of the params per call."""
+    if not config.scan_layers:
+        return params, config
+    return convert_layers(params, scan_layers=False), config.replace(scan_layers=False)
+
+
 def checked_prompt(config: GPTConfig, prompt, prompt_mask, window_shift: int):
     """-> (config, prompt [B, T0] int32, mask bool), the prompt cropped to the last block_size columns.
 
@@ -222,6 +231,7 @@ def generate(params, config: GPTConfig, prompt, *, max_new_tokens: int, rng: jax
     check_max_new_tokens(max_new_tokens)
     sampler = make_sampler(temperature, top_k, top_p, stop_token)
     config, prompt, prompt_mask = checked_prompt(config, prompt, prompt_mask, window_shift)
+    params, config = decoding_layout(params, config)
     return _generate(params, config, sampler, prompt, prompt_mask, rng, max_new_tokens, window_shift)
 
 
@@ -236,6 +246,7 @@ def generate_stream(params, config: GPTConfig, prompt, *, max_new_tokens: int, r
     check_max_new_tokens(max_new_tokens)
     sampler = make_sampler(temperature, top_k, top_p, stop_token)
     config, prompt, prompt_mask = checked_prompt(config, prompt, prompt_mask, window_shift)
+    params, config = decoding_layout(params, config)
     state = _start(params, config, sampler, prompt, prompt_mask, rng)
     for step in range(max_new_tokens):
         if step:
