@@ -265,3 +265,17 @@ def test_training_loop_on_fsdp4_tp2_matches_one_device(alphabet64_dir, tmp_path,
 
     params = {k: to_host(load_params(tmp_path / k)[1]) for k in results}
     assert_trees_close(params["2d"], params["one"], rtol=1e-5, atol=1e-7)  # measured: <= 3e-8
+
+
+def test_an_unscanned_checkpoint_resumes_into_scanned_layers(data_dir, tmp_path):
+    """A run saved with one block per layer continues with scan_layers (params and Adam moments stacked) and
+    gives the losses of a run that never changed layout; and back again."""
+    straight = train(tiny_run_config(data_dir, tmp_path / "straight", max_iters=6, scan_layers=False))
+    train(tiny_run_config(data_dir, tmp_path / "switch", max_iters=3, scan_layers=False))
+    switched = train(tiny_run_config(data_dir, tmp_path / "switch", max_iters=6, scan_layers=True,
+                                     init_from="resume"))
+    np.testing.assert_allclose(switched["val"], straight["val"], rtol=1e-5)
+    config, params = load_params(tmp_path / "switch")
+    assert config.scan_layers and jax.tree.leaves(params["h"])[0].shape[0] == 2
+    back = train(tiny_run_config(data_dir, tmp_path / "switch", max_iters=7, scan_layers=False, init_from="resume"))
+    assert back["step"] == 7 and np.isfinite(back["val"])
