@@ -40,24 +40,30 @@ class Sampler:
         then the fewest most likely ones whose probabilities sum to top_p, and sample; temperature 0 is
         argmax. Ties at a cut-off are kept, as in nanoGPT."""
         logits = logits.astype(jnp.float32)
+        greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         sampling = self.temperature > 0
-        logits_t = logits / jnp.where(sampling, self.temperature, 1.0)
+        # Greedy decoding skips the random draws and filters (a cond, as temperature is traced).
+        return jax.lax.cond(jnp.any(sampling), lambda: jnp.where(sampling, self._sample(logits, rng), greedy),
+                            lambda: greedy)
+
+    def _sample(self, logits, rng):
+        logits = logits / jnp.where(self.temperature > 0, self.temperature, 1.0)
         if self.top_k is not None and self.top_k < logits.shape[-1]:  # else it keeps them all: no filter
-            kth = jax.lax.top_k(logits_t, self.top_k)[0][:, -1:]
-            logits_t = jnp.where(logits_t < kth, -jnp.inf, logits_t)
+            # The k-th largest as the min of the top k: XLA:CPU turns a sliced top_k into a full sort (50x slower).
+            kth = jnp.min(jax.lax.top_k(logits, self.top_k)[0], axis=-1, keepdims=True)
+            logits = jnp.where(logits < kth, -jnp.inf, logits)
         if self.top_p is not None:
-            descending = -jnp.sort(-logits_t, axis=-1)
+            descending = -jnp.sort(-logits, axis=-1)
             probs = jax.nn.softmax(descending, axis=-1)
             mass_before = jnp.cumsum(probs, axis=-1) - probs  # of the more likely tokens
             n_keep = jnp.sum(mass_before < self.top_p, axis=-1, keepdims=True)  # >= 1
             cutoff = jnp.take_along_axis(descending, n_keep - 1, axis=-1)
-            logits_t = jnp.where(logits_t < cutoff, -jnp.inf, logits_t)
-        sampled = jax.random.categorical(rng, logits_t, axis=-1)
-        return jnp.where(sampling, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+            logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+        return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
 class DecodeState(NamedTuple):
-    cache: LayerCache | list[LayerCache]  # k, v: [L, B, S, H, D] with scan_layers, else per layer [B, S, H, D]
+    cache: LayerCache | list[LayerCache]  # see model.init_cache
     window: jax.Array  # [B, S] int32: the token in each cache slot
     valid: jax.Array  # [B, S] bool: the slot holds a real token (not padding, not yet written)
     length: jax.Array  # () int32: slots written so far (S - window_shift + 1 after a slide)
@@ -182,7 +188,7 @@ def _generate(params, config: GPTConfig, sampler: Sampler, prompt, prompt_mask, 
 
 def decoding_layout(params, config: GPTConfig):
     """Params and config with one block per layer (unscanned) for cached decoding. A scanned model would
-    carry its [L, B, S, H, D] cache through nn.scan, whose stacked output rewrites the whole cache every
+    carry its stacked [L, ...] cache through nn.scan, whose stacked output rewrites the whole cache every
     token; per-layer caches are updated in place. Unstacking costs one copy of the params per call."""
     if not config.scan_layers:
         return params, config

@@ -115,9 +115,19 @@ def _residual_std(config: GPTConfig) -> float:
 
 
 class LayerCache(NamedTuple):
-    """Keys and values of one layer for cached decoding: k, v: [B, S, H, D]."""
+    """Keys and values of one layer for cached decoding, S slots, each laid out as its attention matmul
+    reads it (q.k contracts D, p.v contracts S; batch and heads merged, as XLA batches the matmul), so that
+    no decoding step copies the cache: k: [B*H, D, S] (keys transposed), v: [B*H, S, D]."""
     k: jax.Array
     v: jax.Array
+
+    def write(self, k: jax.Array, v: jax.Array, index) -> "LayerCache":
+        """The cache with k, v: [B, T, H, D] written at slots index ... index + T - 1 (in place under jit)."""
+        (B, T, H, D), dtype = k.shape, self.k.dtype
+        k = k.transpose(0, 2, 3, 1).reshape(B * H, D, T).astype(dtype)
+        v = v.transpose(0, 2, 1, 3).reshape(B * H, T, D).astype(dtype)
+        return LayerCache(jax.lax.dynamic_update_slice_in_dim(self.k, k, index, axis=2),
+                          jax.lax.dynamic_update_slice_in_dim(self.v, v, index, axis=1))
 
 
 class CausalSelfAttention(nn.Module):
@@ -141,16 +151,15 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             if mask is None:
                 raise ValueError("cached attention needs an explicit mask [B, T, S]")
-            k = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), cache_index, axis=1)
-            cache = LayerCache(k, v)
-        if cfg.dropout > 0 and not deterministic:
+            cache = cache.write(k, v, cache_index)
+            y = _cached_attention(q, cache, mask)
+        elif cfg.dropout > 0 and not deterministic:
             y = _attention_with_dropout(q, k, v, mask, nn.Dropout(cfg.dropout, name="attn_dropout"))
         elif (mask is None and resolve_attention(cfg, jax.default_backend()) == "splash"
               and splash_supports(q.shape[1], cfg.head_dim)):  # else (init's 1 token) XLA's attention
             from flaxgpt.splash import splash_causal_attention
             y = splash_causal_attention(q, k, v)
-        else:  # an explicit mask (cached decoding) always takes XLA's attention
+        else:  # an explicit mask always takes XLA's attention
             implementation = resolve_attention(cfg, jax.default_backend()) if mask is None else "xla"
             implementation = {"auto": None, "splash": "xla"}.get(implementation, implementation)
             y = jax.nn.dot_product_attention(
@@ -193,6 +202,20 @@ def _attention_with_dropout(q, k, v, mask, dropout: nn.Dropout):
     scores = jnp.where(mask[:, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
     weights = dropout(jax.nn.softmax(scores, axis=-1).astype(q.dtype), deterministic=False)
     return jnp.einsum("bhts,bshd->bthd", weights, v.astype(q.dtype))
+
+
+def _cached_attention(q, cache: LayerCache, mask):
+    """q: [B, T, H, D] attending to every slot of the cache that mask [B, T, S] allows -> [B, T, H, D].
+
+    As XLA's dot_product_attention (scores and softmax in float32), on the cache's own layout."""
+    B, T, H, D = q.shape
+    q = q.transpose(0, 2, 1, 3).reshape(B * H, T, D)
+    scores = jnp.einsum("ntd,nds->nts", q, cache.k.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = scores.reshape(B, H, T, -1) / math.sqrt(D)
+    scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(B * H, T, -1)
+    y = jnp.einsum("nts,nsd->ntd", probs, cache.v.astype(q.dtype))
+    return y.reshape(B, H, T, D).transpose(0, 2, 1, 3)
 
 
 class MLP(nn.Module):
@@ -246,7 +269,7 @@ class GPT(nn.Module):
 
         positions: [B, T] position ids; mask: [B, T, S] bool, True where a query may attend to a cache slot;
         the keys and values of idx are written at cache slots cache_index ... cache_index + T - 1. `cache`
-        is one LayerCache stacked over the layers ([L, B, S, H, D]) with scan_layers, else a list of
+        is one LayerCache stacked over the layers ([L, ...]) with scan_layers, else a list of
         per-layer ones (see `init_cache`).
         """
         return self.forward(idx, positions=positions, mask=mask, cache=cache, cache_index=cache_index,
@@ -286,19 +309,23 @@ class GPT(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = _layer_norm(cfg, "ln_f")(x)
-        logits = wte.attend(x)  # lm_head tied to wte
+        if last_only:  # [V, C] x [C, B]: a matrix-vector product over wte as stored, no transposed copy
+            logits = jnp.einsum("vc,bc->vb", wte.embedding.astype(x.dtype), x[:, 0]).T[:, None]
+        else:
+            logits = wte.attend(x)  # lm_head tied to wte
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         return logits, (None if cache is None else new_cache)
 
 
 def init_cache(config: GPTConfig, batch_size: int, length: int | None = None) -> LayerCache | list[LayerCache]:
-    """Zeroed key/value caches with S = length or block_size: with scan_layers one LayerCache with
-    k, v: [L, B, S, H, D], else a list of L LayerCaches with k, v: [B, S, H, D]."""
-    shape = (batch_size, length or config.block_size, config.n_head, config.head_dim)
+    """Zeroed key/value caches with S = length or block_size: with scan_layers one LayerCache stacked over
+    the layers (k: [L, B*H, D, S], v: [L, B*H, S, D]), else a list of L LayerCaches (see LayerCache)."""
+    S, BH, D = length or config.block_size, batch_size * config.n_head, config.head_dim
+    k_shape, v_shape = (BH, D, S), (BH, S, D)
     if config.scan_layers:
-        shape = (config.n_layer, *shape)
-        return LayerCache(jnp.zeros(shape, config.dtype), jnp.zeros(shape, config.dtype))
-    return [LayerCache(jnp.zeros(shape, config.dtype), jnp.zeros(shape, config.dtype))
+        k_shape, v_shape = (config.n_layer, *k_shape), (config.n_layer, *v_shape)
+        return LayerCache(jnp.zeros(k_shape, config.dtype), jnp.zeros(v_shape, config.dtype))
+    return [LayerCache(jnp.zeros(k_shape, config.dtype), jnp.zeros(v_shape, config.dtype))
             for _ in range(config.n_layer)]
 
 

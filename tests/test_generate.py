@@ -35,7 +35,7 @@ N = 2 * S + 3  # new tokens: well past block_size; most tests share it, and so t
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_cache_matches_full_forward(params, scan_layers):
     """Prefill 5 tokens, then decode the rest one by one: every step's logits equal a full forward's, with
-    the stacked [L, B, S, H, D] cache of scanned blocks and the per-layer list of unscanned ones."""
+    the stacked [L, ...] cache of scanned blocks and the per-layer list of unscanned ones."""
     from flaxgpt.model import convert_layers
     config = CONFIG.replace(scan_layers=scan_layers)
     layer_params = convert_layers(params, scan_layers)
