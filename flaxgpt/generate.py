@@ -73,18 +73,33 @@ class DecodeState(NamedTuple):
     step: jax.Array  # () int32: index of `token` among the new tokens
 
 
+def _cache_sizes(config: GPTConfig) -> list[int]:
+    """The cache sizes `generate` steps through: block_size // 8, // 4, // 2 (those of 64 slots or more) and
+    block_size. A step reads its whole cache, so short contexts keep a short one; each size is one more
+    copy of the decoding step in the compiled loop."""
+    S = config.block_size
+    return sorted({size for size in (S // 8, S // 4, S // 2) if size >= 64} | {S})
+
+
+def _cache_size(config: GPTConfig, n: int) -> int:
+    """The smallest of `_cache_sizes` that holds n tokens."""
+    return next(size for size in _cache_sizes(config) if size >= n)
+
+
 def _run(params, config: GPTConfig, cache, window, valid, index, length: int, positions=None):
     """Forward window[:, index:index+length] into cache slots [index, index+length); each query attends
     to the valid slots up to its own, positions count the valid slots before it (or are given, [B, length]).
-    -> (logits of the last query [B, V] float32, cache)."""
-    S = window.shape[1]
+    The cache may hold fewer slots (S') than the window: the first S'. -> (logits of the last query [B, V]
+    float32, cache)."""
+    slots = jax.tree.leaves(cache)[-1].shape[-2]  # v: [..., S, D]
     tokens = jax.lax.dynamic_slice_in_dim(window, index, length, axis=1)
     if positions is None:
         positions = jax.lax.dynamic_slice_in_dim(jnp.cumsum(valid, axis=1) - 1, index, length, axis=1)
     query_slots = index + jnp.arange(length)
-    mask = valid[:, None, :] & (jnp.arange(S)[None, None, :] <= query_slots[None, :, None])  # [B, T, S]
+    mask = valid[:, None, :slots] & (jnp.arange(slots)[None, None, :] <= query_slots[None, :, None])  # [B, T, S']
+    params, head = {k: v for k, v in params.items() if k != "lm_head"}, params.get("lm_head")
     logits, cache = GPT(config).apply({"params": params}, tokens, cache, positions=jnp.maximum(positions, 0),
-                                      mask=mask, cache_index=index, method=GPT.decode)
+                                      mask=mask, cache_index=index, head=head, method=GPT.decode)
     return logits[:, -1].astype(jnp.float32), cache
 
 
@@ -109,13 +124,13 @@ def _next_token(sampler: Sampler, logits, rng, step, done):
     return token, done | (token == sampler.stop_token)
 
 
-@functools.partial(jax.jit, static_argnames="config")
-def _start(params, config: GPTConfig, sampler: Sampler, prompt, prompt_mask, rng) -> DecodeState:
-    """Prefill the prompt [B, T0 <= S] in one pass and sample the first new token."""
+@functools.partial(jax.jit, static_argnames=("config", "slots"))
+def _start(params, config: GPTConfig, sampler: Sampler, prompt, prompt_mask, rng, slots: int) -> DecodeState:
+    """Prefill the prompt [B, T0 <= slots] in one pass into a cache of `slots` slots, sample the first new token."""
     (B, T0), S = prompt.shape, config.block_size
     window = jnp.zeros((B, S), jnp.int32).at[:, :T0].set(prompt)
     valid = jnp.zeros((B, S), bool).at[:, :T0].set(prompt_mask)
-    logits, cache = _run(params, config, init_cache(config, B), window, valid, 0, T0)
+    logits, cache = _run(params, config, init_cache(config, B, slots), window, valid, 0, T0)
     step = jnp.int32(0)
     token, done = _next_token(sampler, logits, rng, step, jnp.zeros(B, bool))
     return DecodeState(cache, window, valid, jnp.int32(T0), token, jnp.sum(valid, axis=1, dtype=jnp.int32),
@@ -123,7 +138,7 @@ def _start(params, config: GPTConfig, sampler: Sampler, prompt, prompt_mask, rng
 
 
 def _append(params, config: GPTConfig, sampler: Sampler, rng, state: DecodeState) -> DecodeState:
-    """A free slot is left: write the latest token there, attend to the cache, sample the next."""
+    """A free slot is left in the cache: write the latest token there, attend to the cache, sample the next."""
     window = jax.lax.dynamic_update_slice_in_dim(state.window, state.token[:, None], state.length, axis=1)
     valid = jax.lax.dynamic_update_slice_in_dim(state.valid, jnp.ones((len(window), 1), bool), state.length,
                                                 axis=1)
@@ -131,15 +146,17 @@ def _append(params, config: GPTConfig, sampler: Sampler, rng, state: DecodeState
     return _after_step(sampler, rng, state, logits, cache, window, valid, state.length + 1, state.position + 1)
 
 
-def _slide(params, config: GPTConfig, sampler: Sampler, rng, state: DecodeState, window_shift: int) -> DecodeState:
-    """The cache is full: drop the oldest k tokens, prefill the rest and the latest token afresh from slot 0,
-    sample the next."""
+def _slide(params, config: GPTConfig, sampler: Sampler, rng, state: DecodeState, window_shift: int,
+           slots: int) -> DecodeState:
+    """The cache is full: drop the oldest k tokens, prefill the rest and the latest token afresh from slot 0
+    of a cache of `slots` slots, sample the next."""
     S, k = config.block_size, window_shift
     kept = S - k + 1  # k = 1: all S slots, nanoGPT's crop; else the next k - 1 steps append to the rest
     shift = lambda x, new: jnp.concatenate([x[:, k:], new, jnp.zeros_like(x[:, 1:k])], axis=1)
     window = shift(state.window, state.token[:, None])
     valid = shift(state.valid, jnp.ones_like(state.valid[:, :1]))
-    logits, cache = _run(params, config, state.cache, window, valid, 0, kept)
+    cache = state.cache if slots == S else init_cache(config, len(window), slots)
+    logits, cache = _run(params, config, cache, window, valid, 0, kept)
     return _after_step(sampler, rng, state, logits, cache, window, valid, jnp.int32(kept),
                     jnp.sum(valid, axis=1, dtype=jnp.int32))
 
@@ -157,15 +174,18 @@ def _advance(params, config: GPTConfig, sampler: Sampler, state: DecodeState, rn
     """Feed the latest token and sample the next: one step of `generate`, for streaming."""
     return jax.lax.cond(state.length < config.block_size,
                         lambda s: _append(params, config, sampler, rng, s),
-                        lambda s: _slide(params, config, sampler, rng, s, window_shift), state)
+                        lambda s: _slide(params, config, sampler, rng, s, window_shift, config.block_size), state)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "window_shift"))
 def _generate(params, config: GPTConfig, sampler: Sampler, prompt, prompt_mask, rng, max_new_tokens: int,
               window_shift: int):
-    """The steps of `_advance` as two nested loops, so that no step branches on the (large) cache: cached
-    appends while a slot is free, then one slide, then appends again, ..."""
-    state = _start(params, config, sampler, prompt, prompt_mask, rng)
+    """The steps of `_advance` as nested loops, so that no step branches on the (large) cache: cached
+    appends while a slot is free, then one slide, then appends again, ... The cache starts with the
+    fewest slots of `_cache_sizes` that hold the prompt and grows to the next size when full, one loop
+    of appends per size; every slide starts it again as small as it can."""
+    S, T0 = config.block_size, prompt.shape[1]
+    state = _start(params, config, sampler, prompt, prompt_mask, rng, _cache_size(config, T0))
     fill = 0 if sampler.stop_token is None else sampler.stop_token
     out = jnp.full((len(prompt), max_new_tokens), fill, jnp.int32).at[:, 0].set(state.token)
 
@@ -176,23 +196,33 @@ def _generate(params, config: GPTConfig, sampler: Sampler, prompt, prompt_mask, 
     def record(state, out):
         return state, jax.lax.dynamic_update_slice_in_dim(out, state.token[:, None], state.step, axis=1)
 
-    def appends(carry):  # while a slot is free (none with window_shift=1 once the block is full)
-        return jax.lax.while_loop(lambda c: (c[0].length < config.block_size) & not_finished(c),
-                                  lambda c: record(_append(params, config, sampler, rng, c[0]), c[1]), carry)
+    def appends(carry, filled: int):  # from `filled` tokens, while a slot is free; ends with the full cache
+        for slots in [size for size in _cache_sizes(config) if size >= _cache_size(config, filled)]:
+            state, out = carry
+            state = state._replace(cache=[layer.grow(slots) for layer in state.cache])
+            carry = jax.lax.while_loop(lambda c: (c[0].length < slots) & not_finished(c),
+                                       lambda c: record(_append(params, config, sampler, rng, c[0]), c[1]),
+                                       (state, out))
+        return carry
+
+    kept = S - window_shift + 1
 
     def slide_then_appends(carry):
-        return appends(record(_slide(params, config, sampler, rng, carry[0], window_shift), carry[1]))
+        state = _slide(params, config, sampler, rng, carry[0], window_shift, _cache_size(config, kept))
+        return appends(record(state, carry[1]), kept)
 
-    return jax.lax.while_loop(not_finished, slide_then_appends, appends((state, out)))[1]
+    return jax.lax.while_loop(not_finished, slide_then_appends, appends((state, out), T0))[1]
 
 
 def decoding_layout(params, config: GPTConfig):
-    """Params and config with one block per layer (unscanned) for cached decoding. A scanned model would
-    carry its stacked [L, ...] cache through nn.scan, whose stacked output rewrites the whole cache every
-    token; per-layer caches are updated in place. Unstacking costs one copy of the params per call."""
-    if not config.scan_layers:
-        return params, config
-    return convert_layers(params, scan_layers=False), config.replace(scan_layers=False)
+    """Params and config as cached decoding reads them, made once per sampling call: one block per layer
+    (unscanned), and params["lm_head"] = wte transposed, [C, V] (see GPT.decode).
+
+    A scanned model would carry its stacked [L, ...] cache through nn.scan, whose stacked output rewrites
+    the whole cache every token; per-layer caches are updated in place."""
+    if config.scan_layers:
+        params, config = convert_layers(params, scan_layers=False), config.replace(scan_layers=False)
+    return {**params, "lm_head": jnp.transpose(params["wte"]["embedding"])}, config
 
 
 def checked_prompt(config: GPTConfig, prompt, prompt_mask, window_shift: int):
@@ -253,7 +283,7 @@ def generate_stream(params, config: GPTConfig, prompt, *, max_new_tokens: int, r
     sampler = make_sampler(temperature, top_k, top_p, stop_token)
     config, prompt, prompt_mask = checked_prompt(config, prompt, prompt_mask, window_shift)
     params, config = decoding_layout(params, config)
-    state = _start(params, config, sampler, prompt, prompt_mask, rng)
+    state = _start(params, config, sampler, prompt, prompt_mask, rng, config.block_size)
     for step in range(max_new_tokens):
         if step:
             state = _advance(params, config, sampler, state, rng, window_shift)

@@ -129,6 +129,11 @@ class LayerCache(NamedTuple):
         return LayerCache(jax.lax.dynamic_update_slice_in_dim(self.k, k, index, axis=2),
                           jax.lax.dynamic_update_slice_in_dim(self.v, v, index, axis=1))
 
+    def grow(self, slots: int) -> "LayerCache":
+        """The cache with empty (zero) slots appended up to `slots`."""
+        pad = slots - self.v.shape[1]
+        return LayerCache(jnp.pad(self.k, ((0, 0), (0, 0), (0, pad))), jnp.pad(self.v, ((0, 0), (0, pad), (0, 0))))
+
 
 class CausalSelfAttention(nn.Module):
     config: GPTConfig
@@ -205,16 +210,17 @@ def _attention_with_dropout(q, k, v, mask, dropout: nn.Dropout):
 
 
 def _cached_attention(q, cache: LayerCache, mask):
-    """q: [B, T, H, D] attending to every slot of the cache that mask [B, T, S] allows -> [B, T, H, D].
+    """q: [B, T, H, D] attending to the slots of the cache that mask [B, T, S] allows -> [B, T, H, D].
 
     As XLA's dot_product_attention (scores and softmax in float32), on the cache's own layout."""
     B, T, H, D = q.shape
     q = q.transpose(0, 2, 1, 3).reshape(B * H, T, D)
-    scores = jnp.einsum("ntd,nds->nts", q, cache.k.astype(q.dtype), preferred_element_type=jnp.float32)
+    k, v = cache
+    scores = jnp.einsum("ntd,nds->nts", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
     scores = scores.reshape(B, H, T, -1) / math.sqrt(D)
     scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(B * H, T, -1)
-    y = jnp.einsum("nts,nsd->ntd", probs, cache.v.astype(q.dtype))
+    y = jnp.einsum("nts,nsd->ntd", probs, v.astype(q.dtype))
     return y.reshape(B, H, T, D).transpose(0, 2, 1, 3)
 
 
@@ -264,20 +270,21 @@ class GPT(nn.Module):
         """
         return self.forward(idx, deterministic=deterministic, positions=positions, mask=mask)[0]
 
-    def decode(self, idx, cache, *, positions, mask, cache_index):
+    def decode(self, idx, cache, *, positions, mask, cache_index, head=None):
         """Cached decoding: idx [B, T] -> (logits of the last position [B, 1, V], the updated cache).
 
         positions: [B, T] position ids; mask: [B, T, S] bool, True where a query may attend to a cache slot;
         the keys and values of idx are written at cache slots cache_index ... cache_index + T - 1. `cache`
         is one LayerCache stacked over the layers ([L, ...]) with scan_layers, else a list of
-        per-layer ones (see `init_cache`).
+        per-layer ones (see `init_cache`). head: optional [C, V], the tied lm_head laid out for x @ head
+        (wte transposed once by a decoding loop: XLA:CPU's matmul otherwise reads wte [V, C] at half speed).
         """
         return self.forward(idx, positions=positions, mask=mask, cache=cache, cache_index=cache_index,
-                            last_only=True)
+                            last_only=True, head=head)
 
     @nn.compact
     def forward(self, idx, *, deterministic=True, positions=None, mask=None, cache=None, cache_index=0,
-                last_only=False):
+                last_only=False, head=None):
         """What `__call__` and `decode` share: -> (logits [B, T or 1, V], the updated cache or None)."""
         cfg = self.config
         T = idx.shape[1]
@@ -309,10 +316,7 @@ class GPT(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = _layer_norm(cfg, "ln_f")(x)
-        if last_only:  # [V, C] x [C, B]: a matrix-vector product over wte as stored, no transposed copy
-            logits = jnp.einsum("vc,bc->vb", wte.embedding.astype(x.dtype), x[:, 0]).T[:, None]
-        else:
-            logits = wte.attend(x)  # lm_head tied to wte
+        logits = wte.attend(x) if head is None else x @ head.astype(x.dtype)  # lm_head tied to wte
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         return logits, (None if cache is None else new_cache)
 

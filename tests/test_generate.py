@@ -224,3 +224,23 @@ def test_unscanned_generate_matches_scanned(params):
     kw = dict(max_new_tokens=N, rng=jax.random.key(0), temperature=0.0, window_shift=S // 2)
     np.testing.assert_array_equal(generate(convert_layers(params, False), UNSCANNED, prompt, **kw),
                                   generate(params, CONFIG, prompt, **kw))
+
+
+def test_the_cache_grows_through_its_sizes_and_restarts_small_after_a_slide():
+    """With block_size 512 `generate` keeps a cache of 64, 128, 256, then 512 slots, and a slide restarts it
+    at the smallest size that holds what it keeps: the tokens equal nanoGPT's loop (greedy) and the stream's,
+    which always uses the full cache (sampling)."""
+    from flaxgpt.generate import _cache_sizes
+
+    config = CONFIG.replace(block_size=512)
+    assert _cache_sizes(config) == [64, 128, 256, 512] and _cache_sizes(CONFIG) == [S]
+    rng = np.random.default_rng(3)
+    params = jax.tree.map(lambda x: x + rng.normal(0, 0.5, x.shape).astype(np.float32),
+                          init_params(config, jax.random.key(1)))
+    prompt = random_tokens(7, (2, 40))
+    kw = dict(max_new_tokens=600, rng=jax.random.key(0), window_shift=400)  # a slide keeps 113: 128 slots
+    greedy = np.asarray(generate(params, config, prompt, temperature=0.0, **kw))
+    np.testing.assert_array_equal(greedy, generate_naive(params, config, prompt, temperature=0.0, **kw))
+    sampled = np.asarray(generate(params, config, prompt, **kw, **SAMPLING))
+    streamed = np.stack(list(generate_stream(params, config, prompt, **kw, **SAMPLING)), axis=1)
+    np.testing.assert_array_equal(sampled, streamed)
