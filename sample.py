@@ -18,6 +18,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from flaxgpt.config import resolve_dtype
 from flaxgpt.generate import check_max_new_tokens, checked_prompt, generate, generate_stream, make_sampler
 from flaxgpt.load import LoadedModel, load_model
 from flaxgpt.model import crop_vocab_size
@@ -47,7 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "faster past block_size, but each token then sees block_size - window_shift + 1 to block_size "
                    "tokens of context")
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="compute dtype and the weights' while sampling; auto: bfloat16 on GPUs and TPUs, float32 on CPUs")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                    help="print the text as it is generated")
     args = p.parse_args(argv)
@@ -99,7 +101,7 @@ def read_prompt(start: str) -> str:
 
 def run(args: argparse.Namespace) -> None:
     start = read_prompt(args.start)
-    config, params, tokenizer, loaded = load(args.init_from, args.out_dir, args.dtype)
+    config, params, tokenizer, loaded = load(args.init_from, args.out_dir, resolve_dtype(args.dtype))
     if tokenizer.vocab_size < config.vocab_size:  # GPT-2's padding rows have no text: never sample them
         params, config = crop_vocab_size(params, config, tokenizer.vocab_size)
     try:
@@ -115,7 +117,7 @@ def run(args: argparse.Namespace) -> None:
     prompt = np.asarray([start_ids], np.int32)
     with library_checks():
         checked_prompt(config, prompt, None, args.window_shift)
-    print(f"sampling {loaded}", file=sys.stderr, flush=True)
+    print(f"sampling {loaded} in {config.dtype}", file=sys.stderr, flush=True)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
               top_p=args.top_p, window_shift=args.window_shift)
     key = jax.random.key(args.seed)

@@ -1,76 +1,177 @@
-"""Sampling speed: the KV-cached compiled loop (`generate`) against nanoGPT's algorithm (`generate_naive`).
+"""Sampling speed: flaxgpt's `generate` against Hugging Face transformers' cached `generate` on the same
+weights, on the same machine, in one run; and against the memory-bandwidth floor.
 
-    python benchmarks/bench_sampling.py                      # random init of the CPU shakespeare_char size
-    python benchmarks/bench_sampling.py --out_dir=out-shakespeare-char-cpu   # a trained checkpoint
-    python benchmarks/bench_sampling.py --batch_size 8       # only batch 8 (default: batch 1, then 10)
+    python benchmarks/bench_sampling.py                          # GPT-2 124M and the CPU shakespeare_char model
+    python benchmarks/bench_sampling.py --models gpt2 --batch_size 1 8 --dtype bfloat16
+    python benchmarks/bench_sampling.py --out_dir=out-shakespeare-char-cpu   # a trained run instead of random init
 
-All are compiled and timed after a warm-up run (best of --repeats), from a one-token prompt as sample.py's
-default start, at batch 1 and at batch 10 (sample.py's default --num_samples, all rows sampled at once).
-The baseline runs, for every new token, one compiled full forward over the context cropped to its last
-block_size tokens, as nanoGPT does (always as a block_size-long forward, so one program serves every
-length). `generate` writes each new token into the KV cache while it fits in block_size. Past that, with
-window_shift=1 (nanoGPT's exact crop) every position shifts each step and it reruns the whole window, as
-nanoGPT does; with window_shift=k it drops k tokens at once and reruns the window once per k tokens.
+Each case: an 8-token random prompt per row, --max_new_tokens greedy tokens (both systems must emit the same
+ones, so min_new_tokens keeps transformers from stopping early; at most block_size - 8, as transformers
+cannot crop its context), the two systems taking turns, medians of
+--repeats runs after a warm-up. tokens/s count all rows. GPT-2 124M gets random weights (seed 0); the
+shakespeare_char model is the CPU config's size with the prepared dataset's vocabulary (65), or --out_dir's
+run. transformers' GPT-2 always has biases: a bias-free model is handed to it with zero biases (the same
+function). The floor is batch 1's: every weight read once per new token (wte as the tied head, the KV cache
+of the tokens so far), at the bandwidth measured here (the faster of a large copy and a large sum);
+flaxgpt/floor is how far above it a token takes. Prefill: the time to the first new token of a 512-token
+prompt (GPT-2, batch 1). Needs torch and transformers (pip install torch transformers).
 """
 
 import argparse
+import statistics
 import sys
+import tempfile
+import time
 from pathlib import Path
 
-# Run from a checkout without installing: the repository root holds the flaxgpt package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import shakespeare_char  # noqa: E402
-from flaxgpt.benchmarking import benchmark_model, best_time  # noqa: E402
+from flaxgpt.benchmarking import benchmark_model  # noqa: E402
 from flaxgpt.generate import generate  # noqa: E402
-from flaxgpt.sampling_reference import generate_naive  # noqa: E402
-from flaxgpt.model import init_params  # noqa: E402
+from flaxgpt.model import GPTConfig, init_params  # noqa: E402
+from flaxgpt.pretrained import save_pretrained  # noqa: E402
+
+
+def memory_bandwidth(n_bytes: int = 512 * 2**20, repeats: int = 5) -> float:
+    """Bytes/s this machine moves: the faster of a jitted copy (read + write) and a jitted sum (read)."""
+    x = jnp.ones(n_bytes // 4, jnp.float32)
+    copy, total = jax.jit(lambda x: x + 1), jax.jit(jnp.sum)
+    rates = []
+    for fn, moved in ((copy, 2 * n_bytes), (total, n_bytes)):
+        jax.block_until_ready(fn(x))
+        best = min(_seconds(lambda: jax.block_until_ready(fn(x))) for _ in range(repeats))
+        rates.append(moved / best)
+    return max(rates)
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def hf_model(params, config: GPTConfig, folder: str, dtype: str):
+    """transformers' GPT2LMHeadModel with the same weights (zero biases for a bias-free model)."""
+    import torch
+    import transformers
+
+    if not config.bias:
+        config = config.replace(bias=True)
+        params = _fill(init_params(config, jax.random.key(0)), params)
+    save_pretrained(params, config, folder, vocab_size=config.vocab_size)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    return transformers.GPT2LMHeadModel.from_pretrained(folder, dtype=torch_dtype).eval()
+
+
+def _fill(with_bias: dict, params: dict) -> dict:
+    """params with zeros where `with_bias` (a biased model's tree) has biases that params lacks."""
+    if isinstance(with_bias, dict):
+        return {k: _fill(v, params[k]) if k in params else jax.tree.map(jnp.zeros_like, v)
+                for k, v in with_bias.items()}
+    return params
+
+
+def floor_tokens_per_s(params, config: GPTConfig, dtype: str, context: float, bandwidth: float) -> float:
+    """Batch 1: every weight once per token (wpe: one row) plus the KV cache of `context` tokens."""
+    itemsize = jnp.dtype(dtype).itemsize
+    n_weights = sum(x.size for x in jax.tree.leaves(params)) - params["wpe"]["embedding"].size + config.n_embd
+    cache = 2 * config.n_layer * context * config.n_embd
+    return bandwidth / ((n_weights + cache) * itemsize)
+
+
+def compare(name, params, config, hf, batch_size, args, bandwidth):
+    import torch
+
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, config.vocab_size, (batch_size, 8)).astype(np.int32)
+    n = min(args.max_new_tokens, config.block_size - 8)  # transformers cannot go past block_size
+    ours = lambda: np.asarray(generate(params, config, prompt, max_new_tokens=n, rng=jax.random.key(0),
+                                       temperature=0.0))
+    prompt_t = torch.tensor(prompt, dtype=torch.long)
+
+    def theirs():
+        with torch.no_grad():
+            return hf.generate(prompt_t, attention_mask=torch.ones_like(prompt_t), max_new_tokens=n,
+                               min_new_tokens=n, do_sample=False, pad_token_id=0)[:, 8:].numpy()
+
+    same = np.mean(ours() == theirs())  # warm-up (compiles) and the check
+    times = {"flaxgpt": [], "transformers": []}
+    for _ in range(args.repeats):
+        times["flaxgpt"].append(_seconds(ours))
+        times["transformers"].append(_seconds(theirs))
+    rate = {k: batch_size * n / statistics.median(v) for k, v in times.items()}
+    line = (f"{name:16s} batch {batch_size:2d}, {n:3d} tokens: flaxgpt {rate['flaxgpt']:8.1f} tok/s   transformers "
+            f"{rate['transformers']:8.1f} tok/s   flaxgpt/transformers {rate['flaxgpt'] / rate['transformers']:5.2f}x")
+    if batch_size == 1:
+        floor = floor_tokens_per_s(params, config, args.dtype, 8 + n / 2, bandwidth)
+        line += f"   floor {floor:6.1f} tok/s, flaxgpt takes {floor / rate['flaxgpt']:4.2f}x the floor"
+    print(line + f"   same tokens {same:.0%}", flush=True)
+
+
+def prefill(params, config, hf, args):
+    import torch
+
+    prompt = np.random.default_rng(1).integers(0, config.vocab_size, (1, 512)).astype(np.int32)
+    ours = lambda: np.asarray(generate(params, config, prompt, max_new_tokens=1, rng=jax.random.key(0),
+                                       temperature=0.0))
+    prompt_t = torch.tensor(prompt, dtype=torch.long)
+
+    def theirs():
+        with torch.no_grad():
+            return hf.generate(prompt_t, attention_mask=torch.ones_like(prompt_t), max_new_tokens=1,
+                               do_sample=False, pad_token_id=0)
+
+    ours(), theirs()
+    t = {"flaxgpt": [], "transformers": []}
+    for _ in range(args.repeats):
+        t["flaxgpt"].append(_seconds(ours))
+        t["transformers"].append(_seconds(theirs))
+    ms = {k: 1e3 * statistics.median(v) for k, v in t.items()}
+    print(f"gpt2 prefill of a 512-token prompt (batch 1, to the first new token): flaxgpt {ms['flaxgpt']:.0f} ms, "
+          f"transformers {ms['transformers']:.0f} ms, flaxgpt/transformers time {ms['flaxgpt'] / ms['transformers']:.2f}x")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out_dir", help="a training run to load (default: random init of configs/shakespeare_char.py:cpu, "
-                   "with the prepared dataset's vocabulary)")
-    p.add_argument("--max_new_tokens", type=int, default=500)
-    p.add_argument("--batch_size", type=int, nargs="+", default=[1, 10],
-                   help="the batch sizes to time, one table each (default 1, and sample.py's num_samples 10)")
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top_k", type=int, default=200)
-    p.add_argument("--window_shift", type=int, default=None, help="the larger shift to time (default block_size // 2)")
+    p.add_argument("--models", nargs="+", default=["gpt2", "shakespeare_char"], choices=["gpt2", "shakespeare_char"])
+    p.add_argument("--batch_size", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--max_new_tokens", type=int, default=100)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="compute dtype and weights of both systems")
+    p.add_argument("--out_dir", help="the shakespeare_char model: a training run instead of random init")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     args = p.parse_args(argv)
 
-    if args.out_dir:
-        from flaxgpt.checkpoint import load_params
-        config, params = load_params(args.out_dir)
-    else:
-        config = benchmark_model(shakespeare_char.get_config("cpu"))
-        params = init_params(config, jax.random.key(0))
-    shift = args.window_shift or config.block_size // 2
-    n = args.max_new_tokens
-    print(f"{jax.devices()[0].platform}: n_layer={config.n_layer} n_head={config.n_head} n_embd={config.n_embd} "
-          f"block_size={config.block_size} vocab={config.vocab_size}, temperature={args.temperature} "
-          f"top_k={args.top_k}, {n} new tokens per row from a 1-token prompt; tokens/s count all rows")
-    kw = dict(max_new_tokens=n, rng=jax.random.key(0), temperature=args.temperature, top_k=args.top_k)
-    for batch_size in args.batch_size:
-        print(f"batch {batch_size}:")
-        bench(params, config, np.zeros((batch_size, 1), np.int32), shift, args.repeats, kw)
-
-
-def bench(params, config, prompt, shift, repeats, kw):
-    runs = [("generate_naive (nanoGPT crop: full forward per token)",
-             lambda: generate_naive(params, config, prompt, **kw)),
-            ("generate, window_shift=1 (KV cache, exact nanoGPT crop)", lambda: generate(params, config, prompt, **kw)),
-            (f"generate, window_shift={shift} (KV cache)",
-             lambda: generate(params, config, prompt, window_shift=shift, **kw))]
-    naive = None
-    for name, fn in runs:
-        rate = prompt.size * kw["max_new_tokens"] / best_time(fn, repeats)
-        naive = naive or rate
-        print(f"  {name:58s} {rate:10,.0f} tokens/s  {rate / naive:5.1f}x", flush=True)
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bandwidth = memory_bandwidth()
+    print(f"{jax.devices()[0].device_kind}, {torch.get_num_threads()} torch threads, jax {jax.__version__}, "
+          f"torch {torch.__version__}; {args.dtype}; memory bandwidth {bandwidth / 1e9:.1f} GB/s; "
+          f"{args.max_new_tokens} greedy new tokens after an 8-token prompt", flush=True)
+    for model in args.models:
+        if model == "gpt2":
+            config = GPTConfig.from_preset("gpt2")
+            params = init_params(config, jax.random.key(0))
+        elif args.out_dir:
+            from flaxgpt.checkpoint import load_params
+            config, params = load_params(args.out_dir)
+        else:
+            config = benchmark_model(shakespeare_char.get_config("cpu"))
+            params = init_params(config, jax.random.key(0))
+        config = config.replace(dtype=args.dtype)
+        with tempfile.TemporaryDirectory() as folder:
+            hf = hf_model(params, config, folder, args.dtype)
+        for batch_size in args.batch_size:
+            compare(model, params, config, hf, batch_size, args, bandwidth)
+        if model == "gpt2":
+            prefill(params, config, hf, args)
 
 
 if __name__ == "__main__":

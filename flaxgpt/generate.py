@@ -216,12 +216,15 @@ def _generate(params, config: GPTConfig, sampler: Sampler, prompt, prompt_mask, 
 
 def decoding_layout(params, config: GPTConfig):
     """Params and config as cached decoding reads them, made once per sampling call: one block per layer
-    (unscanned), and params["lm_head"] = wte transposed, [C, V] (see GPT.decode).
+    (unscanned), the weights in the compute dtype (bfloat16 sampling reads half the bytes per token), and
+    params["lm_head"] = wte transposed, [C, V] (see GPT.decode).
 
     A scanned model would carry its stacked [L, ...] cache through nn.scan, whose stacked output rewrites
     the whole cache every token; per-layer caches are updated in place."""
     if config.scan_layers:
         params, config = convert_layers(params, scan_layers=False), config.replace(scan_layers=False)
+    params = jax.tree.map(lambda x: jnp.asarray(x, config.dtype), params)
+    config = config.replace(param_dtype=config.dtype)
     return {**params, "lm_head": jnp.transpose(params["wte"]["embedding"])}, config
 
 

@@ -244,3 +244,25 @@ def test_the_cache_grows_through_its_sizes_and_restarts_small_after_a_slide():
     sampled = np.asarray(generate(params, config, prompt, **kw, **SAMPLING))
     streamed = np.stack(list(generate_stream(params, config, prompt, **kw, **SAMPLING)), axis=1)
     np.testing.assert_array_equal(sampled, streamed)
+
+
+def test_bfloat16_decoding_reads_bfloat16_weights_and_cache(params):
+    """dtype=bfloat16 decodes with the weights and the cache in bfloat16 (half the bytes per token); its
+    step-by-step logits stay within bfloat16's precision of float32's full forward."""
+    from flaxgpt.generate import decoding_layout
+
+    layout, config = decoding_layout(params, CONFIG.replace(dtype="bfloat16"))
+    assert {x.dtype for x in jax.tree.leaves(layout)} == {jnp.dtype(jnp.bfloat16)}
+    assert layout["lm_head"].shape == (CONFIG.n_embd, CONFIG.vocab_size)
+    cache = init_cache(config, 2)
+    assert {x.dtype for x in jax.tree.leaves(cache)} == {jnp.dtype(jnp.bfloat16)}
+    tokens = jnp.asarray(random_tokens(0, (2, S)))
+    full = forward(params, tokens)
+    valid = jnp.zeros((2, S), bool).at[:, :5].set(True)
+    logits, cache = run(layout, config, cache, tokens, valid, 0, 5)
+    for i in range(5, S):
+        valid = valid.at[:, i].set(True)
+        logits, cache = run(layout, config, cache, tokens, valid, i, 1)
+        scale = float(jnp.abs(full[:, i]).max())
+        np.testing.assert_allclose(logits, full[:, i], atol=0.05 * scale, rtol=0)
+        assert logits.dtype == jnp.float32
