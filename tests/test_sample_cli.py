@@ -193,3 +193,10 @@ def test_all_checkpoints_unreadable_says_what_to_do_and_no_event_loop_noise(char
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "cannot read checkpoint" in errors[0] and "scratch" not in errors[0]
     assert "Traceback" not in result.stderr and "Event loop is closed" not in result.stderr, result.stderr
+
+
+def test_dtype_auto_samples_in_float32_on_a_cpu_and_bfloat16_is_a_choice(capsys, char_run):
+    argv = ["--out_dir", char_run, "--start", "ab", "--num_samples", 1, "--max_new_tokens", 4]
+    assert "at step 100" in (err := run_cli(capsys, *argv).err) and err.rstrip().endswith("in float32"), err
+    bf16 = run_cli(capsys, *argv, "--dtype", "bfloat16")
+    assert bf16.err.rstrip().endswith("in bfloat16") and len(samples(bf16.out)) == 1
