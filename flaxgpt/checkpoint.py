@@ -58,11 +58,20 @@ class UnreadableCheckpointError(ValueError):
     """A checkpoint step that cannot be restored (half written, foreign, damaged)."""
 
 
+def _innermost(error: Exception) -> Exception:
+    """The error at the bottom of a chain: orbax wraps tensorstore's and the writer's errors, and the
+    innermost one says what happened (e.g. which array failed to decompress)."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    return error
+
+
 def _reason(error: Exception, limit: int = 300) -> str:
-    """The first line of an error, without the tensorstore spec that orbax's errors append."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    text = text.split(" [tensorstore_spec")[0]
-    return text if len(text) <= limit else text[:limit] + " ..."
+    """'<type>: <first line>' of an error, without the tensorstore spec that orbax's errors append."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    text = text.split(" [tensorstore_spec")[0].split(" See full TensorStore details")[0]
+    text = text if len(text) <= limit else text[:limit] + " ..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 class CorruptCheckpointError(ValueError):
@@ -191,13 +200,11 @@ class Checkpoints:
     def _save_error(self, error: Exception) -> OSError:
         """One line for a failed save: which step, the space it needs, and that nothing was lost (orbax
         writes a step under a temporary name and renames it only once it is complete)."""
-        cause = error  # orbax wraps the writer's exception; the innermost one says what happened
-        while cause.__cause__ is not None or cause.__context__ is not None:
-            cause = cause.__cause__ or cause.__context__
+        cause = _innermost(error)
         step, n_bytes = getattr(self, "_saving", (None, 0))
         reason = _reason(cause)
         disk_full = getattr(cause, "errno", None) == errno.ENOSPC or "No space left" in reason
-        what = "the disk is full" if disk_full else f"{type(cause).__name__}: {reason}"
+        what = "the disk is full" if disk_full else reason
         failure = OSError(f"saving checkpoint {self.directory / str(step)} failed ({what}); it needs about "
                           f"{n_bytes / 2**20:,.1f} MiB free. Nothing was lost: the earlier checkpoints in "
                           f"{self.directory} are untouched; resume from the newest with --config.init_from=resume")
@@ -250,9 +257,9 @@ class Checkpoints:
             except Exception as e:  # orbax raises many kinds of errors for a broken step directory
                 if len(candidates) == 1:
                     raise UnreadableCheckpointError(f"cannot read checkpoint {self.directory / str(s)}: "
-                                                    f"{_reason(e)}") from e
-                log.warning("skipping unreadable checkpoint %s (%s: %s)", self.directory / str(s),
-                            type(e).__name__, _reason(e))
+                                                    f"{_reason(_innermost(e))}") from e
+                log.warning("skipping unreadable checkpoint %s (%s)", self.directory / str(s),
+                            _reason(_innermost(e)))
         raise ValueError(f"none of the checkpoints {candidates} in {self.directory} could be read; "
                          "restore an earlier copy of them, or train a new run in another out_dir")
 
