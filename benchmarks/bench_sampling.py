@@ -55,6 +55,15 @@ def _seconds(fn) -> float:
     return time.perf_counter() - start
 
 
+def median_seconds(runs: dict, repeats: int) -> dict:
+    """{name: fn} -> {name: median seconds of a call}, the systems taking turns, `repeats` calls each."""
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            times[name].append(_seconds(fn))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def hf_model(params, config: GPTConfig, folder: str, dtype: str):
     """transformers' GPT2LMHeadModel with the same weights (zero biases for a bias-free model)."""
     import torch
@@ -100,11 +109,8 @@ def compare(name, params, config, hf, batch_size, args, bandwidth):
                                min_new_tokens=n, do_sample=False, pad_token_id=0)[:, 8:].numpy()
 
     same = np.mean(ours() == theirs())  # warm-up (compiles) and the check
-    times = {"flaxgpt": [], "transformers": []}
-    for _ in range(args.repeats):
-        times["flaxgpt"].append(_seconds(ours))
-        times["transformers"].append(_seconds(theirs))
-    rate = {k: batch_size * n / statistics.median(v) for k, v in times.items()}
+    seconds = median_seconds({"flaxgpt": ours, "transformers": theirs}, args.repeats)
+    rate = {k: batch_size * n / v for k, v in seconds.items()}
     line = (f"{name:16s} batch {batch_size:2d}, {n:3d} tokens: flaxgpt {rate['flaxgpt']:8.1f} tok/s   transformers "
             f"{rate['transformers']:8.1f} tok/s   flaxgpt/transformers {rate['flaxgpt'] / rate['transformers']:5.2f}x")
     if batch_size == 1:
@@ -127,11 +133,7 @@ def prefill(params, config, hf, args):
                                do_sample=False, pad_token_id=0)
 
     ours(), theirs()
-    t = {"flaxgpt": [], "transformers": []}
-    for _ in range(args.repeats):
-        t["flaxgpt"].append(_seconds(ours))
-        t["transformers"].append(_seconds(theirs))
-    ms = {k: 1e3 * statistics.median(v) for k, v in t.items()}
+    ms = {k: 1e3 * v for k, v in median_seconds({"flaxgpt": ours, "transformers": theirs}, args.repeats).items()}
     print(f"gpt2 prefill of a 512-token prompt (batch 1, to the first new token): flaxgpt {ms['flaxgpt']:.0f} ms, "
           f"transformers {ms['transformers']:.0f} ms, flaxgpt/transformers time {ms['flaxgpt'] / ms['transformers']:.2f}x")
 

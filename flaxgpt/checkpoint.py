@@ -255,11 +255,11 @@ class Checkpoints:
                     raise
                 log.warning("skipping %s", e)
             except Exception as e:  # orbax raises many kinds of errors for a broken step directory
+                reason = _reason(_innermost(e))
                 if len(candidates) == 1:
                     raise UnreadableCheckpointError(f"cannot read checkpoint {self.directory / str(s)}: "
-                                                    f"{_reason(_innermost(e))}") from e
-                log.warning("skipping unreadable checkpoint %s (%s)", self.directory / str(s),
-                            _reason(_innermost(e)))
+                                                    f"{reason}") from e
+                log.warning("skipping unreadable checkpoint %s (%s)", self.directory / str(s), reason)
         raise ValueError(f"none of the checkpoints {candidates} in {self.directory} could be read; "
                          "restore an earlier copy of them, or train a new run in another out_dir")
 

@@ -91,7 +91,7 @@ def _run(params, config: GPTConfig, cache, window, valid, index, length: int, po
     to the valid slots up to its own, positions count the valid slots before it (or are given, [B, length]).
     The cache may hold fewer slots (S') than the window: the first S'. -> (logits of the last query [B, V]
     float32, cache)."""
-    slots = jax.tree.leaves(cache)[-1].shape[-2]  # v: [..., S, D]
+    slots = (cache if isinstance(cache, LayerCache) else cache[0]).slots
     tokens = jax.lax.dynamic_slice_in_dim(window, index, length, axis=1)
     if positions is None:
         positions = jax.lax.dynamic_slice_in_dim(jnp.cumsum(valid, axis=1) - 1, index, length, axis=1)
