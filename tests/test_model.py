@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxgpt.model import (GPT, GPTConfig, count_params, crop_block_size, cross_entropy_loss,
+from flaxgpt.model import (GPT, GPTConfig, count_params, crop_block_size, cross_entropy_loss, gelu,
                            convert_layers, flops_per_token, init_cache, init_params,
                            resolve_attention)
 
@@ -89,6 +89,21 @@ def test_dropout_is_random_in_training_and_off_in_eval():
 def decode(config, params, x, cache, positions, mask, cache_index):
     return GPT(config).apply({"params": params}, x, cache, positions=positions, mask=mask, cache_index=cache_index,
                              method=GPT.decode)
+
+
+def test_exact_gelu_is_jax_and_torch_gelu_and_so_is_its_gradient():
+    """The erf form (PyTorch's) agrees with jax.nn.gelu's erfc form, value and gradient, far into both tails
+    (absolutely: far below 0 erf rounds to -1 in float32 and the erf form gives 0 where the erfc form keeps
+    values under 6e-7), and PyTorch's nn.GELU to the same tolerance."""
+    x = jnp.linspace(-12.0, 12.0, 4001, dtype=jnp.float32)
+    reference = functools.partial(jax.nn.gelu, approximate=False)
+    np.testing.assert_allclose(gelu(x, approximate=False), reference(x), rtol=1e-6, atol=1e-6)
+    grad = jax.vmap(jax.grad(lambda v: gelu(v, approximate=False)))
+    np.testing.assert_allclose(grad(x), jax.vmap(jax.grad(reference))(x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(gelu(x, approximate=True), jax.nn.gelu(x, approximate=True))
+    torch = pytest.importorskip("torch")
+    np.testing.assert_allclose(gelu(x, approximate=False), torch.nn.functional.gelu(torch.from_numpy(np.array(x))),
+                               rtol=1e-6, atol=1e-6)
 
 
 def test_cached_forward_matches_full_forward(params):
