@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 from absl import flags  # noqa: E402
 
-from flaxgpt import benchmarking, optim, sharding  # noqa: E402
+from flaxgpt import benchmarking, optim, sharding, xla_options  # noqa: E402
 from flaxgpt.model import GPTConfig  # noqa: E402
 from flaxgpt.train_step import TrainStep  # noqa: E402
 
@@ -145,8 +145,9 @@ def main(argv):
     state = step_fns.init(jax.random.key(config.seed))
     host_params = jax.device_get(state.params)
     x, y = (jax.device_put(a[None], step_fns.batch_sharding) for a in (x_np, y_np))
-    loss_fn = jax.jit(lambda p, xb, yb: step_fns.loss_fn(p, xb, yb))
-    grad_fn = jax.jit(jax.value_and_grad(lambda p, xb, yb: step_fns.loss_fn(p, xb, yb)))
+    options = xla_options.compiler_options(jax.devices()[0].platform)  # as the train step compiles
+    loss_fn = jax.jit(lambda p, xb, yb: step_fns.loss_fn(p, xb, yb), compiler_options=options)
+    grad_fn = jax.jit(jax.value_and_grad(lambda p, xb, yb: step_fns.loss_fn(p, xb, yb)), compiler_options=options)
     jax_state = [state]
 
     def jax_step():

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from flaxgpt import sharding, splash
+from flaxgpt import sharding, splash, xla_options
 from flaxgpt.model import GPT, GPTConfig, cross_entropy_loss
 
 
@@ -42,14 +42,16 @@ class TrainStep:
         self._state_shapes = nn.meta.unbox(abstract)
         self.batch_sharding = sharding.batch_sharding(mesh, ndim=3, batch_axis=1, rules=rules)
         replicated = NamedSharding(mesh, P())
+        options = xla_options.compiler_options(mesh.devices.flat[0].platform)
         self._init = jax.jit(lambda rng: nn.meta.unbox(self._boxed_state(rng)),
                              out_shardings=self.state_sharding)
         self._from_params = jax.jit(self._state_from_params, out_shardings=self.state_sharding)
         self.train_fn = jax.jit(self._train_step, donate_argnums=0,
                                   in_shardings=(self.state_sharding, self.batch_sharding, self.batch_sharding),
-                                  out_shardings=(self.state_sharding, replicated))
+                                  out_shardings=(self.state_sharding, replicated), compiler_options=options)
         self.eval_fn = jax.jit(self._eval_step, in_shardings=(self.state_sharding.params, self.batch_sharding,
-                                                              self.batch_sharding), out_shardings=replicated)
+                                                              self.batch_sharding), out_shardings=replicated,
+                               compiler_options=options)
 
     @property
     def abstract_state(self) -> TrainState:
