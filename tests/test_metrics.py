@@ -2,6 +2,8 @@
 
 import json
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -97,3 +99,15 @@ def test_tensorboard_can_be_switched_off(tmp_path):
 
 def test_format_seconds():
     assert format_seconds(75) == "1m15s" and format_seconds(3 * 3600 + 120) == "3h02m"
+
+
+def test_tensorboard_logging_does_not_import_torch(tmp_path):
+    """tensorboardX imports torch whenever it is installed; a run's MetricsLog must not (2.5 s, ~190 MB)."""
+    pytest.importorskip("torch")
+    code = ("import sys; from flaxgpt.config import base_config; from flaxgpt.metrics import MetricsLog\n"
+            f"with MetricsLog(base_config(), __import__('pathlib').Path({str(tmp_path)!r}), 'run-a') as log:\n"
+            "    log.write(1, loss=2.5)\n"
+            "print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+    assert tensorboard_scalars(tmp_path / "tensorboard")["train/step_loss"] == [(1, 2.5)]
