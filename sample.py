@@ -23,6 +23,7 @@ from flaxgpt.generate import check_max_new_tokens, checked_prompt, generate, gen
 from flaxgpt.load import LoadedModel, load_model
 from flaxgpt.model import crop_vocab_size
 from flaxgpt.tokenizer import StreamDecoder
+from flaxgpt import xla_options
 
 SEPARATOR = "---------------"
 
@@ -52,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="compute dtype and the weights' while sampling; auto: bfloat16 on GPUs and TPUs, float32 on CPUs")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                    help="print the text as it is generated")
+    p.add_argument("--compilation_cache_dir", default=xla_options.DEFAULT_CACHE_DIR,
+                   help="compiled sampling loops kept here for the next call ('' for none)")
     args = p.parse_args(argv)
     if args.num_samples < 1:
         raise UsageError(f"--num_samples must be positive, got {args.num_samples}")
@@ -100,6 +103,7 @@ def read_prompt(start: str) -> str:
 
 
 def run(args: argparse.Namespace) -> None:
+    xla_options.use_compilation_cache(args.compilation_cache_dir)
     start = read_prompt(args.start)
     config, params, tokenizer, loaded = load(args.init_from, args.out_dir, resolve_dtype(args.dtype))
     if tokenizer.vocab_size < config.vocab_size:  # GPT-2's padding rows have no text: never sample them

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from flaxgpt import checkpoint, data, distributed, mfu, optim, sharding, tokenizer
+from flaxgpt import checkpoint, data, distributed, mfu, optim, sharding, tokenizer, xla_options
 from flaxgpt.config import model_config, validate
 from flaxgpt.metrics import TENSORBOARD_DIR, MetricsLog
 from flaxgpt.profiling import PROFILE_DIR, StepProfiler
@@ -219,6 +219,7 @@ def _non_finite(what: str, value, step: int, ckpts: checkpoint.Checkpoints) -> F
 def train(config) -> dict:
     """Train (or evaluate) as the config says; returns the last losses {"train", "val", "step"}."""
     validate(config)
+    xla_options.use_compilation_cache(config.compilation_cache_dir)
     distributed.initialize(config.distributed.coordinator_address, config.distributed.num_processes,
                            config.distributed.process_id)
     dataset = Dataset.open(config)

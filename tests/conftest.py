@@ -17,6 +17,14 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+@pytest.fixture(autouse=True)
+def no_compilation_cache_in_this_process(monkeypatch):
+    """What tests compile in this process stays out of the user's compilation cache (JAX sets its cache up
+    once per process; test_xla_options checks the cache in fresh processes)."""
+    from flaxgpt import xla_options
+    monkeypatch.setattr(xla_options, "use_compilation_cache", lambda directory: None)
+
+
 CORPUS = SHARED_DATA / "tinyshakespeare" / "input.txt"
 
 
@@ -54,7 +62,7 @@ def alphabet64_dir(tmp_path_factory) -> Path:
 # A run of configs/shakespeare_char.py:cpu (AdamW, lr warm-up, dropout 0) shrunk to seconds.
 TINY_RUN = dict(n_layer=2, n_head=4, n_embd=32, block_size=16, batch_size=8, max_iters=6, eval_interval=3,
                 eval_iters=2, log_interval=1, always_save_checkpoint=True, async_checkpointing=False,
-                warmup_iters=2, lr_decay_iters=6)
+                warmup_iters=2, lr_decay_iters=6, compilation_cache_dir="")
 
 
 def tiny_run_config(data_dir: Path, out_dir: Path, **overrides):

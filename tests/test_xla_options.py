@@ -1,5 +1,9 @@
 """flaxgpt/xla_options.py: which XLA options the train and eval steps compile with, and that they apply."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import optax
@@ -35,3 +39,24 @@ def test_the_cpu_train_and_eval_steps_compile_without_ynnpack_fusions(monkeypatc
     assert "ynn_fusion" in plain
     assert "ynn_fusion" not in step.train_fn.lower(state, batch, batch).compile().as_text()
     assert "ynn_fusion" not in step.eval_fn.lower(state.params, batch, batch).compile().as_text()
+
+
+def _compile_in_a_fresh_process(cache_dir, env_cache_dir=None) -> None:
+    code = ("import jax; from flaxgpt import xla_options\n"
+            f"xla_options.use_compilation_cache({str(cache_dir)!r})\n"
+            "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
+            "jax.jit(lambda x: x * 2 + 1)(1.0).block_until_ready()")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    if env_cache_dir:
+        env["JAX_COMPILATION_CACHE_DIR"] = str(env_cache_dir)
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
+
+
+def test_the_compilation_cache_keeps_compiled_programs_where_it_is_told(tmp_path):
+    _compile_in_a_fresh_process(tmp_path / "cache")
+    assert any((tmp_path / "cache").iterdir())
+
+
+def test_jax_compilation_cache_dir_in_the_environment_wins(tmp_path):
+    _compile_in_a_fresh_process(tmp_path / "ours", env_cache_dir=tmp_path / "users")
+    assert any((tmp_path / "users").iterdir()) and not (tmp_path / "ours").exists()
