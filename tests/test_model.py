@@ -100,7 +100,8 @@ def test_exact_gelu_is_jax_and_torch_gelu_and_so_is_its_gradient():
     np.testing.assert_allclose(gelu(x, approximate=False), reference(x), rtol=1e-6, atol=1e-6)
     grad = jax.vmap(jax.grad(lambda v: gelu(v, approximate=False)))
     np.testing.assert_allclose(grad(x), jax.vmap(jax.grad(reference))(x), rtol=1e-6, atol=1e-6)
-    np.testing.assert_array_equal(gelu(x, approximate=True), jax.nn.gelu(x, approximate=True))
+    exact_bf16 = gelu(x.astype(jnp.bfloat16), approximate=False).astype(jnp.float32)
+    np.testing.assert_allclose(exact_bf16, reference(x), atol=2e-3, rtol=1e-2)  # no cancellation in the tail
     torch = pytest.importorskip("torch")
     np.testing.assert_allclose(gelu(x, approximate=False), torch.nn.functional.gelu(torch.from_numpy(np.array(x))),
                                rtol=1e-6, atol=1e-6)
