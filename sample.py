@@ -53,8 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="compute dtype and the weights' while sampling; auto: bfloat16 on GPUs and TPUs, float32 on CPUs")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                    help="print the text as it is generated")
-    p.add_argument("--compilation_cache_dir", default=xla_options.DEFAULT_CACHE_DIR,
-                   help="compiled sampling loops kept here for the next call ('' for none)")
+    p.add_argument("--compilation_cache_dir", default=None, help="compiled sampling loops kept here for the "
+                   "next call (default $FLAXGPT_CACHE/xla or ~/.cache/flaxgpt/xla; '' for none)")
     args = p.parse_args(argv)
     if args.num_samples < 1:
         raise UsageError(f"--num_samples must be positive, got {args.num_samples}")

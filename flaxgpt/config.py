@@ -11,7 +11,6 @@ from ml_collections import config_dict
 
 from flaxgpt.model import GPTConfig
 from flaxgpt.profiling import parse_profile_steps
-from flaxgpt.xla_options import DEFAULT_CACHE_DIR
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -32,7 +31,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.progress = True  # a progress bar with ETA on a terminal (plain lines elsewhere)
     c.tensorboard = True  # TensorBoard scalars in out_dir/tensorboard
     c.profile_steps = ""  # "START:STOP": a jax.profiler trace of those steps in out_dir/profile
-    c.compilation_cache_dir = DEFAULT_CACHE_DIR  # compiled steps kept for the next run; "" = none
+    # Compiled steps kept for the next run: default $FLAXGPT_CACHE/xla or ~/.cache/flaxgpt/xla; "" = none.
+    c.compilation_cache_dir = config_dict.placeholder(str)
     c.wandb_log = False
     c.wandb_project = "owt"
     c.wandb_run_name = "gpt2"

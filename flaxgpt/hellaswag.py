@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxgpt.model import GPT, GPTConfig
-from flaxgpt.tokenizer import GPT2Tokenizer, local_data_file
+from flaxgpt.tokenizer import GPT2Tokenizer, local_data_file, user_cache_dir
 
 HELLASWAG_VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 VAL_FILE = "hellaswag/hellaswag_val.jsonl"
@@ -32,7 +32,7 @@ def validation_file() -> Path:
     local = local_data_file(VAL_FILE)
     if local:
         return local
-    cache = Path(os.environ.get("FLAXGPT_CACHE", Path.home() / ".cache" / "flaxgpt")) / VAL_FILE
+    cache = user_cache_dir() / VAL_FILE
     if not cache.is_file():
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(cache.name + ".part")

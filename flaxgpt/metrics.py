@@ -50,7 +50,9 @@ def _tensorboardx_writer():
     if "torch" in sys.modules:
         from tensorboardX import SummaryWriter
         return SummaryWriter
-    sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX handles
+    # `import torch` raises ImportError while this is set, which tensorboardX handles; nothing else imports
+    # in the meantime (a run creates its MetricsLog before starting any thread).
+    sys.modules["torch"] = None
     try:
         from tensorboardX import SummaryWriter
     finally:

@@ -28,6 +28,12 @@ def local_data_file(relative: str) -> Path | None:
     return None
 
 
+def user_cache_dir() -> Path:
+    """Where flaxgpt keeps downloads and compiled programs: $FLAXGPT_CACHE, else ~/.cache/flaxgpt.
+    Raises RuntimeError when neither is set and the home directory cannot be found."""
+    return Path(os.environ.get("FLAXGPT_CACHE") or Path.home() / ".cache" / "flaxgpt")
+
+
 class Tokenizer(Protocol):
     vocab_size: int
 

@@ -1,12 +1,20 @@
 """Test session set-up: 8 simulated CPU devices (for the sharding tests) and the shared offline data."""
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 # Must happen before jax initialises its backend; single-device tests run on device 0 as usual.
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# What the tests compile, here and in the train.py / sample.py processes they start, goes to a cache of
+# this session (it wins over flaxgpt's default, ~/.cache/flaxgpt/xla), never into the user's.
+_SESSION_CACHE = tempfile.mkdtemp(prefix="flaxgpt-test-xla-cache-")
+atexit.register(shutil.rmtree, _SESSION_CACHE, ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_CACHE
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 if SHARED_DATA.is_dir():  # GPT-2's BPE ranks and tiny Shakespeare without a download
@@ -16,14 +24,6 @@ if SHARED_DATA.is_dir():  # GPT-2's BPE ranks and tiny Shakespeare without a dow
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-
-@pytest.fixture(autouse=True)
-def no_compilation_cache_in_this_process(monkeypatch):
-    """What tests compile in this process stays out of the user's compilation cache (JAX sets its cache up
-    once per process; test_xla_options checks the cache in fresh processes)."""
-    from flaxgpt import xla_options
-    monkeypatch.setattr(xla_options, "use_compilation_cache", lambda directory: None)
-
 
 CORPUS = SHARED_DATA / "tinyshakespeare" / "input.txt"
 
@@ -62,7 +62,7 @@ def alphabet64_dir(tmp_path_factory) -> Path:
 # A run of configs/shakespeare_char.py:cpu (AdamW, lr warm-up, dropout 0) shrunk to seconds.
 TINY_RUN = dict(n_layer=2, n_head=4, n_embd=32, block_size=16, batch_size=8, max_iters=6, eval_interval=3,
                 eval_iters=2, log_interval=1, always_save_checkpoint=True, async_checkpointing=False,
-                warmup_iters=2, lr_decay_iters=6, compilation_cache_dir="")
+                warmup_iters=2, lr_decay_iters=6)
 
 
 def tiny_run_config(data_dir: Path, out_dir: Path, **overrides):

@@ -7,6 +7,7 @@ import sys
 import jax
 import numpy as np
 import optax
+import pytest
 
 from conftest import one_device_mesh
 from flaxgpt import xla_options
@@ -23,10 +24,19 @@ def test_cpu_gets_the_cpu_options_and_other_platforms_xla_defaults(monkeypatch):
     assert xla_options.compiler_options("gpu") is None
 
 
-def test_an_option_the_user_sets_in_xla_flags_is_left_alone(monkeypatch):
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
-                       "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT")
+@pytest.mark.parametrize("flag", ["--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT",
+                                  "-xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT"])
+def test_an_option_the_user_sets_in_xla_flags_is_left_alone(monkeypatch, flag):
+    monkeypatch.setenv("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {flag}")
     assert xla_options.compiler_options("cpu") is None
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type_other=1")  # another flag
+    assert xla_options.compiler_options("cpu") == xla_options.CPU_OPTIONS
+
+
+def test_an_option_this_jaxlib_does_not_know_is_dropped(monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.setattr(xla_options, "CPU_OPTIONS", {**xla_options.CPU_OPTIONS, "xla_cpu_no_such_option": "1"})
+    assert xla_options.compiler_options("cpu") == {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 def test_the_cpu_train_and_eval_steps_compile_without_ynnpack_fusions(monkeypatch):
@@ -41,14 +51,14 @@ def test_the_cpu_train_and_eval_steps_compile_without_ynnpack_fusions(monkeypatc
     assert "ynn_fusion" not in step.eval_fn.lower(state.params, batch, batch).compile().as_text()
 
 
-def _compile_in_a_fresh_process(cache_dir, env_cache_dir=None) -> None:
+def _compile_in_a_fresh_process(cache_dir, **env_vars) -> None:
+    """A process that calls use_compilation_cache(cache_dir) and compiles one small program."""
     code = ("import jax; from flaxgpt import xla_options\n"
-            f"xla_options.use_compilation_cache({str(cache_dir)!r})\n"
+            f"xla_options.use_compilation_cache({None if cache_dir is None else str(cache_dir)!r})\n"
             "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
             "jax.jit(lambda x: x * 2 + 1)(1.0).block_until_ready()")
-    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-    if env_cache_dir:
-        env["JAX_COMPILATION_CACHE_DIR"] = str(env_cache_dir)
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # conftest's session cache
+    env.update({k: str(v) for k, v in env_vars.items()})
     subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
 
 
@@ -58,5 +68,12 @@ def test_the_compilation_cache_keeps_compiled_programs_where_it_is_told(tmp_path
 
 
 def test_jax_compilation_cache_dir_in_the_environment_wins(tmp_path):
-    _compile_in_a_fresh_process(tmp_path / "ours", env_cache_dir=tmp_path / "users")
+    _compile_in_a_fresh_process(tmp_path / "ours", JAX_COMPILATION_CACHE_DIR=tmp_path / "users")
     assert any((tmp_path / "users").iterdir()) and not (tmp_path / "ours").exists()
+
+
+def test_the_default_cache_is_under_flaxgpt_cache_and_empty_means_none(tmp_path):
+    _compile_in_a_fresh_process(None, FLAXGPT_CACHE=tmp_path / "flaxgpt")
+    assert any((tmp_path / "flaxgpt" / "xla").iterdir())
+    _compile_in_a_fresh_process("", FLAXGPT_CACHE=tmp_path / "off")
+    assert not (tmp_path / "off").exists()
