@@ -266,3 +266,21 @@ def test_bfloat16_decoding_reads_bfloat16_weights_and_cache(params):
         scale = float(jnp.abs(full[:, i]).max())
         np.testing.assert_allclose(logits, full[:, i], atol=0.05 * scale, rtol=0)
         assert logits.dtype == jnp.float32
+
+
+def test_weights_laid_out_once_are_reused_as_they_are(params):
+    """decoding_layout's output passes through it untouched (sample.py lays the weights out once for all
+    its samples) and samples the same tokens as the params it came from; asking for another dtype lays
+    them out again."""
+    from flaxgpt.generate import decoding_layout
+
+    layout, config = decoding_layout(params, CONFIG)
+    again, config_again = decoding_layout(layout, CONFIG)
+    assert config_again == config and not config.scan_layers
+    assert all(a is b for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(layout)))
+    prompt = random_tokens(4, (2, 3))
+    kw = dict(max_new_tokens=N, rng=jax.random.key(0), **SAMPLING)
+    np.testing.assert_array_equal(generate(layout, CONFIG, prompt, **kw), generate(params, CONFIG, prompt, **kw))
+    bf16, _ = decoding_layout(layout, CONFIG.replace(dtype="bfloat16"))
+    assert {x.dtype for x in jax.tree.leaves(bf16)} == {jnp.dtype(jnp.bfloat16)}
+    np.testing.assert_array_equal(bf16["lm_head"], jnp.transpose(bf16["wte"]["embedding"]))

@@ -1,6 +1,7 @@
 """sample.py end to end, in process: a tiny Hugging Face folder, a tiny character-level training run,
 streaming, and the one-line errors (exit code 2)."""
 
+import importlib
 import json
 import pickle
 
@@ -60,6 +61,19 @@ def test_training_run_with_a_character_vocabulary(capsys, char_run, tmp_path):
     assert texts[0].startswith("ab cab\n" * 4) and set(texts[0]) <= set(CHARS)
     assert len(texts[0]) == 28 + 20 + 1  # prompt, new characters, the newline that ends a sample
     assert out.err.count("warning") == 1 and "last 16" in out.err
+
+
+def test_the_weights_are_laid_out_once_for_all_samples(capsys, char_run, monkeypatch):
+    """The checkpoint's scanned layers are unstacked for decoding once, not once per sample."""
+    decoding = importlib.import_module("flaxgpt.generate")  # the module (flaxgpt.generate is the function)
+    calls = []
+    convert = decoding.convert_layers
+    monkeypatch.setattr(decoding, "convert_layers", lambda *a, **k: calls.append(1) or convert(*a, **k))
+    for stream in ("--stream", "--no-stream"):
+        calls.clear()
+        texts = samples(run_cli(capsys, "--out_dir", char_run, "--start", "ab", "--num_samples", 3,
+                                "--max_new_tokens", 4, stream).out)
+        assert len(texts) == 3 and len(calls) == 1
 
 
 def test_window_shift_reaches_both_samplers(capsys, char_run, monkeypatch):
