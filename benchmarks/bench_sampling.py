@@ -12,9 +12,10 @@ cannot crop its context), the two systems taking turns, medians of
 shakespeare_char model is the CPU config's size with the prepared dataset's vocabulary (65), or --out_dir's
 run. transformers' GPT-2 always has biases: a bias-free model is handed to it with zero biases (the same
 function). The floor is batch 1's: every weight read once per new token (wte as the tied head, the KV cache
-of the tokens so far), at the bandwidth measured here (the faster of a large copy and a large sum);
-flaxgpt/floor is how far above it a token takes. Prefill: the time to the first new token of a 512-token
-prompt (GPT-2, batch 1). Needs torch and transformers (pip install torch transformers).
+of the tokens so far), at the bandwidth of a jitted sum over 512 MB taking turns with the two systems;
+flaxgpt/floor is how far above it a token takes. flaxgpt's weights are laid out for decoding once per
+model, as sample.py does (generate.decoding_layout; its time is printed). Prefill: the time to the first
+new token of a 512-token prompt (GPT-2, batch 1). Needs torch and transformers (pip install torch transformers).
 """
 
 import argparse
@@ -32,21 +33,24 @@ import numpy as np  # noqa: E402
 
 from configs import shakespeare_char  # noqa: E402
 from flaxgpt.benchmarking import benchmark_model  # noqa: E402
-from flaxgpt.generate import generate  # noqa: E402
+from flaxgpt.generate import decoding_layout, generate  # noqa: E402
 from flaxgpt.model import GPTConfig, init_params  # noqa: E402
 from flaxgpt.pretrained import save_pretrained  # noqa: E402
 
 
-def memory_bandwidth(n_bytes: int = 512 * 2**20, repeats: int = 5) -> float:
-    """Bytes/s this machine moves: the faster of a jitted copy (read + write) and a jitted sum (read)."""
-    x = jnp.ones(n_bytes // 4, jnp.float32)
-    copy, total = jax.jit(lambda x: x + 1), jax.jit(jnp.sum)
-    rates = []
-    for fn, moved in ((copy, 2 * n_bytes), (total, n_bytes)):
-        jax.block_until_ready(fn(x))
-        best = min(_seconds(lambda: jax.block_until_ready(fn(x))) for _ in range(repeats))
-        rates.append(moved / best)
-    return max(rates)
+class MemoryRead:
+    """A jitted sum over a large float32 array: what reading memory costs on this machine, timed in turns
+    with the runs it bounds (this shared machine's bandwidth moved between 24 and 36 GB/s from one run to
+    the next). Decoding at batch 1 reads its weights; a sum reads and writes nothing else."""
+
+    def __init__(self, n_bytes: int = 512 * 2**20):
+        self.n_bytes = n_bytes
+        self.array = jnp.ones(n_bytes // 4, jnp.float32)
+        self.sum = jax.jit(jnp.sum)
+        jax.block_until_ready(self())
+
+    def __call__(self):
+        return jax.block_until_ready(self.sum(self.array))
 
 
 def _seconds(fn) -> float:
@@ -86,14 +90,16 @@ def _fill(with_bias: dict, params: dict) -> dict:
 
 
 def floor_tokens_per_s(params, config: GPTConfig, dtype: str, context: float, bandwidth: float) -> float:
-    """Batch 1: every weight once per token (wpe: one row) plus the KV cache of `context` tokens."""
+    """Batch 1: every weight once per token (wpe: one row; wte as the head, laid out as "lm_head" or not)
+    plus the KV cache of `context` tokens."""
     itemsize = jnp.dtype(dtype).itemsize
-    n_weights = sum(x.size for x in jax.tree.leaves(params)) - params["wpe"]["embedding"].size + config.n_embd
+    weights = {k: v for k, v in params.items() if k != "lm_head"}
+    n_weights = sum(x.size for x in jax.tree.leaves(weights)) - params["wpe"]["embedding"].size + config.n_embd
     cache = 2 * config.n_layer * context * config.n_embd
     return bandwidth / ((n_weights + cache) * itemsize)
 
 
-def compare(name, params, config, hf, batch_size, args, bandwidth):
+def compare(name, params, config, hf, batch_size, args, memory: MemoryRead):
     import torch
 
     rng = np.random.default_rng(0)
@@ -109,13 +115,18 @@ def compare(name, params, config, hf, batch_size, args, bandwidth):
                                min_new_tokens=n, do_sample=False, pad_token_id=0)[:, 8:].numpy()
 
     same = np.mean(ours() == theirs())  # warm-up (compiles) and the check
-    seconds = median_seconds({"flaxgpt": ours, "transformers": theirs}, args.repeats)
+    runs, reads = {"flaxgpt": ours, "transformers": theirs}, 5  # memory: 5 sums per turn, one takes ~20 ms
+    if batch_size == 1:  # the floor's bandwidth
+        runs["memory"] = lambda: [memory() for _ in range(reads)]
+    seconds = median_seconds(runs, args.repeats)
+    bandwidth = reads * memory.n_bytes / seconds.pop("memory", np.inf)
     rate = {k: batch_size * n / v for k, v in seconds.items()}
     line = (f"{name:16s} batch {batch_size:2d}, {n:3d} tokens: flaxgpt {rate['flaxgpt']:8.1f} tok/s   transformers "
             f"{rate['transformers']:8.1f} tok/s   flaxgpt/transformers {rate['flaxgpt'] / rate['transformers']:5.2f}x")
     if batch_size == 1:
         floor = floor_tokens_per_s(params, config, args.dtype, 8 + n / 2, bandwidth)
-        line += f"   floor {floor:6.1f} tok/s, flaxgpt takes {floor / rate['flaxgpt']:4.2f}x the floor"
+        line += (f"   floor {floor:6.1f} tok/s at {bandwidth / 1e9:.1f} GB/s, flaxgpt takes "
+                 f"{floor / rate['flaxgpt']:4.2f}x the floor")
     print(line + f"   same tokens {same:.0%}", flush=True)
 
 
@@ -153,9 +164,9 @@ def main(argv=None):
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)
-    bandwidth = memory_bandwidth()
+    memory = MemoryRead()
     print(f"{jax.devices()[0].device_kind}, {torch.get_num_threads()} torch threads, jax {jax.__version__}, "
-          f"torch {torch.__version__}; {args.dtype}; memory bandwidth {bandwidth / 1e9:.1f} GB/s; "
+          f"torch {torch.__version__}; {args.dtype}; "
           f"{args.max_new_tokens} greedy new tokens after an 8-token prompt", flush=True)
     for model in args.models:
         if model == "gpt2":
@@ -170,8 +181,12 @@ def main(argv=None):
         config = config.replace(dtype=args.dtype)
         with tempfile.TemporaryDirectory() as folder:
             hf = hf_model(params, config, folder, args.dtype)
+        start = time.perf_counter()  # once per model, as sample.py does; transformers' weights need none
+        params, config = jax.block_until_ready(decoding_layout(params, config))
+        print(f"{model}: weights laid out for decoding in {1e3 * (time.perf_counter() - start):.0f} ms (once)",
+              flush=True)
         for batch_size in args.batch_size:
-            compare(model, params, config, hf, batch_size, args, bandwidth)
+            compare(model, params, config, hf, batch_size, args, memory)
         if model == "gpt2":
             prefill(params, config, hf, args)
 
