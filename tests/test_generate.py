@@ -1,6 +1,8 @@
 """Sampling (flaxgpt/generate.py): the KV cache against full forwards, the compiled loop against
 nanoGPT's reference loop (for every window_shift), the sampling filters, stop tokens and streaming."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -284,3 +286,58 @@ def test_weights_laid_out_once_are_reused_as_they_are(params):
     bf16, _ = decoding_layout(layout, CONFIG.replace(dtype="bfloat16"))
     assert {x.dtype for x in jax.tree.leaves(bf16)} == {jnp.dtype(jnp.bfloat16)}
     np.testing.assert_array_equal(bf16["lm_head"], jnp.transpose(bf16["wte"]["embedding"]))
+
+
+def _computations(hlo: str) -> dict[str, list[str]]:
+    """Compiled HLO text -> {computation name: its instruction lines}."""
+    computations, name = {}, None
+    for line in hlo.splitlines():
+        header = re.match(r"^(?:ENTRY )?%(\S+) .*\{$", line)
+        if header:
+            name = header.group(1)
+            computations[name] = []
+        elif name:
+            computations[name].append(line)
+    return computations
+
+
+def _reachable(computations, root: str) -> set[str]:
+    """root and every computation it calls (fusions, loop bodies and conditions, branches), recursively."""
+    seen, todo = {root}, [root]
+    while todo:
+        for line in computations[todo.pop()]:
+            for callee in re.findall(r"(?:calls|body|condition|to_apply|branch_computations)=\{?%([\w.\-]+)", line):
+                if callee not in seen:
+                    seen.add(callee)
+                    todo.append(callee)
+    return seen
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_appending_a_token_copies_no_cache_and_no_weight(scan_layers):
+    """In the compiled `generate`, the loops that append one token per step (those with matmuls and no
+    such loop inside them) copy nothing as large as a weight matrix or a layer's cache: the cache is
+    updated in place and the weights are read where they lie."""
+    from flaxgpt.generate import _generate, checked_prompt, decoding_layout, make_sampler
+    from flaxgpt.model import convert_layers
+
+    config = CONFIG.replace(block_size=128, n_embd=32, scan_layers=scan_layers)
+    weights = convert_layers(init_params(config.replace(scan_layers=True), jax.random.key(0)), scan_layers)
+    config, prompt, mask = checked_prompt(config, random_tokens(0, (2, 3)), None, window_shift=1)
+    weights, config = decoding_layout(weights, config)
+    hlo = _generate.lower(weights, config, make_sampler(0.0), prompt, mask, jax.random.key(0), 150,
+                          1).compile().as_text()
+    computations = _computations(hlo)
+    bodies = [re.search(r"body=%([\w.\-]+)", line).group(1)
+              for lines in computations.values() for line in lines if " while(" in line]
+    with_dots = {b: _reachable(computations, b) for b in bodies
+                 if any(" dot(" in line for c in _reachable(computations, b) for line in computations[c])}
+    appends = [b for b, inside in with_dots.items() if not any(other in inside for other in with_dots if other != b)]
+    assert len(appends) >= 2  # one per cache size (64 and 128 slots) at least
+    smallest = config.n_embd ** 2  # a layer's cache (2 x 2 x 16 x 64 slots) is larger
+    for body in appends:
+        for c in with_dots[body]:
+            for line in computations[c]:
+                op = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = \S+?\[([\d,]*)\]\{[^}]*\} (\w+)\(", line)
+                if op and (op.group(3) == "copy" or op.group(3) == "fusion" and "copy" in op.group(1)):
+                    assert np.prod([int(d) for d in op.group(2).split(",") if d]) < smallest, line
