@@ -222,7 +222,7 @@ def decoding_layout(params, config: GPTConfig):
     `generate` and `generate_stream` call it on the params they get; params already laid out (this
     function's output) pass through untouched, so a caller that samples more than once lays the weights
     out once: `params, config = decoding_layout(params, config)` first. Laying out copies the weights
-    (~0.2 s for a scanned GPT-2 124M on a 2-core CPU, 2 ms per token of a 100-token sample, most of it
+    (0.2-0.4 s for a scanned GPT-2 124M on a 2-core CPU, 2-4 ms per token of a 100-token sample, most of it
     the new pages; docs/sampling.md).
 
     A scanned model would carry its stacked [L, ...] cache through nn.scan, whose stacked output rewrites
