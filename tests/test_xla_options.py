@@ -52,11 +52,11 @@ def test_the_cpu_train_and_eval_steps_compile_without_ynnpack_fusions(monkeypatc
 
 
 def _compile_in_a_fresh_process(cache_dir, **env_vars) -> None:
-    """A process that calls use_compilation_cache(cache_dir) and compiles one small program."""
+    """A process that calls use_compilation_cache(cache_dir) and compiles one small program (far below JAX's
+    one second threshold: it is only cached because flaxgpt caches every program)."""
     code = ("import jax; from flaxgpt import xla_options\n"
             f"xla_options.use_compilation_cache({None if cache_dir is None else str(cache_dir)!r})\n"
-            "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
-            "jax.jit(lambda x: x * 2 + 1)(1.0).block_until_ready()")
+            "jax.jit(lambda x: x * 2 + 1)(1.0).block_until_ready()")  # compiles in milliseconds
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # conftest's session cache
     env.update({k: str(v) for k, v in env_vars.items()})
     subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
@@ -77,3 +77,8 @@ def test_the_default_cache_is_under_flaxgpt_cache_and_empty_means_none(tmp_path)
     assert any((tmp_path / "flaxgpt" / "xla").iterdir())
     _compile_in_a_fresh_process("", FLAXGPT_CACHE=tmp_path / "off")
     assert not (tmp_path / "off").exists()
+
+
+def test_a_compile_time_threshold_the_user_sets_wins(tmp_path):
+    _compile_in_a_fresh_process(tmp_path / "cache", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=60)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
