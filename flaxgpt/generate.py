@@ -220,16 +220,19 @@ def decoding_layout(params, config: GPTConfig):
     transposed, [C, V] (see GPT.decode).
 
     `generate` and `generate_stream` call it on the params they get; params already laid out (this
-    function's output) pass through untouched, so a caller that samples more than once lays the weights
-    out once: `params, config = decoding_layout(params, config)` first. Laying out copies the weights
-    (0.2-0.4 s for a scanned GPT-2 124M on a 2-core CPU, 2-4 ms per token of a 100-token sample, most of it
-    the new pages; docs/sampling.md).
+    function's output, in config.dtype) pass through untouched, so a caller that samples more than once
+    lays the weights out once: `params, config = decoding_layout(params, config)` first. Laying out copies
+    the weights (0.2-0.4 s for a scanned GPT-2 124M on a 2-core CPU, 2-4 ms per token of a 100-token
+    sample, most of it the new pages; docs/sampling.md). The copy is a snapshot: lay out again after
+    changing the weights (a head that no longer matches wte's shape or dtype is rebuilt; bfloat16 weights
+    laid out again in float32 stay rounded).
 
     A scanned model would carry its stacked [L, ...] cache through nn.scan, whose stacked output rewrites
     the whole cache every token; per-layer caches are updated in place."""
     config = config.replace(scan_layers=False, param_dtype=config.dtype)
-    head = params.get("lm_head")
-    if head is not None and head.dtype == jnp.dtype(config.dtype) and not is_scanned(params):
+    head, dtype = params.get("lm_head"), jnp.dtype(config.dtype)
+    if (head is not None and not is_scanned(params) and head.dtype == params["wte"]["embedding"].dtype == dtype
+            and head.shape == params["wte"]["embedding"].shape[::-1]):
         return params, config
     params = convert_layers({k: v for k, v in params.items() if k != "lm_head"}, scan_layers=False)
     params = jax.tree.map(lambda x: jnp.asarray(x, config.dtype), params)
@@ -289,7 +292,8 @@ def generate_stream(params, config: GPTConfig, prompt, *, max_new_tokens: int, r
     """`generate`, one step at a time: yields each new token [B] (numpy int32) as soon as it is sampled.
 
     The same compiled steps and random keys as `generate`, so the same tokens; the stream ends after
-    the step on which the last row emits stop_token.
+    the step on which the last row emits stop_token. Streaming more than once from the same weights: pass
+    them through `decoding_layout` first.
     """
     check_max_new_tokens(max_new_tokens)
     sampler = make_sampler(temperature, top_k, top_p, stop_token)
