@@ -9,9 +9,9 @@ this jaxlib does not know (the option is experimental) is dropped rather than fa
 
 The compilation cache: a run that compiles a program an earlier run compiled (same code, config, jax and
 machine) loads it from disk instead: the README's CPU train step loads in 1.1-1.6 s instead of compiling
-in 3.5-4.9 s. flaxgpt caches every program (JAX alone keeps those that took over a second to compile);
-JAX never evicts, and writes from process 0 only (on a pod, give a directory every host can read, e.g. a
-gs:// bucket).
+in 3.5-4.9 s. In a local directory flaxgpt caches every program (JAX alone keeps those that took over a
+second to compile). JAX evicts nothing unless jax_compilation_cache_max_size is set, and writes from
+process 0 only (on a pod, give a directory every host can read, e.g. a gs:// bucket).
 """
 
 import functools
@@ -25,7 +25,6 @@ from flaxgpt.tokenizer import user_cache_dir
 
 CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}  # an empty list: no YNNPACK fusions
 MIN_COMPILE_TIME_VARIABLE = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
-JAX_MIN_COMPILE_TIME_SECS = 1.0  # JAX's default: programs that compiled faster are not cached
 
 
 def compiler_options(platform: str) -> dict[str, str] | None:
@@ -50,22 +49,22 @@ def _known(name: str, value: str) -> bool:
 
 def use_compilation_cache(directory: str | None) -> None:
     """Keep compiled programs in `directory` for later runs: None for $FLAXGPT_CACHE/xla (~/.cache/flaxgpt/xla),
-    '' for no cache. A cache directory already set (JAX_COMPILATION_CACHE_DIR, or jax.config) wins.
+    '' for no cache. A cache directory already set (JAX_COMPILATION_CACHE_DIR, or jax.config) wins, and
+    is left to JAX's own settings.
 
-    Every program is kept, not only those that took JAX's default of a second to compile: the evaluation
-    step and the small set-up programs compile in well under a second each, and a short CPU run with all of
-    them cached starts 1.2 s sooner (6.1 vs 7.3 s, docs/performance.md). A threshold the user set
-    (JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS, or jax.config) wins."""
-    if directory == "":
+    In a local directory of its own flaxgpt keeps every program, not only those that took JAX's default of a
+    second to compile: the evaluation step and the small set-up programs compile in well under a second
+    each, and a short CPU run with all of them cached starts 1.2 s sooner (6.1 vs 7.3 s,
+    docs/performance.md). A remote cache (gs://...) keeps JAX's threshold: each small program would be a
+    network round trip. So does a threshold the user set (JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS)."""
+    if directory == "" or jax.config.jax_compilation_cache_dir:
         return
-    if not jax.config.jax_compilation_cache_dir:
-        if directory is None:
-            try:
-                directory = str(user_cache_dir() / "xla")
-            except RuntimeError:  # no HOME and no FLAXGPT_CACHE: run without the cache
-                print("no compilation cache: set FLAXGPT_CACHE or HOME to keep compiled programs", file=sys.stderr)
-                return
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))  # gs:// paths stay as given
-    if (MIN_COMPILE_TIME_VARIABLE not in os.environ
-            and jax.config.jax_persistent_cache_min_compile_time_secs == JAX_MIN_COMPILE_TIME_SECS):
+    if directory is None:
+        try:
+            directory = str(user_cache_dir() / "xla")
+        except RuntimeError:  # no HOME and no FLAXGPT_CACHE: run without the cache
+            print("no compilation cache: set FLAXGPT_CACHE or HOME to keep compiled programs", file=sys.stderr)
+            return
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))  # gs:// paths stay as given
+    if "://" not in directory and MIN_COMPILE_TIME_VARIABLE not in os.environ:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)

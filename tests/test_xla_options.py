@@ -68,7 +68,12 @@ def test_the_compilation_cache_keeps_compiled_programs_where_it_is_told(tmp_path
 
 
 def test_jax_compilation_cache_dir_in_the_environment_wins(tmp_path):
+    """The user's own cache keeps JAX's settings: the small program is not cached there unless they ask."""
     _compile_in_a_fresh_process(tmp_path / "ours", JAX_COMPILATION_CACHE_DIR=tmp_path / "users")
+    assert not (tmp_path / "ours").exists()
+    assert not (tmp_path / "users").exists() or not any((tmp_path / "users").iterdir())
+    _compile_in_a_fresh_process(tmp_path / "ours", JAX_COMPILATION_CACHE_DIR=tmp_path / "users",
+                                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0)
     assert any((tmp_path / "users").iterdir()) and not (tmp_path / "ours").exists()
 
 
