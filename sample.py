@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> None:
     print(f"sampling {loaded} in {config.dtype}", file=sys.stderr, flush=True)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
               top_p=args.top_p, window_shift=args.window_shift)
-    params, config = decoding_layout(params, config)  # once for all samples, not once per sample
+    params, config = decoding_layout(params, config, batch_size=1)  # once for all samples, not once per sample
     key = jax.random.key(args.seed)
     for k in range(args.num_samples):  # one after another, as nanoGPT; sample k draws from fold_in(key, k)
         rng = jax.random.fold_in(key, k)

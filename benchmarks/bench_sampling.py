@@ -13,8 +13,8 @@ shakespeare_char model is the CPU config's size with the prepared dataset's voca
 run. transformers' GPT-2 always has biases: a bias-free model is handed to it with zero biases (the same
 function). The floor is batch 1's: every weight read once per new token (wte as the tied head, the KV cache
 of the tokens so far), at the bandwidth of the faster of two reads of 512 MB (a sum, a matrix-vector
-product; see MemoryRead) taking turns with the two systems; flaxgpt/floor is how far above it a token takes. flaxgpt's weights are laid out for decoding once per
-model, as sample.py does (generate.decoding_layout; its time is printed). Prefill: the time to the first
+product; see MemoryRead) taking turns with the two systems; flaxgpt/floor is how far above it a token
+takes. flaxgpt's weights are laid out for decoding once per model and batch size, as sample.py does (generate.decoding_layout; its time is printed). Prefill: the time to the first
 new token of a 512-token prompt (GPT-2, batch 1). Needs torch and transformers (pip install torch transformers).
 """
 
@@ -194,14 +194,14 @@ def main(argv=None):
         config = config.replace(dtype=args.dtype)
         with tempfile.TemporaryDirectory() as folder:
             hf = hf_model(params, config, folder, args.dtype)
-        start = time.perf_counter()  # once per model, as sample.py does; transformers' weights need none
-        params, config = jax.block_until_ready(decoding_layout(params, config))
-        print(f"{model}: weights laid out for decoding in {1e3 * (time.perf_counter() - start):.0f} ms (once)",
-              flush=True)
         for batch_size in args.batch_size:
-            compare(model, params, config, hf, batch_size, args, memory)
+            start = time.perf_counter()  # once per model and batch size, as sample.py does; transformers: none
+            weights, decoding = jax.block_until_ready(decoding_layout(params, config, batch_size))
+            print(f"{model}: weights laid out for batch {batch_size} ({decoding.kernel_layout} kernels) in "
+                  f"{1e3 * (time.perf_counter() - start):.0f} ms (once)", flush=True)
+            compare(model, weights, decoding, hf, batch_size, args, memory)
         if model == "gpt2":
-            prefill(params, config, hf, args)
+            prefill(*decoding_layout(params, config, 1), hf, args)
 
 
 if __name__ == "__main__":

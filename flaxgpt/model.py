@@ -32,6 +32,7 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 # memory, one extra forward); dots_saveable: keep matmul outputs, recompute the cheap elementwise ops;
 # dots_with_no_batch_dims_saveable: keep the projections' outputs but not attention's batched
 # q.k / p.v products (the [B, H, T, T] ones), recompute those.
+KERNEL_LAYOUTS = ("in_out", "out_in")  # see GPTConfig.kernel_layout
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -54,6 +55,10 @@ class GPTConfig:
     attention: str = "auto"  # one of ATTENTION_IMPLEMENTATIONS; None (older configs) means auto.
     scan_layers: bool = True  # the blocks as one nn.scan: compile time independent of n_layer
     remat: str = "none"  # one of REMAT_POLICIES, applied per block
+    # How the blocks' matmul kernels are stored: "in_out" ([in, out], flax's and GPT-2's layout: training,
+    # checkpoints, converters) or "out_in" (torch's nn.Linear order), which generate.decoding_layout picks
+    # for batch 1 on CPU: XLA:CPU's matrix-vector product reads a weight by rows faster (docs/sampling.md).
+    kernel_layout: str = "in_out"
 
     def __post_init__(self):
         if self.attention is None:
@@ -70,6 +75,8 @@ class GPTConfig:
         if self.attention == "splash" and not splash_supports(self.block_size, self.head_dim):
             raise ValueError(f"attention='splash' needs block_size ({self.block_size}) a multiple of 128 and "
                              f"head_dim ({self.head_dim}) a multiple of 64: use attention='auto' or 'xla'")
+        if self.kernel_layout not in KERNEL_LAYOUTS:
+            raise ValueError(f"kernel_layout={self.kernel_layout!r}: choose one of {KERNEL_LAYOUTS}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}: choose one of {', '.join(REMAT_POLICIES)}")
         for field in ("dtype", "param_dtype"):
@@ -140,6 +147,60 @@ class LayerCache(NamedTuple):
         return LayerCache(jnp.pad(self.k, ((0, 0), (0, 0), (0, pad))), jnp.pad(self.v, ((0, 0), (0, pad), (0, 0))))
 
 
+def _dense(cfg: GPTConfig, features: tuple[int, ...], n_in: int, std: float, names: tuple, name: str) -> nn.Module:
+    """x @ W + b over x's last n_in axes -> [..., *features]; names: W's logical axes in [in..., out...]
+    order. The module is flax's Dense (DenseGeneral for more than one axis) or, with kernel_layout "out_in",
+    OutInDense: the same params, each kernel stored with its axes in the other order."""
+    if cfg.kernel_layout == "out_in":
+        return OutInDense(cfg, features, n_in, std, names, name=name)
+    kw = dict(use_bias=cfg.bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, kernel_init=_init(std, names),
+              bias_init=_zeros(names[n_in:]), name=name)
+    if n_in == 1 and len(features) == 1:
+        return nn.Dense(features[0], **kw)
+    return nn.DenseGeneral(features if len(features) > 1 else features[0], axis=tuple(range(-n_in, 0)), **kw)
+
+
+class OutInDense(nn.Module):
+    """flax's DenseGeneral with the kernel stored [*features, *in] (torch's nn.Linear order), as one
+    [out, in] matrix contracted on its rows: at batch 1 XLA:CPU streams it ~20% faster than [in, out], and a
+    contraction over several kernel axes would make XLA transpose the kernel on every call."""
+    config: GPTConfig
+    features: tuple[int, ...]
+    n_in: int
+    std: float
+    names: tuple  # the kernel's logical axes in [in..., out...] order, as _dense takes them
+
+    @nn.compact
+    def __call__(self, x):
+        """x: [..., *in] -> [..., *features]."""
+        cfg, lead = self.config, x.shape[:-self.n_in]
+        in_shape = x.shape[-self.n_in:]
+        names = (*self.names[self.n_in:], *self.names[:self.n_in])
+        kernel = self.param("kernel", _init(self.std, names), (*self.features, *in_shape), cfg.param_dtype)
+        rows = kernel.reshape(math.prod(self.features), math.prod(in_shape)).astype(cfg.dtype)
+        y = jax.lax.dot_general(x.reshape(*lead, -1).astype(cfg.dtype), rows, (((len(lead),), (1,)), ((), ())))
+        y = y.reshape(*lead, *self.features)
+        if cfg.bias:
+            y = y + self.param("bias", _zeros(self.names[self.n_in:]), self.features, cfg.param_dtype).astype(cfg.dtype)
+        return y
+
+
+def kernels_in_layout(params: dict, layout: str, source: str = "in_out") -> dict:
+    """Unscanned params with every block's kernel moved from `source` to `layout` (see GPTConfig.kernel_layout):
+    c_attn [C, 3, H, D] <-> [3, H, D, C], attn.c_proj [H, D, C] <-> [C, H, D], the MLP's [in, out] <-> [out, in].
+    Other params are returned as they are."""
+    n_in = {("attn", "c_attn"): 1, ("attn", "c_proj"): 2, ("mlp", "c_fc"): 1, ("mlp", "c_proj"): 1}
+
+    def move(path, x):
+        keys = tuple(getattr(p, "key", None) for p in path)
+        if layout == source or keys[-1] != "kernel" or not keys[0].startswith("h_"):
+            return x
+        leading = n_in[keys[-3:-1]] if source == "in_out" else x.ndim - n_in[keys[-3:-1]]
+        return jnp.transpose(x, (*range(leading, x.ndim), *range(leading)))
+
+    return jax.tree_util.tree_map_with_path(move, params)
+
+
 class CausalSelfAttention(nn.Module):
     config: GPTConfig
 
@@ -153,10 +214,7 @@ class CausalSelfAttention(nn.Module):
         """
         cfg = self.config
         # Fused qkv projection; kernel [C, 3, H, D] is GPT-2's [C, 3C] c_attn, reshaped per head.
-        qkv = nn.DenseGeneral(
-            (3, cfg.n_head, cfg.head_dim), use_bias=cfg.bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-            kernel_init=_init(0.02, ("embed", None, "heads", "kv")), bias_init=_zeros((None, "heads", "kv")),
-            name="c_attn")(x)
+        qkv = _dense(cfg, (3, cfg.n_head, cfg.head_dim), 1, 0.02, ("embed", None, "heads", "kv"), "c_attn")(x)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, H, D]
         if cache is not None:
             if mask is None:
@@ -175,10 +233,7 @@ class CausalSelfAttention(nn.Module):
             y = jax.nn.dot_product_attention(
                 q, k.astype(q.dtype), v.astype(q.dtype), mask=None if mask is None else mask[:, None],
                 is_causal=mask is None, implementation=implementation)
-        y = nn.DenseGeneral(
-            cfg.n_embd, axis=(-2, -1), use_bias=cfg.bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-            kernel_init=_init(_residual_std(cfg), ("heads", "kv", "embed")), bias_init=_zeros(("embed",)),
-            name="c_proj")(y)
+        y = _dense(cfg, (cfg.n_embd,), 2, _residual_std(cfg), ("heads", "kv", "embed"), "c_proj")(y)
         y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
         return y, cache
 
@@ -236,9 +291,7 @@ class MLP(nn.Module):
     def __call__(self, x, *, deterministic=True):
         """x: [B, T, C] -> [B, T, C]."""
         cfg = self.config
-        dense = lambda features, std, names, name: nn.Dense(
-            features, use_bias=cfg.bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-            kernel_init=_init(std, names), bias_init=_zeros(names[-1:]), name=name)
+        dense = lambda features, std, names, name: _dense(cfg, (features,), 1, std, names, name)
         # The tokens as one [B*T, C] matrix: on [B, T, C] XLA:CPU writes the GELU backward transposed for the
         # c_fc weight gradient, a strided pass per layer (the CPU step is ~18% faster flat, docs/performance.md).
         B, T, C = x.shape

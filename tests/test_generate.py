@@ -323,15 +323,16 @@ def _reachable(computations, root: str) -> set[str]:
 IN_PLACE_OPCODES = {"parameter", "get-tuple-element", "bitcast", "tuple", "dynamic-update-slice", "fusion"}
 
 
-def test_appending_a_token_rewrites_no_cache_and_no_weight():
+@pytest.mark.parametrize("batch_size", [1, 2])  # 1: the kernels stored [out, in] (on CPU)
+def test_appending_a_token_rewrites_no_cache_and_no_weight(batch_size):
     """In the compiled `generate` of a scanned model, the loops that append one token per step (those with
     matmuls and no such loop inside them) compute nothing as large as a weight matrix or a layer's cache:
     the cache is updated in place and the weights are read where they lie."""
     from flaxgpt.generate import _generate, checked_prompt, decoding_layout, make_sampler
 
     config = CONFIG.replace(block_size=128, n_embd=32)
-    config, prompt, mask = checked_prompt(config, random_tokens(0, (2, 3)), None, window_shift=1)
-    weights, config = decoding_layout(init_params(config, jax.random.key(0)), config)
+    config, prompt, mask = checked_prompt(config, random_tokens(0, (batch_size, 3)), None, window_shift=1)
+    weights, config = decoding_layout(init_params(config, jax.random.key(0)), config, batch_size)
     hlo = _generate.lower(weights, config, make_sampler(0.0), prompt, mask, jax.random.key(0), 150,
                           1).compile().as_text()
     computations = _computations(hlo)
@@ -341,10 +342,34 @@ def test_appending_a_token_rewrites_no_cache_and_no_weight():
                  if any(" dot(" in line for c in _reachable(computations, b) for line in computations[c])}
     appends = [b for b, inside in with_dots.items() if not any(other in inside for other in with_dots if other != b)]
     assert len(appends) >= 2  # one per cache size (64 and 128 slots) at least
-    smallest = config.n_embd ** 2  # a layer's cache (2 x 2 x 16 x 64 slots) is larger
+    smallest = config.n_embd ** 2  # a layer's cache (B x 2 heads x 16 x 64 slots) is larger
     for body in appends:
         for c in with_dots[body]:
             for line in computations[c]:
                 op = re.match(r"\s*(?:ROOT )?%[\w.\-]+ = \w+\[([\d,]*)\]\S* ([\w\-]+)\(", line)
                 if op and op.group(2) not in IN_PLACE_OPCODES:
                     assert np.prod([int(d) for d in op.group(1).split(",") if d]) < smallest, line
+
+
+def test_batch_1_on_cpu_decodes_with_kernels_stored_out_in(params):
+    """decoding_layout picks [out, in] kernels for batch 1 on a CPU and [in, out] otherwise; both give the
+    cached step-by-step logits of the full forward, and params laid out for one batch size are laid out
+    again (not reused) for the other."""
+    from flaxgpt.generate import decoding_layout
+
+    rows, config_1 = decoding_layout(params, CONFIG, 1)
+    columns, config_2 = decoding_layout(params, CONFIG, 2)
+    assert (config_1.kernel_layout, config_2.kernel_layout) == ("out_in", "in_out")
+    assert rows["h_0"]["mlp"]["c_fc"]["kernel"].shape == (4 * CONFIG.n_embd, CONFIG.n_embd)
+    assert rows["h_0"]["attn"]["c_proj"]["kernel"].shape == (CONFIG.n_embd, CONFIG.n_head, CONFIG.head_dim)
+    back, _ = decoding_layout(rows, CONFIG, 2)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), back, columns))
+    tokens = jnp.asarray(random_tokens(5, (1, S)))
+    full = forward(params, tokens)
+    for layout, config in ((rows, config_1), (columns, config_2)):
+        cache, valid = init_cache(config, 1), jnp.zeros((1, S), bool).at[:, :4].set(True)
+        logits, cache = run(layout, config, cache, tokens, valid, 0, 4)
+        for i in range(4, S):
+            valid = valid.at[:, i].set(True)
+            logits, cache = run(layout, config, cache, tokens, valid, i, 1)
+            np.testing.assert_allclose(logits, full[:, i], atol=1e-5, rtol=0)

@@ -289,3 +289,22 @@ def test_splash_attention_matches_xla_in_interpret_mode():
     xla_loss, xla_grads = jax.value_and_grad(loss(config.replace(attention="xla")))(params)
     np.testing.assert_allclose(splash_loss, xla_loss, rtol=1e-5)
     chex.assert_trees_all_close(splash_grads, xla_grads, atol=1e-6, rtol=1e-4)
+
+
+def test_kernels_stored_out_in_compute_the_same_model():
+    """kernel_layout "out_in" (each block kernel's axes in the other order, for batch-1 decoding) is the
+    same function of the same weights, and kernels_in_layout converts both ways."""
+    from flaxgpt.model import kernels_in_layout
+
+    config = GPTConfig(block_size=16, vocab_size=11, n_layer=2, n_head=2, n_embd=32, scan_layers=False)
+    params = init_params(config, jax.random.key(0))
+    rows = kernels_in_layout(params, "out_in")
+    assert rows["h_1"]["attn"]["c_attn"]["kernel"].shape == (3, 2, 16, 32)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)),
+                                     kernels_in_layout(rows, "in_out", source="out_in"), params))
+    tokens = np.random.default_rng(0).integers(0, 11, (2, 16))
+    expected = GPT(config).apply({"params": params}, tokens)
+    actual = GPT(config.replace(kernel_layout="out_in")).apply({"params": rows}, tokens)
+    np.testing.assert_allclose(actual, expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="kernel_layout"):
+        config.replace(kernel_layout="rows")
