@@ -14,8 +14,9 @@ run. transformers' GPT-2 always has biases: a bias-free model is handed to it wi
 function). The floor is batch 1's: every weight read once per new token (wte as the tied head, the KV cache
 of the tokens so far), at the bandwidth of the faster of two reads of 512 MB (a sum, a matrix-vector
 product; see MemoryRead) taking turns with the two systems; flaxgpt/floor is how far above it a token
-takes. flaxgpt's weights are laid out for decoding once per model and batch size, as sample.py does (generate.decoding_layout; its time is printed). Prefill: the time to the first
-new token of a 512-token prompt (GPT-2, batch 1). Needs torch and transformers (pip install torch transformers).
+takes. flaxgpt's weights are laid out for decoding once per model and batch size, as sample.py does
+(generate.decoding_layout; its time is printed). Prefill: the time to the first new token of a 512-token
+prompt (GPT-2, batch 1). Needs torch and transformers (pip install torch transformers).
 """
 
 import argparse

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from flaxgpt.model import GPT, GPTConfig, LayerCache, convert_layers, init_cache, is_scanned, kernels_in_layout
+from flaxgpt.model import (GPT, GPTConfig, LayerCache, convert_layers, init_cache, is_scanned, kernel_layout_of,
+                           kernels_in_layout)
 
 
 @struct.dataclass
@@ -217,35 +218,35 @@ def _generate(params, config: GPTConfig, sampler: Sampler, prompt, prompt_mask, 
 def decoding_layout(params, config: GPTConfig, batch_size: int | None = None):
     """Params and config as cached decoding reads them: one block per layer (unscanned), the weights in the
     compute dtype (bfloat16 sampling reads half the bytes per token), params["lm_head"] = wte transposed,
-    [C, V] (see GPT.decode), and for batch_size 1 on CPU the blocks' kernels stored [out, in]
-    (kernel_layout "out_in": GPT-2 batch 1 ~17% more tokens/s, batch 8 ~16% fewer; docs/sampling.md).
+    [C, V] (see GPT.decode), and for batch_size 1 on a CPU the blocks' kernels stored [out, in]
+    (kernel_layout "out_in": GPT-2 at batch 1 11-17% more tokens/s, at batch 8 16% fewer; docs/sampling.md).
 
-    `generate` and `generate_stream` call it on the params they get; params already laid out (this
-    function's output for the same dtype and batch size) pass through untouched, so a caller that samples
-    more than once lays the weights out once: `params, config = decoding_layout(params, config, B)` first.
-    Laying out copies the weights (0.2-0.6 s for a scanned GPT-2 124M on a 2-core CPU, 2-6 ms per token of
-    a 100-token sample, most of it the new pages). The copy is a snapshot: lay out again after changing
-    the weights (a head that no longer matches wte's shape or dtype is rebuilt; bfloat16 weights laid out
-    again in float32 stay rounded).
+    `generate` and `generate_stream` call it on the params they get, with their batch size; params already
+    laid out (this function's output in config.dtype) are used as they are, whatever batch size they were
+    laid out for, so a caller that samples more than once lays the weights out once:
+    `params, config = decoding_layout(params, config, batch_size)` first. Laying out copies the weights
+    (0.2-0.6 s for a scanned GPT-2 124M on a 2-core CPU, 2-6 ms per token of a 100-token sample, most of it
+    the new pages). The copy is a snapshot: lay out again after changing the weights (a head that no
+    longer matches wte's shape or dtype is rebuilt; bfloat16 weights laid out again in float32 stay rounded).
 
     A scanned model would carry its stacked [L, ...] cache through nn.scan, whose stacked output rewrites
     the whole cache every token; per-layer caches are updated in place."""
-    layout = "out_in" if batch_size == 1 and jax.default_backend() == "cpu" else "in_out"
-    config = config.replace(scan_layers=False, param_dtype=config.dtype, kernel_layout=layout)
+    config = config.replace(scan_layers=False, param_dtype=config.dtype)
     head, dtype = params.get("lm_head"), jnp.dtype(config.dtype)
     if (head is not None and not is_scanned(params) and head.dtype == params["wte"]["embedding"].dtype == dtype
-            and head.shape == params["wte"]["embedding"].shape[::-1] and _kernel_layout(params) == layout):
-        return params, config
+            and head.shape == params["wte"]["embedding"].shape[::-1]):
+        return params, config.replace(kernel_layout=kernel_layout_of(params))
+    layout = "out_in" if batch_size == 1 and _platform(params) == "cpu" else "in_out"
     params = convert_layers({k: v for k, v in params.items() if k != "lm_head"}, scan_layers=False)
-    params = kernels_in_layout(params, layout, source=_kernel_layout(params))  # out_in: laid out for batch 1
-    params = jax.tree.map(lambda x: jnp.asarray(x, config.dtype), params)
-    return {**params, "lm_head": jnp.transpose(params["wte"]["embedding"])}, config
+    params = jax.tree.map(lambda x: jnp.asarray(x, config.dtype), kernels_in_layout(params, layout))
+    return {**params, "lm_head": jnp.transpose(params["wte"]["embedding"])}, config.replace(kernel_layout=layout)
 
 
-def _kernel_layout(params) -> str:
-    """Which way an unscanned tree's block kernels are stored: the MLP's c_fc is [C, 4C] in_out."""
-    kernel = params["h_0"]["mlp"]["c_fc"]["kernel"] if "h_0" in params else None
-    return "in_out" if kernel is None or kernel.shape[0] < kernel.shape[1] else "out_in"
+def _platform(params) -> str:
+    """The platform of the device holding the params ("cpu", "gpu", "tpu"); the default one for host arrays."""
+    leaf = jax.tree.leaves(params)[0]
+    devices = leaf.devices() if isinstance(leaf, jax.Array) else ()
+    return next(iter(devices)).platform if devices else jax.default_backend()
 
 
 def checked_prompt(config: GPTConfig, prompt, prompt_mask, window_shift: int):

@@ -95,7 +95,10 @@ class GPTConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        fields = dataclasses.asdict(self)
+        if fields["kernel_layout"] == "in_out":  # a decoding-only setting: checkpoints stay readable by older code
+            del fields["kernel_layout"]
+        return fields
 
     @property
     def head_dim(self) -> int:
@@ -161,9 +164,11 @@ def _dense(cfg: GPTConfig, features: tuple[int, ...], n_in: int, std: float, nam
 
 
 class OutInDense(nn.Module):
-    """flax's DenseGeneral with the kernel stored [*features, *in] (torch's nn.Linear order), as one
-    [out, in] matrix contracted on its rows: at batch 1 XLA:CPU streams it ~20% faster than [in, out], and a
-    contraction over several kernel axes would make XLA transpose the kernel on every call."""
+    """flax's DenseGeneral with the kernel stored [*features, *in] (torch's nn.Linear order), read as one
+    [out, in] matrix contracted on its rows: XLA:CPU's matrix-vector product streams it faster than
+    [in, out] (GPT-2 at batch 1: 11-17% more tokens/s, docs/sampling.md), and a contraction over several
+    kernel axes would make XLA transpose the kernel on every call. For one device: the reshape merges the
+    heads axis with c_attn's 3, which a tensor-parallel mesh would have to regather every call."""
     config: GPTConfig
     features: tuple[int, ...]
     n_in: int
@@ -185,17 +190,29 @@ class OutInDense(nn.Module):
         return y
 
 
-def kernels_in_layout(params: dict, layout: str, source: str = "in_out") -> dict:
-    """Unscanned params with every block's kernel moved from `source` to `layout` (see GPTConfig.kernel_layout):
+_KERNEL_INPUT_AXES = {("attn", "c_attn"): 1, ("attn", "c_proj"): 2, ("mlp", "c_fc"): 1, ("mlp", "c_proj"): 1}
+
+
+def kernel_layout_of(params: dict) -> str:
+    """How an unscanned tree's block kernels are stored: the MLP's c_fc is [C, 4C] "in_out", [4C, C] "out_in"."""
+    if is_scanned(params) or "h_0" not in params:
+        raise ValueError("kernel layouts are for unscanned params (h_0 ... h_{L-1}): convert_layers(params, False)")
+    rows, columns = params["h_0"]["mlp"]["c_fc"]["kernel"].shape
+    return "in_out" if rows < columns else "out_in"
+
+
+def kernels_in_layout(params: dict, layout: str) -> dict:
+    """Unscanned params with every block's kernel stored as `layout` says (see GPTConfig.kernel_layout):
     c_attn [C, 3, H, D] <-> [3, H, D, C], attn.c_proj [H, D, C] <-> [C, H, D], the MLP's [in, out] <-> [out, in].
-    Other params are returned as they are."""
-    n_in = {("attn", "c_attn"): 1, ("attn", "c_proj"): 2, ("mlp", "c_fc"): 1, ("mlp", "c_proj"): 1}
+    Other params, and kernels already in `layout`, are returned as they are."""
+    source = kernel_layout_of(params)
 
     def move(path, x):
         keys = tuple(getattr(p, "key", None) for p in path)
         if layout == source or keys[-1] != "kernel" or not keys[0].startswith("h_"):
             return x
-        leading = n_in[keys[-3:-1]] if source == "in_out" else x.ndim - n_in[keys[-3:-1]]
+        n_in = _KERNEL_INPUT_AXES[keys[-3:-1]]
+        leading = n_in if source == "in_out" else x.ndim - n_in
         return jnp.transpose(x, (*range(leading, x.ndim), *range(leading)))
 
     return jax.tree_util.tree_map_with_path(move, params)

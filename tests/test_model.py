@@ -294,17 +294,22 @@ def test_splash_attention_matches_xla_in_interpret_mode():
 def test_kernels_stored_out_in_compute_the_same_model():
     """kernel_layout "out_in" (each block kernel's axes in the other order, for batch-1 decoding) is the
     same function of the same weights, and kernels_in_layout converts both ways."""
-    from flaxgpt.model import kernels_in_layout
+    from flaxgpt.model import kernel_layout_of, kernels_in_layout
 
     config = GPTConfig(block_size=16, vocab_size=11, n_layer=2, n_head=2, n_embd=32, scan_layers=False)
     params = init_params(config, jax.random.key(0))
     rows = kernels_in_layout(params, "out_in")
     assert rows["h_1"]["attn"]["c_attn"]["kernel"].shape == (3, 2, 16, 32)
-    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)),
-                                     kernels_in_layout(rows, "in_out", source="out_in"), params))
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), kernels_in_layout(rows, "in_out"), params))
+    assert kernel_layout_of(rows) == "out_in" and kernel_layout_of(kernels_in_layout(rows, "out_in")) == "out_in"
+    with pytest.raises(ValueError, match="unscanned"):
+        kernels_in_layout(init_params(config.replace(scan_layers=True), jax.random.key(0)), "out_in")
     tokens = np.random.default_rng(0).integers(0, 11, (2, 16))
     expected = GPT(config).apply({"params": params}, tokens)
     actual = GPT(config.replace(kernel_layout="out_in")).apply({"params": rows}, tokens)
     np.testing.assert_allclose(actual, expected, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="kernel_layout"):
         config.replace(kernel_layout="rows")
+    # a decoding-only setting: left out of the dict checkpoints store while it has its default
+    assert "kernel_layout" not in config.to_dict() and GPTConfig(**config.to_dict()) == config
+    assert GPTConfig(**config.replace(kernel_layout="out_in").to_dict()).kernel_layout == "out_in"
