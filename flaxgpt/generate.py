@@ -225,7 +225,7 @@ def decoding_layout(params, config: GPTConfig, batch_size: int | None = None):
     laid out (this function's output in config.dtype) are used as they are, whatever batch size they were
     laid out for, so a caller that samples more than once lays the weights out once:
     `params, config = decoding_layout(params, config, batch_size)` first. Laying out copies the weights
-    (0.2-0.7 s for a scanned GPT-2 124M on a 2-core CPU, 2-7 ms per token of a 100-token sample, most of it
+    (0.2-0.8 s for a scanned GPT-2 124M on a 2-core CPU, 2-8 ms per token of a 100-token sample, most of it
     the new pages). The copy is a snapshot: lay out again after changing the weights (a head that no
     longer matches wte's shape or dtype is rebuilt; bfloat16 weights laid out again in float32 stay rounded).
 
