@@ -3,6 +3,7 @@
     python benchmarks/bench_vs_torch.py                                  # configs/shakespeare_char.py:cpu
     python benchmarks/bench_vs_torch.py --config.bias=True --rounds 7   # any --config.key=value override
     python benchmarks/bench_vs_torch.py --system=jax                    # one system only (its peak memory)
+    python benchmarks/bench_vs_torch.py --components                    # block, MLP, attention, LayerNorm alone
 
 The PyTorch model is nanoGPT's GPT (nanoGPT's parameter names and nn.Linear layout, SDPA causal attention,
 exact or tanh GELU as the config says, tied head) holding the very weights flaxgpt starts from (exported
@@ -12,7 +13,8 @@ learning rate. Before timing, both compute the loss of one batch and must agree.
 
 The two systems take turns in blocks of --steps steps (--rounds rounds), so that a machine whose speed
 drifts slows both alike; medians are printed with the ratio flaxgpt / torch (below 1: flaxgpt faster) for
-the whole optimizer step, forward + backward, and forward alone (eval mode, no gradients).
+the whole optimizer step, forward + backward, and forward alone (eval mode, no gradients). --components
+times the first block and its parts instead (forward + backward into the params and the input).
 """
 
 import argparse
@@ -121,14 +123,73 @@ def timed(fn, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def compare(systems: dict, steps: int, rounds: int) -> dict:
+    """systems: {system: {measure: fn}} -> {system: {measure: median seconds per call}}, measures taken in turns."""
+    for measures in systems.values():  # compile and warm up
+        for fn in measures.values():
+            for _ in range(3):
+                fn()
+    measure_names = next(iter(systems.values()))
+    results = {name: {m: [] for m in measures} for name, measures in systems.items()}
+    for _ in range(rounds):
+        for measure in measure_names:
+            for name, measures in systems.items():
+                results[name][measure].append(timed(measures[measure], steps))
+    return {name: {m: statistics.median(times) for m, times in r.items()} for name, r in results.items()}
+
+
+def print_ratios(medians: dict) -> None:
+    for measure in next(iter(medians.values())):
+        ms = {name: m[measure] * 1e3 for name, m in medians.items()}
+        line = "  ".join(f"{name} {value:7.2f} ms" for name, value in ms.items())
+        ratio = f"  flaxgpt/torch {ms['flaxgpt'] / ms['torch']:.2f}x" if len(ms) == 2 else ""
+        print(f"{measure:>20}: {line}{ratio}")
+
+
+def component_measures(config: GPTConfig, params, torch_model, batch: int) -> dict:
+    """The first block and its parts, forward + backward on a random [B, T, C] input against a random
+    cotangent: {"flaxgpt": {part: fn}, "torch": {part: fn}}."""
+    import jax.numpy as jnp
+    import torch
+
+    from flaxgpt import model as model_lib
+
+    x_np, g_np = np.random.default_rng(0).standard_normal((2, batch, config.block_size, config.n_embd), np.float32)
+    x, g = jnp.asarray(x_np), jnp.asarray(g_np)
+    tx, tg = torch.from_numpy(x_np).requires_grad_(True), torch.from_numpy(g_np)
+    block = torch_model.transformer.h[0]
+    parts = {"block": (model_lib.Block(config), params["h_0"], block),
+             "attention": (model_lib.CausalSelfAttention(config), params["h_0"]["attn"], block.attn),
+             "MLP": (model_lib.MLP(config), params["h_0"]["mlp"], block.mlp),
+             "LayerNorm": (model_lib._layer_norm(config, "ln_1"), params["h_0"]["ln_1"], block.ln_1)}
+    first = lambda y: y[0] if isinstance(y, tuple) else y  # block and attention also return their cache
+    options = xla_options.compiler_options(jax.devices()[0].platform)
+    measures = {"flaxgpt": {}, "torch": {}}
+    for part, (module, part_params, torch_module) in parts.items():
+        loss = lambda p, xs, module=module: jnp.vdot(first(module.apply({"params": p}, xs)), g)
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1)), compiler_options=options)
+        measures["flaxgpt"][part] = lambda grad=grad, p=part_params: jax.block_until_ready(grad(p, x))
+
+        def torch_grad(module=torch_module):
+            module.zero_grad(set_to_none=True)
+            tx.grad = None
+            first(module(tx)).backward(tg)
+
+        measures["torch"][part] = torch_grad
+    return measures
+
+
 def main(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=20, help="steps per timed block")
     p.add_argument("--rounds", type=int, default=5, help="alternating blocks per system and measure")
     p.add_argument("--system", choices=("both", "jax", "torch"), default="both")
     p.add_argument("--vocab_size", type=int, default=None, help="default: the prepared dataset's")
+    p.add_argument("--components", action="store_true", help="time the first block and its parts instead")
     args, absl_argv = p.parse_known_args(argv[1:])
     flags.FLAGS([argv[0], *absl_argv])
+    if args.components and args.system != "both":
+        sys.exit("bench_vs_torch.py: --components compares both systems")
     config = CONFIG.value
     config.decay_lr = False  # a constant learning rate in both systems
     model = benchmarking.benchmark_model(config, args.vocab_size)
@@ -197,20 +258,10 @@ def main(argv):
     print(f"jax {jax.__version__}; model {model.n_layer} layers x {model.n_embd} wide, {model.n_head} heads, "
           f"vocab {model.vocab_size}, bias {model.bias}, gelu {'tanh' if model.gelu_approximate else 'erf'}; "
           f"batch {B} x {T}; {args.rounds} rounds of {args.steps} steps, medians", flush=True)
-    for measures in systems.values():  # compile and warm up
-        for fn in measures.values():
-            for _ in range(3):
-                fn()
-    results = {name: {m: [] for m in measures} for name, measures in systems.items()}
-    for _ in range(args.rounds):
-        for measure in jax_measures:
-            for name, measures in systems.items():
-                results[name][measure].append(timed(measures[measure], args.steps))
-    for measure in jax_measures:
-        ms = {name: statistics.median(results[name][measure]) * 1e3 for name in systems}
-        line = "  ".join(f"{name} {value:7.2f} ms" for name, value in ms.items())
-        ratio = f"  flaxgpt/torch {ms['flaxgpt'] / ms['torch']:.2f}x" if len(ms) == 2 else ""
-        print(f"{measure:>20}: {line}{ratio}")
+    if args.components:
+        systems = component_measures(model, host_params, tmodel, B)
+        print("forward + backward (params and input gradients) of the first block and its parts:")
+    print_ratios(compare(systems, args.steps, args.rounds))
     print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 
 

@@ -6,9 +6,9 @@ backward of the README's CPU model) and frees it when the execution ends. glibc 
 step faulted in ~10,000 new zeroed pages: ~20 ms of kernel time on a ~37 ms step, and only from the 4th
 layer on, where the block crossed 32 MB (docs/performance.md). `keep_freed_memory` tells glibc to serve
 large blocks from its heaps and to keep what is freed there, so the next step finds the same pages already
-mapped: the README's CPU run takes ~20% less time. The cost is memory: what the process holds stays at its
-high-water mark instead of shrinking between steps, and blocks that no longer come and go whole leave the
-heaps more fragmented (the README's run peaked 20-80 MB higher, ~5-15%).
+mapped. 300-step runs of the README's config took 12-22% less time with it. The cost is memory: what the
+process holds stays at its high-water mark instead of shrinking between steps, and blocks that no longer
+come and go whole leave the heaps more fragmented (those runs peaked 40-110 MB higher, 8-20%).
 
 Only glibc's malloc is tuned: an allocator preloaded in its place (jemalloc, tcmalloc) or malloc settings
 the user gave in the environment (MALLOC_*_ or GLIBC_TUNABLES) are left as they are. To keep glibc's own
