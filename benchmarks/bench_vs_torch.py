@@ -129,7 +129,7 @@ def compare(systems: dict, steps: int, rounds: int) -> dict:
         for fn in measures.values():
             for _ in range(3):
                 fn()
-    measure_names = next(iter(systems.values()))
+    measure_names = list(next(iter(systems.values())))
     results = {name: {m: [] for m in measures} for name, measures in systems.items()}
     for _ in range(rounds):
         for measure in measure_names:
@@ -157,18 +157,19 @@ def component_measures(config: GPTConfig, params, torch_model, batch: int) -> di
     x_np, g_np = np.random.default_rng(0).standard_normal((2, batch, config.block_size, config.n_embd), np.float32)
     x, g = jnp.asarray(x_np), jnp.asarray(g_np)
     tx, tg = torch.from_numpy(x_np).requires_grad_(True), torch.from_numpy(g_np)
+    params = model_lib.convert_layers(params, scan_layers=False)  # h_0 ... also when the config scans
     block = torch_model.transformer.h[0]
     parts = {"block": (model_lib.Block(config), params["h_0"], block),
              "attention": (model_lib.CausalSelfAttention(config), params["h_0"]["attn"], block.attn),
              "MLP": (model_lib.MLP(config), params["h_0"]["mlp"], block.mlp),
-             "LayerNorm": (model_lib._layer_norm(config, "ln_1"), params["h_0"]["ln_1"], block.ln_1)}
+             "LayerNorm": (model_lib.layer_norm(config, "ln_1"), params["h_0"]["ln_1"], block.ln_1)}
     first = lambda y: y[0] if isinstance(y, tuple) else y  # block and attention also return their cache
     options = xla_options.compiler_options(jax.devices()[0].platform)
     measures = {"flaxgpt": {}, "torch": {}}
     for part, (module, part_params, torch_module) in parts.items():
-        loss = lambda p, xs, module=module: jnp.vdot(first(module.apply({"params": p}, xs)), g)
+        loss = lambda p, xs, cotangent, module=module: jnp.vdot(first(module.apply({"params": p}, xs)), cotangent)
         grad = jax.jit(jax.grad(loss, argnums=(0, 1)), compiler_options=options)
-        measures["flaxgpt"][part] = lambda grad=grad, p=part_params: jax.block_until_ready(grad(p, x))
+        measures["flaxgpt"][part] = lambda grad=grad, p=part_params: jax.block_until_ready(grad(p, x, g))
 
         def torch_grad(module=torch_module):
             module.zero_grad(set_to_none=True)

@@ -3,16 +3,23 @@
 XLA:CPU takes the temporary buffers of each execution from malloc as one block (40 MB for the forward +
 backward of the README's CPU model) and frees it when the execution ends. glibc serves blocks over 32 MB
 (the highest its adaptive mmap threshold goes) with a fresh mmap and unmaps them on free, so every train
-step faulted in ~10,000 new zeroed pages: ~20 ms of kernel time on a ~37 ms step, and only from the 4th
-layer on, where the block crossed 32 MB (docs/performance.md). `keep_freed_memory` tells glibc to serve
-large blocks from its heaps and to keep what is freed there, so the next step finds the same pages already
-mapped. 300-step runs of the README's config took 12-22% less time with it. The cost is memory: what the
-process holds stays at its high-water mark instead of shrinking between steps, and blocks that no longer
-come and go whole leave the heaps more fragmented (those runs peaked 40-110 MB higher, 8-20%).
+step faulted in ~10,000 new zeroed pages: ~20 ms of kernel time on top of a ~37 ms step, and only from the
+4th layer on, where the block crossed 32 MB (docs/performance.md). `keep_freed_memory` tells glibc to serve
+large blocks from its heaps and to keep what is freed there. 300-step runs of the README's config took
+12-22% less time with it.
 
-Only glibc's malloc is tuned: an allocator preloaded in its place (jemalloc, tcmalloc) or malloc settings
-the user gave in the environment (MALLOC_*_ or GLIBC_TUNABLES) are left as they are. To keep glibc's own
-behaviour, set one: GLIBC_TUNABLES=glibc.malloc.check=0 is glibc's default and changes nothing else.
+How far it reaches: XLA runs steps on its pool threads, and each thread allocates from its own glibc heap
+(an "arena"). Each arena faults its block in once, the first time its thread runs a step, and keeps it: the
+first few steps still fault, and the process holds about one block per thread that ran a step (the
+README's runs peaked 40-110 MB higher, 8-20%; more threads hold more). A thread heap is at most 64 MB, so a
+block larger than that still comes from a fresh mmap every time: bigger CPU models or batches gain nothing.
+Freed memory stays in the process, and large calloc/np.zeros blocks reused from a heap are zeroed at once
+rather than page by page.
+
+Only glibc's malloc is tuned, on CPU meshes (`TrainStep`). An allocator preloaded in its place (jemalloc,
+tcmalloc) or any glibc malloc setting in the environment (a MALLOC_* variable, glibc.malloc in
+GLIBC_TUNABLES) leaves malloc as it is: to keep glibc's own behaviour, set GLIBC_TUNABLES=glibc.malloc.check=0
+(glibc's default, which changes nothing else).
 """
 
 import ctypes
@@ -22,32 +29,35 @@ import platform
 
 # mallopt(3) parameters, from glibc's <malloc.h>.
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
-NEVER_TRIM = 2**31 - 1  # mallopt takes an int: free heap tops under 2 GiB are kept
-HEAP_MAX_SIZE = 64 << 20  # glibc's per-thread heap size (2 x its 32 MB largest mmap threshold, 64-bit)
+NEVER_TRIM = 2**31 - 1  # mallopt takes an int: the main heap's free top is trimmed only past 2 GiB
+TOP_PAD = 64 << 20  # glibc's thread heap size on 64-bit (twice its 32 MB highest mmap threshold)
 SETTINGS = {
-    M_MMAP_MAX: 0,  # large blocks come from the heaps, not from a fresh mmap each time
+    M_MMAP_MAX: 0,  # blocks come from the heaps, not from a fresh mmap each time
     M_TRIM_THRESHOLD: NEVER_TRIM,  # the main heap's free top is kept for the next block
-    M_TOP_PAD: HEAP_MAX_SIZE,  # a thread's heap is deleted only if more than the pad would be left free;
-                               # heaps then grow in 64 MB steps of address space (not of memory)
+    M_TOP_PAD: TOP_PAD,  # glibc deletes a thread heap whose blocks are all freed only when the heap before it
+                         # has at least the pad free: with a whole heap's size, never. Each new thread heap is
+                         # then committed (read-write) at 64 MB; the main heap grows by the pad past each request.
 }
-USER_SETTINGS = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
-                 "MALLOC_ARENA_MAX")
 
 
 @functools.cache
 def keep_freed_memory() -> bool:
     """Make glibc keep freed memory in the process for the next XLA:CPU execution (once per process).
 
-    -> whether the settings were applied: False off glibc, under a preloaded allocator, or when the
-    environment already tunes malloc.
+    -> whether mallopt was called: False off glibc, under a preloaded allocator, or when the environment
+    already tunes malloc.
     """
-    if platform.libc_ver()[0] != "glibc" or _user_tunes_malloc():
+    if platform.libc_ver()[0] != "glibc" or user_tunes_malloc():
         return False
-    libc = ctypes.CDLL(None)
-    return all(libc.mallopt(parameter, value) == 1 for parameter, value in SETTINGS.items())
+    mallopt = ctypes.CDLL(None).mallopt
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return all(mallopt(parameter, value) == 1 for parameter, value in SETTINGS.items())
 
 
-def _user_tunes_malloc() -> bool:
-    if any(name in os.environ for name in USER_SETTINGS) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+def user_tunes_malloc() -> bool:
+    """Whether the environment sets glibc's malloc up itself or preloads another allocator."""
+    if any(name.startswith("MALLOC_") for name in os.environ):
+        return True
+    if "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return True
     return "malloc" in os.environ.get("LD_PRELOAD", "")  # libjemalloc, libtcmalloc, libmimalloc, ...

@@ -113,7 +113,7 @@ def _zeros(names: tuple[str | None, ...]):
     return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
 
 
-def _layer_norm(config: GPTConfig, name: str) -> nn.LayerNorm:
+def layer_norm(config: GPTConfig, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(
         epsilon=1e-5, use_bias=config.bias, dtype=config.dtype, param_dtype=config.param_dtype, name=name,
         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
@@ -343,10 +343,10 @@ class Block(nn.Module):
         per-layer input and output).
         """
         y, cache = CausalSelfAttention(self.config, name="attn")(
-            _layer_norm(self.config, "ln_1")(x), deterministic=deterministic, mask=mask, cache=cache,
+            layer_norm(self.config, "ln_1")(x), deterministic=deterministic, mask=mask, cache=cache,
             cache_index=cache_index)
         x = x + y
-        x = x + MLP(self.config, name="mlp")(_layer_norm(self.config, "ln_2")(x), deterministic=deterministic)
+        x = x + MLP(self.config, name="mlp")(layer_norm(self.config, "ln_2")(x), deterministic=deterministic)
         return nn.with_logical_constraint(x, ("batch", "length", "embed")), cache
 
 
@@ -407,7 +407,7 @@ class GPT(nn.Module):
                 new_cache.append(layer_cache)
         if last_only:
             x = x[:, -1:]
-        x = _layer_norm(cfg, "ln_f")(x)
+        x = layer_norm(cfg, "ln_f")(x)
         logits = wte.attend(x) if head is None else x @ head.astype(x.dtype)  # lm_head tied to wte
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         return logits, (None if cache is None else new_cache)

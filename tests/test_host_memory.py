@@ -3,6 +3,8 @@
 import json
 import os
 import platform
+import resource
+import statistics
 import subprocess
 import sys
 
@@ -11,7 +13,7 @@ import pytest
 from flaxgpt import host_memory
 
 # Runs the README's CPU model's train step in a fresh process (malloc settings are per process) and prints
-# the step's temporary buffer size and the page faults per step once warm.
+# whether malloc was tuned, the step's temporary buffer size, and the page faults of each step.
 STEP_FAULTS = """
 import json, resource, sys
 import jax, numpy as np
@@ -28,21 +30,23 @@ steps = TrainStep(model, optim.make_optimizer(config), sharding.make_mesh({"data
 state = steps.init(jax.random.key(0))
 x = jax.device_put(np.zeros((1, config.batch_size, model.block_size), np.int32), steps.batch_sharding)
 temp = steps.train_fn.lower(state, x, x).compile().memory_analysis().temp_size_in_bytes
-for _ in range(3):
-    state, metrics = steps.train_fn(state, x, x)
-jax.block_until_ready(metrics)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
+faults = []
+for _ in range(32):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     state, metrics = steps.train_fn(state, x, x)
     jax.block_until_ready(metrics)
-faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
-print(json.dumps({"temp_pages": temp / resource.getpagesize(), "faults_per_step": faults}))
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"applied": host_memory.keep_freed_memory(), "temp_bytes": temp, "faults": faults}))
 """
+MALLOC_ENVIRONMENT = ("GLIBC_TUNABLES", "LD_PRELOAD")
 
 
 def step_faults(setting: str) -> dict:
+    """-> {"applied", "temp_bytes", "faults": per step} of a fresh process on one CPU device, glibc untuned."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": root}
+    env = {name: value for name, value in os.environ.items()
+           if not name.startswith("MALLOC_") and name not in MALLOC_ENVIRONMENT}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=root)
     result = subprocess.run([sys.executable, "-c", STEP_FAULTS, setting], capture_output=True, text=True,
                             env=env, cwd=root, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -51,32 +55,31 @@ def step_faults(setting: str) -> dict:
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's malloc only")
 def test_a_cpu_train_step_reuses_the_last_steps_pages():
-    kept, unmapped = step_faults("on"), step_faults("off")
-    # Over 32 MB of temporaries: glibc alone maps the block afresh every step (the case this module is for).
-    assert kept["temp_pages"] * 4096 > 32 << 20
-    assert unmapped["faults_per_step"] > 0.5 * unmapped["temp_pages"], unmapped
-    assert kept["faults_per_step"] < 0.1 * kept["temp_pages"], kept
+    unmapped = step_faults("off")
+    pages = unmapped["temp_bytes"] / resource.getpagesize()
+    # Over 32 MB of temporaries: glibc alone maps the block afresh every step, the case this module is for.
+    assert unmapped["temp_bytes"] > 32 << 20
+    if statistics.median(unmapped["faults"]) < 0.5 * pages:
+        pytest.skip(f"this glibc does not fault the block in every step (e.g. huge pages): {unmapped['faults']}")
+    kept = step_faults("on")
+    assert kept["applied"] is True
+    # The first step on each of XLA's threads still faults the block in once; most steps fault nothing.
+    assert statistics.median(kept["faults"]) < 0.1 * pages, kept["faults"]
 
 
 @pytest.mark.parametrize("variable, value", [("MALLOC_ARENA_MAX", "2"), ("MALLOC_TRIM_THRESHOLD_", "0"),
-                                             ("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=1048576"),
+                                             ("MALLOC_PERTURB_", "1"),
+                                             ("GLIBC_TUNABLES", "glibc.malloc.check=0"),
                                              ("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")])
 def test_malloc_settings_of_the_user_are_left_alone(monkeypatch, variable, value):
     monkeypatch.setenv(variable, value)
+    assert host_memory.user_tunes_malloc()
     assert host_memory.keep_freed_memory.__wrapped__() is False
 
 
-@pytest.fixture
-def untuned_environment(monkeypatch):
-    for variable in (*host_memory.USER_SETTINGS, "GLIBC_TUNABLES", "LD_PRELOAD"):
+def test_nothing_is_tuned_off_glibc(monkeypatch):
+    for variable in [name for name in os.environ if name.startswith("MALLOC_")] + list(MALLOC_ENVIRONMENT):
         monkeypatch.delenv(variable, raising=False)
-
-
-def test_nothing_is_tuned_off_glibc(monkeypatch, untuned_environment):
+    assert not host_memory.user_tunes_malloc()
     monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))
     assert host_memory.keep_freed_memory.__wrapped__() is False
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's malloc only")
-def test_glibc_takes_every_setting(untuned_environment):
-    assert host_memory.keep_freed_memory.__wrapped__() is True
