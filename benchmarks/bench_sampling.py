@@ -20,7 +20,6 @@ prompt (GPT-2, batch 1). Needs torch and transformers (pip install torch transfo
 """
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -33,7 +32,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import shakespeare_char  # noqa: E402
-from flaxgpt.benchmarking import benchmark_model  # noqa: E402
+from flaxgpt import xla_options  # noqa: E402
+from flaxgpt.benchmarking import benchmark_model, median_seconds_in_turns  # noqa: E402
 from flaxgpt.generate import decoding_layout, generate  # noqa: E402
 from flaxgpt.model import GPTConfig, init_params  # noqa: E402
 from flaxgpt.pretrained import save_pretrained  # noqa: E402
@@ -49,8 +49,7 @@ class MemoryRead:
     def __init__(self, n_bytes: int = 512 * 2**20, width: int = 768):
         self.array = jnp.ones(n_bytes // 4 // width * width, jnp.float32)
         vector = jnp.ones((1, width), jnp.float32)
-        no_ynn = {"xla_cpu_experimental_ynn_fusion_type": ""} if jax.default_backend() == "cpu" else None
-        sum_ = jax.jit(jnp.sum, compiler_options=no_ynn)
+        sum_ = jax.jit(jnp.sum, compiler_options=xla_options.compiler_options(jax.default_backend()))
         matvec = jax.jit(lambda a: vector @ a.reshape(width, -1))
         self.kernels = {"sum": lambda: sum_(self.array), "matvec": lambda: matvec(self.array)}
         for read in self.kernels.values():
@@ -62,24 +61,9 @@ class MemoryRead:
                 for name, read in self.kernels.items()}
 
     def bandwidth(self, seconds: dict, reads: int) -> float:
-        """Bytes/s of the faster kernel, from median_seconds' result (whose memory entries it removes)."""
+        """Bytes/s of the faster kernel, from median_seconds_in_turns' result (whose memory entries it removes)."""
         fastest = min(seconds.pop(name) for name in [k for k in seconds if k.startswith("memory ")])
         return reads * self.array.size * 4 / fastest
-
-
-def _seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def median_seconds(runs: dict, repeats: int) -> dict:
-    """{name: fn} -> {name: median seconds of a call}, the systems taking turns, `repeats` calls each."""
-    times = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, fn in runs.items():
-            times[name].append(_seconds(fn))
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def hf_model(params, config: GPTConfig, folder: str, dtype: str):
@@ -132,7 +116,7 @@ def compare(name, params, config, hf, batch_size, args, memory: MemoryRead):
     runs, reads = {"flaxgpt": ours, "transformers": theirs}, 5  # memory: 5 reads per turn, one takes ~20 ms
     if batch_size == 1:  # the floor's bandwidth
         runs.update(memory.runs(reads))
-    seconds = median_seconds(runs, args.repeats)
+    seconds = median_seconds_in_turns(runs, args.repeats)
     bandwidth = memory.bandwidth(seconds, reads) if batch_size == 1 else None
     rate = {k: batch_size * n / v for k, v in seconds.items()}
     line = (f"{name:16s} batch {batch_size:2d}, {n:3d} tokens: flaxgpt {rate['flaxgpt']:8.1f} tok/s   transformers "
@@ -158,7 +142,8 @@ def prefill(params, config, hf, args):
                                do_sample=False, pad_token_id=0)
 
     ours(), theirs()
-    ms = {k: 1e3 * v for k, v in median_seconds({"flaxgpt": ours, "transformers": theirs}, args.repeats).items()}
+    seconds = median_seconds_in_turns({"flaxgpt": ours, "transformers": theirs}, args.repeats)
+    ms = {k: 1e3 * v for k, v in seconds.items()}
     print(f"gpt2 prefill of a 512-token prompt (batch 1, to the first new token): flaxgpt {ms['flaxgpt']:.0f} ms, "
           f"transformers {ms['transformers']:.0f} ms, flaxgpt/transformers time {ms['flaxgpt'] / ms['transformers']:.2f}x")
 

@@ -20,9 +20,7 @@ times the first block and its parts instead (forward + backward into the params 
 import argparse
 import math
 import resource
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -115,27 +113,16 @@ def torch_optimizer(model, config):
     return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2), eps=1e-8)
 
 
-def timed(fn, steps: int) -> float:
-    """Seconds per call of fn() over `steps` calls (fn blocks until its result is ready)."""
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    return (time.perf_counter() - start) / steps
-
-
 def compare(systems: dict, steps: int, rounds: int) -> dict:
-    """systems: {system: {measure: fn}} -> {system: {measure: median seconds per call}}, measures taken in turns."""
+    """systems: {system: {measure: fn}} -> {system: {measure: median seconds per call}}: after 3 warm-up
+    calls each, every round times each measure of each system in turn, a block of `steps` calls."""
     for measures in systems.values():  # compile and warm up
         for fn in measures.values():
             for _ in range(3):
                 fn()
-    measure_names = list(next(iter(systems.values())))
-    results = {name: {m: [] for m in measures} for name, measures in systems.items()}
-    for _ in range(rounds):
-        for measure in measure_names:
-            for name, measures in systems.items():
-                results[name][measure].append(timed(measures[measure], steps))
-    return {name: {m: statistics.median(times) for m, times in r.items()} for name, r in results.items()}
+    runs = {(name, measure): systems[name][measure] for measure in next(iter(systems.values())) for name in systems}
+    seconds = benchmarking.median_seconds_in_turns(runs, rounds, calls=steps)
+    return {name: {measure: seconds[name, measure] for measure in measures} for name, measures in systems.items()}
 
 
 def print_ratios(medians: dict) -> None:
@@ -146,9 +133,9 @@ def print_ratios(medians: dict) -> None:
         print(f"{measure:>20}: {line}{ratio}")
 
 
-def component_measures(config: GPTConfig, params, torch_model, batch: int) -> dict:
+def component_measures(config: GPTConfig, params, torch_model, batch: int, options) -> dict:
     """The first block and its parts, forward + backward on a random [B, T, C] input against a random
-    cotangent: {"flaxgpt": {part: fn}, "torch": {part: fn}}."""
+    cotangent, jitted with the train step's compiler `options`: {"flaxgpt": {part: fn}, "torch": {part: fn}}."""
     import jax.numpy as jnp
     import torch
 
@@ -164,7 +151,6 @@ def component_measures(config: GPTConfig, params, torch_model, batch: int) -> di
              "MLP": (model_lib.MLP(config), params["h_0"]["mlp"], block.mlp),
              "LayerNorm": (model_lib.layer_norm(config, "ln_1"), params["h_0"]["ln_1"], block.ln_1)}
     first = lambda y: y[0] if isinstance(y, tuple) else y  # block and attention also return their cache
-    options = xla_options.compiler_options(jax.devices()[0].platform)
     measures = {"flaxgpt": {}, "torch": {}}
     for part, (module, part_params, torch_module) in parts.items():
         loss = lambda p, xs, cotangent, module=module: jnp.vdot(first(module.apply({"params": p}, xs)), cotangent)
@@ -260,7 +246,7 @@ def main(argv):
           f"vocab {model.vocab_size}, bias {model.bias}, gelu {'tanh' if model.gelu_approximate else 'erf'}; "
           f"batch {B} x {T}; {args.rounds} rounds of {args.steps} steps, medians", flush=True)
     if args.components:
-        systems = component_measures(model, host_params, tmodel, B)
+        systems = component_measures(model, host_params, tmodel, B, options)
         print("forward + backward (params and input gradients) of the first block and its parts:")
     print_ratios(compare(systems, args.steps, args.rounds))
     print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")

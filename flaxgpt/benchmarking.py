@@ -4,6 +4,7 @@ config describes, with the vocabulary of its prepared dataset as train.py would 
 Times are wall-clock seconds around `jax.block_until_ready`, after warm-up calls that compile.
 """
 
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -45,6 +46,20 @@ def time_steps(step: Callable[[Any], Any], state, *, steps: int, repeats: int = 
         jax.block_until_ready(state)
         per_step.append((time.perf_counter() - start) / steps)
     return state, per_step
+
+
+def median_seconds_in_turns(runs: dict[Any, Callable[[], Any]], repeats: int, calls: int = 1) -> dict:
+    """{key: fn} -> {key: median seconds per call of fn}, over `repeats` rounds in which each fn in turn is
+    called `calls` times back to back (fn returns once its work is done). Taking turns, the runs see the
+    same machine: on a shared one whose speed drifts, they slow alike and their ratio holds."""
+    times = {key: [] for key in runs}
+    for _ in range(repeats):
+        for key, fn in runs.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times[key].append((time.perf_counter() - start) / calls)
+    return {key: statistics.median(t) for key, t in times.items()}
 
 
 def best_time(fn: Callable[[], Any], repeats: int) -> float:

@@ -1,6 +1,7 @@
 """Benchmark helpers (flaxgpt/benchmarking.py): the timed loop and the model a config describes."""
 
 import json
+import time
 
 import jax.numpy as jnp
 import pytest
@@ -33,3 +34,12 @@ def test_benchmark_model_is_the_config_model_with_the_dataset_vocabulary(tmp_pat
     assert (model.n_layer, model.n_head, model.n_embd, model.block_size) == (4, 4, 128, 64)
     assert model.vocab_size == 65 and model.gelu_approximate is False
     assert benchmarking.benchmark_model(config, vocab_size=100).vocab_size == 100
+
+
+def test_median_seconds_in_turns_takes_turns_and_times_per_call():
+    order = []
+    runs = {"slow": lambda: (order.append("slow"), time.sleep(0.01)), "fast": lambda: order.append("fast")}
+    seconds = benchmarking.median_seconds_in_turns(runs, repeats=2, calls=3)
+    assert order == ["slow"] * 3 + ["fast"] * 3 + ["slow"] * 3 + ["fast"] * 3
+    assert set(seconds) == {"slow", "fast"}
+    assert 0.01 <= seconds["slow"] < 0.1 and seconds["fast"] < seconds["slow"]
