@@ -24,7 +24,7 @@ from flaxgpt.generate import (check_max_new_tokens, checked_prompt, decoding_lay
 from flaxgpt.load import LoadedModel, load_model
 from flaxgpt.model import crop_vocab_size
 from flaxgpt.tokenizer import StreamDecoder
-from flaxgpt import xla_options
+from flaxgpt import storage, xla_options
 
 SEPARATOR = "---------------"
 
@@ -81,11 +81,12 @@ def load(init_from: str, out_dir: str, dtype: str) -> LoadedModel:
         return load_model(source, dtype=dtype)
     except (OSError, ValueError, RuntimeError, ImportError) as e:  # the loaders' messages say what is wrong
         message = str(e).strip().splitlines()[0]
-        if init_from == "resume" and not Path(out_dir).exists():
+        local = not storage.is_remote(source)  # a bucket's own message is already about the bucket
+        if init_from == "resume" and local and not Path(out_dir).exists():
             message = f"--out_dir={out_dir}: no such directory (train a model there first, or pass --init_from)"
-        elif init_from == "resume" and Path(out_dir).is_file():
+        elif init_from == "resume" and local and Path(out_dir).is_file():
             message = f"--out_dir={out_dir} is a file, not a training run's out_dir"
-        elif isinstance(e, FileNotFoundError) and init_from != "resume" and not Path(init_from).exists():
+        elif isinstance(e, FileNotFoundError) and init_from != "resume" and local and not Path(init_from).exists():
             message = f"--init_from={init_from}: {message.split(': ', 1)[-1]}"
         raise UsageError(message) from None
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from flaxgpt import distributed
 from flaxgpt.loop import train
 
 CONFIG = config_flags.DEFINE_config_file("config", None, "a config file in configs/, e.g. configs/owt.py",
@@ -34,9 +35,12 @@ def main(argv):
             sys.exit(0 if compile_for(config, COMPILE_FOR.value).fits else 1)
         train(config)
     except (OSError, ValueError, FloatingPointError, RuntimeError) as e:  # what a user can fix
-        sys.exit(f"train.py: error: {e}")
+        distributed.exit_program(f"train.py: error: {e}")
     except KeyboardInterrupt:
-        sys.exit("train.py: interrupted (a second Ctrl-C): nothing was saved since the last checkpoint")
+        distributed.exit_program("train.py: interrupted (a second Ctrl-C): nothing was saved since the last checkpoint")
+    except Exception:  # a bug: its traceback; with several processes, no wait at JAX's shutdown barrier
+        traceback.print_exc()
+        distributed.exit_program(None)
 
 
 def _config_keys(config, prefix="") -> list[str]:

@@ -1,24 +1,26 @@
 """Checkpoints with orbax: params, optimizer state and a JSON record (step, run id, best val loss, configs,
 a checksum of every array).
 
-Layout: `<out_dir>/checkpoints/<step>/{params,opt_state,meta}`. Every process writes its own shards,
-so a checkpoint saved on one mesh restores onto any other (the restore target carries the shardings).
+Layout: `<out_dir>/checkpoints/<step>/{params,opt_state,meta}`, in a local folder or a bucket (gs://).
+Every process writes its own shards, so a checkpoint saved on one mesh restores onto any other (the
+restore target carries the shardings). With several processes, process 0 lists the steps and every
+process tries the same step; a step that one of them cannot read is passed over by all of them.
 The checksums are computed on the devices when a step is saved and checked when it is restored, so a file
 that changed on disk (bit rot, a bad copy) makes that step unreadable instead of loading wrong weights.
 """
 
 import errno
 import logging
+import os
 import sys
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
+from flaxgpt import distributed, storage
 from flaxgpt.model import GPTConfig, init_params
 
 log = logging.getLogger(__name__)
@@ -78,15 +80,15 @@ class CorruptCheckpointError(ValueError):
     """A checkpoint whose arrays do not match the checksums it was saved with."""
 
 
-def saved_steps(out_dir: str | Path) -> list[int]:
+def saved_steps(out_dir: str | os.PathLike) -> list[int]:
     """The step directories in `<out_dir>/checkpoints` (readable or not), oldest first, without orbax."""
-    directory = Path(out_dir) / "checkpoints"
+    directory = storage.path(out_dir) / "checkpoints"
     if not directory.is_dir():
         return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
 
 
-def run_id_of(out_dir: str | Path, step: int) -> str | None:
+def run_id_of(out_dir: str | os.PathLike, step: int) -> str | None:
     """The id of the run that saved `step` in out_dir, or None if it has none or cannot be read."""
     try:
         with Checkpoints(out_dir, create=False) as checkpoints:
@@ -117,7 +119,7 @@ def tree_checksums(tree) -> dict[str, int]:
             for path, leaf in jax.tree_util.tree_leaves_with_path(sums)}
 
 
-def verify_checksums(tree, expected: dict[str, int], where: Path) -> None:
+def verify_checksums(tree, expected: dict[str, int], where: storage.Path) -> None:
     """Raise CorruptCheckpointError naming the arrays whose checksum differs from the saved one."""
     bad = [path for path, value in tree_checksums(tree).items() if path in expected and expected[path] != value]
     if bad:
@@ -130,14 +132,18 @@ class Checkpoints:
     """Saves and restores training checkpoints in `<out_dir>/checkpoints`; a context manager that waits for
     the last save and closes on exit."""
 
-    def __init__(self, out_dir: str | Path, *, max_to_keep: int | None = 3, async_save: bool = True,
+    def __init__(self, out_dir: str | os.PathLike, *, max_to_keep: int | None = 3, async_save: bool = True,
                  create: bool = True):
-        self.directory = Path(out_dir).absolute() / "checkpoints"
+        out_dir = storage.path(out_dir)
+        self.directory = (out_dir if storage.is_remote(out_dir) else out_dir.absolute()) / "checkpoints"
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=create,
             enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("params", "opt_state", "meta"))
+        # Reads go through the handlers, without the barrier orbax's restore ends with: a process that
+        # fails to read must not leave the others waiting there (see `restore`).
+        self._arrays = ocp.StandardCheckpointHandler()
 
     def __enter__(self):
         return self
@@ -154,7 +160,7 @@ class Checkpoints:
     def set_aside(self, steps: list[int]) -> None:
         """Rename unreadable step directories to `<step>.unreadable`: kept on disk, but no longer counted
         as checkpoints (so a resumed run can write that step again and max_to_keep counts good ones)."""
-        if jax.process_index() == 0:
+        if distributed.is_main_process():
             for step in steps:
                 path = self.directory / str(step)
                 target = path.with_name(f"{step}.unreadable")
@@ -162,9 +168,9 @@ class Checkpoints:
                     if not target.exists():
                         break
                     target = path.with_name(f"{step}.unreadable{n}")
-                path.rename(target)
+                storage.move(path, target)
                 log.warning("set aside unreadable checkpoint %s as %s", path, target.name)
-        multihost_utils.sync_global_devices("flaxgpt: checkpoints set aside")
+        distributed.all_values("checkpoints set aside", "")
         self.manager.reload()
 
     def save(self, step: int, params, opt_state, meta: dict[str, Any]) -> None:
@@ -213,9 +219,10 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
+        self._arrays.close()
 
     def read_meta(self, step: int) -> dict[str, Any]:
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        return ocp.JsonCheckpointHandler().restore(self.directory / str(step) / "meta")
 
     def restore(self, abstract_params, abstract_opt_state=None, *, step: int | None = None,
                 run_id: str | None = None):
@@ -223,19 +230,54 @@ class Checkpoints:
 
         The abstract trees (jax.ShapeDtypeStruct with shardings) say where every shard goes. With run_id,
         steps that another run saved are passed over. Arrays are checked against their saved checksums.
+
+        Several processes try the steps process 0 lists, in the same order: each reads its own shards,
+        then they compare; a step that any of them could not read is passed over by all (the warning
+        names the process and its reason), and the checksums, computed by all together, decide alike.
         """
-        def read(s):
+        targets = {"params": abstract_params}
+        if abstract_opt_state is not None:
+            targets["opt_state"] = abstract_opt_state
+
+        def read(s):  # this process's shards only: no collective, so a failure here cannot strand a peer
             meta = self.read_meta(s)
             if run_id is not None and meta.get("run_id") != run_id:
                 raise ValueError(f"saved by run {meta.get('run_id')}, not by run {run_id}")
-            items = {"params": ocp.args.StandardRestore(abstract_params)}
-            if abstract_opt_state is not None:
-                items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
-            restored = self.manager.restore(s, args=ocp.args.Composite(**items))
-            for name in items:
-                verify_checksums(restored[name], meta.get("checksums", {}).get(name, {}), self.directory / str(s))
+            restored = {name: self._arrays.restore(self.directory / str(s) / name,
+                                                   args=ocp.args.StandardRestore(target))
+                        for name, target in targets.items()}
+            return restored, meta
+
+        candidates = [step] if step is not None else distributed.decided_by_main("checkpoint steps", self.steps)[::-1]
+        if not candidates:
+            raise CheckpointNotFoundError(f"no checkpoint in {self.directory}: train first, or use "
+                                          "init_from='scratch'")
+        for s in candidates:
+            try:
+                (restored, meta), failure = read(s), ""
+            except Exception as e:  # orbax raises many kinds of errors for a broken step directory
+                failure = _reason(_innermost(e))
+            failures = distributed.all_values(f"read checkpoint {s}", failure)
+            bad = [(i, reason) for i, reason in enumerate(failures) if reason]
+            if bad:
+                path, (process, reason) = self.directory / str(s), bad[0]
+                where = f" on process {process}" if len(failures) > 1 else ""
+                if len(candidates) == 1:
+                    raise UnreadableCheckpointError(f"cannot read checkpoint {path}{where}: {reason}")
+                log.warning("skipping unreadable checkpoint %s%s (%s)", path, where, reason)
+                continue
+            try:  # the checksums are computed by all processes together: every one gets the same verdict
+                for name, tree in restored.items():
+                    verify_checksums(tree, meta.get("checksums", {}).get(name, {}), self.directory / str(s))
+            except CorruptCheckpointError as e:
+                if len(candidates) == 1:
+                    raise UnreadableCheckpointError(f"cannot read checkpoint {self.directory / str(s)}: "
+                                                    f"{_reason(e)}") from e
+                log.warning("skipping unreadable checkpoint %s (%s)", self.directory / str(s), _reason(e))
+                continue
             return restored["params"], restored.get("opt_state"), meta
-        return self.newest_readable(read, step=step)
+        raise ValueError(f"none of the checkpoints {candidates} in {self.directory} could be read; "
+                         "restore an earlier copy of them, or train a new run in another out_dir")
 
     def newest_readable(self, read, *, step: int | None = None):
         """`read(step)` of the newest step it succeeds on (or of `step` alone).
@@ -268,13 +310,15 @@ def model_config_from_meta(meta: dict[str, Any], **overrides) -> GPTConfig:
     return GPTConfig(**{"scan_layers": False, **meta["model"], **overrides})  # older runs had no scan
 
 
-def load_run(out_dir: str | Path, *, dtype: str | None = None) -> tuple[GPTConfig, Any, dict[str, Any]]:
+def load_run(out_dir: str | os.PathLike, *, dtype: str | None = None) -> tuple[GPTConfig, Any, dict[str, Any]]:
     """(model config, params, meta) of the newest readable checkpoint of a training run, on the default device.
 
     For inference: dtype overrides the compute dtype, and attention is XLA's (as `generate` uses). meta holds
     the step and run_id; checksums are verified, and a step that fails is passed over with a warning.
     """
-    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+    out_dir = storage.path(out_dir)
+    storage.check_reachable(out_dir, "out_dir")
+    if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"{out_dir} is a file, not a training run's out_dir")
     with Checkpoints(out_dir, create=False) as checkpoints:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -294,7 +338,7 @@ def load_run(out_dir: str | Path, *, dtype: str | None = None) -> tuple[GPTConfi
                                           f"train.py --config.out_dir={out_dir} first") from None
 
 
-def load_params(out_dir: str | Path, *, dtype: str | None = None) -> tuple[GPTConfig, Any]:
+def load_params(out_dir: str | os.PathLike, *, dtype: str | None = None) -> tuple[GPTConfig, Any]:
     """The model config and params of the newest readable checkpoint of a training run (see `load_run`)."""
     config, params, _ = load_run(out_dir, dtype=dtype)
     return config, params

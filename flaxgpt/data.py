@@ -6,43 +6,95 @@ character datasets (see `tokenizer.read_meta`). Batches are random windows, as i
 nanoGPT, but drawn from an RNG keyed by (seed, step, split): a batch depends on nothing else, so a
 resumed run sees the same batches, and every host of a multi-host run can draw the same offsets and
 read only its own rows.
+
+A dataset folder may be local (read through a memmap) or in a bucket (gs://...): then only the windows
+a batch needs are fetched, as concurrent byte-range reads (`RemoteTokens`), and nothing is copied to
+the host's disk.
 """
 
+import hashlib
+import json
 import os
-from pathlib import Path
 
 import numpy as np
 
-from flaxgpt import tokenizer
+from flaxgpt import storage, tokenizer
 
 SPLIT_CODES = {"train": 0, "val": 1}
+FINGERPRINT_SAMPLES = 16  # windows of each split read into a dataset's fingerprint
+FINGERPRINT_WINDOW = 1024  # tokens per window
 
 
-def _missing(path: Path, data_dir: Path) -> FileNotFoundError:
+def _missing(path: storage.Path, data_dir: storage.Path) -> FileNotFoundError:
     """The error for a dataset that was not prepared: names the path and the command that writes it."""
-    name = data_dir.resolve().name
-    out_dir = "" if data_dir == Path("data") / name else f" --out_dir {data_dir}"
+    name = data_dir.name if storage.is_remote(data_dir) else data_dir.resolve().name
+    out_dir = "" if data_dir == storage.path("data") / name else f" --out_dir {data_dir}"
     return FileNotFoundError(f"{path} not found: prepare the dataset first with "
                              f"`python prepare.py {name}{out_dir}`")
 
 
 def load_meta(data_dir: str | os.PathLike) -> dict:
     """The dataset's vocabulary and token dtype (`tokenizer.read_meta`); a missing folder says how to make it."""
-    data_dir = Path(data_dir)
+    data_dir = storage.path(data_dir)
+    storage.check_reachable(data_dir, "data_dir")
     if not data_dir.is_dir():
         raise _missing(data_dir, data_dir) if not data_dir.exists() else NotADirectoryError(
             f"data_dir {data_dir} is a file, not a dataset folder")
     return tokenizer.read_meta(data_dir)
 
 
-def open_split(data_dir: str | os.PathLike, split: str) -> np.memmap:
-    """`<data_dir>/<split>.bin` as a read-only memmap [n_tokens], of the dtype the dataset's meta names."""
-    data_dir = Path(data_dir)
-    dtype = load_meta(data_dir)["dtype"]
+class RemoteTokens:
+    """A token file in an object store, as a flat array [n_tokens] that reads windows on demand."""
+
+    def __init__(self, path: storage.Path, dtype: str):
+        self.path, self.dtype = path, np.dtype(dtype)
+        self.n_tokens = storage.size(path) // self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.n_tokens
+
+    def windows(self, offsets: np.ndarray, length: int) -> np.ndarray:
+        """Tokens [len(offsets), length] starting at each offset, all fetched concurrently."""
+        size = self.dtype.itemsize
+        pieces = storage.read_ranges(self.path, offsets * size, (offsets + length) * size)
+        return np.frombuffer(b"".join(pieces), self.dtype).reshape(len(offsets), length)
+
+
+def open_split(data_dir: str | os.PathLike, split: str, meta: dict | None = None) -> np.memmap | RemoteTokens:
+    """`<data_dir>/<split>.bin` [n_tokens], of the dtype the dataset's meta names: a read-only memmap, or
+    a `RemoteTokens` for a folder in a bucket. A file whose length differs from meta.json's count is an
+    error (an interrupted copy or prepare)."""
+    data_dir = storage.path(data_dir)
+    meta = meta or load_meta(data_dir)
     path = data_dir / f"{split}.bin"
     if not path.is_file():
         raise _missing(path, data_dir)
-    return np.memmap(path, dtype=dtype, mode="r")
+    tokens = RemoteTokens(path, meta["dtype"]) if storage.is_remote(path) else np.memmap(
+        path, dtype=meta["dtype"], mode="r")
+    expected = meta.get(f"{split}_tokens")
+    if expected is not None and len(tokens) != expected:
+        raise ValueError(f"{path} holds {len(tokens):,} tokens but {data_dir / 'meta.json'} says {expected:,}: "
+                         f"the copy is incomplete or from another preparation; prepare the dataset again")
+    return tokens
+
+
+def read_windows(tokens: np.ndarray | RemoteTokens, offsets: np.ndarray, length: int) -> np.ndarray:
+    """Tokens [len(offsets), length] starting at each offset (numpy reads just those pages of a memmap)."""
+    if isinstance(tokens, RemoteTokens):
+        return tokens.windows(offsets, length)
+    return np.asarray(tokens[offsets[:, None] + np.arange(length)])
+
+
+def fingerprint(meta: dict, splits: dict) -> str:
+    """A short hash of a dataset as one host sees it: its meta.json, each split's length and
+    FINGERPRINT_SAMPLES windows spread over it. Hosts compare theirs before training together."""
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    for split, tokens in sorted(splits.items()):
+        window = min(FINGERPRINT_WINDOW, len(tokens))
+        offsets = np.linspace(0, len(tokens) - window, FINGERPRINT_SAMPLES).astype(np.int64)
+        digest.update(f"{split}:{len(tokens)}:".encode())
+        digest.update(np.ascontiguousarray(read_windows(tokens, offsets, window)).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _check(n_tokens: int, block_size: int, split: str) -> None:
@@ -62,7 +114,7 @@ def batch_offsets(n_tokens: int, *, seed: int, step: int, batch_size: int, block
     return rng.integers(0, n_tokens - block_size, size=batch_size)
 
 
-def get_batch(tokens: np.ndarray, *, seed: int, step: int, batch_size: int, block_size: int,
+def get_batch(tokens: np.ndarray | RemoteTokens, *, seed: int, step: int, batch_size: int, block_size: int,
               split: str = "train", rows: slice | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Inputs x and targets y (x shifted by one), int32 [rows, block_size], from the token array `tokens`.
 
@@ -74,6 +126,5 @@ def get_batch(tokens: np.ndarray, *, seed: int, step: int, batch_size: int, bloc
                             block_size=block_size, split=split)
     if rows is not None:
         offsets = offsets[rows]
-    # One gather of every selected window [rows, block_size + 1]; numpy reads just those pages of a memmap.
-    windows = np.asarray(tokens[offsets[:, None] + np.arange(block_size + 1)], dtype=np.int32)
+    windows = read_windows(tokens, offsets, block_size + 1).astype(np.int32)
     return np.ascontiguousarray(windows[:, :-1]), np.ascontiguousarray(windows[:, 1:])

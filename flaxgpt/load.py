@@ -1,10 +1,11 @@
-"""Any model a user can name, with its tokenizer: a training run's out_dir, a GPT-2 name, a Hugging Face
-folder, or a nanoGPT ckpt.pt (or the nanoGPT out_dir holding it). Used by sample.py and eval_hellaswag.py."""
+"""Any model a user can name, with its tokenizer: a training run's out_dir (local or gs://), a GPT-2 name,
+a Hugging Face folder, or a nanoGPT ckpt.pt (or the nanoGPT out_dir holding it). Used by sample.py and
+eval_hellaswag.py."""
 
-from pathlib import Path
+import os
 from typing import Any, NamedTuple
 
-from flaxgpt import tokenizer as tokenizers
+from flaxgpt import storage, tokenizer as tokenizers
 from flaxgpt.model import PRESETS, GPTConfig
 
 
@@ -15,9 +16,10 @@ class LoadedModel(NamedTuple):
     description: str  # what was loaded, e.g. "run 20261122-093512-4f2a9c at step 2000 (out/checkpoints/2000)"
 
 
-def load_model(source: str | Path, *, dtype: str | None = None) -> LoadedModel:
+def load_model(source: str | os.PathLike, *, dtype: str | None = None) -> LoadedModel:
     """The model `source` names; FileNotFoundError / ValueError (one line each) when it names none."""
-    path = Path(source)
+    storage.check_reachable(source, "the model's location")
+    path = storage.path(source)
     if str(source) in PRESETS or (path / "config.json").is_file():
         from flaxgpt.pretrained import load_pretrained
         name = str(source) if str(source) in PRESETS else path

@@ -6,24 +6,30 @@ max_iters, a stop request (`StopRequest`: SIGTERM, Ctrl-C, a Cloud TPU preemptio
 
 Every run has an id, written into its checkpoints and metrics: a new run never starts in an out_dir that
 holds another run's checkpoints, and `init_from="resume"` continues the run of the newest checkpoint.
+
+On several hosts (a pod slice) every process runs `train` with the same config. They check together that
+out_dir is one storage they all see and that they read the same dataset; process 0 decides what the run
+starts from and every process follows; an error on one process stops them all (distributed.py).
 """
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
 import json
 import math
+import os
 import secrets
 import signal
 import threading
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
+from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from flaxgpt import checkpoint, data, distributed, mfu, optim, sharding, tokenizer, xla_options
+from flaxgpt import checkpoint, data, distributed, mfu, optim, sharding, storage, tokenizer, xla_options
 from flaxgpt.config import model_config, validate
 from flaxgpt.metrics import TENSORBOARD_DIR, MetricsLog
 from flaxgpt.profiling import PROFILE_DIR, StepProfiler
@@ -39,15 +45,28 @@ RUN_FILES = ("checkpoints", "metrics.jsonl", "meta.json", TENSORBOARD_DIR, "loss
 @dataclasses.dataclass
 class Dataset:
     """A prepared dataset: its folder, its vocabulary description (`tokenizer.read_meta`) and its splits."""
-    directory: Path
+    directory: storage.Path
     meta: dict
-    splits: dict[str, np.memmap]
+    splits: dict[str, np.memmap | data.RemoteTokens]
 
     @classmethod
     def open(cls, config) -> "Dataset":
-        directory = Path(config.data_dir or Path("data") / config.dataset)
+        directory = storage.path(config.data_dir or f"data/{config.dataset}")
         meta = data.load_meta(directory)
-        return cls(directory, meta, {split: data.open_split(directory, split) for split in ("train", "val")})
+        return cls(directory, meta, {split: data.open_split(directory, split, meta) for split in ("train", "val")})
+
+    def check_same_on_every_host(self) -> None:
+        """Every process must read the same tokens (batches are drawn from the file lengths): compare
+        the hosts' fingerprints (`data.fingerprint`) and stop every process in one line if they differ."""
+        prints = distributed.all_values("dataset", data.fingerprint(self.meta, self.splits))
+        if len(set(prints)) > 1:
+            groups = {}
+            for process, fingerprint in enumerate(prints):
+                groups.setdefault(fingerprint, []).append(str(process))
+            seen = "; ".join(f"process(es) {', '.join(p)} see {f}" for f, p in groups.items())
+            raise ValueError(f"the hosts read different datasets from {self.directory} ({seen}; a fingerprint "
+                             "hashes meta.json, the lengths and samples of the tokens): give every host the same "
+                             "copy, or prepare it once into a bucket: --config.data_dir=gs://BUCKET/data/NAME")
 
     @property
     def tokenizer(self) -> str:
@@ -59,35 +78,59 @@ class Dataset:
 
 
 class Batches:
-    """The global batch [n, B, T] (x and y) of (split, seed, step) as sharded arrays; this process reads
-    only its own rows of the dataset."""
+    """The global batch [n, B, T] (x and y) of (split, seed, step) as sharded arrays. This process reads
+    only the rows its devices hold (`sharding.process_rows`), and reads the next training batch in a
+    background thread while the current step runs. A context manager (the thread ends on exit)."""
 
-    def __init__(self, dataset: Dataset, step_fns: TrainStep, seed: int, batch_size: int, accumulation: int):
-        self.dataset, self.sharding, self.seed = dataset, step_fns.batch_sharding, seed
-        self.B, self.T = batch_size, step_fns.model_config.block_size
-        self.rows = sharding.process_rows(self.sharding, (accumulation, self.B, self.T), batch_axis=1)
+    def __init__(self, dataset: Dataset, train_step: TrainStep, seed: int, batch_size: int):
+        self.dataset, self.sharding, self.seed = dataset, train_step.batch_sharding, seed
+        self.B, self.T = batch_size, train_step.model_config.block_size
+        self.rows = sharding.process_rows(self.sharding, (1, self.B, self.T), batch_axis=1)
+        self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="flaxgpt-batches")
+        self._next = None  # ((split, step, n), the future of its local rows)
 
-    def __call__(self, split: str, step: int, n: int):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        self._reader.shutdown(cancel_futures=True)
+
+    def read(self, split: str, step: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """This process's rows of x and y: int32 [n, len(rows), T]."""
         B, T = self.B, self.T
-        local_rows = (np.arange(n)[:, None] * B + np.arange(B)[self.rows][None]).ravel()
+        local_rows = (np.arange(n)[:, None] * B + self.rows[None]).ravel()
         x, y = data.get_batch(self.dataset.splits[split], seed=self.seed, step=step, batch_size=n * B,
                               block_size=T, split=split, rows=local_rows)
-        return (sharding.global_batch(x.reshape(n, -1, T), self.sharding, (n, B, T)),
-                sharding.global_batch(y.reshape(n, -1, T), self.sharding, (n, B, T)))
+        return x.reshape(n, -1, T), y.reshape(n, -1, T)
+
+    def __call__(self, split: str, step: int, n: int):
+        key = (split, step, n)
+        ready, self._next = self._next, None
+        x, y = ready[1].result() if ready and ready[0] == key else self.read(*key)
+        if split == "train":
+            self._next = ((split, step + 1, n), self._reader.submit(self.read, split, step + 1, n))
+        shape = (n, self.B, self.T)
+        return (sharding.global_batch(x, self.rows, self.sharding, shape, batch_axis=1),
+                sharding.global_batch(y, self.rows, self.sharding, shape, batch_axis=1))
 
 
 class StopRequest:
     """SIGTERM (a preempted VM, a cluster's time limit) or Ctrl-C: save at the next step, then stop; a second
     Ctrl-C stops at once. Only the main thread may set signal handlers; elsewhere (a notebook's worker
-    thread) orbax's preemption check remains."""
+    thread) orbax's preemption check remains.
+
+    With several processes, SIGTERM is left to JAX's preemption service, which makes every process stop at
+    the same step (orbax's `reached_preemption`): a Cloud TPU maintenance event or spot preemption signals
+    every host. Ctrl-C there sends this process a SIGTERM, so the run stops the same way."""
 
     def __init__(self):
         self.signal_name: str | None = None
         self._previous = {}
+        self._together = jax.process_count() > 1
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGINT):
+            for signum in (signal.SIGINT,) if self._together else (signal.SIGTERM, signal.SIGINT):
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
@@ -99,26 +142,34 @@ class StopRequest:
         if self.signal_name and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
+        if self._together:  # JAX's handler tells every process to stop at the same step
+            os.kill(os.getpid(), signal.SIGTERM)
         if distributed.is_main_process():
             print(f"\n{self.signal_name}: saving a checkpoint after this step, then stopping"
                   + (" (Ctrl-C again stops at once, without saving)" if signum == signal.SIGINT else ""),
                   flush=True)
 
-    def __bool__(self) -> bool:
-        return self.signal_name is not None
+    def reached(self, step: int, ckpts: checkpoint.Checkpoints) -> bool:
+        """Whether to save and stop before `step`; every process must ask at every step."""
+        if self._together:
+            return ckpts.manager.reached_preemption(step)
+        return self.signal_name is not None or ckpts.manager.reached_preemption(step)
 
 
 def new_run_id() -> str:
     """A readable unique id, e.g. 20261122-093512-4f2a9c, the same on every process of the run."""
-    run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
-    if jax.process_count() > 1:
-        run_id = bytes(multihost_utils.broadcast_one_to_all(np.frombuffer(run_id.encode(), np.uint8))).decode()
-    return run_id
+    return distributed.decided_by_main("run id", lambda: datetime.datetime.now(datetime.timezone.utc).strftime(
+        "%Y%m%d-%H%M%S-") + secrets.token_hex(3))
 
 
-def claim_out_dir(out_dir: Path, overwrite: bool) -> None:
+def claim_out_dir(out_dir: storage.Path, overwrite: bool) -> None:
     """Make sure a new run does not mix with another in out_dir: with another run's checkpoints there, stop
-    with the choices, or (overwrite) move that run's files into out_dir/previous/<its id>/."""
+    with the choices, or (overwrite) move that run's files into out_dir/previous/<its id>/. Process 0
+    looks and moves; every process raises its error."""
+    distributed.decided_by_main("out_dir claimed", lambda: _claim(out_dir, overwrite))
+
+
+def _claim(out_dir: storage.Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"out_dir {out_dir} is a file: choose a directory with --config.out_dir")
     steps = checkpoint.saved_steps(out_dir)
@@ -130,21 +181,19 @@ def claim_out_dir(out_dir: Path, overwrite: bool) -> None:
             f"{out_dir} holds the checkpoints of {f'run {owner}' if owner else 'an earlier run'} (steps "
             f"{', '.join(map(str, steps))}): continue it with --config.init_from=resume, choose another "
             "--config.out_dir, or set --config.overwrite=True to move that run's files aside (nothing is deleted)")
-    if distributed.is_main_process():
-        aside = out_dir / "previous" / (owner or f"run-before-{datetime.date.today():%Y%m%d}")
-        for n in range(1, 1000):
-            if not aside.exists():
-                break
-            aside = aside.with_name(f"{aside.name.split('.')[0]}.{n}")
-        aside.mkdir(parents=True)
-        for name in RUN_FILES:
-            if (out_dir / name).exists():
-                (out_dir / name).rename(aside / name)
-        print(f"overwrite: moved the files of the earlier run to {aside}", flush=True)
-    multihost_utils.sync_global_devices("flaxgpt: out_dir claimed")
+    aside = out_dir / "previous" / (owner or f"run-before-{datetime.date.today():%Y%m%d}")
+    for n in range(1, 1000):
+        if not aside.exists():
+            break
+        aside = aside.with_name(f"{aside.name.split('.')[0]}.{n}")
+    aside.mkdir(parents=True, exist_ok=True)
+    for name in RUN_FILES:
+        if (out_dir / name).exists():
+            storage.move(out_dir / name, aside / name)
+    print(f"overwrite: moved the files of the earlier run to {aside}", flush=True)
 
 
-def _check_same_model(saved: GPTConfig, wanted: GPTConfig, where: Path) -> None:
+def _check_same_model(saved: GPTConfig, wanted: GPTConfig, where: storage.Path) -> None:
     diffs = [f"{k}={getattr(saved, k)} (config: {getattr(wanted, k)})"
              for k in MODEL_KEYS_TO_MATCH if getattr(saved, k) != getattr(wanted, k)]
     if diffs:
@@ -152,26 +201,50 @@ def _check_same_model(saved: GPTConfig, wanted: GPTConfig, where: Path) -> None:
                          "checkpoint's model, or pick another out_dir to start a new run")
 
 
+def load_pretrained_once(init_from: str, dtype: str, param_dtype: str) -> tuple[GPTConfig, dict]:
+    """`pretrained.load_pretrained` on process 0 alone (one download per run, not one per host); the other
+    processes receive its config and weights, one array at a time."""
+    from flaxgpt.pretrained import load_pretrained
+    loaded = {}
+
+    def load() -> dict:
+        config, loaded["params"] = load_pretrained(init_from, dtype=dtype, param_dtype=param_dtype)
+        leaves = traverse_util.flatten_dict(loaded["params"], sep="/")
+        return {"config": config.to_dict(), "leaves": {k: [list(v.shape), str(v.dtype)] for k, v in leaves.items()}}
+
+    described = distributed.decided_by_main("pretrained model", load)
+    config = GPTConfig(**described["config"])
+    if jax.process_count() == 1:
+        return config, loaded["params"]
+    mine = traverse_util.flatten_dict(loaded["params"], sep="/") if "params" in loaded else {}
+    params = {}
+    for name, (shape, dtype_name) in sorted(described["leaves"].items()):
+        leaf = np.asarray(mine[name]) if mine else np.zeros(shape, dtype_name)
+        params[name] = multihost_utils.broadcast_one_to_all(leaf)
+    return config, traverse_util.unflatten_dict(params, sep="/")
+
+
 def initial_state(config, mesh, wanted: GPTConfig, ckpts: checkpoint.Checkpoints):
     """The TrainStep and its first state for config.init_from, with what a resumed run recorded.
 
-    -> (step_fns, state, {"run_id", "best_val_loss", "model_source", ...}). The model's shape comes from the
-    config, or from the pretrained model a run started from (then also when that run resumes).
+    -> (train_step, state, {"run_id", "best_val_loss", "model_source", ...}). The model's shape comes from the
+    config, or from the pretrained model a run started from (then also when that run resumes). Process 0
+    decides which checkpoint a resumed run continues; every process restores that one.
     """
     optimizer = optim.make_optimizer(config)
     if config.init_from == "scratch":
-        step_fns = TrainStep(wanted, optimizer, mesh, seed=config.seed)
-        return step_fns, step_fns.init(jax.random.key(config.seed)), {"run_id": new_run_id()}
+        train_step = TrainStep(wanted, optimizer, mesh, seed=config.seed)
+        return train_step, train_step.init(jax.random.key(config.seed)), {"run_id": new_run_id()}
     if config.init_from == "resume":
-        saved_meta = ckpts.newest_readable(ckpts.read_meta)
+        saved_meta = distributed.decided_by_main("resume from", lambda: ckpts.newest_readable(ckpts.read_meta))
         saved = checkpoint.model_config_from_meta(saved_meta)
         if saved_meta.get("model_source", "config") == "config":
             _check_same_model(saved, wanted, ckpts.directory.parent)
         else:
             wanted = saved.replace(dropout=config.dropout, attention=wanted.attention, dtype=wanted.dtype,
                                    scan_layers=wanted.scan_layers, remat=wanted.remat)
-        step_fns = TrainStep(wanted, optimizer, mesh, seed=config.seed)
-        target = step_fns.abstract_state
+        train_step = TrainStep(wanted, optimizer, mesh, seed=config.seed)
+        target = train_step.abstract_state
         if saved.scan_layers != wanted.scan_layers:  # restore in the saved layer layout, then (un)stack
             target = TrainStep(wanted.replace(scan_layers=saved.scan_layers), optimizer, mesh).abstract_state
         params, opt_state, saved_meta = ckpts.restore(target.params, target.opt_state,
@@ -179,19 +252,20 @@ def initial_state(config, mesh, wanted: GPTConfig, ckpts: checkpoint.Checkpoints
         if saved.scan_layers != wanted.scan_layers:
             params, opt_state = jax.jit(
                 lambda *tree: convert_layers(tree, wanted.scan_layers),
-                out_shardings=(step_fns.state_sharding.params, step_fns.state_sharding.opt_state))(params, opt_state)
+                out_shardings=(train_step.state_sharding.params, train_step.state_sharding.opt_state))(
+                    params, opt_state)
         ckpts.set_aside([s for s in ckpts.steps() if s > saved_meta["step"]])  # newer, so unreadable
         step = jax.device_put(np.int32(saved_meta["step"]), target.step.sharding)
-        return step_fns, TrainState(step=step, params=params, opt_state=opt_state), saved_meta
-    from flaxgpt.pretrained import load_pretrained
-    pretrained, params = load_pretrained(config.init_from, dtype=wanted.dtype, param_dtype=wanted.param_dtype)
+        return train_step, TrainState(step=step, params=params, opt_state=opt_state), saved_meta
+    pretrained, params = load_pretrained_once(config.init_from, wanted.dtype, wanted.param_dtype)
     if config.block_size < pretrained.block_size:
         params, pretrained = crop_block_size(params, pretrained, config.block_size)
     pretrained = pretrained.replace(dropout=config.dropout, attention=wanted.attention,
                                     scan_layers=wanted.scan_layers, remat=wanted.remat)
-    step_fns = TrainStep(pretrained, optimizer, mesh, seed=config.seed)
+    train_step = TrainStep(pretrained, optimizer, mesh, seed=config.seed)
     params = convert_layers(params, wanted.scan_layers)
-    return step_fns, step_fns.state_from_params(params), {"run_id": new_run_id(), "model_source": config.init_from}
+    return train_step, train_step.state_from_params(params), {"run_id": new_run_id(),
+                                                              "model_source": config.init_from}
 
 
 def _check_vocabulary(dataset: Dataset, model: GPTConfig, init_from: str) -> None:
@@ -205,9 +279,9 @@ def _check_vocabulary(dataset: Dataset, model: GPTConfig, init_from: str) -> Non
                          "this model on the dataset it was made for, or start a new run in another out_dir")
 
 
-def evaluate(step_fns: TrainStep, params, batches: Batches, step: int, eval_iters: int) -> dict[str, float]:
+def evaluate(train_step: TrainStep, params, batches: Batches, step: int, eval_iters: int) -> dict[str, float]:
     """Mean loss over eval_iters batches of each split: {"train": ..., "val": ...}."""
-    return {split: float(step_fns.eval_fn(params, *batches(split, step, eval_iters))) for split in ("train", "val")}
+    return {split: float(train_step.eval_fn(params, *batches(split, step, eval_iters))) for split in ("train", "val")}
 
 
 def _non_finite(what: str, value, step: int, ckpts: checkpoint.Checkpoints) -> FloatingPointError:
@@ -216,52 +290,73 @@ def _non_finite(what: str, value, step: int, ckpts: checkpoint.Checkpoints) -> F
                               "raise warmup_iters, then resume)")
 
 
-def train(config) -> dict:
-    """Train (or evaluate) as the config says; returns the last losses {"train", "val", "step"}."""
-    validate(config)
-    xla_options.use_compilation_cache(config.compilation_cache_dir)
-    distributed.initialize(config.distributed.coordinator_address, config.distributed.num_processes,
-                           config.distributed.process_id)
-    dataset = Dataset.open(config)
-    if dataset.meta.get("assumed") and distributed.is_main_process():
-        print(f"{dataset.directory} has no meta.json or meta.pkl: assuming GPT-2 BPE tokens (uint16), as "
-              "nanoGPT's openwebtext and shakespeare folders hold", flush=True)
+def _check_backend(config) -> None:
     if config.attention == "cudnn" and jax.default_backend() != "gpu":
         raise ValueError(f"attention='cudnn' needs an NVIDIA GPU (this backend is {jax.default_backend()}): "
                          "use attention='xla'")
     if config.attention == "splash" and jax.default_backend() != "tpu":
         raise ValueError(f"attention='splash' needs a TPU (this backend is {jax.default_backend()}): "
                          "use attention='auto' or 'xla'")
-    mesh = sharding.make_mesh(config.mesh)
-    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
-    if config.batch_size % data_parallel:
-        raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the {data_parallel} "
-                         "data-parallel devices (mesh data x fsdp)")
-    out_dir = Path(config.out_dir)
-    resuming = config.init_from == "resume"
-    if not resuming and not config.eval_only:
-        claim_out_dir(out_dir, config.overwrite)
-    with contextlib.ExitStack() as stack:
-        ckpts = stack.enter_context(checkpoint.Checkpoints(
-            out_dir, max_to_keep=config.max_to_keep, async_save=config.async_checkpointing, create=False))
-        step_fns, state, start = initial_state(config, mesh, model_config(config, dataset.model_vocab_size), ckpts)
-        _check_vocabulary(dataset, step_fns.model_config, config.init_from)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        start.setdefault("run_id", new_run_id())  # a checkpoint from before run ids
-        log = stack.enter_context(MetricsLog(config, out_dir, start["run_id"], start_step=int(state.step),
-                                             resumed_at=int(state.step) if resuming else None))
-        stop = stack.enter_context(StopRequest())
-        profiler = StepProfiler(config.profile_steps, out_dir, log.print)
-        stack.callback(profiler.stop)
-        if distributed.is_main_process():  # the tokenizer, for sample.py
-            (out_dir / "meta.json").write_text(json.dumps({k: v for k, v in dataset.meta.items() if k != "assumed"}))
-        batches = Batches(dataset, step_fns, config.seed, config.batch_size, config.gradient_accumulation_steps)
-        losses = _run(config, step_fns, state, start, batches, ckpts, log, stop, profiler)
-    _plot(out_dir)
+
+
+def compilation_cache_dir(config, out_dir: storage.Path) -> str | None:
+    """config.compilation_cache_dir; on several hosts by default `<out_dir>/compilation_cache`: JAX writes
+    compiled programs from process 0 only, so a cache on each host's own disk would serve only host 0."""
+    if config.compilation_cache_dir is None and jax.process_count() > 1:
+        return os.fspath(out_dir / "compilation_cache")
+    return config.compilation_cache_dir
+
+
+def train(config) -> dict:
+    """Train (or evaluate) as the config says; returns the last losses {"train", "val", "step"}."""
+    validate(config)
+    out_dir = storage.path(config.out_dir)
+    storage.check_reachable(out_dir, "out_dir")
+    distributed.initialize(config.distributed.coordinator_address, config.distributed.num_processes,
+                           config.distributed.process_id)
+    with distributed.stop_together():
+        xla_options.use_compilation_cache(compilation_cache_dir(config, out_dir))
+        distributed.check_shared_directory(out_dir, "out_dir")
+        dataset = Dataset.open(config)
+        dataset.check_same_on_every_host()
+        if dataset.meta.get("assumed") and distributed.is_main_process():
+            print(f"{dataset.directory} has no meta.json or meta.pkl: assuming GPT-2 BPE tokens (uint16), as "
+                  "nanoGPT's openwebtext and shakespeare folders hold", flush=True)
+        _check_backend(config)
+        mesh = sharding.make_mesh(config.mesh)
+        data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+        if config.batch_size % data_parallel:
+            batch, accumulation = sharding.divisible_batch(config.batch_size, config.gradient_accumulation_steps,
+                                                           data_parallel)
+            raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the {data_parallel} "
+                             f"data-parallel devices (mesh data x fsdp): e.g. --config.batch_size={batch} "
+                             f"--config.gradient_accumulation_steps={accumulation}")
+        resuming = config.init_from == "resume"
+        if not resuming and not config.eval_only:
+            claim_out_dir(out_dir, config.overwrite)
+        with contextlib.ExitStack() as stack:
+            ckpts = stack.enter_context(checkpoint.Checkpoints(
+                out_dir, max_to_keep=config.max_to_keep, async_save=config.async_checkpointing, create=False))
+            train_step, state, start = initial_state(config, mesh, model_config(config, dataset.model_vocab_size),
+                                                     ckpts)
+            _check_vocabulary(dataset, train_step.model_config, config.init_from)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            start.setdefault("run_id", new_run_id())  # a checkpoint from before run ids
+            log = stack.enter_context(MetricsLog(config, out_dir, start["run_id"], start_step=int(state.step),
+                                                 resumed_at=int(state.step) if resuming else None))
+            stop = stack.enter_context(StopRequest())
+            profiler = StepProfiler(config.profile_steps, out_dir, log.print)
+            stack.callback(profiler.stop)
+            if distributed.is_main_process():  # the tokenizer, for sample.py
+                storage.write_atomically(out_dir / "meta.json", json.dumps(
+                    {k: v for k, v in dataset.meta.items() if k != "assumed"}))
+            batches = stack.enter_context(Batches(dataset, train_step, config.seed, config.batch_size))
+            losses = _run(config, train_step, state, start, batches, ckpts, log, stop, profiler)
+        _plot(out_dir)
     return losses
 
 
-def _plot(out_dir: Path) -> None:
+def _plot(out_dir: storage.Path) -> None:
     """out_dir/loss.png of the run, when matplotlib is installed (the `plot` extra)."""
     if not distributed.is_main_process():
         return
@@ -272,19 +367,19 @@ def _plot(out_dir: Path) -> None:
         pass
 
 
-def _run(config, step_fns: TrainStep, state: TrainState, start: dict, batches: Batches,
+def _run(config, train_step: TrainStep, state: TrainState, start: dict, batches: Batches,
          ckpts: checkpoint.Checkpoints, log: MetricsLog, stop: StopRequest, profiler: StepProfiler) -> dict:
     """Evaluate, save and step until the run is over; -> the last losses {"train", "val", "step"}."""
-    model = step_fns.model_config
+    model = train_step.model_config
     run_id, best_val_loss = start["run_id"], start.get("best_val_loss", math.inf)
     n_params = count_params(state.params)
     step = int(state.step)
     resumed_at = step if config.init_from == "resume" else None  # evaluated and saved by the earlier run
     if resumed_at is None:
-        log.print(f"run {run_id}: {n_params / 1e6:.2f}M parameters on mesh {dict(step_fns.mesh.shape)}")
+        log.print(f"run {run_id}: {n_params / 1e6:.2f}M parameters on mesh {dict(train_step.mesh.shape)}")
     else:
         log.print(f"resuming run {run_id} at step {step} ({ckpts.directory / str(step)}): "
-                  f"{n_params / 1e6:.2f}M parameters on mesh {dict(step_fns.mesh.shape)}")
+                  f"{n_params / 1e6:.2f}M parameters on mesh {dict(train_step.mesh.shape)}")
         if step >= config.max_iters and not config.eval_only:
             log.print(f"run {run_id} is finished: it reached max_iters={config.max_iters}; raise "
                       "--config.max_iters (and lr_decay_iters) to train it further")
@@ -306,7 +401,7 @@ def _run(config, step_fns: TrainStep, state: TrainState, start: dict, batches: B
     while True:
         eval_due = step % config.eval_interval == 0 or step == config.max_iters
         if config.eval_only or (eval_due and step != resumed_at):
-            losses = evaluate(step_fns, state.params, batches, step, config.eval_iters)
+            losses = evaluate(train_step, state.params, batches, step, config.eval_iters)
             log.print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             log.write(step, **{"train/loss": losses["train"], "val/loss": losses["val"], "tokens": step * A * B * T})
             if not all(map(math.isfinite, losses.values())):
@@ -318,14 +413,13 @@ def _run(config, step_fns: TrainStep, state: TrainState, start: dict, batches: B
             t_last, steps_since = time.perf_counter(), 0  # don't count eval time in ms/step
         if config.eval_only or step >= config.max_iters:
             break
-        # one process alone must not stop (its peers would wait); orbax syncs preemption across hosts
-        if (stop and jax.process_count() == 1) or ckpts.manager.reached_preemption(step):
-            log.print(f"stopping at step {step} ({stop.signal_name or 'preempted'}): saving a checkpoint")
+        if stop.reached(step, ckpts):
+            log.print(f"stopping at step {step} ({stop.signal_name or 'SIGTERM: preempted'}): saving a checkpoint")
             save(step)
             break
         ckpts.check_for_errors()
         profiler.before_step(step)
-        state, metrics = step_fns.train_fn(state, *batches("train", step, A))
+        state, metrics = train_step.train_fn(state, *batches("train", step, A))
         step += 1
         steps_since += 1
         profiler.after_step(step, metrics)

@@ -5,24 +5,30 @@ metrics.jsonl holds one JSON row per logged step and per evaluation, each naming
 event files go to `out_dir/tensorboard` (open with `tensorboard --logdir out_dir`). A resumed run first
 drops what an earlier attempt of the same run logged after the step it resumes from, so that every step
 appears once per run in both.
+
+In a bucket (out_dir=gs://...), where objects cannot be appended to, metrics.jsonl and TensorBoard's event
+file (written to a local temporary folder) are uploaded whole at most every REMOTE_UPLOAD_S seconds and
+when the run ends.
 """
 
 import json
-import os
+import shutil
 import sys
+import tempfile
 import time
-from pathlib import Path
 
-from flaxgpt import distributed
+from flaxgpt import distributed, storage
 
 TENSORBOARD_DIR = "tensorboard"
 # metrics.jsonl keys -> TensorBoard tags
 TENSORBOARD_TAGS = {"loss": "train/step_loss", "train/loss": "train/loss", "val/loss": "val/loss", "lr": "lr",
                     "grad_norm": "grad_norm", "tokens_per_s": "tokens_per_s", "mfu": "mfu"}
+REMOTE_UPLOAD_S = 30
 
 
-def drop_rows_after(path: Path, run_id: str, step: int) -> None:
+def drop_rows_after(path: storage.Path, run_id: str, step: int) -> None:
     """Rewrite metrics.jsonl without the rows of `run_id` past `step` (an interrupted attempt's), atomically."""
+    path = storage.path(path)
     if not path.is_file():
         return
     kept = []
@@ -33,9 +39,7 @@ def drop_rows_after(path: Path, run_id: str, step: int) -> None:
             continue
         if not (row.get("run") == run_id and row.get("step", -1) > step):
             kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    storage.write_atomically(path, "".join(line + "\n" for line in kept))
 
 
 def format_seconds(seconds: float) -> str:
@@ -68,20 +72,31 @@ class MetricsLog:
     carry the ETA. resumed_at: the step a resumed run continues from (None for a new run).
     """
 
-    def __init__(self, config, out_dir: Path, run_id: str, *, start_step: int = 0, resumed_at: int | None = None):
+    def __init__(self, config, out_dir: storage.Path, run_id: str, *, start_step: int = 0,
+                 resumed_at: int | None = None):
         self.active = distributed.is_main_process()
+        out_dir = storage.path(out_dir)
+        self.remote = storage.is_remote(out_dir)
         self.run_id, self.max_iters = run_id, config.max_iters
         self.file = self.tensorboard = self.wandb = self.bar = None
         self._start = (start_step, time.perf_counter())
+        self.out_dir, self._remote_text, self._tensorboard_dir = out_dir, None, None
+        self._uploaded_at = time.monotonic()
         if not self.active:
             return
         if resumed_at is not None:
             drop_rows_after(out_dir / "metrics.jsonl", run_id, resumed_at)
-        self.file = open(out_dir / "metrics.jsonl", "a")
+        path = out_dir / "metrics.jsonl"
+        if self.remote:
+            self._remote_text = path.read_text() if path.is_file() else ""
+        else:
+            self.file = open(path, "a")
         if config.tensorboard:
             SummaryWriter = _tensorboardx_writer()
+            self._tensorboard_dir = tempfile.mkdtemp(prefix="flaxgpt-tensorboard-") if self.remote else None
             # purge_step: TensorBoard hides what an interrupted attempt logged past the resumed step.
-            self.tensorboard = SummaryWriter(str(out_dir / TENSORBOARD_DIR), filename_suffix=f".{time.time_ns()}",
+            self.tensorboard = SummaryWriter(self._tensorboard_dir or str(out_dir / TENSORBOARD_DIR),
+                                             filename_suffix=f".{time.time_ns()}",
                                              purge_step=None if resumed_at is None else resumed_at + 1)
         if config.wandb_log:
             import wandb
@@ -99,6 +114,17 @@ class MetricsLog:
         for closable in (self.bar, self.tensorboard, self.file):
             if closable is not None:
                 closable.close()
+        if self.active and self.remote:
+            self._upload()
+            if self._tensorboard_dir:
+                shutil.rmtree(self._tensorboard_dir, ignore_errors=True)
+
+    def _upload(self) -> None:
+        """metrics.jsonl and the TensorBoard event files, whole, into the bucket."""
+        storage.write_atomically(self.out_dir / "metrics.jsonl", self._remote_text)
+        if self._tensorboard_dir:
+            storage.upload_folder(self._tensorboard_dir, self.out_dir / TENSORBOARD_DIR)
+        self._uploaded_at = time.monotonic()
 
     def print(self, text: str) -> None:
         if self.active:
@@ -125,12 +151,18 @@ class MetricsLog:
     def write(self, step: int, **metrics) -> None:
         if not self.active:
             return
-        self.file.write(json.dumps({"step": step, "run": self.run_id, **metrics}) + "\n")
-        self.file.flush()
+        row = json.dumps({"step": step, "run": self.run_id, **metrics}) + "\n"
+        if self.remote:
+            self._remote_text += row
+        else:
+            self.file.write(row)
+            self.file.flush()
         if self.tensorboard:
             for key, value in metrics.items():
                 if key in TENSORBOARD_TAGS:
                     self.tensorboard.add_scalar(TENSORBOARD_TAGS[key], value, step)
             self.tensorboard.flush()
+        if self.remote and time.monotonic() - self._uploaded_at >= REMOTE_UPLOAD_S:
+            self._upload()
         if self.wandb:
             self.wandb.log(metrics, step=step)

@@ -6,14 +6,16 @@ Needs matplotlib (`pip install -e ".[plot]"`).
 """
 
 import argparse
+import io
 import json
 import sys
-from pathlib import Path
+
+from flaxgpt import storage
 
 
-def read_run(out_dir: Path) -> tuple[str, list[dict]]:
-    """(run id, its rows) of the newest run in out_dir/metrics.jsonl."""
-    path = Path(out_dir) / "metrics.jsonl"
+def read_run(out_dir: storage.Path) -> tuple[str, list[dict]]:
+    """(run id, its rows) of the newest run in out_dir/metrics.jsonl (a local folder or a bucket)."""
+    path = storage.path(out_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {out_dir} a training run's out_dir?")
     rows = []
@@ -28,7 +30,7 @@ def read_run(out_dir: Path) -> tuple[str, list[dict]]:
     return run_id, [row for row in rows if row.get("run") == run_id]
 
 
-def plot_runs(out_dirs, output: Path, x: str = "step") -> Path:
+def plot_runs(out_dirs, output: storage.Path, x: str = "step") -> storage.Path:
     """Draw the runs' loss curves into `output` (PNG); x is "step" or "tokens"."""
     import matplotlib
     matplotlib.use("Agg")  # files only: no display needed
@@ -36,9 +38,9 @@ def plot_runs(out_dirs, output: Path, x: str = "step") -> Path:
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
     for n, out_dir in enumerate(out_dirs):
-        run_id, rows = read_run(Path(out_dir))
+        run_id, rows = read_run(storage.path(out_dir))
         color = f"C{n}"
-        label = Path(out_dir).name + (f" ({run_id})" if run_id else "")
+        label = storage.path(out_dir).name + (f" ({run_id})" if run_id else "")
 
         def xs(selected):
             return [r.get("tokens", 0) if x == "tokens" else r["step"] for r in selected]
@@ -57,20 +59,22 @@ def plot_runs(out_dirs, output: Path, x: str = "step") -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    output = Path(output)
-    fig.savefig(output)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
+    output = storage.path(output)
+    storage.write_atomically(output, png.getvalue())
     return output
 
 
-def main(argv=None) -> Path:
+def main(argv=None) -> storage.Path:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out_dirs", nargs="+", help="training runs' out_dirs")
     p.add_argument("-o", "--output", default="loss.png", help="the PNG to write (default loss.png)")
     p.add_argument("--x", choices=("step", "tokens"), default="step")
     args = p.parse_args(argv)
     try:
-        output = plot_runs(args.out_dirs, Path(args.output), args.x)
+        output = plot_runs(args.out_dirs, storage.path(args.output), args.x)
     except ModuleNotFoundError:
         sys.exit("plot: error: needs matplotlib: pip install -e '.[plot]'")
     except (OSError, ValueError) as e:

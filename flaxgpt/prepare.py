@@ -4,8 +4,9 @@
 
 writes `data/<name>/train.bin` and `val.bin` (flat token arrays, uint16 while the vocabulary fits,
 else uint32) and `meta.json` (tokenizer, vocab_size, dtype, token counts; "chars" for the character
-vocabulary). Every file is written under a temporary name and renamed, and meta.json comes last, so an
-interrupted run never leaves a half-written file under a final name.
+vocabulary). --out_dir may be a bucket (gs://BUCKET/data/NAME), which every host of a pod then reads.
+Every file is written under a temporary name and renamed (uploaded whole to a bucket), and meta.json
+comes last, so an interrupted run never leaves a half-written file under a final name.
 
 - shakespeare_char: one token per distinct character; first 90% of the text train, last 10% val.
 - shakespeare: GPT-2 BPE of the same text, same split.
@@ -14,7 +15,6 @@ interrupted run never leaves a half-written file under a final name.
 """
 
 import argparse
-import contextlib
 import functools
 import json
 import os
@@ -22,11 +22,12 @@ import shutil
 import sys
 import urllib.request
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
+from flaxgpt import storage
 from flaxgpt.tokenizer import GPT2_EOT, GPT2_VOCAB_SIZE, CharTokenizer, GPT2Tokenizer, local_data_file
 
 DATASETS = ("shakespeare_char", "shakespeare", "openwebtext")
@@ -38,41 +39,27 @@ def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 2**16 else "uint32"
 
 
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path next to `path`, renamed to `path` if the block succeeds and removed if it fails."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_tokens(path: Path, shards: Iterable[Sequence[Sequence[int]]], n_tokens: int, dtype: str,
+def write_tokens(path: storage.Path, shards: Iterable[Sequence[Sequence[int]]], n_tokens: int, dtype: str,
                  total: int | None = None) -> None:
     """Write the token sequences of `shards` (each a list of documents' tokens), in order, to a flat file
-    of `n_tokens` tokens; one shard in memory at a time."""
+    of `n_tokens` tokens (local or in a bucket); one shard in memory at a time."""
     if n_tokens == 0:
         raise ValueError(f"no tokens to write to {path}")
-    with atomic_path(path) as tmp:
-        arr = np.memmap(tmp, dtype=dtype, mode="w+", shape=(n_tokens,))
-        idx = 0
+    written = 0
+    with storage.atomic_output(path) as f:
         for shard in tqdm(shards, total=total, desc=f"writing {path}", disable=total is None or total <= 1):
             batch = np.concatenate([np.asarray(doc, dtype=dtype) for doc in shard])
-            arr[idx:idx + len(batch)] = batch
-            idx += len(batch)
-        assert idx == n_tokens, f"wrote {idx} tokens, expected {n_tokens}"
-        arr.flush()
-        del arr
+            f.write(batch.tobytes())
+            written += len(batch)
+        if written != n_tokens:
+            raise RuntimeError(f"wrote {written} tokens to {path}, expected {n_tokens}")
 
 
-def write_meta(out_dir: Path, meta: dict) -> None:
-    with atomic_path(out_dir / "meta.json") as tmp:
-        tmp.write_text(json.dumps(meta, indent=1) + "\n")
+def write_meta(out_dir: storage.Path, meta: dict) -> None:
+    storage.write_atomically(out_dir / "meta.json", json.dumps(meta, indent=1) + "\n")
 
 
-def fetch_tinyshakespeare(out_dir: Path, input_path: str | os.PathLike | None = None) -> Path:
+def fetch_tinyshakespeare(out_dir: storage.Path, input_path: str | os.PathLike | None = None) -> Path:
     """The tinyshakespeare text: `input_path`, else $FLAXGPT_DATA's copy, else `out_dir/input.txt`,
     downloaded there if it is not there yet."""
     if input_path is not None:
@@ -89,9 +76,8 @@ def fetch_tinyshakespeare(out_dir: Path, input_path: str | os.PathLike | None = 
     if local.is_file():
         return local
     try:
-        with urllib.request.urlopen(TINYSHAKESPEARE_URL, timeout=60) as response, atomic_path(local) as tmp:
-            with open(tmp, "wb") as f:
-                shutil.copyfileobj(response, f)
+        with urllib.request.urlopen(TINYSHAKESPEARE_URL, timeout=60) as response, storage.atomic_output(local) as f:
+            shutil.copyfileobj(response, f)
     except OSError as e:  # URLError, HTTPError, timeouts, refused connections
         raise ConnectionError(f"could not download {TINYSHAKESPEARE_URL} ({e}): pass --input PATH to a local "
                               "copy, or set FLAXGPT_DATA to a folder holding tinyshakespeare/input.txt") from None
@@ -106,7 +92,7 @@ def _gpt2() -> GPT2Tokenizer:
         raise ConnectionError(str(e)) from None
 
 
-def prepare_shakespeare(name: str, out_dir: Path, input_path: str | os.PathLike | None = None) -> dict:
+def prepare_shakespeare(name: str, out_dir: storage.Path, input_path: str | os.PathLike | None = None) -> dict:
     """Tokenize tinyshakespeare by characters or GPT-2 BPE; the text's first 90% is train, the rest val."""
     source = fetch_tinyshakespeare(out_dir, input_path)
     try:
@@ -141,7 +127,7 @@ def tokenize_document(example: dict) -> dict:
     return {"ids": ids, "len": len(ids)}
 
 
-def write_documents(splits: Mapping, out_dir: Path, *, num_proc: int = DEFAULT_NUM_PROC,
+def write_documents(splits: Mapping, out_dir: storage.Path, *, num_proc: int = DEFAULT_NUM_PROC,
                     num_shards: int = 1024, dataset: str = "openwebtext") -> dict:
     """Tokenize each split's documents with `tokenize_document` and write out_dir/<split>.bin and meta.json.
 
@@ -191,7 +177,8 @@ def prepare(name: str, out_dir: str | os.PathLike | None = None, input_path: str
     """Prepare dataset `name` in `out_dir` (default data/<name>) and return its meta.json as a dict."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
-    out_dir = Path(out_dir) if out_dir is not None else Path("data") / name
+    out_dir = storage.path(out_dir if out_dir is not None else f"data/{name}")
+    storage.check_reachable(out_dir, "--out_dir")
     out_dir.mkdir(parents=True, exist_ok=True)
     if name == "openwebtext":
         return write_documents(load_openwebtext(input_path, num_proc), out_dir, num_proc=num_proc)

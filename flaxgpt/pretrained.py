@@ -9,6 +9,7 @@ torch, huggingface_hub and safetensors are optional (`pip install "flaxgpt[hf]"`
 """
 
 import importlib
+import io
 import json
 import math
 import re
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from flaxgpt import storage
 from flaxgpt.model import PRESETS, GPTConfig, convert_layers, crop_vocab_size, init_params
 from flaxgpt.tokenizer import GPT2_EOT, GPT2_PADDED_VOCAB_SIZE, GPT2_VOCAB_SIZE
 
@@ -113,15 +115,15 @@ def _to_torch(params, config: GPTConfig, *, linear: bool) -> dict[str, np.ndarra
 
 def load_pretrained(name_or_path: str | Path, *, dtype: str | None = None,
                     param_dtype: str = "float32") -> tuple[GPTConfig, dict]:
-    """GPT-2 weights from the Hugging Face Hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local folder
-    holding config.json and model.safetensors (or pytorch_model.bin). Returns (config, params).
+    """GPT-2 weights from the Hugging Face Hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a folder (local or
+    in a bucket) holding config.json and model.safetensors (or pytorch_model.bin). Returns (config, params).
 
     dtype is the compute dtype of the returned config; params are cast to param_dtype. The vocabulary
     stays as in the file (50257 for GPT-2).
     """
-    folder = Path(name_or_path)
+    folder = storage.path(name_or_path)
     if isinstance(name_or_path, str) and name_or_path in PRESETS:  # a Path("gpt2") means the folder
-        folder = _download(name_or_path)
+        folder = storage.path(_download(name_or_path))
     elif not folder.is_dir():
         raise ValueError(f"unknown model {str(name_or_path)!r} and no such folder: choose one of "
                          f"{', '.join(PRESETS)}, or pass a folder holding config.json and model.safetensors")
@@ -139,7 +141,8 @@ def load_pretrained(name_or_path: str | Path, *, dtype: str | None = None,
     if weights.suffix == ".safetensors":
         safetensors = _require("safetensors.numpy")
         try:
-            state = safetensors.load_file(weights)
+            state = safetensors.load(weights.read_bytes()) if storage.is_remote(weights) else \
+                safetensors.load_file(weights)
         except Exception as e:  # the Rust reader's SafetensorError is not an OSError or ValueError
             raise CheckpointError(f"{weights} is not a readable safetensors file ({str(e).splitlines()[0]}): "
                                   "it is damaged or incomplete; download or save it again") from None
@@ -230,7 +233,8 @@ def _torch_load(path: Path):
     """torch.load that only unpickles tensors and plain containers, so it runs no code."""
     torch = _require("torch")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        source = io.BytesIO(path.read_bytes()) if storage.is_remote(path) else path
+        return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for a bad file
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e):
@@ -250,7 +254,7 @@ def load_nanogpt(ckpt_path: str | Path, *, dtype: str | None = None,
 
     nanoGPT's MLP uses exact erf GELU, hence gelu_approximate=False.
     """
-    ckpt_path = Path(ckpt_path)
+    ckpt_path = storage.path(ckpt_path)
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"no nanoGPT checkpoint at {ckpt_path}")
     ckpt = _torch_load(ckpt_path)

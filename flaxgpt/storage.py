@@ -1,0 +1,152 @@
+"""Where flaxgpt reads and writes: local folders and object stores (gs://, s3://, ...) behind one path type.
+
+Every file flaxgpt touches (out_dir, data_dir, checkpoints, metrics, the compilation cache, prepared
+datasets) goes through `path(...)`, which returns an `etils.epath.Path`: the path type orbax uses. A local
+path behaves as `pathlib.Path`; a URL is served by fsspec (gcsfs for gs://, installed by
+`pip install "flaxgpt[gcs]"`, which `[tpu]` includes).
+
+Object stores differ from a disk in three ways this module absorbs:
+- no appends and no atomic renames: `atomic_output` writes a local file under a temporary name and
+  renames it, and a remote object through a local temporary file uploaded in one piece (an object
+  appears whole or not at all);
+- listings may be cached: fsspec's gcsfs keeps a directory listing and would not see objects another
+  host wrote since, so remote filesystems are created without a listings cache (`path` does this once,
+  before the first remote path is used);
+- a wrong bucket name is easy to type: `check_reachable` says in one line what is wrong.
+"""
+
+import contextlib
+import functools
+import os
+import re
+import tempfile
+from typing import IO, Iterator
+
+from etils import epath
+
+Path = epath.Path
+_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]+://")
+
+
+def is_remote(location: str | os.PathLike) -> bool:
+    """Whether `location` is a URL (gs://bucket/path, s3://...) rather than a local path."""
+    return bool(_SCHEME.match(os.fspath(location)))
+
+
+def path(location: str | os.PathLike) -> Path:
+    """The path type for a local path or a URL ("out", "/data/owt", "gs://bucket/run")."""
+    if is_remote(location):
+        _fresh_remote_listings()
+    return epath.Path(location)
+
+
+@functools.cache
+def _fresh_remote_listings() -> None:
+    """fsspec's remote filesystems cache directory listings per process by default: a host would not see
+    the checkpoints or files another host wrote after it first listed a folder. epath creates its
+    filesystems with fsspec's configured defaults, so turning the cache off here reaches orbax too."""
+    import fsspec.config
+    for protocol in ("gs", "gcs", "s3", "s3a"):
+        fsspec.config.conf.setdefault(protocol, {})["use_listings_cache"] = False
+
+
+def _remote_fs(location: str | os.PathLike):
+    """(fsspec filesystem, its path string) of a URL."""
+    import fsspec
+    _fresh_remote_listings()
+    return fsspec.core.url_to_fs(os.fspath(location))
+
+
+def check_reachable(location: str | os.PathLike, what: str) -> None:
+    """For a URL: raise one line (OSError) if its bucket does not exist or cannot be reached with this
+    machine's credentials; `what` names the setting, e.g. "--config.out_dir". Local paths pass."""
+    if not is_remote(location):
+        return
+    scheme = os.fspath(location).split("://", 1)[0]
+    try:
+        fs, _ = _remote_fs(location)
+    except (ImportError, ValueError) as e:  # no fsspec implementation for the scheme
+        hint = ' pip install "flaxgpt[gcs]"' if scheme in ("gs", "gcs") else f" install fsspec's {scheme} support"
+        raise OSError(f"{what}={location}: {scheme}:// needs a filesystem that is not installed ({e}):"
+                      f"{hint}") from None
+    bucket = os.fspath(location).split("://", 1)[1].split("/", 1)[0]
+    try:
+        exists = fs.exists(bucket)
+    except Exception as e:  # connection, credential and permission errors of the client libraries
+        raise OSError(f"{what}={location}: cannot reach {scheme}://{bucket} ({type(e).__name__}: "
+                      f"{_first_line(e)}): check the network and this machine's credentials "
+                      "(gcloud auth application-default login, or the VM's service account)") from None
+    if not exists:
+        raise OSError(f"{what}={location}: the bucket {scheme}://{bucket} does not exist or this machine's "
+                      f"credentials cannot see it: create it (gcloud storage buckets create {scheme}://{bucket})"
+                      " or fix the name")
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else ""
+
+
+@contextlib.contextmanager
+def atomic_output(destination: Path) -> Iterator[IO[bytes]]:
+    """A binary file to write `destination` through: it appears under its name only if the block succeeds.
+
+    Local: a temporary file beside it, renamed at the end. Remote: a local temporary file, uploaded at the
+    end in one piece, which the object store publishes only when it is complete. On failure the
+    temporary file is removed and `destination` is untouched."""
+    destination = path(destination)
+    remote = is_remote(destination)
+    if remote:
+        handle, tmp = tempfile.mkstemp(prefix=f"{destination.name}.", suffix=".tmp")
+        os.close(handle)
+    else:
+        tmp = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+        if remote:
+            fs, name = _remote_fs(destination)
+            fs.put_file(tmp, name)
+        else:
+            os.replace(tmp, destination)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+
+
+def write_atomically(destination: Path, data: str | bytes) -> None:
+    """Write text or bytes to `destination` so that readers see the old content or the new, never a part."""
+    with atomic_output(destination) as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+
+
+def move(source: Path, destination: Path) -> None:
+    """Move a file or folder (on an object store: a copy of every object, then a delete)."""
+    source, destination = path(source), path(destination)
+    if is_remote(source):  # copy and delete: gcsfs's move first tries an API not every bucket offers
+        fs, src = _remote_fs(source)
+        fs.copy(src, _remote_fs(destination)[1], recursive=True)
+        fs.rm(src, recursive=True)
+    else:
+        source.rename(destination)
+
+
+def upload_folder(local: str | os.PathLike, destination: Path) -> None:
+    """Copy a local folder's files under `destination` (a URL), keeping their relative paths."""
+    fs, target = _remote_fs(destination)
+    fs.put(os.fspath(local).rstrip("/") + "/", target, recursive=True)
+
+
+def read_ranges(location: Path, starts, stops) -> list[bytes]:
+    """The bytes [start, stop) of a file for each pair, fetched concurrently from an object store."""
+    fs, name = _remote_fs(location)
+    return fs.cat_ranges([name] * len(starts), [int(s) for s in starts], [int(s) for s in stops])
+
+
+def size(location: Path) -> int:
+    """The size of a file in bytes."""
+    location = path(location)
+    if is_remote(location):
+        fs, name = _remote_fs(location)
+        return int(fs.size(name))
+    return os.path.getsize(location)

@@ -1,0 +1,72 @@
+"""One path type for local folders and buckets (flaxgpt/storage.py), against a real GCS emulator."""
+
+import os
+import pathlib
+
+import gcsfs
+import pytest
+
+from flaxgpt import storage
+
+
+def test_local_paths_behave_as_pathlib(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    p = storage.path("out/run")
+    assert not storage.is_remote(p) and os.fspath(p) == "out/run"  # relative stays relative
+    p.mkdir(parents=True)
+    storage.write_atomically(p / "meta.json", '{"a": 1}')
+    assert pathlib.Path("out/run/meta.json").read_text() == '{"a": 1}'
+    storage.move(p, storage.path("out/moved"))
+    assert sorted(os.listdir("out")) == ["moved"] and storage.size("out/moved/meta.json") == 8
+
+
+@pytest.mark.parametrize("where", ["local", "bucket"])
+def test_a_failed_write_leaves_the_old_file_and_no_temporary_one(tmp_path, gcs_dir, where):
+    folder = storage.path(tmp_path if where == "local" else gcs_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    storage.write_atomically(folder / "train.bin", b"old")
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with storage.atomic_output(folder / "train.bin") as f:
+            f.write(b"new, but only half of it")
+            raise RuntimeError("interrupted")
+    assert (folder / "train.bin").read_bytes() == b"old"
+    assert [p.name for p in folder.iterdir()] == ["train.bin"]
+
+
+def test_a_bucket_round_trip(gcs_dir):
+    run = storage.path(gcs_dir) / "run"
+    assert storage.is_remote(run) and os.fspath(run) == f"{gcs_dir}/run"
+    storage.write_atomically(run / "checkpoints" / "3" / "meta", "{}")
+    storage.write_atomically(run / "tokens.bin", bytes(range(256)) * 4)
+    assert storage.size(run / "tokens.bin") == 1024
+    assert storage.read_ranges(run / "tokens.bin", [0, 256, 1020], [3, 260, 1024]) == [
+        bytes([0, 1, 2]), bytes([0, 1, 2, 3]), bytes([252, 253, 254, 255])]
+    storage.move(run / "checkpoints" / "3", run / "checkpoints" / "3.unreadable")
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["3.unreadable"]
+    assert (run / "checkpoints" / "3.unreadable" / "meta").read_text() == "{}"
+
+
+def test_a_listing_sees_what_another_host_wrote_since(gcs_dir):
+    """fsspec caches listings by default: a host that listed a folder would not see a checkpoint another
+    host wrote after that. Another host here is another client of the same bucket."""
+    folder = storage.path(gcs_dir) / "shared"
+    storage.write_atomically(folder / "a", "1")
+    assert [p.name for p in folder.iterdir()] == ["a"]
+    other_host = gcsfs.GCSFileSystem(skip_instance_cache=True, use_listings_cache=False)
+    other_host.pipe(f"{gcs_dir.removeprefix('gs://')}/shared/b", b"2")
+    assert sorted(p.name for p in folder.iterdir()) == ["a", "b"] and (folder / "b").exists()
+
+
+def test_a_missing_bucket_is_one_line_that_says_what_to_do(gcs_bucket):
+    with pytest.raises(OSError) as error:
+        storage.check_reachable("gs://no-such-bucket-here/run", "out_dir")
+    message = str(error.value)
+    assert message.startswith("out_dir=gs://no-such-bucket-here/run: the bucket gs://no-such-bucket-here does not exist")
+    assert "gcloud storage buckets create" in message and "\n" not in message
+    storage.check_reachable(f"{gcs_bucket}/anything", "out_dir")  # the bucket exists: no error
+    storage.check_reachable("relative/local/folder", "out_dir")
+
+
+def test_an_unknown_scheme_says_what_to_install():
+    with pytest.raises(OSError, match="nosuchfs://.*needs a filesystem that is not installed"):
+        storage.check_reachable("nosuchfs://bucket/run", "out_dir")
