@@ -175,3 +175,23 @@ def test_a_checkpoint_one_host_cannot_read_is_passed_over_by_every_host(tmp_path
     for _, out, err in outputs:
         assert f"skipping unreadable checkpoint {gcs_dir}/checkpoints/6 on process 1 (" in err, report_of(outputs)
     assert "at step 3" in outputs[0][1] and "6.unreadable" in {p.name for p in (storage.path(gcs_dir) / "checkpoints").iterdir()}
+
+
+def test_a_pretrained_model_is_read_on_host_0_alone_and_reaches_every_host(tmp_path, tiny_hf_gpt2, gcs_dir):
+    """Fine-tuning from a Hugging Face folder that only host 0 has on its disk (as a download would be):
+    the other hosts receive the weights, and the run's first evaluation is the model's own loss."""
+    pod = Pod(tmp_path, 2, 2)
+    (pod.hosts[0] / "gpt2-tiny").symlink_to(tiny_hf_gpt2, target_is_directory=True)
+    text = tmp_path / "input.txt"
+    text.write_text(corpus_text(20_000))
+    prepare("shakespeare", out_dir=f"{gcs_dir}/data", input_path=text)
+    argv = [CONFIG, f"--config.data_dir={gcs_dir}/data", f"--config.out_dir={gcs_dir}/run", "--config.init_from=gpt2-tiny",
+            "--config.block_size=32", "--config.batch_size=8", "--config.gradient_accumulation_steps=1",
+            "--config.max_iters=2", "--config.eval_interval=2", "--config.eval_iters=2", "--config.progress=False"]
+    outputs = pod.train(*argv)
+    assert_all_succeeded(outputs)
+    pod_loss = float(outputs[0][1].split("step 0: train loss ")[1].split(",")[0])
+    config = tiny_run_config(f"{gcs_dir}/data", tmp_path / "single", init_from=str(tiny_hf_gpt2), block_size=32,
+                             batch_size=8, gradient_accumulation_steps=1, max_iters=0, eval_only=True, eval_iters=2)
+    config.mesh.data = -1
+    assert abs(train(config)["train"] - pod_loss) < 1e-3, (pod_loss, outputs[0][1])
