@@ -140,7 +140,7 @@ def upload_folder(local: str | os.PathLike, destination: Path) -> None:
 def read_ranges(location: Path, starts, stops) -> list[bytes]:
     """The bytes [start, stop) of a file for each pair, fetched concurrently from an object store."""
     fs, name = _remote_fs(location)
-    return fs.cat_ranges([name] * len(starts), [int(s) for s in starts], [int(s) for s in stops])
+    return fs.cat_ranges([name] * len(starts), [int(s) for s in starts], [int(s) for s in stops], on_error="raise")
 
 
 def size(location: Path) -> int:
