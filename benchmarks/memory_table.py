@@ -21,7 +21,7 @@ os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from configs import owt  # noqa: E402
-from flaxgpt import tpu_compile  # noqa: E402
+from flaxgpt import compile_for  # noqa: E402
 from flaxgpt.model import PRESETS  # noqa: E402
 
 # size -> (mesh, remat): data parallel while the replicated state fits, FSDP beyond, full remat for the largest.
@@ -39,7 +39,7 @@ def config_for(size: str, slice_name: str, per_chip: int):
     c.n_layer, c.n_head, c.n_embd = (PRESETS[size][k] for k in ("n_layer", "n_head", "n_embd"))
     mesh, c.remat = SETTINGS[size]
     c.mesh.data, c.mesh.fsdp = mesh["data"], mesh["fsdp"]
-    c.batch_size = per_chip * len(tpu_compile.topology_devices(slice_name))  # v4-8, v5p-8: 4 chips
+    c.batch_size = per_chip * len(compile_for.target_named(slice_name).devices)  # v4-8, v5p-8: 4 chips
     c.gradient_accumulation_steps = 1
     c.eval_iters = 1
     return c
@@ -48,7 +48,7 @@ def config_for(size: str, slice_name: str, per_chip: int):
 def compile_quietly(size, slice_name, per_chip):
     with redirect_stdout(io.StringIO()):
         lines = []
-        return tpu_compile.plan(config_for(size, slice_name, per_chip), slice_name, print_fn=lines.append)
+        return compile_for.plan(config_for(size, slice_name, per_chip), slice_name, print_fn=lines.append)
 
 
 def main(argv=None):
@@ -71,7 +71,7 @@ def main(argv=None):
             result = best_plan if slice_name == slices[0] and best_plan else compile_quietly(size, slice_name, per_chip)
             mesh, remat = SETTINGS[size]
             mesh_text = "data" if mesh["data"] == -1 else "fsdp"
-            used = f"{result.total_gib:.2f} of {result.hbm_gib:.0f}" if result.total_gib else f"> {result.hbm_gib:.0f}"
+            used = f"{result.total_gib:.2f} of {result.memory_gib:.0f}" if result.total_gib else f"> {result.memory_gib:.0f}"
             floor = f"{result.floor_ms:.1f} ms" if result.floor_ms else "-"
             seconds = f"{result.compile_s:.0f} s" if result.compile_s else "-"
             print(f"| {size} | {slice_name} | {mesh_text} | {remat} | {per_chip} | {used} | "
