@@ -24,7 +24,7 @@ from flaxgpt.generate import (check_max_new_tokens, checked_prompt, decoding_lay
 from flaxgpt.load import LoadedModel, load_model
 from flaxgpt.model import crop_vocab_size
 from flaxgpt.tokenizer import StreamDecoder
-from flaxgpt import xla_options
+from flaxgpt import distributed, xla_options
 
 SEPARATOR = "---------------"
 
@@ -104,6 +104,7 @@ def read_prompt(start: str) -> str:
 
 
 def run(args: argparse.Namespace) -> None:
+    distributed.use_cpu_without_accelerators()
     xla_options.use_compilation_cache(args.compilation_cache_dir)
     start = read_prompt(args.start)
     config, params, tokenizer, loaded = load(args.init_from, args.out_dir, resolve_dtype(args.dtype))

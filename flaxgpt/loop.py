@@ -220,6 +220,7 @@ def train(config) -> dict:
     """Train (or evaluate) as the config says; returns the last losses {"train", "val", "step"}."""
     validate(config)
     xla_options.use_compilation_cache(config.compilation_cache_dir)
+    distributed.use_cpu_without_accelerators()
     distributed.initialize(config.distributed.coordinator_address, config.distributed.num_processes,
                            config.distributed.process_id)
     dataset = Dataset.open(config)
