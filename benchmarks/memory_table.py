@@ -1,12 +1,17 @@
-"""The per-chip memory table of docs/scaling.md: every GPT-2 size compiled for Cloud TPU slices on this CPU.
+"""The per-device memory tables of docs/scaling.md: every GPT-2 size compiled for TPU slices or GPUs
+on this CPU (flaxgpt/compile_for.py).
 
-    python benchmarks/tpu_memory_table.py [--slices v5e-8,v4-8,v5p-8,v5e-256] [--sizes gpt2,gpt2-xl]
+    python benchmarks/memory_table.py [--targets v5e-8,v4-8,v5p-8,v5e-256] [--sizes gpt2,gpt2-xl]
+    python benchmarks/memory_table.py --targets h100-8 --grid
 
-For each size (configs/owt.py with the preset's shape, block 1024, bfloat16, AdamW) and its mesh and remat
-policy below, the largest sequences-per-chip micro-batch (1, 2, 4, ... 32) whose train step fits the first
-slice is searched; every other slice is then compiled at that per-chip batch. Prints a markdown table of
-per-chip memory and the compute-floor step time (FLOPs / peak bf16 FLOP/s; 6N + 12*L*H*Q*T per token).
-Needs libtpu (pip install -e ".[tpu]"); nothing runs on a TPU.
+Each size is configs/owt.py with the preset's shape, block 1024, bfloat16, AdamW and one micro-batch
+per step. Without --grid, each size takes its mesh and remat policy from SETTINGS below; with --grid,
+every mesh (data parallel, FSDP) and remat policy (none, full). For each, the largest
+sequences-per-device micro-batch (1, 2, 4, ... 64) whose train step fits the first target is
+searched; every other target is then compiled at that per-device batch. Prints a markdown table of
+per-device memory and the compute-floor step time (FLOPs / peak bf16 FLOP/s; 6N + 12*L*H*Q*T per
+token). Needs libtpu for TPU slices (pip install -e ".[tpu]"), the CUDA plugin for GPUs
+(".[gpu-compile]"); nothing runs on an accelerator.
 """
 
 import argparse
@@ -24,58 +29,67 @@ from configs import owt  # noqa: E402
 from flaxgpt import compile_for  # noqa: E402
 from flaxgpt.model import PRESETS  # noqa: E402
 
-# size -> (mesh, remat): data parallel while the replicated state fits, FSDP beyond, full remat for the largest.
+MESHES = {"data": {"data": -1, "fsdp": 1}, "fsdp": {"data": 1, "fsdp": -1}}
+# size -> (mesh, remat): data parallel while the replicated state fits, FSDP beyond, full remat for
+# the largest.
 SETTINGS = {
-    "gpt2": ({"data": -1, "fsdp": 1}, "none"),
-    "gpt2-medium": ({"data": 1, "fsdp": -1}, "none"),
-    "gpt2-large": ({"data": 1, "fsdp": -1}, "dots_with_no_batch_dims_saveable"),
-    "gpt2-xl": ({"data": 1, "fsdp": -1}, "full"),
+    "gpt2": ("data", "none"),
+    "gpt2-medium": ("fsdp", "none"),
+    "gpt2-large": ("fsdp", "dots_with_no_batch_dims_saveable"),
+    "gpt2-xl": ("fsdp", "full"),
 }
-PER_CHIP = (1, 2, 4, 8, 16, 32)
+GRID = [(mesh, remat) for mesh in MESHES for remat in ("none", "full")]
+PER_DEVICE = (1, 2, 4, 8, 16, 32, 64)
 
 
-def config_for(size: str, slice_name: str, per_chip: int):
+def config_for(size: str, target_name: str, per_device: int, mesh: str, remat: str):
     c = owt.get_config()
     c.n_layer, c.n_head, c.n_embd = (PRESETS[size][k] for k in ("n_layer", "n_head", "n_embd"))
-    mesh, c.remat = SETTINGS[size]
-    c.mesh.data, c.mesh.fsdp = mesh["data"], mesh["fsdp"]
-    c.batch_size = per_chip * len(compile_for.target_named(slice_name).devices)  # v4-8, v5p-8: 4 chips
+    c.mesh.data, c.mesh.fsdp = MESHES[mesh]["data"], MESHES[mesh]["fsdp"]
+    c.remat = remat
+    c.batch_size = per_device * len(compile_for.target_named(target_name).devices)  # v4-8: 4 chips
     c.gradient_accumulation_steps = 1
     c.eval_iters = 1
     return c
 
 
-def compile_quietly(size, slice_name, per_chip):
+def compile_quietly(size, target_name, per_device, mesh, remat) -> compile_for.Plan:
+    lines = []
     with redirect_stdout(io.StringIO()):
-        lines = []
-        return compile_for.plan(config_for(size, slice_name, per_chip), slice_name, print_fn=lines.append)
+        config = config_for(size, target_name, per_device, mesh, remat)
+        return compile_for.plan(config, target_name, print_fn=lines.append)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--slices", default="v5e-8,v4-8,v5p-8,v5e-256")
+    p.add_argument("--targets", "--slices", default="v5e-8,v4-8,v5p-8,v5e-256")
     p.add_argument("--sizes", default=",".join(PRESETS))
+    p.add_argument("--grid", action="store_true", help="every mesh and remat policy, not SETTINGS'")
     args = p.parse_args(argv)
-    slices, sizes = args.slices.split(","), args.sizes.split(",")
-    print("| model | slice | mesh | remat | seqs/chip | GiB per chip | fits | compute floor | compile |")
+    targets, sizes = args.targets.split(","), args.sizes.split(",")
+    unit = compile_for.target_named(targets[0]).unit
+    column = "slice" if unit == "chip" else "GPUs"
+    print(f"| model | {column} | mesh | remat | seqs/{unit} | GiB per {unit} | fits | compute floor "
+          "| compile |")
     print("|---|---|---|---|---|---|---|---|---|")
     for size in sizes:
-        best, best_plan = None, None
-        for per_chip in PER_CHIP:  # the largest that fits the first slice
-            result = compile_quietly(size, slices[0], per_chip)
-            if not result.fits:
-                break
-            best, best_plan = per_chip, result
-        per_chip = best or 1
-        for slice_name in slices:
-            result = best_plan if slice_name == slices[0] and best_plan else compile_quietly(size, slice_name, per_chip)
-            mesh, remat = SETTINGS[size]
-            mesh_text = "data" if mesh["data"] == -1 else "fsdp"
-            used = f"{result.total_gib:.2f} of {result.memory_gib:.0f}" if result.total_gib else f"> {result.memory_gib:.0f}"
-            floor = f"{result.floor_ms:.1f} ms" if result.floor_ms else "-"
-            seconds = f"{result.compile_s:.0f} s" if result.compile_s else "-"
-            print(f"| {size} | {slice_name} | {mesh_text} | {remat} | {per_chip} | {used} | "
-                  f"{'yes' if result.fits else 'no'} | {floor} | {seconds} |", flush=True)
+        for mesh, remat in GRID if args.grid else [SETTINGS[size]]:
+            best, best_plan = None, None
+            for per_device in PER_DEVICE:  # the largest that fits the first target
+                result = compile_quietly(size, targets[0], per_device, mesh, remat)
+                if not result.fits:
+                    break
+                best, best_plan = per_device, result
+            per_device = best or 1
+            for target_name in targets:
+                result = (best_plan if target_name == targets[0] and best_plan
+                          else compile_quietly(size, target_name, per_device, mesh, remat))
+                used = (f"{result.total_gib:.2f} of {result.memory_gib:.0f}" if result.total_gib
+                        else f"> {result.memory_gib:.0f}")
+                floor = f"{result.floor_ms:.1f} ms" if result.floor_ms else "-"
+                seconds = f"{result.compile_s:.0f} s" if result.compile_s else "-"
+                print(f"| {size} | {target_name} | {mesh} | {remat} | {per_device} | {used} | "
+                      f"{'yes' if result.fits else 'no'} | {floor} | {seconds} |", flush=True)
 
 
 if __name__ == "__main__":
