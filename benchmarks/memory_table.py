@@ -5,8 +5,8 @@ on this CPU (flaxgpt/compile_for.py).
     python benchmarks/memory_table.py --targets h100-8 --grid
 
 Each size is configs/owt.py with the preset's shape, block 1024, bfloat16, AdamW and one micro-batch
-per step. Without --grid, each size takes its mesh and remat policy from SETTINGS below; with --grid,
-every mesh (data parallel, FSDP) and remat policy (none, full). For each, the largest
+per step. Without --grid, each size takes its mesh and remat policy from SETTINGS below; with
+--grid, every mesh (data parallel, FSDP) and remat policy (none, full). For each, the largest
 sequences-per-device micro-batch (1, 2, 4, ... 64) whose train step fits the first target is
 searched; every other target is then compiled at that per-device batch. Prints a markdown table of
 per-device memory and the compute-floor step time (FLOPs / peak bf16 FLOP/s; 6N + 12*L*H*Q*T per
@@ -23,7 +23,7 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout runs it uninstalled
 
 from configs import owt  # noqa: E402
 from flaxgpt import compile_for  # noqa: E402
@@ -69,8 +69,8 @@ def main(argv=None):
     targets, sizes = args.targets.split(","), args.sizes.split(",")
     unit = compile_for.target_named(targets[0]).unit
     column = "slice" if unit == "chip" else "GPUs"
-    print(f"| model | {column} | mesh | remat | seqs/{unit} | GiB per {unit} | fits | compute floor "
-          "| compile |")
+    print(f"| model | {column} | mesh | remat | seqs/{unit} | GiB per {unit} | fits | "
+          "compute floor | compile |")
     print("|---|---|---|---|---|---|---|---|---|")
     for size in sizes:
         for mesh, remat in GRID if args.grid else [SETTINGS[size]]:
