@@ -104,7 +104,6 @@ def read_prompt(start: str) -> str:
 
 
 def run(args: argparse.Namespace) -> None:
-    distributed.use_cpu_without_accelerators()
     xla_options.use_compilation_cache(args.compilation_cache_dir)
     start = read_prompt(args.start)
     config, params, tokenizer, loaded = load(args.init_from, args.out_dir, resolve_dtype(args.dtype))
@@ -142,6 +141,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv=None) -> None:
+    distributed.use_cpu_without_accelerators()  # parse_args builds the sampler's arrays
     try:
         run(parse_args(argv))
     except UsageError as e:
