@@ -14,7 +14,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from flaxgpt import benchmarking, mfu, optim, sharding
+from flaxgpt import benchmarking, distributed, mfu, optim, sharding
 from flaxgpt.config import validate
 from flaxgpt.model import count_params, flops_per_token
 from flaxgpt.train_step import TrainStep
@@ -26,6 +26,7 @@ VOCAB = flags.DEFINE_integer("vocab_size", None, "vocabulary size (default: the 
 
 def main(_):
     config = CONFIG.value
+    distributed.use_cpu_without_accelerators()
     try:
         validate(config)
         model = benchmarking.benchmark_model(config, VOCAB.value)

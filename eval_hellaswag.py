@@ -7,7 +7,7 @@ ckpt.pt, as in sample.py; the model must read GPT-2 BPE. See flaxgpt/hellaswag.p
 import argparse
 import sys
 
-from flaxgpt import hellaswag
+from flaxgpt import distributed, hellaswag
 from flaxgpt.load import load_model
 from flaxgpt.tokenizer import GPT2Tokenizer
 
@@ -20,6 +20,7 @@ def main(argv=None) -> dict:
     p.add_argument("--batch_examples", type=int, default=16, help="examples per batch (4 rows each)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = p.parse_args(argv)
+    distributed.use_cpu_without_accelerators()
     try:
         config, params, tokenizer, loaded = load_model(args.init_from, dtype=args.dtype)
         if not isinstance(tokenizer, GPT2Tokenizer):

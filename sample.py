@@ -24,7 +24,7 @@ from flaxgpt.generate import (check_max_new_tokens, checked_prompt, decoding_lay
 from flaxgpt.load import LoadedModel, load_model
 from flaxgpt.model import crop_vocab_size
 from flaxgpt.tokenizer import StreamDecoder
-from flaxgpt import storage, xla_options
+from flaxgpt import distributed, storage, xla_options
 
 SEPARATOR = "---------------"
 
@@ -142,6 +142,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv=None) -> None:
+    distributed.use_cpu_without_accelerators()  # parse_args builds the sampler's arrays
     try:
         run(parse_args(argv))
     except UsageError as e:

@@ -1,7 +1,8 @@
 """Train a GPT: python train.py --config=configs/shakespeare_char.py:cpu [--config.key=value ...]
 
-Check a config for a Cloud TPU slice on any machine, without the slice: add --compile_for=v5e-8 (see
-flaxgpt/tpu_compile.py); it compiles the train step and prints memory per chip and a fits verdict.
+Check a config for a Cloud TPU slice or GPUs on any machine, without them: add --compile_for=v5e-8
+or --compile_for=h100-8 (see flaxgpt/compile_for.py); it compiles the train step and prints memory
+per device and a fits verdict.
 """
 
 import difflib
@@ -11,16 +12,18 @@ import sys
 import traceback
 from pathlib import Path
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flaxgpt import distributed
+from flaxgpt import compile_for, distributed
 from flaxgpt.loop import train
 
 CONFIG = config_flags.DEFINE_config_file("config", None, "a config file in configs/, e.g. configs/owt.py",
                                          lock_config=True)
-COMPILE_FOR = flags.DEFINE_string("compile_for", None, "compile the train step for a Cloud TPU slice (e.g. "
-                                  "v5e-8, v4-32, v5p-128) on this machine, report memory per chip, and exit")
+COMPILE_FOR = flags.DEFINE_string(
+    "compile_for", None, "compile the train step for a Cloud TPU slice (e.g. v5e-8, v4-32) or "
+    "NVIDIA GPUs (h100-8, a100-1, h200-16) on this machine, report memory per device, and exit")
 
 
 def main(argv):
@@ -32,7 +35,8 @@ def main(argv):
         if COMPILE_FOR.value:
             from flaxgpt.config import validate
             validate(config)
-            sys.exit(0 if compile_for(config, COMPILE_FOR.value).fits else 1)
+            jax.config.update("jax_platforms", "cpu")  # the target's devices only compile
+            sys.exit(0 if compile_for.plan(config, COMPILE_FOR.value).fits else 1)
         train(config)
     except (OSError, ValueError, FloatingPointError, RuntimeError) as e:  # what a user can fix
         distributed.exit_program(f"train.py: error: {e}")
@@ -71,13 +75,6 @@ def _config_file_error(config_arg: str) -> str | None:
                       if Path(f.filename).resolve() == Path(config_file).resolve()), None)
         where = f"{frame.filename}:{frame.lineno}: " if frame else f"{config_file}: "
         return f"{where}{type(e).__name__}: {e}"
-
-
-def compile_for(config, slice_name: str):
-    import jax
-    from flaxgpt import tpu_compile
-    jax.config.update("jax_platforms", "cpu")  # the TPU devices are compile-only; nothing runs
-    return tpu_compile.plan(config, slice_name)
 
 
 def parse_flags(argv):

@@ -1,4 +1,5 @@
-"""Several processes as one run: joining them (`initialize`), deciding things together, and stopping together.
+"""Several processes as one run: joining them (`initialize`), deciding things together, and stopping together;
+and jax's CPU backend alone on a machine without accelerators (`use_cpu_without_accelerators`).
 
 A pod slice runs one process per host. They must take every decision alike (which checkpoint to resume,
 whether the out_dir and dataset are usable), or they would run different collectives and wait for each
@@ -39,6 +40,9 @@ def is_multiprocess_launch(coordinator_address: str | None = None) -> bool:
 # Environment variables that Cloud TPU (GKE pods, multislice) set for the runtime.
 TPU_CLUSTER_ENV = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "MEGASCALE_COORDINATOR_ADDRESS")
 GOOGLE_PCI_VENDOR = "0x1ae0"
+NVIDIA_PCI_VENDOR = "0x10de"
+GPU_DRIVER_FILES = ("/dev/nvidiactl", "/dev/kfd")  # NVIDIA's driver, AMD's ROCm driver
+PCI_DEVICES = "/sys/bus/pci/devices"
 
 
 def on_cloud_tpu_vm() -> bool:
@@ -51,10 +55,32 @@ def on_cloud_tpu_vm() -> bool:
     return tpu_chips_attached() > 0
 
 
-def tpu_chips_attached(pci_root: str = "/sys/bus/pci/devices") -> int:
+def tpu_chips_attached(pci_root: str = PCI_DEVICES) -> int:
     """Number of Google accelerator PCI devices (TPU chips) on this machine."""
-    return sum(Path(vendor).read_text().strip() == GOOGLE_PCI_VENDOR
-               for vendor in glob.glob(f"{pci_root}/*/vendor"))
+    return _pci_devices(GOOGLE_PCI_VENDOR, pci_root)
+
+
+def _pci_devices(vendor: str, pci_root: str) -> int:
+    vendors = glob.glob(f"{pci_root}/*/vendor")
+    return sum(Path(path).read_text().strip() == vendor for path in vendors)
+
+
+def accelerators_attached(pci_root: str = PCI_DEVICES, driver_files=GPU_DRIVER_FILES) -> bool:
+    """Whether jax could find an accelerator here: TPU chips or a TPU cluster's variables, NVIDIA
+    devices, or a GPU driver's device file."""
+    return (tpu_chips_attached(pci_root) > 0 or any(map(os.environ.get, TPU_CLUSTER_ENV))
+            or _pci_devices(NVIDIA_PCI_VENDOR, pci_root) > 0
+            or any(map(os.path.exists, driver_files)))
+
+
+def use_cpu_without_accelerators() -> None:
+    """Start jax on its CPU backend alone where no accelerator is attached and no platform was
+    chosen (JAX_PLATFORMS). Otherwise jax starts every installed plugin, and a CPU machine that
+    installed libtpu or the CUDA plugin (to compile for TPUs or GPUs) logs their failed start-ups,
+    a traceback among them, on every run. Call before touching devices."""
+    chosen = "JAX_PLATFORMS" in os.environ or jax.config.jax_platforms
+    if not chosen and not accelerators_attached():
+        jax.config.update("jax_platforms", "cpu")
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,

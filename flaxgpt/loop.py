@@ -312,6 +312,7 @@ def train(config) -> dict:
     validate(config)
     out_dir = storage.path(config.out_dir)
     storage.check_reachable(out_dir, "out_dir")
+    distributed.use_cpu_without_accelerators()
     distributed.initialize(config.distributed.coordinator_address, config.distributed.num_processes,
                            config.distributed.process_id)
     with distributed.stop_together():

@@ -28,10 +28,12 @@ PEAK_FLOPS = (
 def device_peak_flops(device: jax.Device | None = None) -> float:
     """Peak FLOP/s of one device: the table above, or measured on the spot for CPUs and unknown kinds."""
     device = device or jax.local_devices()[0]
-    for kind, flops in PEAK_FLOPS:
-        if kind.lower() in device.device_kind.lower():
-            return flops
-    return measured_matmul_flops(device)
+    return listed_peak_flops(device.device_kind) or measured_matmul_flops(device)
+
+
+def listed_peak_flops(device_kind: str) -> float | None:
+    """The table's peak FLOP/s for a jax.Device.device_kind, or None when no entry matches."""
+    return next((flops for kind, flops in PEAK_FLOPS if kind.lower() in device_kind.lower()), None)
 
 
 @functools.lru_cache(maxsize=None)

@@ -156,7 +156,10 @@ def test_sigterm_or_ctrl_c_saves_a_checkpoint_and_exits(data_dir, tmp_path, sign
         assert process.returncode == 0, stderr
     finally:
         process.kill()
-    assert "Traceback" not in stdout + stderr and len(stderr.splitlines()) <= 3, stderr
+    # A CUDA plugin installed on a machine without a GPU (to compile for GPUs) logs at every jax start.
+    own = [line for line in stderr.splitlines()
+           if "cudart_stub.cc" not in line and "before absl::InitializeLog()" not in line]
+    assert "Traceback" not in stdout + stderr and len(own) <= 3, stderr
     assert "stopping at step" in stdout and signal.Signals(signum).name in stdout
     steps = Checkpoints(out).steps()
     assert len(steps) == 1 and steps[0] >= 1

@@ -167,3 +167,50 @@ def test_libtpu_alone_is_not_a_multiprocess_launch(monkeypatch, tmp_path):
     (tmp_path / "0000:00:05.0").mkdir()
     (tmp_path / "0000:00:05.0" / "vendor").write_text("0x8086\n")
     assert distributed.tpu_chips_attached(str(tmp_path)) == 1
+
+
+def fake_machine(root: Path, vendors=(), driver_files=()) -> dict:
+    """accelerators_attached's arguments for a PCI tree of these vendors' devices and these driver
+    files."""
+    root.mkdir()
+    for i, vendor in enumerate(vendors):
+        (root / f"0000:00:0{i}.0").mkdir()
+        (root / f"0000:00:0{i}.0" / "vendor").write_text(vendor + "\n")
+    for name in driver_files:
+        (root / name).touch()
+    return {"pci_root": str(root),
+            "driver_files": [str(root / name) for name in ("nvidiactl", "kfd")]}
+
+
+def test_accelerators_are_tpu_chips_nvidia_devices_or_gpu_drivers(monkeypatch, tmp_path):
+    from flaxgpt import distributed
+    for name in distributed.TPU_CLUSTER_ENV:
+        monkeypatch.delenv(name, raising=False)
+    cpu_only = fake_machine(tmp_path / "cpu", ["0x8086", "0x1af4"])  # Intel, virtio
+    assert not distributed.accelerators_attached(**cpu_only)
+    assert distributed.accelerators_attached(**fake_machine(tmp_path / "tpu", ["0x8086", "0x1ae0"]))
+    assert distributed.accelerators_attached(**fake_machine(tmp_path / "nvidia", ["0x10de"]))
+    assert distributed.accelerators_attached(**fake_machine(tmp_path / "rocm", [], ["kfd"]))
+    assert distributed.accelerators_attached(**fake_machine(tmp_path / "driver", [], ["nvidiactl"]))
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "host-0,host-1")
+    assert distributed.accelerators_attached(**fake_machine(tmp_path / "pod", []))
+
+
+def test_a_run_without_accelerators_starts_jax_on_cpu_alone(tmp_path):
+    """A CPU machine with libtpu or the CUDA plugin installed: no platform chosen, the CPU backend
+    alone starts (no plugin's failed start-up in the output); a chosen platform is left alone."""
+    code = ("import jax; from flaxgpt import distributed; "
+            "distributed.use_cpu_without_accelerators(); "
+            "print(repr(jax.config.jax_platforms), jax.default_backend())")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from flaxgpt import distributed
+    if not distributed.accelerators_attached():
+        assert result.stdout.split() == ["'cpu'", "cpu"], result.stdout
+        assert "Jax plugin configuration error" not in result.stderr
+        assert "TPU" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+    chosen = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                            timeout=120, env={**env, "JAX_PLATFORMS": ""})  # "": every platform
+    assert chosen.stdout.split()[0] == "''", chosen.stdout + chosen.stderr[-3000:]

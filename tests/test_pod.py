@@ -34,8 +34,8 @@ RUN = ["--config.n_layer=2", "--config.n_head=4", "--config.n_embd=32", "--confi
 def v4_32_host_order() -> list[int]:
     """The process of each position of a data-parallel mesh over a real v4-32 (from libtpu's topology)."""
     pytest.importorskip("libtpu", reason='the v4-32 topology comes from libtpu: pip install "flaxgpt[tpu]"')
-    from flaxgpt import tpu_compile
-    mesh = sharding.make_mesh({"data": -1}, tpu_compile.topology_devices("v4-32"))
+    from flaxgpt import compile_for
+    mesh = sharding.make_mesh({"data": -1}, compile_for.target_named("v4-32").devices)
     order = [device.process_index for device in mesh.devices.flat]
     assert sorted(order) == sorted(list(range(HOSTS)) * DEVICES) and order[:HOSTS] == list(range(HOSTS))
     return order
@@ -116,8 +116,8 @@ def test_a_pod_trains_on_a_bucket_stops_on_sigterm_and_resumes_exactly(
 
 def test_each_host_of_a_v4_32_reads_its_interleaved_rows(v4_32_host_order):
     """Host 0 of a v4-32 holds rows 0, 4, 8, 12 of a 16-row batch: not one block, and still its own."""
-    from flaxgpt import tpu_compile
-    mesh = sharding.make_mesh({"data": -1}, tpu_compile.topology_devices("v4-32"))
+    from flaxgpt import compile_for
+    mesh = sharding.make_mesh({"data": -1}, compile_for.target_named("v4-32").devices)
     rows = sharding.rows_by_process(sharding.batch_sharding(mesh, 3, batch_axis=1), (1, 16, 8), batch_axis=1)
     assert [list(r) for r in rows.values()] == [[p, p + 4, p + 8, p + 12] for p in range(HOSTS)]
 

@@ -1,0 +1,96 @@
+"""The per-device memory tables of docs/scaling.md: every GPT-2 size compiled for TPU slices or GPUs
+on this CPU (flaxgpt/compile_for.py).
+
+    python benchmarks/memory_table.py [--targets v5e-8,v4-8,v5p-8,v5e-256] [--sizes gpt2,gpt2-xl]
+    python benchmarks/memory_table.py --targets h100-8 --grid
+
+Each size is configs/owt.py with the preset's shape, block 1024, bfloat16, AdamW and one micro-batch
+per step. Without --grid, each size takes its mesh and remat policy from SETTINGS below; with
+--grid, every mesh (data parallel, FSDP) and remat policy (none, full). For each, the largest
+sequences-per-device micro-batch (1, 2, 4, ... 64) whose train step fits the first target is
+searched; every other target is then compiled at that per-device batch. Prints a markdown table of
+per-device memory and the compute-floor step time (FLOPs / peak bf16 FLOP/s; 6N + 12*L*H*Q*T per
+token). Needs libtpu for TPU slices (pip install -e ".[tpu]"), the CUDA plugin for GPUs
+(".[gpu-compile]"); nothing runs on an accelerator.
+"""
+
+import argparse
+import io
+import os
+import sys
+from contextlib import redirect_stdout
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout runs it uninstalled
+
+from configs import owt  # noqa: E402
+from flaxgpt import compile_for  # noqa: E402
+from flaxgpt.model import PRESETS  # noqa: E402
+
+MESHES = {"data": {"data": -1, "fsdp": 1}, "fsdp": {"data": 1, "fsdp": -1}}
+# size -> (mesh, remat): data parallel while the replicated state fits, FSDP beyond, full remat for
+# the largest.
+SETTINGS = {
+    "gpt2": ("data", "none"),
+    "gpt2-medium": ("fsdp", "none"),
+    "gpt2-large": ("fsdp", "dots_with_no_batch_dims_saveable"),
+    "gpt2-xl": ("fsdp", "full"),
+}
+GRID = [(mesh, remat) for mesh in MESHES for remat in ("none", "full")]
+PER_DEVICE = (1, 2, 4, 8, 16, 32, 64)
+
+
+def config_for(size: str, target_name: str, per_device: int, mesh: str, remat: str):
+    c = owt.get_config()
+    c.n_layer, c.n_head, c.n_embd = (PRESETS[size][k] for k in ("n_layer", "n_head", "n_embd"))
+    c.mesh.data, c.mesh.fsdp = MESHES[mesh]["data"], MESHES[mesh]["fsdp"]
+    c.remat = remat
+    c.batch_size = per_device * len(compile_for.target_named(target_name).devices)  # v4-8: 4 chips
+    c.gradient_accumulation_steps = 1
+    c.eval_iters = 1
+    return c
+
+
+def compile_quietly(size, target_name, per_device, mesh, remat) -> compile_for.Plan:
+    lines = []
+    with redirect_stdout(io.StringIO()):
+        config = config_for(size, target_name, per_device, mesh, remat)
+        return compile_for.plan(config, target_name, print_fn=lines.append)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--targets", "--slices", default="v5e-8,v4-8,v5p-8,v5e-256")
+    p.add_argument("--sizes", default=",".join(PRESETS))
+    p.add_argument("--grid", action="store_true", help="every mesh and remat policy, not SETTINGS'")
+    args = p.parse_args(argv)
+    targets, sizes = args.targets.split(","), args.sizes.split(",")
+    unit = compile_for.target_named(targets[0]).unit
+    column = "slice" if unit == "chip" else "GPUs"
+    print(f"| model | {column} | mesh | remat | seqs/{unit} | GiB per {unit} | fits | "
+          "compute floor | compile |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for size in sizes:
+        for mesh, remat in GRID if args.grid else [SETTINGS[size]]:
+            best, best_plan = None, None
+            for per_device in PER_DEVICE:  # the largest that fits the first target
+                result = compile_quietly(size, targets[0], per_device, mesh, remat)
+                if not result.fits:
+                    break
+                best, best_plan = per_device, result
+            per_device = best or 1
+            for target_name in targets:
+                result = (best_plan if target_name == targets[0] and best_plan
+                          else compile_quietly(size, target_name, per_device, mesh, remat))
+                used = (f"{result.total_gib:.2f} of {result.memory_gib:.0f}" if result.total_gib
+                        else f"> {result.memory_gib:.0f}")
+                floor = f"{result.floor_ms:.1f} ms" if result.floor_ms else "-"
+                seconds = f"{result.compile_s:.0f} s" if result.compile_s else "-"
+                print(f"| {size} | {target_name} | {mesh} | {remat} | {per_device} | {used} | "
+                      f"{'yes' if result.fits else 'no'} | {floor} | {seconds} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
