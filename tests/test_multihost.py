@@ -7,6 +7,7 @@ starts must end with an error, not hang.
 """
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ import pytest
 from configs import shakespeare_char
 from flaxgpt.checkpoint import load_params
 from flaxgpt.loop import train
-from simulated_pod import finish, free_port, process_env, report
+from simulated_pod import REPO, finish, free_port, process_env, report
 TIMEOUT_S = 120  # for a whole two-process run
 LOCAL_DEVICES = 4
 MESH = {"data": 2, "fsdp": 2, "tensor": 2}  # tensor within a process, data x fsdp across/within
