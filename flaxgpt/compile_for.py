@@ -231,9 +231,11 @@ def batch_for_target(config, devices, print_fn=print):
     if B % data_parallel == 0:
         return config
     batch, accumulation = sharding.divisible_batch(B, A, data_parallel)
+    sequences = (f"the same {A * B} sequences per step" if batch * accumulation == A * B else
+                 f"{batch * accumulation} sequences per step instead of {A * B}")
     print_fn(f"batch: batch_size={B} does not divide over the {data_parallel} data-parallel devices, so this "
              f"compiles --config.batch_size={batch} --config.gradient_accumulation_steps={accumulation} "
-             f"({batch * accumulation} sequences per step instead of {A * B}); set both to choose another split")
+             f"({sequences}); set both to choose another split")
     config = config.copy_and_resolve_references()
     config.batch_size, config.gradient_accumulation_steps = batch, accumulation
     return config

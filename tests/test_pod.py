@@ -114,14 +114,6 @@ def test_a_pod_trains_on_a_bucket_stops_on_sigterm_and_resumes_exactly(
     assert len(sample.stdout.split("---------------")[0]) >= 20
 
 
-def test_each_host_of_a_v4_32_reads_its_interleaved_rows(v4_32_host_order):
-    """Host 0 of a v4-32 holds rows 0, 4, 8, 12 of a 16-row batch: not one block, and still its own."""
-    from flaxgpt import compile_for
-    mesh = sharding.make_mesh({"data": -1}, compile_for.target_named("v4-32").devices)
-    rows = sharding.rows_by_process(sharding.batch_sharding(mesh, 3, batch_axis=1), (1, 16, 8), batch_axis=1)
-    assert [list(r) for r in rows.values()] == [[p, p + 4, p + 8, p + 12] for p in range(HOSTS)]
-
-
 def test_a_local_out_dir_on_a_pod_is_refused_in_one_line(tmp_path, bucket_data):
     pod = Pod(tmp_path, 2, 1)
     outputs = pod.train(CONFIG, *RUN, f"--config.data_dir={bucket_data}", "--config.out_dir=out",

@@ -251,3 +251,32 @@ def test_dimensions_the_mesh_does_not_divide_are_replicated():
 
 
 # -------------------------------------------------------------------------------------------- checkpoints
+
+
+def test_each_host_of_a_v4_32_reads_its_own_interleaved_rows():
+    """A v4-32's devices in physical order put its 4 hosts round-robin along the data axis: host 0 holds rows
+    0, 4, 8, 12 of a 16-row batch. rows_by_process finds each host's rows from the topology alone."""
+    pytest.importorskip("libtpu", reason='the v4-32 topology comes from libtpu: pip install "flaxgpt[tpu]"')
+    from flaxgpt import compile_for
+    mesh = sharding.make_mesh({"data": -1}, compile_for.target_named("v4-32").devices)
+    rows = sharding.rows_by_process(sharding.batch_sharding(mesh, 3, batch_axis=1), (1, 16, 8), batch_axis=1)
+    assert {p: list(r) for p, r in rows.items()} == {p: [p, p + 4, p + 8, p + 12] for p in range(4)}
+
+
+def test_a_batch_assembled_from_interleaved_rows_is_the_batch():
+    """global_batch from the rows one process holds, in a mesh whose devices are in any order."""
+    devices = np.array(jax.devices())[[3, 0, 7, 1, 6, 2, 5, 4]]
+    mesh = sharding.make_mesh({"data": -1}, list(devices))
+    s = sharding.batch_sharding(mesh, ndim=3, batch_axis=1)
+    batch = np.arange(2 * 16 * 3).reshape(2, 16, 3)
+    rows = sharding.process_rows(s, batch.shape, batch_axis=1)
+    assembled = sharding.global_batch(batch[:, rows], rows, s, batch.shape, batch_axis=1)
+    np.testing.assert_array_equal(np.asarray(assembled), batch)
+    for shard in assembled.addressable_shards:
+        np.testing.assert_array_equal(shard.data, batch[shard.index])
+
+
+@pytest.mark.parametrize("batch, accumulation, devices, expected", [
+    (48, 10, 256, (256, 2)), (48, 10, 16, (48, 10)), (48, 10, 32, (32, 15)), (8, 1, 3, (3, 3))])
+def test_divisible_batch_keeps_the_sequences_per_step_nearest(batch, accumulation, devices, expected):
+    assert sharding.divisible_batch(batch, accumulation, devices) == expected
