@@ -282,3 +282,27 @@ def test_an_unscanned_checkpoint_resumes_into_scanned_layers(data_dir, tmp_path)
     assert config.scan_layers and jax.tree.leaves(params["h"])[0].shape[0] == 2
     back = train(tiny_run_config(data_dir, tmp_path / "switch", max_iters=7, scan_layers=False, init_from="resume"))
     assert back["step"] == 7 and np.isfinite(back["val"])
+
+
+def test_train_and_sample_with_everything_in_a_bucket(data_dir, tmp_path, gcs_dir):
+    """train.py with out_dir (and the dataset) in a bucket writes nothing local; sample.py reads the run there."""
+    from flaxgpt import storage
+    bucket_data = f"{gcs_dir}/data"
+    for name in ("train.bin", "val.bin", "meta.json"):
+        storage.write_atomically(storage.path(bucket_data) / name, (data_dir / name).read_bytes())
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user has
+    run = [sys.executable, str(REPO / "train.py"), f"--config={REPO / 'configs/shakespeare_char.py'}:cpu",
+           f"--config.data_dir={bucket_data}", f"--config.out_dir={gcs_dir}/run", "--config.max_iters=4",
+           "--config.eval_interval=2", "--config.eval_iters=2", "--config.n_layer=1", "--config.n_embd=32",
+           "--config.compilation_cache_dir="]
+    result = subprocess.run(run, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    names = {p.name for p in storage.path(f"{gcs_dir}/run").iterdir()}
+    assert {"checkpoints", "metrics.jsonl", "meta.json", "tensorboard", "loss.png"} <= names, names
+    sample = subprocess.run([sys.executable, str(REPO / "sample.py"), f"--out_dir={gcs_dir}/run", "--num_samples=1",
+                             "--max_new_tokens=10", "--compilation_cache_dir="], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert sample.returncode == 0 and f"at step 4 ({gcs_dir}/run/checkpoints/4)" in sample.stderr, sample.stderr
+    assert list(cwd.iterdir()) == []
