@@ -12,6 +12,7 @@
 
 import argparse
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from flaxgpt.generate import (check_max_new_tokens, checked_prompt, decoding_lay
 from flaxgpt.load import LoadedModel, load_model
 from flaxgpt.model import crop_vocab_size
 from flaxgpt.tokenizer import StreamDecoder
-from flaxgpt import distributed, storage, xla_options
+from flaxgpt import distributed, faults, storage, xla_options
 
 SEPARATOR = "---------------"
 
@@ -54,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="compute dtype and the weights' while sampling; auto: bfloat16 on GPUs and TPUs, float32 on CPUs")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                    help="print the text as it is generated")
+    p.add_argument("--verbose", action="store_true", help="print the libraries' own reports of a failure too "
+                   "(the same as FLAXGPT_VERBOSE=1)")
     p.add_argument("--compilation_cache_dir", default=None, help="compiled sampling loops kept here for the "
                    "next call (default $FLAXGPT_CACHE/xla or ~/.cache/flaxgpt/xla; '' for none)")
     args = p.parse_args(argv)
@@ -144,10 +147,17 @@ def run(args: argparse.Namespace) -> None:
 def main(argv=None) -> None:
     distributed.use_cpu_without_accelerators()  # parse_args builds the sampler's arrays
     try:
-        run(parse_args(argv))
+        args = parse_args(argv)
+        if args.verbose:
+            os.environ[faults.VERBOSE_VARIABLE] = "1"
+        faults.quiet_until_exit()
+        run(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("\nsample.py: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ per device and a fits verdict.
 """
 
 import difflib
+import os
 import re
 import runpy
 import sys
@@ -16,7 +17,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flaxgpt import compile_for, distributed
+from flaxgpt import compile_for, distributed, faults
 from flaxgpt.loop import train
 
 CONFIG = config_flags.DEFINE_config_file("config", None, "a config file in configs/, e.g. configs/owt.py",
@@ -26,10 +27,17 @@ COMPILE_FOR = flags.DEFINE_string(
     "NVIDIA GPUs (h100-8, a100-1, h200-16) on this machine, report memory per device, and exit")
 
 
+VERBOSE = flags.DEFINE_boolean("verbose", False, "print the libraries' own reports of a failure (orbax's "
+                                "tracebacks from its threads) too; the same as FLAXGPT_VERBOSE=1")
+
+
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}: settings are --config.key=value")
+        sys.exit(f"train.py: error: unexpected arguments {' '.join(argv[1:])}: settings are --config.key=value")
     logging.set_verbosity(logging.WARNING)  # orbax and jax log every checkpoint write at INFO
+    if VERBOSE.value:
+        os.environ[faults.VERBOSE_VARIABLE] = "1"
+    faults.quiet_until_exit()
     try:
         config = CONFIG.value
         if COMPILE_FOR.value:

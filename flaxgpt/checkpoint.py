@@ -9,10 +9,9 @@ The checksums are computed on the devices when a step is saved and checked when 
 that changed on disk (bit rot, a bad copy) makes that step unreadable instead of loading wrong weights.
 """
 
-import errno
 import logging
 import os
-import sys
+import shutil
 from typing import Any
 
 import jax
@@ -20,36 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from flaxgpt import distributed, storage
+from flaxgpt import distributed, faults, storage
 from flaxgpt.model import GPTConfig, init_params
 
 log = logging.getLogger(__name__)
-
-
-def _ignore_closed_event_loop(previous_hook):
-    """After a failed restore, orbax's tensorstore reads still in flight call back into the asyncio loop that
-    orbax has closed; Python reports each as an unraisable "Event loop is closed" RuntimeError. They are
-    harmless (the restore already failed and was reported), so only those are dropped."""
-    def hook(unraisable):
-        error = unraisable.exc_value
-        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
-            return
-        previous_hook(unraisable)
-    return hook
-
-
-sys.unraisablehook = _ignore_closed_event_loop(sys.unraisablehook)
-
-
-class _UnretrievedOrbaxTasks(logging.Filter):
-    """The same leftovers, when they die unretrieved: asyncio logs "Task exception was never retrieved"."""
-
-    def filter(self, record):
-        message = record.getMessage()
-        return not (message.startswith("Task exception was never retrieved") and "orbax" in message)
-
-
-logging.getLogger("asyncio").addFilter(_UnretrievedOrbaxTasks())
 
 
 class CheckpointNotFoundError(FileNotFoundError):
@@ -59,21 +32,12 @@ class CheckpointNotFoundError(FileNotFoundError):
 class UnreadableCheckpointError(ValueError):
     """A checkpoint step that cannot be restored (half written, foreign, damaged)."""
 
-
-def _innermost(error: Exception) -> Exception:
-    """The error at the bottom of a chain: orbax wraps tensorstore's and the writer's errors, and the
-    innermost one says what happened (e.g. which array failed to decompress)."""
-    while error.__cause__ is not None or error.__context__ is not None:
-        error = error.__cause__ or error.__context__
-    return error
+    def __init__(self, path, reason: str):
+        super().__init__(f"checkpoint {path} is unreadable ({reason})")
 
 
-def _reason(error: Exception, limit: int = 300) -> str:
-    """'<type>: <first line>' of an error, without the tensorstore spec that orbax's errors append."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    text = text.split(" [tensorstore_spec")[0].split(" See full TensorStore details")[0]
-    text = text if len(text) <= limit else text[:limit] + " ..."
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+def _passed_over(error: UnreadableCheckpointError) -> None:
+    log.warning("%s: using the one before", error)
 
 
 class CorruptCheckpointError(ValueError):
@@ -204,17 +168,21 @@ class Checkpoints:
             raise self._save_error(e) from None
 
     def _save_error(self, error: Exception) -> OSError:
-        """One line for a failed save: which step, the space it needs, and that nothing was lost (orbax
-        writes a step under a temporary name and renames it only once it is complete)."""
-        cause = _innermost(error)
+        """One line for a failed save: the root cause first (a full disk: the space it needs), which step,
+        and that nothing was lost (orbax writes a step under a temporary name and renames it only once it
+        is complete)."""
         step, n_bytes = getattr(self, "_saving", (None, 0))
-        reason = _reason(cause)
-        disk_full = getattr(cause, "errno", None) == errno.ENOSPC or "No space left" in reason
-        what = "the disk is full" if disk_full else reason
-        failure = OSError(f"saving checkpoint {self.directory / str(step)} failed ({what}); it needs about "
-                          f"{n_bytes / 2**20:,.1f} MiB free. Nothing was lost: the earlier checkpoints in "
-                          f"{self.directory} are untouched; resume from the newest with --config.init_from=resume")
-        failure.errno = getattr(cause, "errno", None)
+        where = self.directory / str(step)
+        if faults.is_disk_full(error):
+            free = 0 if storage.is_remote(self.directory) else shutil.disk_usage(self.directory).free
+            what = (f"disk full: saving checkpoint {where} needs about {n_bytes / 2**20:,.1f} MiB, "
+                    f"{max(n_bytes - free, 0) / 2**20:,.1f} MiB more than is free")
+        else:
+            what = f"saving checkpoint {where} failed ({faults.describe(error)}); it needs about " \
+                   f"{n_bytes / 2**20:,.1f} MiB free"
+        failure = OSError(f"{what}. Nothing was lost: the earlier checkpoints in {self.directory} are untouched; "
+                          "free some space, then resume from the newest with --config.init_from=resume")
+        failure.errno = getattr(faults.innermost(error), "errno", None)
         return failure
 
     def close(self) -> None:
@@ -225,8 +193,9 @@ class Checkpoints:
         return ocp.JsonCheckpointHandler().restore(self.directory / str(step) / "meta")
 
     def restore(self, abstract_params, abstract_opt_state=None, *, step: int | None = None,
-                run_id: str | None = None):
-        """Restore the newest readable step (or `step`) -> (params, opt_state or None, meta).
+                run_id: str | None = None, newest: int | None = None):
+        """Restore the newest readable step (or `step`; or the newest from `newest` down) -> (params,
+        opt_state or None, meta).
 
         The abstract trees (jax.ShapeDtypeStruct with shardings) say where every shard goes. With run_id,
         steps that another run saved are passed over. Arrays are checked against their saved checksums.
@@ -249,6 +218,7 @@ class Checkpoints:
             return restored, meta
 
         candidates = [step] if step is not None else distributed.decided_by_main("checkpoint steps", self.steps)[::-1]
+        candidates = [s for s in candidates if newest is None or s <= newest]
         if not candidates:
             raise CheckpointNotFoundError(f"no checkpoint in {self.directory}: train first, or use "
                                           "init_from='scratch'")
@@ -256,26 +226,26 @@ class Checkpoints:
             try:
                 (restored, meta), failure = read(s), ""
             except Exception as e:  # orbax raises many kinds of errors for a broken step directory
-                failure = _reason(_innermost(e))
+                failure = faults.describe(e)
             failures = distributed.all_values(f"read checkpoint {s}", failure)
             bad = [(i, reason) for i, reason in enumerate(failures) if reason]
-            if bad:
-                path, (process, reason) = self.directory / str(s), bad[0]
-                where = f" on process {process}" if len(failures) > 1 else ""
-                if len(candidates) == 1:
-                    raise UnreadableCheckpointError(f"cannot read checkpoint {path}{where}: {reason}")
-                log.warning("skipping unreadable checkpoint %s%s (%s)", path, where, reason)
-                continue
-            try:  # the checksums are computed by all processes together: every one gets the same verdict
+            try:
+                if bad:
+                    process, reason = bad[0]
+                    where = f" on process {process}" if len(failures) > 1 else ""
+                    raise UnreadableCheckpointError(f"{self.directory / str(s)}{where}", reason)
+                # the checksums are computed by all processes together: every one gets the same verdict
                 for name, tree in restored.items():
                     verify_checksums(tree, meta.get("checksums", {}).get(name, {}), self.directory / str(s))
             except CorruptCheckpointError as e:
-                if len(candidates) == 1:
-                    raise UnreadableCheckpointError(f"cannot read checkpoint {self.directory / str(s)}: "
-                                                    f"{_reason(e)}") from e
-                log.warning("skipping unreadable checkpoint %s (%s)", self.directory / str(s), _reason(e))
-                continue
-            return restored["params"], restored.get("opt_state"), meta
+                error = UnreadableCheckpointError(self.directory / str(s), str(e).split(": ", 1)[-1])
+            except UnreadableCheckpointError as e:
+                error = e
+            else:
+                return restored["params"], restored.get("opt_state"), meta
+            if len(candidates) == 1:
+                raise error
+            _passed_over(error)
         raise ValueError(f"none of the checkpoints {candidates} in {self.directory} could be read; "
                          "restore an earlier copy of them, or train a new run in another out_dir")
 
@@ -293,15 +263,12 @@ class Checkpoints:
             try:
                 return read(s)
             except UnreadableCheckpointError as e:  # from a nested read of the same step
-                if len(candidates) == 1:
-                    raise
-                log.warning("skipping %s", e)
+                error = e
             except Exception as e:  # orbax raises many kinds of errors for a broken step directory
-                reason = _reason(_innermost(e))
-                if len(candidates) == 1:
-                    raise UnreadableCheckpointError(f"cannot read checkpoint {self.directory / str(s)}: "
-                                                    f"{reason}") from e
-                log.warning("skipping unreadable checkpoint %s (%s)", self.directory / str(s), reason)
+                error = UnreadableCheckpointError(self.directory / str(s), faults.describe(e))
+            if len(candidates) == 1:
+                raise error
+            _passed_over(error)
         raise ValueError(f"none of the checkpoints {candidates} in {self.directory} could be read; "
                          "restore an earlier copy of them, or train a new run in another out_dir")
 

@@ -27,8 +27,13 @@ FINGERPRINT_WINDOW = 1024  # tokens per window
 
 def _missing(path: storage.Path, data_dir: storage.Path) -> FileNotFoundError:
     """The error for a dataset that was not prepared: names the path and the command that writes it."""
+    from flaxgpt.prepare import DATASETS
     name = data_dir.name if storage.is_remote(data_dir) else data_dir.resolve().name
     out_dir = "" if data_dir == storage.path("data") / name else f" --out_dir {data_dir}"
+    if name not in DATASETS:
+        return FileNotFoundError(f"{path} not found: no dataset {name!r} was prepared there. prepare.py makes "
+                                 f"{', '.join(DATASETS)} (python prepare.py NAME{out_dir}); or point "
+                                 "--config.data_dir at a prepared folder")
     return FileNotFoundError(f"{path} not found: prepare the dataset first with "
                              f"`python prepare.py {name}{out_dir}`")
 

@@ -29,7 +29,7 @@ import numpy as np
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from flaxgpt import checkpoint, data, distributed, mfu, optim, sharding, storage, tokenizer, xla_options
+from flaxgpt import checkpoint, data, distributed, faults, mfu, optim, sharding, storage, tokenizer, xla_options
 from flaxgpt.config import model_config, validate
 from flaxgpt.metrics import TENSORBOARD_DIR, MetricsLog
 from flaxgpt.profiling import PROFILE_DIR, StepProfiler
@@ -248,7 +248,7 @@ def initial_state(config, mesh, wanted: GPTConfig, ckpts: checkpoint.Checkpoints
         if saved.scan_layers != wanted.scan_layers:  # restore in the saved layer layout, then (un)stack
             target = TrainStep(wanted.replace(scan_layers=saved.scan_layers), optimizer, mesh).abstract_state
         params, opt_state, saved_meta = ckpts.restore(target.params, target.opt_state,
-                                                      run_id=saved_meta.get("run_id"))
+                                                      run_id=saved_meta.get("run_id"), newest=saved_meta["step"])
         if saved.scan_layers != wanted.scan_layers:
             params, opt_state = jax.jit(
                 lambda *tree: convert_layers(tree, wanted.scan_layers),
@@ -315,7 +315,7 @@ def train(config) -> dict:
     distributed.use_cpu_without_accelerators()
     distributed.initialize(config.distributed.coordinator_address, config.distributed.num_processes,
                            config.distributed.process_id)
-    with distributed.stop_together():
+    with faults.quiet_library_reports(), distributed.stop_together():
         xla_options.use_compilation_cache(compilation_cache_dir(config, out_dir))
         distributed.check_shared_directory(out_dir, "out_dir")
         dataset = Dataset.open(config)

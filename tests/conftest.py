@@ -114,6 +114,13 @@ def tiny_run_config(data_dir: Path, out_dir: Path, **overrides):
     return c
 
 
+def program_lines(output: str) -> list[str]:
+    """The lines a flaxgpt command printed, without those a CUDA plugin installed on a machine without a GPU
+    (the gpu-compile extra) logs whenever jax is imported, before any flaxgpt code runs."""
+    return [line for line in output.splitlines()
+            if "cudart_stub.cc" not in line and "before absl::InitializeLog()" not in line]
+
+
 def one_device_mesh():
     from flaxgpt import sharding
     return sharding.make_mesh({"data": 1}, jax.devices()[:1])

@@ -19,7 +19,7 @@ import pytest
 from flaxgpt.checkpoint import Checkpoints, load_params
 from flaxgpt.prepare import prepare
 from flaxgpt.loop import train
-from conftest import assert_trees_close, corpus_text, tiny_run_config, to_host
+from conftest import assert_trees_close, corpus_text, program_lines, tiny_run_config, to_host
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,7 +79,7 @@ def test_resume_skips_broken_checkpoints_and_keeps_them(data_dir, tmp_path, capl
     with caplog.at_level(logging.WARNING):
         losses = train(tiny_run_config(data_dir, tmp_path, init_from="resume", max_iters=4, eval_interval=100))
     assert losses["step"] == 4
-    assert "skipping unreadable checkpoint" in caplog.text
+    assert "is unreadable (" in caplog.text and "using the one before" in caplog.text
     # Nothing deleted: the unreadable steps are set aside under another name, and step 4 is written.
     assert {"5.unreadable", "9.unreadable", "3", "4"} <= {p.name for p in ckpt_dir.iterdir()}
     assert (ckpt_dir / "9.unreadable" / "notes.txt").read_text() == "not a checkpoint"
@@ -156,10 +156,7 @@ def test_sigterm_or_ctrl_c_saves_a_checkpoint_and_exits(data_dir, tmp_path, sign
         assert process.returncode == 0, stderr
     finally:
         process.kill()
-    # A CUDA plugin installed on a machine without a GPU (to compile for GPUs) logs at every jax start.
-    own = [line for line in stderr.splitlines()
-           if "cudart_stub.cc" not in line and "before absl::InitializeLog()" not in line]
-    assert "Traceback" not in stdout + stderr and len(own) <= 3, stderr
+    assert "Traceback" not in stdout + stderr and len(program_lines(stderr)) <= 3, stderr
     assert "stopping at step" in stdout and signal.Signals(signum).name in stdout
     steps = Checkpoints(out).steps()
     assert len(steps) == 1 and steps[0] >= 1

@@ -205,7 +205,7 @@ def test_all_checkpoints_unreadable_says_what_to_do_and_no_event_loop_noise(char
                             text=True, timeout=120, env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "cannot read checkpoint" in errors[0] and "scratch" not in errors[0]
+    assert len(errors) == 1 and "is unreadable (" in errors[0] and "scratch" not in errors[0]
     assert "Traceback" not in result.stderr and "Event loop is closed" not in result.stderr, result.stderr
 
 

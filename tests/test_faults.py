@@ -1,0 +1,183 @@
+"""Faults read as one line (flaxgpt/faults.py): the root cause stated, one line per decision, and none of
+the libraries' background tracebacks, for the faults a user meets: a full disk during a save, checkpoints
+that cannot be read (all of them, one truncated file, a stray folder), a stopped sample, bad arguments."""
+
+import errno
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import program_lines
+from flaxgpt import faults
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = f"--config={REPO / 'configs' / 'shakespeare_char.py'}:cpu"
+MAX_LINES = 5  # what a fault may print, its root cause in the last line
+
+
+def one_device_env():
+    return {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu"}
+
+
+def run(*argv, cwd=REPO, **kw):
+    result = subprocess.run([sys.executable, *map(str, argv)], cwd=cwd, env=one_device_env(),
+                            capture_output=True, text=True, timeout=600, **kw)
+    return result.returncode, program_lines(result.stdout), program_lines(result.stderr)
+
+
+def test_describe_finds_the_root_cause_in_a_chain():
+    disk = ValueError('RESOURCE_EXHAUSTED: Error writing "h.kernel/0.0" in OCDBT database at local file "/x/": '
+                      "Failed to write 3416034 bytes to file 11: No space left on device [os_error_code='28']")
+    try:
+        try:
+            raise disk
+        except ValueError as e:
+            raise RuntimeError("Failed to run 5 Handler Commit operations") from e
+    except RuntimeError as chained:
+        assert faults.is_disk_full(chained) and faults.describe(chained) == "the disk is full (No space left on device)"
+    assert faults.is_disk_full(OSError(errno.ENOSPC, "nope"))
+    truncated = ValueError('OUT_OF_RANGE: Error reading "h_0.attn.c_proj.kernel/0.0.0" in OCDBT database at local '
+                           'file "/r/300/params/": Requested byte range [2490299, 2551008) is not valid for value of '
+                           'size 0 [tensorstore_spec=\'{"driver": "zarr"}\']')
+    assert faults.describe(truncated) == ("array h_0.attn.c_proj.kernel: its data file is truncated (Requested byte "
+                                          "range [2490299, 2551008) is not valid for value of size 0)")
+    assert faults.describe(KeyError("params")) == "KeyError: 'params'"
+
+
+def test_library_reports_are_dropped_and_flaxgpts_own_kept(caplog, monkeypatch):
+    orbax_file = os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "future.py")
+
+    def report(logger, pathname, message):
+        logging.getLogger(logger).handle(logging.LogRecord(logger, logging.ERROR, pathname, 1, message, None, None))
+
+    monkeypatch.delenv(faults.VERBOSE_VARIABLE, raising=False)
+    with caplog.at_level(logging.WARNING), faults.quiet_library_reports():
+        report("absl", orbax_file, "_SignalingThread.run() raised an exception")
+        logging.getLogger("flaxgpt.checkpoint").warning("checkpoint 3 is unreadable: using the one before")
+    assert "SignalingThread" not in caplog.text and "checkpoint 3 is unreadable" in caplog.text
+    report("absl", orbax_file, "after the block: shown")
+    assert "after the block: shown" in caplog.text
+    monkeypatch.setenv(faults.VERBOSE_VARIABLE, "1")
+    with faults.quiet_library_reports():
+        report("absl", orbax_file, "verbose: shown")
+    assert "verbose: shown" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def data_dir(shakespeare_char_dir) -> str:
+    return f"--config.data_dir={shakespeare_char_dir}"
+
+
+@pytest.fixture(scope="module")
+def trained(shakespeare_char_dir, tmp_path_factory) -> Path:
+    """The README's CPU model, 6 steps, checkpoints at 2, 4 and 6."""
+    out = tmp_path_factory.mktemp("faults") / "run"
+    rc, _, err = run("train.py", CONFIG, f"--config.data_dir={shakespeare_char_dir}", f"--config.out_dir={out}",
+                     "--config.max_iters=6", "--config.eval_interval=2", "--config.eval_iters=2",
+                     "--config.always_save_checkpoint=True", "--config.compilation_cache_dir=")
+    assert rc == 0, err
+    return out
+
+
+def copy_of(run_dir: Path, tmp_path: Path) -> Path:
+    shutil.copytree(run_dir, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def data_files(step_dir: Path) -> list[Path]:
+    return sorted((p for p in (step_dir / "params").rglob("*") if p.is_file() and p.parent.name == "d"),
+                  key=lambda p: -p.stat().st_size)
+
+
+def test_a_full_disk_during_a_save_is_one_line_that_says_so(shakespeare_char_dir, tmp_path):
+    """out_dir on a 14 MB tmpfs (in a mount namespace of this process's own): the checkpoint of step 50 fits,
+    step 100's does not."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux) to mount a small filesystem")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    train = (f"{sys.executable} train.py {CONFIG} --config.data_dir={shakespeare_char_dir} "
+             f"--config.out_dir={disk}/out --config.max_iters=150 --config.eval_interval=50 --config.eval_iters=2 "
+             "--config.log_interval=1000 --config.always_save_checkpoint=True --config.compilation_cache_dir=")
+    script = f"mount -t tmpfs -o size=14m tmpfs {disk} && ({train}; echo rc=$?; ls {disk}/out/checkpoints)"
+    result = subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c", script], cwd=REPO,
+                            env=one_device_env(), capture_output=True, text=True, timeout=600)
+    if "mount:" in result.stderr and "rc=" not in result.stdout:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    stdout, stderr = program_lines(result.stdout), program_lines(result.stderr)
+    assert "rc=1" in stdout and stdout[-1] == "50", result.stdout  # step 50 intact, nothing else kept
+    assert len(stderr) <= MAX_LINES and "Traceback" not in result.stderr, result.stderr
+    assert stderr[-1].startswith(f"train.py: error: disk full: saving checkpoint {disk}/out/checkpoints/100 needs "
+                                 "about "), stderr[-1]
+    assert "Nothing was lost" in stderr[-1]
+
+
+def test_resume_with_every_checkpoint_unreadable(trained, data_dir, tmp_path):
+    run_dir = copy_of(trained, tmp_path)
+    for step in (2, 4, 6):
+        for data_file in data_files(run_dir / "checkpoints" / str(step)):
+            data_file.write_bytes(data_file.read_bytes()[:100])
+    rc, _, err = run("train.py", CONFIG, data_dir, f"--config.out_dir={run_dir}", "--config.init_from=resume",
+                     "--config.max_iters=8", "--config.compilation_cache_dir=")
+    assert rc == 1 and len(err) <= MAX_LINES and "Traceback" not in "\n".join(err), err
+    assert err[-1] == (f"train.py: error: none of the checkpoints [6, 4, 2] in {run_dir}/checkpoints could be read; "
+                       "restore an earlier copy of them, or train a new run in another out_dir")
+    assert sum("is unreadable (array " in line and "its data file is truncated" in line for line in err) == 3, err
+
+
+def test_sample_falls_back_past_a_truncated_file_in_one_line(trained, tmp_path):
+    run_dir = copy_of(trained, tmp_path)
+    data_files(run_dir / "checkpoints" / "6")[0].write_bytes(b"")
+    rc, out, err = run("sample.py", f"--out_dir={run_dir}", "--num_samples=1", "--max_new_tokens=5",
+                       "--compilation_cache_dir=")
+    assert rc == 0 and len(err) <= MAX_LINES, err
+    assert f"checkpoint {run_dir}/checkpoints/6 is unreadable (array " in err[0], err
+    assert err[0].endswith("): using the one before") and "at step 4" in err[-1], err
+
+
+def test_a_stray_step_folder_is_reported_once_and_set_aside(trained, data_dir, tmp_path):
+    run_dir = copy_of(trained, tmp_path)
+    (run_dir / "checkpoints" / "9").mkdir()
+    rc, out, err = run("train.py", CONFIG, data_dir, f"--config.out_dir={run_dir}", "--config.init_from=resume",
+                       "--config.max_iters=7", "--config.eval_interval=100", "--config.compilation_cache_dir=")
+    assert rc == 0, err
+    assert [line.split("] ", 1)[-1] for line in err] == [
+        f"checkpoint {run_dir}/checkpoints/9 is unreadable (FileNotFoundError: File {run_dir}/checkpoints/9/meta/"
+        "metadata not found.): using the one before",
+        f"set aside unreadable checkpoint {run_dir}/checkpoints/9 as 9.unreadable"], err
+
+
+def test_a_stopped_sample_says_so_in_one_line(trained):
+    process = subprocess.Popen([sys.executable, "sample.py", f"--out_dir={trained}", "--num_samples=1",
+                                "--max_new_tokens=100000000", "--compilation_cache_dir="], cwd=REPO,
+                               env=one_device_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while process.stdout.read(1) == "" and time.monotonic() < deadline:  # sampling has begun
+            time.sleep(0.1)
+        time.sleep(1)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    lines = program_lines(stderr)
+    assert process.returncode == 130 and lines[-1] == "sample.py: interrupted", stderr
+    assert len(lines) <= MAX_LINES and "Traceback" not in stderr and "Fatal" not in stderr, stderr
+
+
+@pytest.mark.parametrize("argv, last", [
+    ([CONFIG, "extra"], "train.py: error: unexpected arguments extra: settings are --config.key=value"),
+    ([CONFIG, "--config.dataset=nosuch"], "train.py: error: data/nosuch not found: no dataset 'nosuch' was prepared "
+     "there. prepare.py makes shakespeare_char, shakespeare, openwebtext (python prepare.py NAME); or point "
+     "--config.data_dir at a prepared folder"),
+])
+def test_bad_arguments_are_one_line(argv, last, tmp_path):
+    rc, out, err = run(REPO / "train.py", *argv, cwd=tmp_path)
+    assert rc == 1 and err == [last], err
