@@ -14,7 +14,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from flaxgpt import benchmarking, distributed, mfu, optim, sharding
+from flaxgpt import benchmarking, distributed, host_memory, mfu, optim, sharding
 from flaxgpt.config import validate
 from flaxgpt.model import count_params, flops_per_token
 from flaxgpt.train_step import TrainStep
@@ -33,6 +33,8 @@ def main(_):
     except (OSError, ValueError) as e:
         sys.exit(f"bench.py: error: {e}")
     mesh = sharding.make_mesh(config.mesh)
+    if jax.default_backend() == "cpu":  # as train() does
+        host_memory.keep_freed_memory()
     step_fns = TrainStep(model, optim.make_optimizer(config), mesh, seed=config.seed)
     state = step_fns.init(jax.random.key(config.seed))
     A, B, T = config.gradient_accumulation_steps, config.batch_size, model.block_size

@@ -114,7 +114,9 @@ def main(_):
         peak = next(f for k, f in mfu.PEAK_FLOPS if k == kind)
         print(f"a {kind} host ({CHIPS_PER_HOST} chips) at 100% MFU consumes {CHIPS_PER_HOST * peak / per_token:,.0f} tokens/s")
     if TIME_STEP.value:
-        from flaxgpt import benchmarking
+        from flaxgpt import benchmarking, host_memory
+        if jax.default_backend() == "cpu":  # as train() does
+            host_memory.keep_freed_memory()
         state = train_step.init(jax.random.key(0))
         tokens = np.random.default_rng(0).integers(0, model.vocab_size, (A, B, T + 1), dtype=np.int32)
         x, y = (jax.device_put(a, train_step.batch_sharding) for a in (tokens[..., :-1], tokens[..., 1:]))

@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 from absl import flags  # noqa: E402
 
-from flaxgpt import benchmarking, optim, sharding, xla_options  # noqa: E402
+from flaxgpt import benchmarking, host_memory, optim, sharding, xla_options  # noqa: E402
 from flaxgpt.model import GPTConfig  # noqa: E402
 from flaxgpt.train_step import TrainStep  # noqa: E402
 
@@ -188,6 +188,7 @@ def main(argv):
     tokens = np.random.default_rng(0).integers(0, model.vocab_size, (B, T + 1)).astype(np.int32)
     x_np, y_np = tokens[:, :-1], tokens[:, 1:]
 
+    host_memory.keep_freed_memory()  # as train() does on CPUs
     step_fns = TrainStep(model, optim.make_optimizer(config), sharding.make_mesh({"data": 1}, jax.devices()[:1]),
                          seed=config.seed)
     state = step_fns.init(jax.random.key(config.seed))

@@ -16,7 +16,8 @@ block larger than that still comes from a fresh mmap every time: bigger CPU mode
 Freed memory stays in the process, and large calloc/np.zeros blocks reused from a heap are zeroed at once
 rather than page by page.
 
-Only glibc's malloc is tuned, on CPU meshes (`TrainStep`). An allocator preloaded in its place (jemalloc,
+`train()` applies it when it trains on CPUs (and bench.py before timing a CPU step); nothing does on import
+or when a TrainStep is built. Only glibc's malloc is tuned. An allocator preloaded in its place (jemalloc,
 tcmalloc) or any glibc malloc setting in the environment (a MALLOC_* variable, glibc.malloc in
 GLIBC_TUNABLES) leaves malloc as it is: to keep glibc's own behaviour, set GLIBC_TUNABLES=glibc.malloc.check=0
 (glibc's default, which changes nothing else).

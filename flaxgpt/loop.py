@@ -29,7 +29,7 @@ import numpy as np
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from flaxgpt import checkpoint, data, distributed, faults, mfu, optim, sharding, storage, tokenizer, xla_options
+from flaxgpt import checkpoint, data, distributed, faults, host_memory, mfu, optim, sharding, storage, tokenizer, xla_options
 from flaxgpt.config import model_config, validate
 from flaxgpt.metrics import TENSORBOARD_DIR, MetricsLog
 from flaxgpt.profiling import PROFILE_DIR, StepProfiler
@@ -324,6 +324,8 @@ def train(config) -> dict:
             print(f"{dataset.directory} has no meta.json or meta.pkl: assuming GPT-2 BPE tokens (uint16), as "
                   "nanoGPT's openwebtext and shakespeare folders hold", flush=True)
         _check_backend(config)
+        if jax.default_backend() == "cpu":  # this process's malloc keeps what a step frees for the next step
+            host_memory.keep_freed_memory()
         mesh = sharding.make_mesh(config.mesh)
         data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
         if config.batch_size % data_parallel:

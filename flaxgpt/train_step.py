@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from flaxgpt import host_memory, sharding, splash, xla_options
+from flaxgpt import sharding, splash, xla_options
 from flaxgpt.model import GPT, GPTConfig, cross_entropy_loss
 
 
@@ -44,8 +44,6 @@ class TrainStep:
         replicated = NamedSharding(mesh, P())
         platform = mesh.devices.flat[0].platform
         options = xla_options.compiler_options(platform)
-        if platform == "cpu":
-            host_memory.keep_freed_memory()  # each step reuses the last one's pages (~20 ms a step)
         self._init = jax.jit(lambda rng: nn.meta.unbox(self._boxed_state(rng)),
                              out_shardings=self.state_sharding)
         self._from_params = jax.jit(self._state_from_params, out_shardings=self.state_sharding)

@@ -181,3 +181,24 @@ def test_a_stopped_sample_says_so_in_one_line(trained):
 def test_bad_arguments_are_one_line(argv, last, tmp_path):
     rc, out, err = run(REPO / "train.py", *argv, cwd=tmp_path)
     assert rc == 1 and err == [last], err
+
+
+def test_importing_flaxgpt_and_building_a_train_step_change_no_process_state():
+    """No unraisable hook, no logging filter, no malloc setting until a program (train(), the CLIs) asks."""
+    code = """
+import logging, sys, jax
+hook, filters = sys.unraisablehook, {name: list(logging.getLogger(name).filters) for name in ("asyncio", "absl")}
+import flaxgpt
+from flaxgpt import checkpoint, host_memory, optim, sharding
+from flaxgpt.config import base_config
+from flaxgpt.model import GPTConfig
+from flaxgpt.train_step import TrainStep
+TrainStep(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8), optim.make_optimizer(base_config()),
+          sharding.make_mesh({"data": 1}, jax.devices()[:1]))
+assert sys.unraisablehook is hook, "unraisablehook replaced"
+assert {n: list(logging.getLogger(n).filters) for n in filters} == filters, "a logging filter added"
+assert host_memory.keep_freed_memory.cache_info().currsize == 0, "malloc tuned"
+print("untouched")
+"""
+    rc, out, err = run("-c", code)
+    assert rc == 0 and out == ["untouched"], err

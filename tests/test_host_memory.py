@@ -22,8 +22,8 @@ from flaxgpt.config import model_config
 from flaxgpt.train_step import TrainStep
 import configs.shakespeare_char as shakespeare_char
 
-if sys.argv[1] == "off":
-    host_memory.keep_freed_memory = lambda: False
+if sys.argv[1] == "on":
+    host_memory.keep_freed_memory()
 config = shakespeare_char.get_config("cpu")
 model = model_config(config, vocab_size=65)
 steps = TrainStep(model, optim.make_optimizer(config), sharding.make_mesh({"data": 1}, jax.devices()[:1]))
@@ -36,7 +36,8 @@ for _ in range(32):
     state, metrics = steps.train_fn(state, x, x)
     jax.block_until_ready(metrics)
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(json.dumps({"applied": host_memory.keep_freed_memory(), "temp_bytes": temp, "faults": faults}))
+print(json.dumps({"applied": sys.argv[1] == "on" and host_memory.keep_freed_memory(), "temp_bytes": temp,
+                  "faults": faults}))
 """
 MALLOC_ENVIRONMENT = ("GLIBC_TUNABLES", "LD_PRELOAD")
 
