@@ -28,8 +28,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from flaxgpt import mfu, optim, sharding, storage, tokenizer
-from flaxgpt.data import load_meta
+from flaxgpt import data, mfu, optim, sharding, storage
 from flaxgpt.loop import Batches, Dataset
 from flaxgpt.model import count_params, flops_per_token
 from flaxgpt.train_step import TrainStep
@@ -92,8 +91,7 @@ def feed_tokens_per_s(config, train_step: TrainStep, data_dir, steps: int) -> tu
 def main(_):
     config = CONFIG.value
     mesh = sharding.make_mesh(config.mesh)
-    prepared = storage.path(config.data_dir or f"data/{config.dataset}")  # the config's vocabulary, as train.py
-    vocab_size = tokenizer.model_vocab_size(load_meta(prepared) if prepared.is_dir() else tokenizer.GPT2_META)
+    vocab_size = data.model_vocab_size(config, unprepared_is_gpt2=True)  # the config's, as train.py
     model = model_config(config, vocab_size)
     train_step = TrainStep(model, optim.make_optimizer(config), mesh, seed=config.seed)
     A, B, T = config.gradient_accumulation_steps, config.batch_size, config.block_size

@@ -6,21 +6,19 @@ Times are wall-clock seconds around `jax.block_until_ready`, after warm-up calls
 
 import statistics
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
 
-from flaxgpt import data, tokenizer
+from flaxgpt import data
 from flaxgpt.config import model_config
 from flaxgpt.model import GPTConfig
 
 
 def dataset_vocab_size(config) -> int:
     """The model vocabulary train.py would use for config.dataset (from its prepared metadata)."""
-    data_dir = Path(config.data_dir or Path("data") / config.dataset)
     try:
-        return tokenizer.model_vocab_size(data.load_meta(data_dir))
+        return data.model_vocab_size(config)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{e} (or give the vocabulary size)") from None
 

@@ -215,10 +215,8 @@ def _replicated_state_gib(config) -> float:
 
 def _vocab_size(config) -> int:
     """The dataset's vocabulary if its folder is here, else GPT-2's padded one (as in train())."""
-    from flaxgpt import data, storage, tokenizer
-    data_dir = storage.path(config.data_dir or f"data/{config.dataset}")
-    meta = data.load_meta(data_dir) if data_dir.is_dir() else tokenizer.GPT2_META
-    return tokenizer.model_vocab_size(meta)
+    from flaxgpt import data
+    return data.model_vocab_size(config, unprepared_is_gpt2=True)
 
 
 def batch_for_target(config, devices, print_fn=print):

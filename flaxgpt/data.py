@@ -38,6 +38,20 @@ def _missing(path: storage.Path, data_dir: storage.Path) -> FileNotFoundError:
                              f"`python prepare.py {name}{out_dir}`")
 
 
+def dataset_dir(config) -> storage.Path:
+    """The folder of a training config's prepared dataset: config.data_dir, else data/<config.dataset>."""
+    return storage.path(config.data_dir or f"data/{config.dataset}")
+
+
+def model_vocab_size(config, *, unprepared_is_gpt2: bool = False) -> int:
+    """The vocabulary train() gives a model trained on the config's dataset (`tokenizer.model_vocab_size`);
+    for a dataset not prepared here, GPT-2's padded one when unprepared_is_gpt2, else FileNotFoundError."""
+    directory = dataset_dir(config)
+    if unprepared_is_gpt2 and not directory.is_dir():
+        return tokenizer.model_vocab_size(tokenizer.GPT2_META)
+    return tokenizer.model_vocab_size(load_meta(directory))
+
+
 def load_meta(data_dir: str | os.PathLike) -> dict:
     """The dataset's vocabulary and token dtype (`tokenizer.read_meta`); a missing folder says how to make it."""
     data_dir = storage.path(data_dir)

@@ -51,7 +51,7 @@ class Dataset:
 
     @classmethod
     def open(cls, config) -> "Dataset":
-        directory = storage.path(config.data_dir or f"data/{config.dataset}")
+        directory = data.dataset_dir(config)
         meta = data.load_meta(directory)
         return cls(directory, meta, {split: data.open_split(directory, split, meta) for split in ("train", "val")})
 
