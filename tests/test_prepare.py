@@ -9,6 +9,7 @@ import pytest
 
 import flaxgpt.prepare as prep
 from flaxgpt.data import load_meta, open_split
+from flaxgpt.prepare import dataset_folder, openwebtext, shakespeare
 from flaxgpt.tokenizer import GPT2_EOT, GPT2Tokenizer, from_meta
 
 SHARED = Path(__file__).parents[1].parent / "shared/data"
@@ -56,7 +57,7 @@ def test_text_from_flaxgpt_data(tmp_path, monkeypatch):
     text = "To be, or not to be: that is the question.\n" * 10
     (mirror / "tinyshakespeare/input.txt").write_text(text)
     monkeypatch.setenv("FLAXGPT_DATA", str(mirror))
-    monkeypatch.setattr(prep, "TINYSHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")  # must not be used
+    monkeypatch.setattr(shakespeare, "TINYSHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")  # must not be used
     meta = prep.prepare("shakespeare_char", out_dir=tmp_path / "out")
     assert meta["train_tokens"] + meta["val_tokens"] == len(text)
     assert not (tmp_path / "out/input.txt").exists()
@@ -82,7 +83,7 @@ def test_shakespeare_bpe_cli(tmp_path, gpt2_ranks, capsys):
 @needs_ranks
 def test_openwebtext_documents_end_with_eot(tmp_path, gpt2_ranks):
     docs = {"train": ["hello world", "", "The quick brown fox.\n\nJumps."], "val": ["<|endoftext|> is text here"]}
-    meta = prep.write_documents(docs, tmp_path)
+    meta = openwebtext.write_documents(docs, tmp_path)
     tokenizer = GPT2Tokenizer()
     for split, texts in docs.items():
         expected = [t for text in texts for t in tokenizer.encode_ordinary(text) + [GPT2_EOT]]
@@ -95,22 +96,23 @@ def test_openwebtext_documents_end_with_eot(tmp_path, gpt2_ranks):
 
 
 def test_token_files_are_written_whole_or_not_at_all(tmp_path):
-    assert prep.token_dtype(65) == prep.token_dtype(65_536) == "uint16" and prep.token_dtype(65_537) == "uint32"
+    token_dtype = dataset_folder.token_dtype
+    assert token_dtype(65) == token_dtype(65_536) == "uint16" and token_dtype(65_537) == "uint32"
 
     def shards():
         yield [[1, 2, 3], [70_000]]
         raise KeyboardInterrupt  # interrupted half way
 
     with pytest.raises(KeyboardInterrupt):
-        prep.write_tokens(tmp_path / "train.bin", shards(), 8, "uint32")
+        dataset_folder.write_tokens(tmp_path / "train.bin", shards(), 8, "uint32")
     assert os.listdir(tmp_path) == []
-    prep.write_tokens(tmp_path / "train.bin", [[[1, 2, 3], [70_000]], [[5]]], 5, "uint32")
+    dataset_folder.write_tokens(tmp_path / "train.bin", [[[1, 2, 3], [70_000]], [[5]]], 5, "uint32")
     assert np.fromfile(tmp_path / "train.bin", dtype=np.uint32).tolist() == [1, 2, 3, 70_000, 5]
 
 
 def test_failed_download_says_what_to_do(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("FLAXGPT_DATA", raising=False)
-    monkeypatch.setattr(prep, "TINYSHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")  # nothing listens there
+    monkeypatch.setattr(shakespeare, "TINYSHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")  # nothing listens there
     with pytest.raises(ConnectionError, match=r"could not download .*pass --input PATH.*set FLAXGPT_DATA"):
         prep.prepare("shakespeare_char", out_dir=tmp_path / "out")
     with pytest.raises(SystemExit) as e:
