@@ -1,11 +1,11 @@
-"""FineWeb-Edu (HuggingFaceFW/fineweb-edu) from the Hugging Face Hub: the parquet files of one subset,
-downloaded one at a time (the next one while the current one is tokenized) and deleted once tokenized, so
-the disk holds at most two of them (~2 GB each) besides the tokens.
+"""FineWeb-Edu (HuggingFaceFW/fineweb-edu) from the Hugging Face Hub: the parquet files of one
+subset, downloaded one at a time (the next one while the current one is tokenized) and deleted once
+tokenized, so that the disk holds at most two of them (~2 GB each) besides the tokens.
 
-A subset is one of the repository's configs (its dataset card lists them): sample-10BT (the default: the
-10B-token sample build-nanogpt trains GPT-2 124M on), sample-100BT, sample-350BT, a crawl such as
-CC-MAIN-2024-10, or default (everything). The files are pinned to the repository's revision at the start;
-a resumed preparation checks that each file is still the same content.
+A subset is one of the repository's configs, which its dataset card lists: sample-10BT (the
+default: the 10B-token sample build-nanogpt trains GPT-2 124M on), sample-100BT, sample-350BT, a
+crawl such as CC-MAIN-2024-10, or default (all of it). The files are those of the repository's
+revision at the start; a resumed preparation checks that each file still has the same content.
 """
 
 import contextlib
@@ -24,8 +24,8 @@ _GLOB_CHARS = "*?["
 
 
 def subset_patterns(configs: list[dict], subset: str) -> list[str]:
-    """The train files' patterns of config `subset`, from a dataset card's `configs` list
-    ([{"config_name": ..., "data_files": "glob" | ["glob", ...] | [{"split": ..., "path": ...}, ...]}])."""
+    """The train files' patterns of config `subset` in a dataset card's `configs` list
+    ([{"config_name", "data_files": "glob" | ["glob", ...] | [{"split", "path"}, ...]}, ...])."""
     for config in configs:
         if config.get("config_name") != subset:
             continue
@@ -62,53 +62,59 @@ def static_prefix(pattern: str) -> str:
 
 def _hub_error(e: Exception, what: str) -> ConnectionError:
     first = (str(e).strip().splitlines() or [""])[0][:200]
-    return ConnectionError(f"could not {what} ({type(e).__name__}: {first}): check the network and HF_TOKEN, or "
-                           f"download the parquet files of {REPO} elsewhere and run "
+    return ConnectionError(f"could not {what} ({type(e).__name__}: {first}): check the network and "
+                           f"HF_TOKEN, or download the parquet files of {REPO} elsewhere and run "
                            "`python prepare.py text --input 'DIR/*.parquet' --name fineweb_edu`")
 
 
 class HubFiles:
-    """The parquet files of a FineWeb-Edu subset: `files` lists them, `open` downloads one into
-    `download_dir` (and starts on the next) and deletes it after the block that read it succeeds."""
+    """The parquet files of a FineWeb-Edu subset: `files` lists them; `open` downloads one into
+    `download_dir` (and starts on the next), and deletes it after a block that read it all."""
 
     def __init__(self, subset: str, download_dir: str | os.PathLike):
         try:
             from huggingface_hub import HfApi
             from huggingface_hub.hf_api import RepoFile
         except ImportError:
-            raise ModuleNotFoundError("fineweb_edu needs huggingface_hub: pip install 'flaxgpt[data]'") from None
+            raise ModuleNotFoundError("fineweb_edu needs huggingface_hub: pip install "
+                                      "'flaxgpt[data]'") from None
         self.subset, self.download_dir = subset, Path(download_dir)
         api = HfApi()
         try:
             info = api.dataset_info(REPO)
-            configs = info.card_data.to_dict().get("configs", []) if info.card_data else []
-            patterns = subset_patterns(configs, subset)
-            listed = [entry for prefix in sorted({static_prefix(p) for p in patterns})
-                      for entry in api.list_repo_tree(REPO, path_in_repo=prefix or None, recursive=True,
-                                                      revision=info.sha, repo_type="dataset")]
-        except ValueError:
-            raise
         except Exception as e:  # connection, authentication and server errors of the hub client
             raise _hub_error(e, f"list the files of {REPO}") from None
+        configs = info.card_data.to_dict().get("configs", []) if info.card_data else []
+        patterns = subset_patterns(configs, subset)
+        try:
+            listed = [entry for prefix in sorted({static_prefix(p) for p in patterns})
+                      for entry in api.list_repo_tree(REPO, path_in_repo=prefix or None,
+                                                      recursive=True, revision=info.sha,
+                                                      repo_type="dataset")]
+        except Exception as e:  # as above
+            raise _hub_error(e, f"list the files of {REPO}") from None
         self.revision = info.sha
-        self.files = [InputFile(entry.path, entry.size, getattr(entry.lfs, "sha256", None) or entry.blob_id)
-                      for entry in sorted(listed, key=lambda entry: entry.path)
-                      if isinstance(entry, RepoFile) and entry.path.endswith(".parquet")
-                      and any(matches(entry.path, p) for p in patterns)]
+        self.files = [InputFile(e.path, e.size, getattr(e.lfs, "sha256", None) or e.blob_id)
+                      for e in sorted(listed, key=lambda e: e.path)
+                      if isinstance(e, RepoFile) and e.path.endswith(".parquet")
+                      and any(matches(e.path, p) for p in patterns)]
         if not self.files:
-            raise ValueError(f"--subset {subset}: no parquet files of {REPO} match {', '.join(patterns)}")
+            raise ValueError(f"--subset {subset}: no parquet files of {REPO} match "
+                             f"{', '.join(patterns)}")
         self._downloads: dict[int, _Download] = {}
 
     def describe(self) -> dict:
-        return {"repo": REPO, "subset": self.subset, "revision": self.revision, "files": len(self.files)}
+        return {"repo": REPO, "subset": self.subset, "revision": self.revision,
+                "files": len(self.files)}
 
     def _download(self, index: int) -> Path:
         from huggingface_hub import hf_hub_download
+        name = self.files[index].name
         try:
-            return Path(hf_hub_download(REPO, self.files[index].name, repo_type="dataset", revision=self.revision,
+            return Path(hf_hub_download(REPO, name, repo_type="dataset", revision=self.revision,
                                         local_dir=self.download_dir))
-        except Exception as e:  # connection and server errors; a partial download resumes next time
-            raise _hub_error(e, f"download {self.files[index].name} of {REPO}") from None
+        except Exception as e:  # connection and server errors; the download resumes next time
+            raise _hub_error(e, f"download {name} of {REPO}") from None
 
     @contextlib.contextmanager
     def open(self, index: int) -> Iterator[storage.Path]:
@@ -117,11 +123,11 @@ class HubFiles:
             self._downloads[index + 1] = _Download(lambda: self._download(index + 1))
         local = current.wait()
         yield storage.path(local)
-        local.unlink()  # only after a block that read it all: an interrupted run keeps it for the next
+        local.unlink()  # not reached when the block fails: an interrupted run keeps it for the next
 
 
 class _Download(threading.Thread):
-    """A download in a daemon thread (an interrupted preparation does not wait for it to finish)."""
+    """A download in a daemon thread: an interrupted preparation does not wait for it to finish."""
 
     def __init__(self, download: Callable[[], Path]):
         super().__init__(daemon=True)
