@@ -194,8 +194,9 @@ def tokenize_to_folder(source: Source, out_dir: str | os.PathLike, *, dataset: s
         raise ValueError(f"--num_proc {num_threads}: give at least 1 thread")
     gpt2()  # the BPE ranks, before any thread needs them
     out_dir = storage.path(out_dir)
-    settings = {"version": FORMAT_VERSION, "dataset": dataset, "source": source.describe(),
-                "files": [dataclasses.astuple(f) for f in source.files], "text_field": text_field,
+    # What the staged tokens depend on: not the source's revision, which moves with any commit
+    settings = {"version": FORMAT_VERSION, "dataset": dataset, "text_field": text_field,
+                "files": [dataclasses.astuple(f) for f in source.files],
                 "val_fraction": val_fraction, "seed": seed}
     staging = Staging(Staging.folder_for(out_dir), settings)
     progress = staging.resume()
@@ -241,13 +242,18 @@ def _tokenize_in_threads(work: Iterator[Chunk], appender: "_Appender", *, val_be
     `appender` in input order."""
     pending: collections.deque[tuple[Chunk, Future]] = collections.deque()
     pool = ThreadPoolExecutor(num_threads, thread_name_prefix="tokenize")
+
+    def append_oldest():
+        chunk, future = pending.popleft()
+        appender.append(chunk, *future.result())
+
     try:
         for chunk in work:
             pending.append((chunk, pool.submit(tokenize_chunk, chunk.texts, val_below, key)))
             if len(pending) >= TASKS_PER_THREAD * num_threads:
-                appender.append(pending[0][0], *pending.popleft()[1].result())
+                append_oldest()
         while pending:
-            appender.append(pending[0][0], *pending.popleft()[1].result())
+            append_oldest()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         appender.close()
