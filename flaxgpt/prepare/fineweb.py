@@ -73,8 +73,9 @@ class HubFiles:
 
     def __init__(self, subset: str, download_dir: str | os.PathLike):
         try:
-            from huggingface_hub import HfApi
+            from huggingface_hub import HfApi, hf_hub_download
             from huggingface_hub.hf_api import RepoFile
+            from huggingface_hub.repocard import metadata_load
         except ImportError:
             raise ModuleNotFoundError("fineweb_edu needs huggingface_hub: pip install "
                                       "'flaxgpt[data]'") from None
@@ -82,10 +83,10 @@ class HubFiles:
         api = HfApi()
         try:
             info = api.dataset_info(REPO)
+            card = hf_hub_download(REPO, "README.md", repo_type="dataset", revision=info.sha)
         except Exception as e:  # connection, authentication and server errors of the hub client
             raise _hub_error(e, f"list the files of {REPO}") from None
-        configs = info.card_data.to_dict().get("configs", []) if info.card_data else []
-        patterns = subset_patterns(configs, subset)
+        patterns = subset_patterns((metadata_load(card) or {}).get("configs", []), subset)
         try:
             listed = [entry for prefix in sorted({static_prefix(p) for p in patterns})
                       for entry in api.list_repo_tree(REPO, path_in_repo=prefix or None,
