@@ -448,7 +448,8 @@ def test_an_interrupted_prepare_is_no_dataset_and_resumes_to_the_same_one(tmp_pa
     assert progress["next_file"] == 0 and 0 < progress["skip"] <= 180  # part of the first file
     monkeypatch.setattr(tokenize_documents, "read_documents", read)
     resumed = prep.main(argv)
-    assert f"{progress['skip']:,} documents" in capsys.readouterr().out  # it went on from there
+    assert f"after 0 of 2 files and {progress['skip']:,} documents of the next" in (
+        capsys.readouterr().out)  # it went on from there
     assert resumed == {**clean, "dataset": "out"} and accepted_by_train(out)
     assert sorted(os.listdir(out)) == ["meta.json", "train.bin", "val.bin"]
 
@@ -512,6 +513,6 @@ def test_sigkill_mid_write_leaves_no_dataset_and_the_next_run_resumes(tmp_path, 
     progress = json.loads((staged(out) / "progress.json").read_text())["progress"]
     assert 1 <= progress["next_file"] < 16
     resumed = prep.prepare("text", out, inputs)
-    assert f"of {progress['next_file']} of 16 files" in capsys.readouterr().out
+    assert f"after {progress['next_file']} of 16 files" in capsys.readouterr().out
     clean = prep.prepare("text", tmp_path / "clean", inputs)
     assert resumed["sha256"] == clean["sha256"] and accepted_by_train(out)

@@ -201,9 +201,9 @@ def tokenize_to_folder(source: Source, out_dir: str | os.PathLike, *, dataset: s
     staging = Staging(Staging.folder_for(out_dir), settings)
     progress = staging.resume()
     if progress.next_file or progress.skip:
-        print(f"resuming the preparation staged in {staging.folder}: "
-              f"{progress.train_tokens + progress.val_tokens:,} tokens of {progress.next_file} of "
-              f"{len(source.files)} files and {progress.skip:,} documents")
+        print(f"resuming the preparation staged in {staging.folder} after {progress.next_file} of "
+              f"{len(source.files)} files and {progress.skip:,} documents of the next "
+              f"({progress.train_tokens + progress.val_tokens:,} tokens)")
     if checkpoint_seconds is None:
         checkpoint_seconds = CHECKPOINT_SECONDS
     with (open(staging.tokens / "train.bin", "ab") as train,
