@@ -105,8 +105,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         f"{fineweb.DEFAULT_SUBSET}; sample-100BT, CC-MAIN-2024-10, ...)")
     parser.add_argument("--text_field", default="text", help="text: the JSON field or parquet "
                         "column holding the documents (default: text)")
+    defaults = ", ".join(f"{v} for {k}" for k, v in VAL_FRACTION.items())
     parser.add_argument("--val_fraction", type=float, help="fineweb_edu, text: the fraction of "
-                        f"documents held out for val (default: {VAL_FRACTION})")
+                        f"documents held out for val (default: {defaults})")
     parser.add_argument("--seed", type=int, default=SPLIT_SEED,
                         help=f"fineweb_edu, text: the val split's seed (default: {SPLIT_SEED})")
     parser.add_argument("--num_proc", type=int, help="openwebtext: processes (default: "
