@@ -1,5 +1,5 @@
-"""Prepare a dataset for training: `python prepare.py shakespeare_char`, `python prepare.py fineweb_edu`,
-`python prepare.py text --input 'DIR/*.jsonl' --name NAME` (see flaxgpt/prepare/__init__.py)."""
+"""Prepare a dataset for training: `python prepare.py shakespeare_char`, `... fineweb_edu`,
+`... text --input 'DIR/*.jsonl' --name NAME` (see flaxgpt/prepare/__init__.py)."""
 
 from flaxgpt.prepare import main
 
