@@ -88,15 +88,15 @@ class HubFiles:
             raise _hub_error(e, f"list the files of {REPO}") from None
         patterns = subset_patterns((metadata_load(card) or {}).get("configs", []), subset)
         try:
-            listed = [entry for prefix in sorted({static_prefix(p) for p in patterns})
+            listed = {entry.path: entry for prefix in {static_prefix(p) for p in patterns}
                       for entry in api.list_repo_tree(REPO, path_in_repo=prefix or None,
                                                       recursive=True, revision=info.sha,
-                                                      repo_type="dataset")]
+                                                      repo_type="dataset")}
         except Exception as e:  # as above
             raise _hub_error(e, f"list the files of {REPO}") from None
         self.revision = info.sha
         self.files = [InputFile(e.path, e.size, getattr(e.lfs, "sha256", None) or e.blob_id)
-                      for e in sorted(listed, key=lambda e: e.path)
+                      for _, e in sorted(listed.items())
                       if isinstance(e, RepoFile) and e.path.endswith(".parquet")
                       and any(matches(e.path, p) for p in patterns)]
         if not self.files:
