@@ -1,6 +1,6 @@
 """FineWeb-Edu (HuggingFaceFW/fineweb-edu) from the Hugging Face Hub: the parquet files of one
 subset, downloaded one at a time (the next one while the current one is tokenized) and deleted once
-tokenized, so that the disk holds at most two of them (~2 GB each) besides the tokens.
+tokenized, so that the disk holds at most two of them besides the tokens.
 
 A subset is one of the repository's configs, which its dataset card lists: sample-10BT (the
 default: the 10B-token sample build-nanogpt trains GPT-2 124M on), sample-100BT, sample-350BT, a
