@@ -409,6 +409,8 @@ def test_text_in_a_bucket_to_a_bucket_trains_with_the_fineweb_edu_config(tmp_pat
     assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(bucket_out)) == ["meta.json", "train.bin",
                                                                       "val.bin"]
     assert not prep.Staging.folder_for(prep.storage.path(bucket_out)).exists()
+    again = prep.prepare("text", bucket_out, f"{gcs_dir}/raw", val_fraction=0.3)  # replaces it
+    assert load_meta(bucket_out) == again and again["val_tokens"] > meta["val_tokens"]
     losses = train(fineweb_edu_run(bucket_out, tmp_path / "run"))
     assert np.isfinite(losses["val"]) and losses["step"] == 2
     assert json.loads((tmp_path / "run" / "meta.json").read_text())["tokenizer"] == "gpt2"
