@@ -30,12 +30,13 @@ def _missing(path: storage.Path, data_dir: storage.Path) -> FileNotFoundError:
     from flaxgpt.prepare import DATASETS
     name = data_dir.name if storage.is_remote(data_dir) else data_dir.resolve().name
     out_dir = "" if data_dir == storage.path("data") / name else f" --out_dir {data_dir}"
-    if name not in DATASETS:
-        return FileNotFoundError(f"{path} not found: no dataset {name!r} was prepared there. prepare.py makes "
-                                 f"{', '.join(DATASETS)} (python prepare.py NAME{out_dir}); or point "
-                                 "--config.data_dir at a prepared folder")
-    return FileNotFoundError(f"{path} not found: prepare the dataset first with "
-                             f"`python prepare.py {name}{out_dir}`")
+    if name in DATASETS and name != "text":
+        return FileNotFoundError(f"{path} not found: prepare the dataset first with "
+                                 f"`python prepare.py {name}{out_dir}`")
+    named = (f"{', '.join(d for d in DATASETS if d != 'text')} (python prepare.py NAME{out_dir}), or your own "
+             f"text as this dataset (python prepare.py text --input 'FILES' --name {name}{out_dir})")
+    return FileNotFoundError(f"{path} not found: no dataset {name!r} was prepared there. prepare.py makes "
+                             f"{named}; or point --config.data_dir at a prepared folder")
 
 
 def dataset_dir(config) -> storage.Path:

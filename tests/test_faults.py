@@ -175,7 +175,8 @@ def test_a_stopped_sample_says_so_in_one_line(trained):
 @pytest.mark.parametrize("argv, last", [
     ([CONFIG, "extra"], "train.py: error: unexpected arguments extra: settings are --config.key=value"),
     ([CONFIG, "--config.dataset=nosuch"], "train.py: error: data/nosuch not found: no dataset 'nosuch' was prepared "
-     "there. prepare.py makes shakespeare_char, shakespeare, openwebtext (python prepare.py NAME); or point "
+     "there. prepare.py makes shakespeare_char, shakespeare, openwebtext, fineweb_edu (python prepare.py NAME), or "
+     "your own text as this dataset (python prepare.py text --input 'FILES' --name nosuch); or point "
      "--config.data_dir at a prepared folder"),
 ])
 def test_bad_arguments_are_one_line(argv, last, tmp_path):
