@@ -56,7 +56,7 @@ def test_cudnn_attention_has_no_dropout():
     (["--config=configs/nope.py"], "no config file configs/nope.py"),
     (["--config=configs/shakespeare_char.py:tpu"], "unknown variant 'tpu'"),
     (["--config=configs/shakespeare_char.py:cpu", "--config.dataset=not_prepared", "--config.out_dir=/tmp/x"],
-     "python prepare.py not_prepared"),
+     "python prepare.py text --input 'FILES' --name not_prepared"),
     (["--config=configs/shakespeare_char.py:cpu", "--config.learnin_rate=1"], "did you mean --config.learning_rate?"),
     (["--config={tmp}/syntax.py"], "syntax.py:2: '(' was never closed"),
     (["--config={tmp}/raises.py"], "raises.py:3: KeyError"),

@@ -100,7 +100,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
 
 
 def test_errors_say_what_to_do(data_dir, tmp_path):
-    with pytest.raises(FileNotFoundError, match="python prepare.py nothing_here"):
+    with pytest.raises(FileNotFoundError, match="python prepare.py text --input 'FILES' --name nothing_here"):
         train(tiny_run_config(tmp_path / "nothing_here", tmp_path / "out"))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(tiny_run_config(data_dir, tmp_path / "empty", init_from="resume"))
