@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import sys
+import threading
 from typing import Callable, Iterator
 
 VERBOSE_VARIABLE = "FLAXGPT_VERBOSE"
@@ -28,8 +29,10 @@ def verbose() -> bool:
 
 
 def _from_libraries(text: str) -> bool:
-    return any(f"{os.sep}{name}{os.sep}" in text or f"{os.sep}{name}." in text or f"<{name}" in text
-               for name in LIBRARIES)
+    """Whether text (file names, reprs, an error's message) points into LIBRARIES or is TensorStore's."""
+    return "tensorstore" in text.lower() or " in OCDBT database" in text or any(
+        f"{os.sep}{name}{os.sep}" in text or f"{os.sep}{name}." in text or f"<{name}" in text
+        for name in LIBRARIES)
 
 
 class _LibraryReports(logging.Filter):
@@ -44,8 +47,8 @@ class _LibraryReports(logging.Filter):
         if record.name != "asyncio":
             return True
         # "Task/Future exception was never retrieved": a read orbax gave up on, its TensorStore error inside
-        text = record.getMessage() + "".join(_frames(record.exc_info[2] if record.exc_info else None))
-        return not (_from_libraries(text) or "tensorstore" in text.lower())
+        error = record.exc_info[1] if record.exc_info else None
+        return not _from_libraries(record.getMessage() + _where(None, error))
 
 
 @contextlib.contextmanager
@@ -66,7 +69,8 @@ def quiet_until_exit() -> None:
 
 
 def _drop_library_reports() -> Callable[[], None]:
-    """Install the log filter and the unraisable hook; -> what removes them again."""
+    """Install the log filter, the unraisable hook and the thread exception hook; -> what removes
+    them again."""
     if verbose():
         return lambda: None
     reports = _LibraryReports()
@@ -76,17 +80,33 @@ def _drop_library_reports() -> Callable[[], None]:
     previous_hook = sys.unraisablehook
 
     def hook(unraisable):  # e.g. a TensorStore read still in flight when orbax closed its event loop
-        where = repr(unraisable.object) + "".join(_frames(unraisable.exc_traceback))
+        where = _where(unraisable.object, unraisable.exc_value, unraisable.exc_traceback)
         if not _from_libraries(where) and str(unraisable.exc_value) != "Event loop is closed":
             previous_hook(unraisable)
 
     sys.unraisablehook = hook
+    previous_thread_hook = threading.excepthook
+
+    def thread_hook(args):  # a library's own worker thread that died with the error its caller also gets
+        if not _from_libraries(_where(args.thread, args.exc_value, args.exc_traceback)):
+            previous_thread_hook(args)
+
+    threading.excepthook = thread_hook
 
     def undo():
         sys.unraisablehook = previous_hook
+        threading.excepthook = previous_thread_hook
         for logger in loggers:
             logger.removeFilter(reports)
     return undo
+
+
+def _where(source, error: BaseException | None, tb=None) -> str:
+    """What tells where a report comes from: the source's repr and code file (a coroutine's or
+    generator's, when its frames are gone), the traceback's files and the error's message."""
+    code = getattr(source, "cr_code", None) or getattr(source, "gi_code", None)
+    tb = tb if tb is not None else getattr(error, "__traceback__", None)
+    return " ".join([repr(source), getattr(code, "co_filename", ""), *_frames(tb), str(error)])
 
 
 def _frames(tb) -> Iterator[str]:

@@ -9,7 +9,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -68,6 +70,41 @@ def test_library_reports_are_dropped_and_flaxgpts_own_kept(caplog, monkeypatch):
     with faults.quiet_library_reports():
         report("absl", orbax_file, "verbose: shown")
     assert "verbose: shown" in caplog.text
+
+
+def test_a_read_error_left_in_a_coroutine_is_dropped(monkeypatch, capsys):
+    """An orbax read still in flight when its event loop closed: Python reports the coroutine (whose
+    frames are gone) and TensorStore's error at exit, not the caller."""
+    monkeypatch.delenv(faults.VERBOSE_VARIABLE, raising=False)
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+
+    async def _read_array_index_and_device_put():
+        pass
+
+    leftover = _read_array_index_and_device_put()
+    truncated = ValueError('OUT_OF_RANGE: Error reading "h_0.mlp.c_fc.kernel/0.0" in OCDBT database at '
+                           'local file "/r/6/params/": Requested byte range [7, 9) is not valid')
+    ours = RuntimeError("flaxgpt's own")
+    with faults.quiet_library_reports():
+        for error in (truncated, ours):
+            sys.unraisablehook(types.SimpleNamespace(exc_type=type(error), exc_value=error, exc_traceback=None,
+                                                     err_msg=None, object=leftover))
+    leftover.close()
+    assert [u.exc_value for u in seen] == [ours]
+
+
+def test_a_library_thread_that_dies_is_dropped(monkeypatch):
+    monkeypatch.delenv(faults.VERBOSE_VARIABLE, raising=False)
+    seen = []
+    monkeypatch.setattr(threading, "excepthook", seen.append)
+    full = ValueError('RESOURCE_EXHAUSTED: Error writing "wte/0" in OCDBT database: No space left on device')
+    with faults.quiet_library_reports():
+        for error in (full, KeyError("ours")):
+            thread = threading.Thread(target=lambda e=error: (_ for _ in ()).throw(e))
+            thread.start()
+            thread.join()
+    assert [str(args.exc_value) for args in seen] == ["'ours'"]
 
 
 @pytest.fixture(scope="module")
