@@ -1,18 +1,18 @@
-"""How fast the data feed delivers a config's batches, from a local file and from a bucket, against what the
-train step consumes.
+"""How fast the data feed delivers a config's batches, from a local file and from a bucket, against
+what the train step consumes.
 
     python benchmarks/bench_feed.py --config=configs/owt.py [--bucket=gs://BUCKET/tmp] [--steps=20]
     python benchmarks/bench_feed.py --config=configs/shakespeare_char.py:cpu --time_step
 
-The feed is what `loop.Batches` does on one host for every step: draw the step's window offsets and read
-this host's rows (a memmap of a local file, or concurrent byte-range reads of a bucket), then place them on
-the devices. The dataset is --tokens random tokens written to a temporary folder and copied to the bucket.
-Without --bucket a Cloud Storage emulator (fake-gcs-server, from the test extra) on 127.0.0.1 stands in,
-with a loopback's latency rather than Cloud Storage's.
+The feed is what `loop.Batches` does on one host for every step: draw the step's window offsets and
+read this host's rows (a memmap of a local file, or concurrent byte-range reads of a bucket), then
+place them on the devices. The dataset is --tokens random tokens written to a temporary folder and
+copied to the bucket. Without --bucket a Cloud Storage emulator (fake-gcs-server, from the test
+extra) on 127.0.0.1 stands in, with a loopback's latency rather than Cloud Storage's.
 
-The step's side: for TPU hosts, the tokens per second one host's chips consume at 100% MFU (the compute
-floor, peak bf16 FLOP/s per chip from flaxgpt/mfu.py, 4 chips per host); with --time_step also the
-train step measured on this machine's devices.
+The step's side: for TPU hosts, the tokens per second one host's chips consume at 100% MFU (the
+compute floor, peak bf16 FLOP/s per chip from flaxgpt/mfu.py, 4 chips per host); with --time_step
+also the train step measured on this machine's devices.
 """
 
 import contextlib
@@ -71,8 +71,8 @@ def write_dataset(folder: storage.Path, n_tokens: int, vocab_size: int) -> None:
 
 
 def feed_tokens_per_s(config, train_step: TrainStep, data_dir, steps: int) -> tuple[float, float, float]:
-    """(tokens/s reading this host's rows, this process's CPU seconds per token doing so, tokens/s of the
-    whole feed as the loop runs it: reading ahead, placing on the devices)."""
+    """(tokens/s reading this host's rows, this process's CPU seconds per token doing so, tokens/s
+    of the whole feed as the loop runs it: reading ahead, placing on the devices)."""
     config.data_dir = os.fspath(data_dir)
     A, B, T = config.gradient_accumulation_steps, config.batch_size, config.block_size
     with Batches(Dataset.open(config), train_step, config.seed, B) as batches:

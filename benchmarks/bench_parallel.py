@@ -3,13 +3,14 @@
     python benchmarks/bench_parallel.py [--steps 20] [--repeats 3] [--modes dp8,fsdp8]
 
 Builds the sharded TrainStep (flaxgpt/train_step.py) for each mesh, compiles the step, then times
-`--steps` steps (dispatched back to back, `block_until_ready` at the end) `--repeats` times and prints
-the median ms/step and tokens/s. The model and AdamW are configs/shakespeare_char.py:cpu's (4 layers, 4
-heads, 128 wide, block 64, the prepared dataset's vocabulary) with batch 16 (its 12 does not divide by 8).
+`--steps` steps (dispatched back to back, `block_until_ready` at the end) `--repeats` times and
+prints the median ms/step and tokens/s. The model and AdamW are configs/shakespeare_char.py:cpu's (4
+layers, 4 heads, 128 wide, block 64, the prepared dataset's vocabulary) with batch 16 (its 12 does
+not divide by 8).
 
-The 8 devices are simulated on the host's CPU cores (XLA's --xla_force_host_platform_device_count), so
-these figures show the cost of partitioning and collectives on one CPU, not the speed-up real chips give:
-use bench.py on a GPU/TPU for that.
+The 8 devices are simulated on the host's CPU cores (XLA's --xla_force_host_platform_device_count),
+so these figures show the cost of partitioning and collectives on one CPU, not the speed-up real
+chips give: use bench.py on a GPU/TPU for that.
 """
 
 import os

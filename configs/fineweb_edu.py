@@ -5,9 +5,9 @@
 
 One step is 2**19 = 524,288 tokens (64 sequences x 8 micro-batches x 1024), so 19,073 steps are one
 pass over the 10B tokens; the learning rate warms up for 715 steps to 6e-4 and decays on a cosine to
-10% of it. batch_size is the micro-batch over all devices: with more devices, raise it and lower
-the accumulation so that they still multiply to 512 (build-nanogpt on 8 GPUs:
---config.batch_size=512 --config.gradient_accumulation_steps=1). The model is build-nanogpt's GPT-2, biases and tanh GELU
+10% of it. batch_size is the micro-batch over all devices: with more devices, raise it and lower the
+accumulation so that they still multiply to 512 (build-nanogpt on 8 GPUs: --config.batch_size=512
+--config.gradient_accumulation_steps=1). The model is build-nanogpt's GPT-2, biases and tanh GELU
 included, so that its loss and HellaSwag curves compare.
 
 HellaSwag is not evaluated during training (the loop evaluates val loss only): score a checkpoint

@@ -1,8 +1,9 @@
 """GPT-2 124M on OpenWebText: nanoGPT's train_gpt2.py (~0.5M tokens per step, 600k steps).
 
-nanoGPT runs this on 8 A100s as 12 sequences x 40 micro-steps x 1024 tokens = 480 sequences per step;
-here batch_size is the micro-batch over all devices, so the same 480 are 48 x 10, which 1 to 16 devices
-divide (on a pod, raise batch_size and lower the accumulation so that they still multiply to 480).
+nanoGPT runs this on 8 A100s as 12 sequences x 40 micro-steps x 1024 tokens = 480 sequences per
+step; here batch_size is the micro-batch over all devices, so the same 480 are 48 x 10, which 1 to
+16 devices divide (on a pod, raise batch_size and lower the accumulation so that they still multiply
+to 480).
 """
 
 from flaxgpt.config import base_config

@@ -7,9 +7,9 @@ nanoGPT, but drawn from an RNG keyed by (seed, step, split): a batch depends on 
 resumed run sees the same batches, and every host of a multi-host run can draw the same offsets and
 read only its own rows.
 
-A dataset folder may be local (read through a memmap) or in a bucket (gs://...): then only the windows
-a batch needs are fetched, as concurrent byte-range reads (`RemoteTokens`), and nothing is copied to
-the host's disk.
+A dataset folder may be local (read through a memmap) or in a bucket (gs://...): then only the
+windows a batch needs are fetched, as concurrent byte-range reads (`RemoteTokens`), and nothing is
+copied to the host's disk.
 """
 
 import hashlib
@@ -26,7 +26,8 @@ FINGERPRINT_WINDOW = 1024  # tokens per window
 
 
 def _missing(path: storage.Path, data_dir: storage.Path) -> FileNotFoundError:
-    """The error for a dataset that was not prepared: names the path and the command that writes it."""
+    """The error for a dataset that was not prepared: names the path and the command that writes
+    it."""
     from flaxgpt.prepare import DATASETS
     name = data_dir.name if storage.is_remote(data_dir) else data_dir.resolve().name
     out_dir = "" if data_dir == storage.path("data") / name else f" --out_dir {data_dir}"
@@ -40,13 +41,15 @@ def _missing(path: storage.Path, data_dir: storage.Path) -> FileNotFoundError:
 
 
 def dataset_dir(config) -> storage.Path:
-    """The folder of a training config's prepared dataset: config.data_dir, else data/<config.dataset>."""
+    """The folder of a training config's prepared dataset: config.data_dir, else
+    data/<config.dataset>."""
     return storage.path(config.data_dir or f"data/{config.dataset}")
 
 
 def model_vocab_size(config, *, unprepared_is_gpt2: bool = False) -> int:
-    """The vocabulary train() gives a model trained on the config's dataset (`tokenizer.model_vocab_size`);
-    for a dataset not prepared here, GPT-2's padded one when unprepared_is_gpt2, else FileNotFoundError."""
+    """The vocabulary train() gives a model trained on the config's dataset
+    (`tokenizer.model_vocab_size`); for a dataset not prepared here, GPT-2's padded one when
+    unprepared_is_gpt2, else FileNotFoundError."""
     directory = dataset_dir(config)
     if unprepared_is_gpt2 and not directory.is_dir():
         return tokenizer.model_vocab_size(tokenizer.GPT2_META)
@@ -54,7 +57,8 @@ def model_vocab_size(config, *, unprepared_is_gpt2: bool = False) -> int:
 
 
 def load_meta(data_dir: str | os.PathLike) -> dict:
-    """The dataset's vocabulary and token dtype (`tokenizer.read_meta`); a missing folder says how to make it."""
+    """The dataset's vocabulary and token dtype (`tokenizer.read_meta`); a missing folder says how
+    to make it."""
     data_dir = storage.path(data_dir)
     storage.check_reachable(data_dir, "data_dir")
     if not data_dir.is_dir():
@@ -81,9 +85,9 @@ class RemoteTokens:
 
 
 def open_split(data_dir: str | os.PathLike, split: str, meta: dict | None = None) -> np.memmap | RemoteTokens:
-    """`<data_dir>/<split>.bin` [n_tokens], of the dtype the dataset's meta names: a read-only memmap, or
-    a `RemoteTokens` for a folder in a bucket. A file whose length differs from meta.json's count is an
-    error (an interrupted copy or prepare)."""
+    """`<data_dir>/<split>.bin` [n_tokens], of the dtype the dataset's meta names: a read-only
+    memmap, or a `RemoteTokens` for a folder in a bucket. A file whose length differs from
+    meta.json's count is an error (an interrupted copy or prepare)."""
     data_dir = storage.path(data_dir)
     meta = meta or load_meta(data_dir)
     path = data_dir / f"{split}.bin"
@@ -99,7 +103,8 @@ def open_split(data_dir: str | os.PathLike, split: str, meta: dict | None = None
 
 
 def read_windows(tokens: np.ndarray | RemoteTokens, offsets: np.ndarray, length: int) -> np.ndarray:
-    """Tokens [len(offsets), length] starting at each offset (numpy reads just those pages of a memmap)."""
+    """Tokens [len(offsets), length] starting at each offset (numpy reads just those pages of a
+    memmap)."""
     if isinstance(tokens, RemoteTokens):
         return tokens.windows(offsets, length)
     return np.asarray(tokens[offsets[:, None] + np.arange(length)])
@@ -127,20 +132,23 @@ def _check(n_tokens: int, block_size: int, split: str) -> None:
 
 def batch_offsets(n_tokens: int, *, seed: int, step: int, batch_size: int, block_size: int,
                   split: str = "train") -> np.ndarray:
-    """Start positions [batch_size] of the global batch's windows; a function of (seed, step, split) only."""
+    """Start positions [batch_size] of the global batch's windows; a function of (seed, step, split)
+    only."""
     _check(n_tokens, block_size, split)
     rng = np.random.default_rng((seed, step, SPLIT_CODES[split]))
-    # High is exclusive, so the last possible window ends on the last token (its y needs offset + block_size).
+    # High is exclusive, so the last possible window ends on the last token (its y needs offset +
+    # block_size).
     return rng.integers(0, n_tokens - block_size, size=batch_size)
 
 
 def get_batch(tokens: np.ndarray | RemoteTokens, *, seed: int, step: int, batch_size: int, block_size: int,
               split: str = "train", rows: slice | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Inputs x and targets y (x shifted by one), int32 [rows, block_size], from the token array `tokens`.
+    """Inputs x and targets y (x shifted by one), int32 [rows, block_size], from the token array
+    `tokens`.
 
-    The offsets of all `batch_size` rows are drawn; `rows` (a slice or index array, default all) picks the
-    rows this process reads, so only those windows of the memmap are touched and the processes' slices
-    together make up the single-process batch.
+    The offsets of all `batch_size` rows are drawn; `rows` (a slice or index array, default all)
+    picks the rows this process reads, so only those windows of the memmap are touched and the
+    processes' slices together make up the single-process batch.
     """
     offsets = batch_offsets(len(tokens), seed=seed, step=step, batch_size=batch_size,
                             block_size=block_size, split=split)

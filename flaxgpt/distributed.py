@@ -1,13 +1,14 @@
-"""Several processes as one run: joining them (`initialize`), deciding things together, and stopping together;
-and jax's CPU backend alone on a machine without accelerators (`use_cpu_without_accelerators`).
+"""Several processes as one run: joining them (`initialize`), deciding things together, and stopping
+together; and jax's CPU backend alone on a machine without accelerators
+(`use_cpu_without_accelerators`).
 
-A pod slice runs one process per host. They must take every decision alike (which checkpoint to resume,
-whether the out_dir and dataset are usable), or they would run different collectives and wait for each
-other forever. Two kinds of agreement, both through the key-value store of JAX's coordination service
-(no device collectives, each with a time-out): `decided_by_main` (process 0 decides, every process uses
-its answer or raises its error) and `all_values` (every process's answer, e.g. "I can read this").
-`stop_together` makes an exception on one process stop every process within a second instead of
-leaving them waiting in the next collective.
+A pod slice runs one process per host. They must take every decision alike (which checkpoint to
+resume, whether the out_dir and dataset are usable), or they would run different collectives and
+wait for each other forever. Two kinds of agreement, both through the key-value store of JAX's
+coordination service (no device collectives, each with a time-out): `decided_by_main` (process 0
+decides, every process uses its answer or raises its error) and `all_values` (every process's
+answer, e.g. "I can read this"). `stop_together` makes an exception on one process stop every
+process within a second instead of leaving them waiting in the next collective.
 """
 
 import builtins
@@ -47,7 +48,8 @@ PCI_DEVICES = "/sys/bus/pci/devices"
 
 def on_cloud_tpu_vm() -> bool:
     """Whether TPU chips are attached to this machine (Google PCI devices) or a TPU cluster set its
-    variables. A CPU machine that sets TPU_SKIP_MDS_QUERY to compile for TPU topologies is not one."""
+    variables. A CPU machine that sets TPU_SKIP_MDS_QUERY to compile for TPU topologies is not
+    one."""
     if any(os.environ.get(name) for name in TPU_CLUSTER_ENV):
         return True
     if os.environ.get("TPU_SKIP_MDS_QUERY"):
@@ -85,7 +87,8 @@ def use_cpu_without_accelerators() -> None:
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, timeout: int = 300) -> None:
-    """Join the other processes of the run (no-op for a single process). Call before touching devices.
+    """Join the other processes of the run (no-op for a single process). Call before touching
+    devices.
 
     Unset values come from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or jax's
     cluster auto-detection (Cloud TPU, SLURM, Open MPI, Kubernetes).
@@ -103,14 +106,16 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if address and process_id not in (None, 0) and not _reachable(address, timeout):
         raise RuntimeError(f"jax.distributed could not connect {where} within {timeout}s: nothing listens "
                            f"there. {advice}")
-    # jax's client aborts the process (SIGABRT) when the others do not join in time: say why beforehand.
+    # jax's client aborts the process (SIGABRT) when the others do not join in time: say why
+    # beforehand.
     print(f"flaxgpt: joining {where}; waiting up to {timeout}s for all processes (if this process then "
           f"aborts with DEADLINE_EXCEEDED, a peer never joined). {advice}", file=sys.stderr, flush=True)
     jax.distributed.initialize(coordinator_address, num_processes, process_id, initialization_timeout=timeout)
 
 
 def _reachable(address: str, timeout: float) -> bool:
-    """Whether a TCP connection to host:port opens within `timeout` seconds (retrying until then)."""
+    """Whether a TCP connection to host:port opens within `timeout` seconds (retrying until
+    then)."""
     host, port = address.rsplit(":", 1)
     deadline = time.monotonic() + timeout
     while True:
@@ -135,7 +140,8 @@ _agreements = itertools.count()  # every process makes the same agreements in th
 
 
 def _client():
-    """The coordination service's client (jax has no public accessor; orbax reads it the same way)."""
+    """The coordination service's client (jax has no public accessor; orbax reads it the same
+    way)."""
     from jax._src import distributed as jax_distributed
     return jax_distributed.global_state.client
 
@@ -145,7 +151,8 @@ def _key(name: str) -> str:
 
 
 def all_values(name: str, value: str, timeout_s: float = AGREEMENT_TIMEOUT_S) -> list[str]:
-    """Every process's `value` (a string) for this agreement, in process order; waits for all of them."""
+    """Every process's `value` (a string) for this agreement, in process order; waits for all of
+    them."""
     if jax.process_count() == 1:
         return [value]
     client, key = _client(), _key(name)
@@ -156,8 +163,8 @@ def all_values(name: str, value: str, timeout_s: float = AGREEMENT_TIMEOUT_S) ->
 
 
 def decided_by_main(name: str, decide: Callable[[], Any], timeout_s: float = AGREEMENT_TIMEOUT_S) -> Any:
-    """`decide()` on process 0 and its result (JSON) on every process; if it raises, every process raises
-    an error of the same kind and message, so that all of them stop with the same line."""
+    """`decide()` on process 0 and its result (JSON) on every process; if it raises, every process
+    raises an error of the same kind and message, so that all of them stop with the same line."""
     if jax.process_count() == 1:
         return decide()
     client, key = _client(), _key(name)
@@ -179,8 +186,9 @@ def decided_by_main(name: str, decide: Callable[[], Any], timeout_s: float = AGR
 
 
 def check_shared_directory(directory, what: str) -> None:
-    """Raise the same one-line OSError on every process unless `directory` is the same storage for all of
-    them (a bucket, or a folder every host mounts): process 0 writes a file there, the others read it."""
+    """Raise the same one-line OSError on every process unless `directory` is the same storage for
+    all of them (a bucket, or a folder every host mounts): process 0 writes a file there, the others
+    read it."""
     if jax.process_count() == 1:
         return
     from flaxgpt import storage
@@ -211,10 +219,10 @@ def _readable(probe) -> bool:
 
 
 class stop_together:
-    """A context for the body of a multi-process run: an exception in one process is published to the
-    others, whose watcher thread prints it and ends them at once (`exit_program`) rather than letting them
-    wait in a collective for a peer that will never come; the coordinator going away ends them too.
-    A single process runs the body as it is."""
+    """A context for the body of a multi-process run: an exception in one process is published to
+    the others, whose watcher thread prints it and ends them at once (`exit_program`) rather than
+    letting them wait in a collective for a peer that will never come; the coordinator going away
+    ends them too. A single process runs the body as it is."""
 
     def __enter__(self):
         self._done = threading.Event()
@@ -248,8 +256,8 @@ class stop_together:
 
 def exit_program(message: str | None, code: int = 1) -> None:
     """End the program with `message` on stderr. With several processes it exits at once (os._exit),
-    without JAX's shutdown barrier, at which peers that stopped would never arrive. Process 0 holds the
-    coordination service, whose end aborts every process still attached: it exits last."""
+    without JAX's shutdown barrier, at which peers that stopped would never arrive. Process 0 holds
+    the coordination service, whose end aborts every process still attached: it exits last."""
     client = _client()
     if client is None:  # a single process
         sys.exit(message if message else code)

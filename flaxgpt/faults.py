@@ -1,12 +1,13 @@
-"""What a person sees when something fails: the root cause in one line, and one line per decision taken.
+"""What a person sees when something fails: the root cause in one line, and one line per decision
+taken.
 
 orbax and TensorStore write and read checkpoints in background threads and coroutines, and report a
 failure there as well as to their caller: absl ERROR logs with tracebacks, "Exception ignored in
-<coroutine ...>", "Task exception was never retrieved", gcsfs's retry tracebacks. One full disk printed
-over 300 lines that way. Within `quiet_library_reports()` (which `train()` enters; the command-line
-tools call `quiet_until_exit()` where they start) those reports are dropped; the error itself still
-reaches flaxgpt's code, which reports it with `describe`. FLAXGPT_VERBOSE=1 (or --verbose on the command
-line) keeps them all.
+<coroutine ...>", "Task exception was never retrieved", gcsfs's retry tracebacks. One full disk
+printed over 300 lines that way. Within `quiet_library_reports()` (which `train()` enters; the
+command-line tools call `quiet_until_exit()` where they start) those reports are dropped; the error
+itself still reaches flaxgpt's code, which reports it with `describe`. FLAXGPT_VERBOSE=1 (or
+--verbose on the command line) keeps them all.
 """
 
 import contextlib
@@ -29,15 +30,16 @@ def verbose() -> bool:
 
 
 def _from_libraries(text: str) -> bool:
-    """Whether text (file names, reprs, an error's message) points into LIBRARIES or is TensorStore's."""
+    """Whether text (file names, reprs, an error's message) points into LIBRARIES or is
+    TensorStore's."""
     return "tensorstore" in text.lower() or " in OCDBT database" in text or any(
         f"{os.sep}{name}{os.sep}" in text or f"{os.sep}{name}." in text or f"<{name}" in text
         for name in LIBRARIES)
 
 
 class _LibraryReports(logging.Filter):
-    """Drops log records of warnings and errors raised inside LIBRARIES (and asyncio's reports of their
-    leftover tasks)."""
+    """Drops log records of warnings and errors raised inside LIBRARIES (and asyncio's reports of
+    their leftover tasks)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING:
@@ -46,7 +48,8 @@ class _LibraryReports(logging.Filter):
             return False
         if record.name != "asyncio":
             return True
-        # "Task/Future exception was never retrieved": a read orbax gave up on, its TensorStore error inside
+        # "Task/Future exception was never retrieved": a read orbax gave up on, its TensorStore
+        # error inside
         error = record.exc_info[1] if record.exc_info else None
         return not _from_libraries(record.getMessage() + _where(None, error))
 
@@ -63,8 +66,9 @@ def quiet_library_reports() -> Iterator[None]:
 
 
 def quiet_until_exit() -> None:
-    """`quiet_library_reports` for the rest of the program, for the command-line tools: the libraries'
-    threads and coroutines may still report a failure while the interpreter shuts down."""
+    """`quiet_library_reports` for the rest of the program, for the command-line tools: the
+    libraries' threads and coroutines may still report a failure while the interpreter shuts
+    down."""
     _drop_library_reports()
 
 
@@ -116,8 +120,8 @@ def _frames(tb) -> Iterator[str]:
 
 
 def innermost(error: BaseException) -> BaseException:
-    """The error at the bottom of a chain: orbax wraps TensorStore's and the writer's errors, and the
-    innermost one says what happened."""
+    """The error at the bottom of a chain: orbax wraps TensorStore's and the writer's errors, and
+    the innermost one says what happened."""
     while error.__cause__ is not None or error.__context__ is not None:
         error = error.__cause__ or error.__context__
     return error
@@ -133,8 +137,9 @@ def is_disk_full(error: BaseException) -> bool:
 
 
 def describe(error: BaseException, limit: int = 240) -> str:
-    """The root cause of an error chain in one line: "disk full", or for a checkpoint array that cannot
-    be read, the array and TensorStore's last word on it; else the innermost error's first line."""
+    """The root cause of an error chain in one line: "disk full", or for a checkpoint array that
+    cannot be read, the array and TensorStore's last word on it; else the innermost error's first
+    line."""
     if is_disk_full(error):
         return "the disk is full (No space left on device)"
     cause = innermost(error)

@@ -1,14 +1,14 @@
-"""What a run shows and records, from process 0 only: printed lines or a progress bar, metrics.jsonl,
-TensorBoard scalars and (optionally) wandb.
+"""What a run shows and records, from process 0 only: printed lines or a progress bar,
+metrics.jsonl, TensorBoard scalars and (optionally) wandb.
 
-metrics.jsonl holds one JSON row per logged step and per evaluation, each naming the run; TensorBoard
-event files go to `out_dir/tensorboard` (open with `tensorboard --logdir out_dir`). A resumed run first
-drops what an earlier attempt of the same run logged after the step it resumes from, so that every step
-appears once per run in both.
+metrics.jsonl holds one JSON row per logged step and per evaluation, each naming the run;
+TensorBoard event files go to `out_dir/tensorboard` (open with `tensorboard --logdir out_dir`). A
+resumed run first drops what an earlier attempt of the same run logged after the step it resumes
+from, so that every step appears once per run in both.
 
-In a bucket (out_dir=gs://...), where objects cannot be appended to, metrics.jsonl and TensorBoard's event
-file (written to a local temporary folder) are uploaded whole at most every REMOTE_UPLOAD_S seconds and
-when the run ends.
+In a bucket (out_dir=gs://...), where objects cannot be appended to, metrics.jsonl and TensorBoard's
+event file (written to a local temporary folder) are uploaded whole at most every REMOTE_UPLOAD_S
+seconds and when the run ends.
 """
 
 import json
@@ -27,7 +27,8 @@ REMOTE_UPLOAD_S = 30
 
 
 def drop_rows_after(path: storage.Path, run_id: str, step: int) -> None:
-    """Rewrite metrics.jsonl without the rows of `run_id` past `step` (an interrupted attempt's), atomically."""
+    """Rewrite metrics.jsonl without the rows of `run_id` past `step` (an interrupted attempt's),
+    atomically."""
     path = storage.path(path)
     if not path.is_file():
         return
@@ -49,13 +50,14 @@ def format_seconds(seconds: float) -> str:
 
 
 def _tensorboardx_writer():
-    """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch whenever it is
-    installed, only to accept torch tensors (here 2.5 s and ~190 MB of the run's memory); we log floats."""
+    """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch whenever it
+    is installed, only to accept torch tensors (seconds and memory a run need not spend,
+    docs/performance.md); we log floats."""
     if "torch" in sys.modules:
         from tensorboardX import SummaryWriter
         return SummaryWriter
-    # `import torch` raises ImportError while this is set, which tensorboardX handles; nothing else imports
-    # in the meantime (a run creates its MetricsLog before starting any thread).
+    # `import torch` raises ImportError while this is set, which tensorboardX handles; nothing else
+    # imports in the meantime (a run creates its MetricsLog before starting any thread).
     sys.modules["torch"] = None
     try:
         from tensorboardX import SummaryWriter
@@ -65,11 +67,13 @@ def _tensorboardx_writer():
 
 
 class MetricsLog:
-    """The run's output: `print` for lines, `write` for metrics rows, `step_done` after every train step.
+    """The run's output: `print` for lines, `write` for metrics rows, `step_done` after every train
+    step.
 
-    On a terminal (and with config.progress) a tqdm bar shows step/max_iters, rate, ETA and the latest
-    loss, and replaces the per-step lines; elsewhere (CI, nohup, a SLURM log) the per-step lines stay and
-    carry the ETA. resumed_at: the step a resumed run continues from (None for a new run).
+    On a terminal (and with config.progress) a tqdm bar shows step/max_iters, rate, ETA and the
+    latest loss, and replaces the per-step lines; elsewhere (CI, nohup, a SLURM log) the per-step
+    lines stay and carry the ETA. resumed_at: the step a resumed run continues from (None for a new
+    run).
     """
 
     def __init__(self, config, out_dir: storage.Path, run_id: str, *, start_step: int = 0,
@@ -94,7 +98,8 @@ class MetricsLog:
         if config.tensorboard:
             SummaryWriter = _tensorboardx_writer()
             self._tensorboard_dir = tempfile.mkdtemp(prefix="flaxgpt-tensorboard-") if self.remote else None
-            # purge_step: TensorBoard hides what an interrupted attempt logged past the resumed step.
+            # purge_step: TensorBoard hides what an interrupted attempt logged past the resumed
+            # step.
             self.tensorboard = SummaryWriter(self._tensorboard_dir or str(out_dir / TENSORBOARD_DIR),
                                              filename_suffix=f".{time.time_ns()}",
                                              purge_step=None if resumed_at is None else resumed_at + 1)
@@ -132,7 +137,8 @@ class MetricsLog:
             sys.stdout.flush()
 
     def print_step(self, text: str, step: int) -> None:
-        """A per-step line: on the bar's terminal it is the bar itself; elsewhere printed with the ETA."""
+        """A per-step line: on the bar's terminal it is the bar itself; elsewhere printed with the
+        ETA."""
         if self.active and not self.bar:
             print(f"{text}, eta {format_seconds(self.eta(step))}", flush=True)
 

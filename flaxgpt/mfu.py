@@ -26,7 +26,8 @@ PEAK_FLOPS = (
 
 
 def device_peak_flops(device: jax.Device | None = None) -> float:
-    """Peak FLOP/s of one device: the table above, or measured on the spot for CPUs and unknown kinds."""
+    """Peak FLOP/s of one device: the table above, or measured on the spot for CPUs and unknown
+    kinds."""
     device = device or jax.local_devices()[0]
     return listed_peak_flops(device.device_kind) or measured_matmul_flops(device)
 
@@ -56,6 +57,7 @@ def mfu(flops_per_token: float, tokens_per_second: float, num_devices: int, peak
 
 def throughput(tokens_per_step: int, seconds_per_step: float, flops_per_token: float, num_devices: int,
                peak: float) -> tuple[float, float]:
-    """(tokens/s, MFU) of training steps of `tokens_per_step` tokens taking `seconds_per_step` each."""
+    """(tokens/s, MFU) of training steps of `tokens_per_step` tokens taking `seconds_per_step`
+    each."""
     tokens_per_second = tokens_per_step / seconds_per_step
     return tokens_per_second, mfu(flops_per_token, tokens_per_second, num_devices, peak)

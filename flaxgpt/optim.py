@@ -1,14 +1,16 @@
-"""nanoGPT's optimizer in optax: AdamW, linear warmup + cosine decay, decay on matrices only, clipping."""
+"""nanoGPT's optimizer in optax: AdamW, linear warmup + cosine decay, decay on matrices only,
+clipping."""
 
 import jax
 import optax
 
 
 def learning_rate_schedule(config) -> optax.Schedule:
-    """nanoGPT's get_lr: linear warmup to learning_rate, cosine decay to min_lr at lr_decay_iters, then flat.
+    """nanoGPT's get_lr: linear warmup to learning_rate, cosine decay to min_lr at lr_decay_iters,
+    then flat.
 
-    nanoGPT's warmup is lr * (it + 1) / (warmup_iters + 1): optax's linear warmup from lr / (warmup_iters + 1)
-    gives exactly that.
+    nanoGPT's warmup is lr * (it + 1) / (warmup_iters + 1): optax's linear warmup from lr /
+    (warmup_iters + 1) gives exactly that.
     """
     if not config.decay_lr:
         return optax.constant_schedule(config.learning_rate)
@@ -20,7 +22,8 @@ def learning_rate_schedule(config) -> optax.Schedule:
 
 
 def decay_mask(params):
-    """True for the weights that get weight decay: matmul kernels and embeddings, not biases or LayerNorms."""
+    """True for the weights that get weight decay: matmul kernels and embeddings, not biases or
+    LayerNorms."""
     def is_matrix(path, _):
         return getattr(path[-1], "key", None) in ("kernel", "embedding")
     return jax.tree_util.tree_map_with_path(is_matrix, params)

@@ -1,8 +1,9 @@
-"""Loss curves of training runs as a PNG: python -m flaxgpt.plot out_dir [out_dir ...] [-o loss.png] [--x tokens]
+"""Loss curves of training runs as a PNG: python -m flaxgpt.plot out_dir [out_dir ...] [-o loss.png]
+[--x tokens]
 
-Reads each out_dir's metrics.jsonl (its newest run) and draws the training loss of the logged steps and
-the train/val losses of the evaluations against the step (or the tokens seen), all runs on one figure.
-Needs matplotlib (`pip install -e ".[plot]"`).
+Reads each out_dir's metrics.jsonl (its newest run) and draws the training loss of the logged steps
+and the train/val losses of the evaluations against the step (or the tokens seen), all runs on one
+figure. Needs matplotlib (`pip install -e ".[plot]"`).
 """
 
 import argparse
@@ -14,7 +15,8 @@ from flaxgpt import storage
 
 
 def read_run(out_dir: storage.Path) -> tuple[str, list[dict]]:
-    """(run id, its rows) of the newest run in out_dir/metrics.jsonl (a local folder or a bucket)."""
+    """(run id, its rows) of the newest run in out_dir/metrics.jsonl (a local folder or a
+    bucket)."""
     path = storage.path(out_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {out_dir} a training run's out_dir?")

@@ -1,8 +1,10 @@
-"""`config.profile_steps = "START:STOP"`: a jax.profiler trace of train steps START..STOP-1 in out_dir/profile.
+"""`config.profile_steps = "START:STOP"`: a jax.profiler trace of train steps START..STOP-1 in
+out_dir/profile.
 
-Open it with `tensorboard --logdir out_dir/profile` (the Profile tab; `pip install tensorboard-plugin-profile`),
-with xprof, or load the `*.trace.json.gz` file into https://ui.perfetto.dev. With out_dir in a bucket, the
-trace is written to a local temporary folder and uploaded when it stops.
+Open it with `tensorboard --logdir out_dir/profile` (the Profile tab; `pip install
+tensorboard-plugin-profile`), with xprof, or load the `*.trace.json.gz` file into
+https://ui.perfetto.dev. With out_dir in a bucket, the trace is written to a local temporary folder
+and uploaded when it stops.
 """
 
 import shutil

@@ -75,16 +75,17 @@ def logical_shardings(abstract_tree, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
 
 
 def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0, rules=LOGICAL_AXIS_RULES) -> NamedSharding:
-    """Sharding of a batch array whose `batch_axis` is split over the mesh axes `rules` give "batch"."""
+    """Sharding of a batch array whose `batch_axis` is split over the mesh axes `rules` give
+    "batch"."""
     spec = [None] * ndim
     spec[batch_axis] = nn.logical_to_mesh_axes(("batch",), rules)[0]
     return NamedSharding(mesh, P(*spec))
 
 
 def divisible_batch(batch_size: int, accumulation: int, data_parallel: int) -> tuple[int, int]:
-    """(batch_size, gradient_accumulation_steps) whose batch divides over `data_parallel` devices and whose
-    sequences per optimizer step come closest to batch_size x accumulation (then: the batch closest to
-    batch_size), e.g. 48 x 10 over 256 devices -> 256 x 2."""
+    """(batch_size, gradient_accumulation_steps) whose batch divides over `data_parallel` devices
+    and whose sequences per optimizer step come closest to batch_size x accumulation (then: the
+    batch closest to batch_size), e.g. 48 x 10 over 256 devices -> 256 x 2."""
     sequences = batch_size * accumulation
     choices = [(k * data_parallel, max(1, round(sequences / (k * data_parallel))))
                for k in range(1, max(1, sequences // data_parallel) + 1)]
@@ -92,11 +93,12 @@ def divisible_batch(batch_size: int, accumulation: int, data_parallel: int) -> t
 
 
 def rows_by_process(sharding: NamedSharding, global_shape: tuple[int, ...], batch_axis: int = 0) -> dict[int, np.ndarray]:
-    """{process index: the sorted rows of the batch axis its devices hold}, for every process of the mesh.
+    """{process index: the sorted rows of the batch axis its devices hold}, for every process of the
+    mesh.
 
     A TPU slice orders its devices by physical position, so a process's rows need not be one block
-    (v4-32 interleaves its 4 hosts along the data axis); `global_batch` takes them as they come. Works
-    for compile-only topology devices too, which know their host."""
+    (v4-32 interleaves its 4 hosts along the data axis); `global_batch` takes them as they come.
+    Works for compile-only topology devices too, which know their host."""
     rows: dict[int, set[int]] = {}
     for device, index in sharding.devices_indices_map(global_shape).items():
         start, stop, step = index[batch_axis].indices(global_shape[batch_axis])
@@ -111,8 +113,9 @@ def process_rows(sharding: NamedSharding, global_shape: tuple[int, ...], batch_a
 
 def global_batch(local: np.ndarray, rows: np.ndarray, sharding: NamedSharding, global_shape: tuple[int, ...],
                  batch_axis: int = 0) -> jax.Array:
-    """The global array from this process's `rows` of it (`local` holds them, in that order, on batch_axis):
-    each local device gets its own rows, wherever they sit in the batch. All processes call this together."""
+    """The global array from this process's `rows` of it (`local` holds them, in that order, on
+    batch_axis): each local device gets its own rows, wherever they sit in the batch. All processes
+    call this together."""
     def device_piece(index):
         wanted = np.arange(*index[batch_axis].indices(global_shape[batch_axis]))
         piece = np.take(local, np.searchsorted(rows, wanted), axis=batch_axis)

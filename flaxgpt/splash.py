@@ -25,7 +25,8 @@ _MESH = contextvars.ContextVar("flaxgpt_splash_mesh", default=None)
 
 @contextlib.contextmanager
 def kernel_mesh(mesh: jax.sharding.Mesh):
-    """The mesh that splash attention shard_maps over while a model is traced inside this context."""
+    """The mesh that splash attention shard_maps over while a model is traced inside this
+    context."""
     token = _MESH.set(mesh)
     try:
         yield
@@ -61,8 +62,9 @@ def _local_attention(q, k, v, interpret: bool):
 def splash_causal_attention(q, k, v):
     """Causal softmax attention. q, k, v: [B, T, H, D] -> [B, T, H, D].
 
-    Under a mesh (`kernel_mesh`, which TrainStep sets, else jax's abstract mesh) the batch is split over the
-    data-parallel axes and the heads over tensor when it divides them; else the kernel sees everything.
+    Under a mesh (`kernel_mesh`, which TrainStep sets, else jax's abstract mesh) the batch is split
+    over the data-parallel axes and the heads over tensor when it divides them; else the kernel sees
+    everything.
     """
     T, D = q.shape[1], q.shape[3]
     if not splash_supports(T, D):

@@ -1,17 +1,18 @@
-"""Where flaxgpt reads and writes: local folders and object stores (gs://, s3://, ...) behind one path type.
+"""Where flaxgpt reads and writes: local folders and object stores (gs://, s3://, ...) behind one
+path type.
 
 Every file flaxgpt touches (out_dir, data_dir, checkpoints, metrics, the compilation cache, prepared
-datasets) goes through `path(...)`, which returns an `etils.epath.Path`: the path type orbax uses. A local
-path behaves as `pathlib.Path`; a URL is served by fsspec (gcsfs for gs://, installed by
-`pip install "flaxgpt[gcs]"`, which `[tpu]` includes).
+datasets) goes through `path(...)`, which returns an `etils.epath.Path`: the path type orbax uses. A
+local path behaves as `pathlib.Path`; a URL is served by fsspec (gcsfs for gs://, installed by `pip
+install "flaxgpt[gcs]"`, which `[tpu]` includes).
 
 Object stores differ from a disk in three ways this module absorbs:
 - no appends and no atomic renames: `atomic_output` writes a local file under a temporary name and
   renames it, and a remote object through a local temporary file uploaded in one piece (an object
   appears whole or not at all);
 - listings may be cached: fsspec's gcsfs keeps a directory listing and would not see objects another
-  host wrote since, so remote filesystems are created without a listings cache (`path` does this once,
-  before the first remote path is used);
+  host wrote since, so remote filesystems are created without a listings cache (`path` does this
+  once, before the first remote path is used);
 - a wrong bucket name is easy to type: `check_reachable` says in one line what is wrong.
 """
 
@@ -42,9 +43,10 @@ def path(location: str | os.PathLike) -> Path:
 
 @functools.cache
 def _fresh_remote_listings() -> None:
-    """fsspec's remote filesystems cache directory listings per process by default: a host would not see
-    the checkpoints or files another host wrote after it first listed a folder. epath creates its
-    filesystems with fsspec's configured defaults, so turning the cache off here reaches orbax too."""
+    """fsspec's remote filesystems cache directory listings per process by default: a host would not
+    see the checkpoints or files another host wrote after it first listed a folder. epath creates
+    its filesystems with fsspec's configured defaults, so turning the cache off here reaches orbax
+    too."""
     import fsspec.config
     for protocol in ("gs", "gcs", "s3", "s3a"):
         fsspec.config.conf.setdefault(protocol, {})["use_listings_cache"] = False
@@ -58,8 +60,9 @@ def _remote_fs(location: str | os.PathLike):
 
 
 def check_reachable(location: str | os.PathLike, what: str) -> None:
-    """For a URL: raise one line (OSError) if its bucket does not exist or cannot be reached with this
-    machine's credentials; `what` names the setting, e.g. "--config.out_dir". Local paths pass."""
+    """For a URL: raise one line (OSError) if its bucket does not exist or cannot be reached with
+    this machine's credentials; `what` names the setting, e.g. "--config.out_dir". Local paths
+    pass."""
     if not is_remote(location):
         return
     scheme = os.fspath(location).split("://", 1)[0]
@@ -89,11 +92,12 @@ def _first_line(error: Exception) -> str:
 
 @contextlib.contextmanager
 def atomic_output(destination: Path) -> Iterator[IO[bytes]]:
-    """A binary file to write `destination` through: it appears under its name only if the block succeeds.
+    """A binary file to write `destination` through: it appears under its name only if the block
+    succeeds.
 
-    Local: a temporary file beside it, renamed at the end. Remote: a local temporary file, uploaded at the
-    end in one piece, which the object store publishes only when it is complete. On failure the
-    temporary file is removed and `destination` is untouched."""
+    Local: a temporary file beside it, renamed at the end. Remote: a local temporary file, uploaded
+    at the end in one piece, which the object store publishes only when it is complete. On failure
+    the temporary file is removed and `destination` is untouched."""
     destination = path(destination)
     remote = is_remote(destination)
     if remote:
@@ -115,7 +119,8 @@ def atomic_output(destination: Path) -> Iterator[IO[bytes]]:
 
 
 def write_atomically(destination: Path, data: str | bytes) -> None:
-    """Write text or bytes to `destination` so that readers see the old content or the new, never a part."""
+    """Write text or bytes to `destination` so that readers see the old content or the new, never a
+    part."""
     with atomic_output(destination) as f:
         f.write(data.encode() if isinstance(data, str) else data)
 
@@ -138,7 +143,8 @@ def upload_folder(local: str | os.PathLike, destination: Path) -> None:
 
 
 def read_ranges(location: Path, starts, stops) -> list[bytes]:
-    """The bytes [start, stop) of a file for each pair, fetched concurrently from an object store."""
+    """The bytes [start, stop) of a file for each pair, fetched concurrently from an object
+    store."""
     fs, name = _remote_fs(location)
     return fs.cat_ranges([name] * len(starts), [int(s) for s in starts], [int(s) for s in stops], on_error="raise")
 

@@ -1,5 +1,6 @@
-"""Tokenizers and vocabulary metadata: GPT-2 BPE through tiktoken, nanoGPT's character vocabulary, and
-the one reader of the files that say which a dataset or a training run uses (meta.json, nanoGPT's meta.pkl).
+"""Tokenizers and vocabulary metadata: GPT-2 BPE through tiktoken, nanoGPT's character vocabulary,
+and the one reader of the files that say which a dataset or a training run uses (meta.json,
+nanoGPT's meta.pkl).
 
 Offline machines: set FLAXGPT_DATA to a folder that mirrors the downloads
 (`gpt2/r50k_base.tiktoken`, `tinyshakespeare/input.txt`); anything missing there is downloaded.
@@ -68,7 +69,8 @@ class CharTokenizer:
 
 
 class GPT2Tokenizer:
-    """GPT-2 BPE (tiktoken's `gpt2` encoding); `<|endoftext|>` is allowed in text and is token 50256."""
+    """GPT-2 BPE (tiktoken's `gpt2` encoding); `<|endoftext|>` is allowed in text and is token
+    50256."""
 
     vocab_size = GPT2_VOCAB_SIZE
     eot_token = GPT2_EOT
@@ -87,7 +89,8 @@ class GPT2Tokenizer:
 
 
 def gpt2_encoding(ranks_file: str | os.PathLike | None = None) -> tiktoken.Encoding:
-    """GPT-2's tiktoken encoding, from a local ranks file when there is one, else tiktoken's download."""
+    """GPT-2's tiktoken encoding, from a local ranks file when there is one, else tiktoken's
+    download."""
     ranks_file = ranks_file or local_data_file("gpt2/r50k_base.tiktoken")
     if ranks_file is None:
         try:
@@ -105,7 +108,8 @@ def gpt2_encoding(ranks_file: str | os.PathLike | None = None) -> tiktoken.Encod
 
 
 def from_meta(meta: dict | None) -> Tokenizer:
-    """The tokenizer a dataset's meta.json describes: {"tokenizer": "char", "chars": [...]} or GPT-2 BPE."""
+    """The tokenizer a dataset's meta.json describes: {"tokenizer": "char", "chars": [...]} or GPT-2
+    BPE."""
     if meta and meta.get("tokenizer") == "char":
         return CharTokenizer(meta["chars"])
     return GPT2Tokenizer()
@@ -135,8 +139,8 @@ def read_meta(folder: str | os.PathLike) -> dict:
 
 
 def model_vocab_size(meta: dict) -> int:
-    """The vocabulary of a model trained from scratch on a dataset: GPT-2 BPE is padded to 50304 (nanoGPT's
-    faster size), any other vocabulary is the dataset's."""
+    """The vocabulary of a model trained from scratch on a dataset: GPT-2 BPE is padded to 50304
+    (nanoGPT's faster size), any other vocabulary is the dataset's."""
     return GPT2_PADDED_VOCAB_SIZE if meta.get("tokenizer", "gpt2") == "gpt2" else meta["vocab_size"]
 
 
@@ -149,7 +153,8 @@ class _PlainDataUnpickler(pickle.Unpickler):
 
 
 def read_nanogpt_meta(meta_pkl_path: str | os.PathLike) -> dict:
-    """nanoGPT's meta.pkl ({vocab_size, itos, stoi}) -> {"tokenizer": "char", "chars": [...], "vocab_size": V}.
+    """nanoGPT's meta.pkl ({vocab_size, itos, stoi}) -> {"tokenizer": "char", "chars": [...],
+    "vocab_size": V}.
 
     Read without executing anything: a pickle that names a class or function is refused.
     """
@@ -178,8 +183,8 @@ def read_nanogpt_meta(meta_pkl_path: str | os.PathLike) -> dict:
 class StreamDecoder:
     """Text of a growing token list, piece by piece: each `push` returns what the new token adds.
 
-    BPE tokens can end inside a multi-byte character, which decodes as U+FFFD until its last byte comes,
-    so a trailing U+FFFD is held back until the next token (or `flush`) settles it.
+    BPE tokens can end inside a multi-byte character, which decodes as U+FFFD until its last byte
+    comes, so a trailing U+FFFD is held back until the next token (or `flush`) settles it.
     """
 
     def __init__(self, tokenizer: Tokenizer):

@@ -1,11 +1,11 @@
 """A pod slice on one machine, for the multi-host tests: N processes on 127.0.0.1 joined through
-jax.distributed (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), each with its own simulated
-CPU devices (gloo collectives) and its own working directory, so that nothing local is shared, as on the
-hosts of a real slice.
+jax.distributed (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), each with its own
+simulated CPU devices (gloo collectives) and its own working directory, so that nothing local is
+shared, as on the hosts of a real slice.
 
-`Pod.train` runs train.py's command line in every process. `host_order` orders the mesh's devices by host
-the way a real slice does (a v4-32 interleaves its 4 hosts along the data axis), which the CPU devices of
-a simulated pod would not do by themselves; `fail` makes one process raise at one step.
+`Pod.train` runs train.py's command line in every process. `host_order` orders the mesh's devices by
+host the way a real slice does (a v4-32 interleaves its 4 hosts along the data axis), which the CPU
+devices of a simulated pod would not do by themselves; `fail` makes one process raise at one step.
 """
 
 import json
@@ -21,7 +21,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = f"--config={REPO / 'configs' / 'shakespeare_char.py'}:cpu"
 
-# Runs train.py's main in this process: argv[1] is JSON {"argv": [...], "host_order": [...], "fail": {...}}.
+# Runs train.py's main in this process: argv[1] is JSON {"argv": [...], "host_order": [...], "fail":
+# {...}}.
 RUNNER = """
 import json, runpy, sys
 args = json.loads(sys.argv[1])
@@ -61,9 +62,9 @@ def free_port() -> int:
 
 def process_env(port: int, n_devices: int, process_id: int | None = None, num_processes: int | None = None,
                 **overrides) -> dict:
-    """This environment with `n_devices` simulated CPU devices, the repo importable, the coordinator bound
-    to loopback (jax binds [::]:port by default) and, given a process id, the JAX_* variables a launcher
-    sets."""
+    """This environment with `n_devices` simulated CPU devices, the repo importable, the coordinator
+    bound to loopback (jax binds [::]:port by default) and, given a process id, the JAX_* variables
+    a launcher sets."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_"))}
     flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
@@ -83,9 +84,9 @@ def process_env(port: int, n_devices: int, process_id: int | None = None, num_pr
 
 
 def finish(procs: list[subprocess.Popen], deadline: float, read=None) -> list[tuple[int | None, str, str]]:
-    """(returncode, stdout, stderr) of every process; all are killed at the deadline or 10 s after one
-    fails (its peers would wait for it until jax's own timeouts). `read(i)` gives a process's output when
-    it goes to files rather than pipes."""
+    """(returncode, stdout, stderr) of every process; all are killed at the deadline or 10 s after
+    one fails (its peers would wait for it until jax's own timeouts). `read(i)` gives a process's
+    output when it goes to files rather than pipes."""
     outputs = [None] * len(procs)
     try:
         while any(o is None for o in outputs):
@@ -112,8 +113,8 @@ def report(outputs) -> str:
 
 
 class Pod:
-    """`processes` processes of `devices` CPU devices each, host i working in root/host<i>/ (its only
-    local disk) and logging to root/logs/."""
+    """`processes` processes of `devices` CPU devices each, host i working in root/host<i>/ (its
+    only local disk) and logging to root/logs/."""
 
     def __init__(self, root: Path, processes: int, devices: int = 4, host_order: list[int] | None = None,
                  **env):
@@ -142,7 +143,8 @@ class Pod:
         return Path(f"{self.logs[i]}.out").read_text(), Path(f"{self.logs[i]}.err").read_text()
 
     def wait_for(self, pattern: str, process: int = 0, timeout: float = 300) -> None:
-        """Until process `process` prints a line matching `pattern` (AssertionError if it ends first)."""
+        """Until process `process` prints a line matching `pattern` (AssertionError if it ends
+        first)."""
         deadline = time.monotonic() + timeout
         while not re.search(pattern, self.output(process)[0], re.MULTILINE):
             if self.procs[process].poll() is not None or time.monotonic() > deadline:

@@ -1,6 +1,7 @@
-"""Faults read as one line (flaxgpt/faults.py): the root cause stated, one line per decision, and none of
-the libraries' background tracebacks, for the faults a user meets: a full disk during a save, checkpoints
-that cannot be read (all of them, one truncated file, a stray folder), a stopped sample, bad arguments."""
+"""Faults read as one line (flaxgpt/faults.py): the root cause stated, one line per decision, and
+none of the libraries' background tracebacks, for the faults a user meets: a full disk during a
+save, checkpoints that cannot be read (all of them, one truncated file, a stray folder), a stopped
+sample, bad arguments."""
 
 import errno
 import logging
@@ -134,8 +135,8 @@ def data_files(step_dir: Path) -> list[Path]:
 
 
 def test_a_full_disk_during_a_save_is_one_line_that_says_so(shakespeare_char_dir, tmp_path):
-    """out_dir on a 14 MB tmpfs (in a mount namespace of this process's own): the checkpoint of step 50 fits,
-    step 100's does not."""
+    """out_dir on a 14 MB tmpfs (in a mount namespace of this process's own): the checkpoint of step
+    50 fits, step 100's does not."""
     if shutil.which("unshare") is None:
         pytest.skip("needs unshare (util-linux) to mount a small filesystem")
     disk = tmp_path / "disk"
@@ -222,7 +223,8 @@ def test_bad_arguments_are_one_line(argv, last, tmp_path):
 
 
 def test_importing_flaxgpt_and_building_a_train_step_change_no_process_state():
-    """No unraisable hook, no logging filter, no malloc setting until a program (train(), the CLIs) asks."""
+    """No unraisable hook, no logging filter, no malloc setting until a program (train(), the CLIs)
+    asks."""
     code = """
 import logging, sys, jax
 hook, filters = sys.unraisablehook, {name: list(logging.getLogger(name).filters) for name in ("asyncio", "absl")}

@@ -1,4 +1,5 @@
-"""flaxgpt/host_memory.py: a CPU train step reuses the memory of the step before instead of mapping new pages."""
+"""flaxgpt/host_memory.py: a CPU train step reuses the memory of the step before instead of mapping
+new pages."""
 
 import json
 import os
@@ -12,8 +13,9 @@ import pytest
 
 from flaxgpt import host_memory
 
-# Runs the README's CPU model's train step in a fresh process (malloc settings are per process) and prints
-# whether malloc was tuned, the step's temporary buffer size, and the page faults of each step.
+# Runs the README's CPU model's train step in a fresh process (malloc settings are per process) and
+# prints whether malloc was tuned, the step's temporary buffer size, and the page faults of each
+# step.
 STEP_FAULTS = """
 import json, resource, sys
 import jax, numpy as np
@@ -43,7 +45,8 @@ MALLOC_ENVIRONMENT = ("GLIBC_TUNABLES", "LD_PRELOAD")
 
 
 def step_faults(setting: str) -> dict:
-    """-> {"applied", "temp_bytes", "faults": per step} of a fresh process on one CPU device, glibc untuned."""
+    """-> {"applied", "temp_bytes", "faults": per step} of a fresh process on one CPU device, glibc
+    untuned."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {name: value for name, value in os.environ.items()
            if not name.startswith("MALLOC_") and name not in MALLOC_ENVIRONMENT}
@@ -58,13 +61,15 @@ def step_faults(setting: str) -> dict:
 def test_a_cpu_train_step_reuses_the_last_steps_pages():
     unmapped = step_faults("off")
     pages = unmapped["temp_bytes"] / resource.getpagesize()
-    # Over 32 MB of temporaries: glibc alone maps the block afresh every step, the case this module is for.
+    # Over 32 MB of temporaries: glibc alone maps the block afresh every step, the case this module
+    # is for.
     assert unmapped["temp_bytes"] > 32 << 20
     if statistics.median(unmapped["faults"]) < 0.5 * pages:
         pytest.skip(f"this glibc does not fault the block in every step (e.g. huge pages): {unmapped['faults']}")
     kept = step_faults("on")
     assert kept["applied"] is True
-    # The first step on each of XLA's threads still faults the block in once; most steps fault nothing.
+    # The first step on each of XLA's threads still faults the block in once; most steps fault
+    # nothing.
     assert statistics.median(kept["faults"]) < 0.1 * pages, kept["faults"]
 
 

@@ -1,4 +1,5 @@
-"""What a run records (flaxgpt/metrics.py): metrics.jsonl rows, TensorBoard scalars, lines with ETA, resume."""
+"""What a run records (flaxgpt/metrics.py): metrics.jsonl rows, TensorBoard scalars, lines with ETA,
+resume."""
 
 import json
 import struct
@@ -13,8 +14,9 @@ from flaxgpt.metrics import MetricsLog, drop_rows_after, format_seconds
 
 
 def tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """{tag: [(step, value)]} as TensorBoard shows them, read from the TFRecord event files in log_dir (length,
-    crc, event proto, crc); a session start at step S (a resumed writer's purge_step) hides earlier steps >= S."""
+    """{tag: [(step, value)]} as TensorBoard shows them, read from the TFRecord event files in
+    log_dir (length, crc, event proto, crc); a session start at step S (a resumed writer's
+    purge_step) hides earlier steps >= S."""
     from tensorboardX.proto import event_pb2
 
     scalars = {}
@@ -102,7 +104,8 @@ def test_format_seconds():
 
 
 def test_tensorboard_logging_does_not_import_torch(tmp_path):
-    """tensorboardX imports torch whenever it is installed; a run's MetricsLog must not (2.5 s, ~190 MB)."""
+    """tensorboardX imports torch whenever it is installed; a run's MetricsLog must not (its import
+    is slow and large: docs/performance.md)."""
     pytest.importorskip("torch")
     code = ("import sys; from flaxgpt.config import base_config; from flaxgpt.metrics import MetricsLog\n"
             f"with MetricsLog(base_config(), __import__('pathlib').Path({str(tmp_path)!r}), 'run-a') as log:\n"

@@ -1,4 +1,5 @@
-"""Model FLOPs utilisation (flaxgpt/mfu.py): the peak table, the measured CPU peak, the arithmetic."""
+"""Model FLOPs utilisation (flaxgpt/mfu.py): the peak table, the measured CPU peak, the
+arithmetic."""
 
 from types import SimpleNamespace
 

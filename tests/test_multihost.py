@@ -1,9 +1,9 @@
 """Multi-host training with jax.distributed, simulated by processes on 127.0.0.1.
 
-Two processes with 4 simulated CPU devices each (gloo collectives) train through `train(config)` on a
-data 2 x fsdp 2 x tensor 2 mesh; the losses, the metrics file and the checkpoint must be those of one
-process with all 8 devices (this test process, see tests/conftest.py). A process whose peer never
-starts must end with an error, not hang.
+Two processes with 4 simulated CPU devices each (gloo collectives) train through `train(config)` on
+a data 2 x fsdp 2 x tensor 2 mesh; the losses, the metrics file and the checkpoint must be those of
+one process with all 8 devices (this test process, see tests/conftest.py). A process whose peer
+never starts must end with an error, not hang.
 """
 
 import json
@@ -27,7 +27,8 @@ MESH = {"data": 2, "fsdp": 2, "tensor": 2}  # tensor within a process, data x fs
 LOSS_TOL = dict(rtol=2e-6, atol=0)
 PARAM_TOL = dict(rtol=1e-5, atol=1e-7)
 
-# Runs train() in a fresh process: argv[1] is JSON {"config": {...}, "distributed": {...}, "result": path}.
+# Runs train() in a fresh process: argv[1] is JSON {"config": {...}, "distributed": {...}, "result":
+# path}.
 RUNNER = """
 import json, sys
 args = json.loads(sys.argv[1])
@@ -53,7 +54,8 @@ def data_dir(alphabet64_dir) -> Path:
 
 
 def run_config(data_dir: Path, out_dir: Path) -> dict:
-    """Overrides of the shakespeare_char cpu config (AdamW with warm-up, dropout 0): a tiny model."""
+    """Overrides of the shakespeare_char cpu config (AdamW with warm-up, dropout 0): a tiny
+    model."""
     return dict(data_dir=str(data_dir), out_dir=str(out_dir), mesh=MESH, n_layer=2, n_head=4, n_embd=32,
                 block_size=16, batch_size=8, gradient_accumulation_steps=2, max_iters=3, eval_interval=3,
                 eval_iters=2, log_interval=1, always_save_checkpoint=True, async_checkpointing=False)
@@ -106,7 +108,8 @@ def test_two_processes_train_like_one(data_dir, tmp_path):
         np.testing.assert_allclose(np.asarray(p), np.asarray(w), err_msg=jax.tree_util.keystr(path), **PARAM_TOL)
 
 
-# A process alone, told there are 2: process 0 (its peer never starts) and process 1 (no coordinator).
+# A process alone, told there are 2: process 0 (its peer never starts) and process 1 (no
+# coordinator).
 LONE = """
 import sys
 from flaxgpt import distributed
@@ -137,8 +140,8 @@ def test_a_missing_peer_fails_instead_of_hanging(lone_processes, process_id):
 
 
 def test_a_missing_peer_gives_a_clear_error(lone_processes):
-    """Process 1 finds no coordinator: a RuntimeError. Process 0 (the coordinator) says what it waits for
-    before jax's client aborts it: jax 0.10 offers no way to catch that time-out."""
+    """Process 1 finds no coordinator: a RuntimeError. Process 0 (the coordinator) says what it
+    waits for before jax's client aborts it: jax 0.10 offers no way to catch that time-out."""
     rc, _, err, _ = lone_processes[1]
     assert "RuntimeError: jax.distributed could not connect process 1 of 2" in err, err[-3000:]
     assert "within 5s" in err
@@ -148,8 +151,8 @@ def test_a_missing_peer_gives_a_clear_error(lone_processes):
 
 
 def test_libtpu_alone_is_not_a_multiprocess_launch(monkeypatch, tmp_path):
-    """CPU machines install libtpu to compile for TPU topologies; only attached chips or a TPU cluster's
-    variables make a launch multi-process."""
+    """CPU machines install libtpu to compile for TPU topologies; only attached chips or a TPU
+    cluster's variables make a launch multi-process."""
     from flaxgpt import distributed
     for name in (*distributed.TPU_CLUSTER_ENV, "JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_SKIP_MDS_QUERY"):
         monkeypatch.delenv(name, raising=False)

@@ -1,4 +1,5 @@
-"""The optimizer: nanoGPT's learning-rate schedule, decay mask, clipping, AdamW = torch.optim.AdamW."""
+"""The optimizer: nanoGPT's learning-rate schedule, decay mask, clipping, AdamW =
+torch.optim.AdamW."""
 
 import math
 
@@ -52,7 +53,8 @@ def test_weight_decay_only_on_matrices_and_embeddings():
 
 
 def test_matches_torch_adamw_with_clipping():
-    """A few steps on a decayed matrix and an undecayed bias equal torch's AdamW after clip_grad_norm_."""
+    """A few steps on a decayed matrix and an undecayed bias equal torch's AdamW after
+    clip_grad_norm_."""
     torch = pytest.importorskip("torch")
     c = base_config()
     c.learning_rate, c.warmup_iters, c.lr_decay_iters, c.min_lr, c.grad_clip = 1e-2, 2, 10, 1e-3, 0.5

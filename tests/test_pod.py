@@ -1,9 +1,9 @@
-"""A Cloud TPU pod slice, simulated (tests/simulated_pod.py): 4 processes of 4 CPU devices on 127.0.0.1,
-their mesh ordered by host as a v4-32's is (hosts interleaved along the data axis), each in its own working
-directory, with a real GCS emulator as the bucket. Through train.py's command line, as on the slice:
-prepare into the bucket, train there, SIGTERM every host mid-run (a maintenance event), resume, sample.
-Also what a pod must refuse or survive: a local out_dir, hosts with different datasets, one failing host,
-a checkpoint one host cannot read.
+"""A Cloud TPU pod slice, simulated (tests/simulated_pod.py): 4 processes of 4 CPU devices on
+127.0.0.1, their mesh ordered by host as a v4-32's is (hosts interleaved along the data axis), each
+in its own working directory, with a real GCS emulator as the bucket. Through train.py's command
+line, as on the slice: prepare into the bucket, train there, SIGTERM every host mid-run (a
+maintenance event), resume, sample. Also what a pod must refuse or survive: a local out_dir, hosts
+with different datasets, one failing host, a checkpoint one host cannot read.
 """
 
 import json
@@ -32,7 +32,8 @@ RUN = ["--config.n_layer=2", "--config.n_head=4", "--config.n_embd=32", "--confi
 
 @pytest.fixture(scope="module")
 def v4_32_host_order() -> list[int]:
-    """The process of each position of a data-parallel mesh over a real v4-32 (from libtpu's topology)."""
+    """The process of each position of a data-parallel mesh over a real v4-32 (from libtpu's
+    topology)."""
     pytest.importorskip("libtpu", reason='the v4-32 topology comes from libtpu: pip install "flaxgpt[tpu]"')
     from flaxgpt import compile_for
     mesh = sharding.make_mesh({"data": -1}, compile_for.target_named("v4-32").devices)
@@ -64,7 +65,8 @@ def test_a_pod_trains_on_a_bucket_stops_on_sigterm_and_resumes_exactly(
         tmp_path, gcs_bucket, bucket_data, v4_32_host_order):
     runs = f"{gcs_bucket}/pod/runs"
     common = [CONFIG, *RUN, f"--config.data_dir={bucket_data}", "--config.max_iters=12", "--config.eval_interval=6"]
-    # JAX_COMPILATION_CACHE_DIR unset: the processes use flaxgpt's default for a pod, <out_dir>/compilation_cache.
+    # JAX_COMPILATION_CACHE_DIR unset: the processes use flaxgpt's default for a pod,
+    # <out_dir>/compilation_cache.
     pod = Pod(tmp_path, HOSTS, DEVICES, host_order=v4_32_host_order, JAX_COMPILATION_CACHE_DIR=None)
 
     pod.start(*common, f"--config.out_dir={runs}/stopped")
@@ -83,7 +85,8 @@ def test_a_pod_trains_on_a_bucket_stops_on_sigterm_and_resumes_exactly(
     straight = pod.train(*common, f"--config.out_dir={runs}/straight")
     assert_all_succeeded(straight)
 
-    # Stopped, resumed and never stopped: the same params, bit for bit; and the same losses after the stop.
+    # Stopped, resumed and never stopped: the same params, bit for bit; and the same losses after
+    # the stop.
     chex_equal = jax.tree.map(np.array_equal, params_of(f"{runs}/stopped"), params_of(f"{runs}/straight"))
     assert all(jax.tree.leaves(chex_equal)), chex_equal
     rows = lambda run: [json.loads(line) for line in storage.path(f"{runs}/{run}/metrics.jsonl").read_text().splitlines()]
@@ -100,7 +103,8 @@ def test_a_pod_trains_on_a_bucket_stops_on_sigterm_and_resumes_exactly(
     for got, want in zip(jax.tree.leaves(params_of(f"{runs}/straight")), jax.tree.leaves(single)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)  # Adam magnifies rounding
 
-    # Everything went to the bucket: the hosts' own disks hold nothing; host 0 cached its compiled programs there.
+    # Everything went to the bucket: the hosts' own disks hold nothing; host 0 cached its compiled
+    # programs there.
     assert pod.local_files() == []
     assert list((storage.path(f"{runs}/stopped") / "compilation_cache").iterdir())
     names = {p.name for p in storage.path(f"{runs}/stopped").iterdir()}
@@ -152,8 +156,8 @@ def test_one_failing_host_stops_every_host_within_seconds(tmp_path, bucket_data,
 
 
 def test_a_checkpoint_one_host_cannot_read_is_passed_over_by_every_host(tmp_path, bucket_data, gcs_dir):
-    """FSDP over both hosts: each reads only its own shards. Host 1's shards of the newest step are damaged:
-    both hosts pass over that step, say why, and resume from the one before."""
+    """FSDP over both hosts: each reads only its own shards. Host 1's shards of the newest step are
+    damaged: both hosts pass over that step, say why, and resume from the one before."""
     pod = Pod(tmp_path, 2, 2)
     common = [CONFIG, *RUN, f"--config.data_dir={bucket_data}", f"--config.out_dir={gcs_dir}", "--config.batch_size=4",
               "--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.eval_interval=3", "--config.max_to_keep=5"]
@@ -170,8 +174,9 @@ def test_a_checkpoint_one_host_cannot_read_is_passed_over_by_every_host(tmp_path
 
 
 def test_a_pretrained_model_is_read_on_host_0_alone_and_reaches_every_host(tmp_path, tiny_hf_gpt2, gcs_dir):
-    """Fine-tuning from a Hugging Face folder that only host 0 has on its disk (as a download would be):
-    the other hosts receive the weights, and the run's first evaluation is the model's own loss."""
+    """Fine-tuning from a Hugging Face folder that only host 0 has on its disk (as a download would
+    be): the other hosts receive the weights, and the run's first evaluation is the model's own
+    loss."""
     pod = Pod(tmp_path, 2, 2)
     (pod.hosts[0] / "gpt2-tiny").symlink_to(tiny_hf_gpt2, target_is_directory=True)
     text = tmp_path / "input.txt"

@@ -28,7 +28,8 @@ def gpt2_ranks(monkeypatch):
 
 
 def shakespeare_text(tmp_path) -> Path:
-    """The shared tinyshakespeare corpus, or a small generated stand-in when this checkout has none."""
+    """The shared tinyshakespeare corpus, or a small generated stand-in when this checkout has
+    none."""
     shared = SHARED / "tinyshakespeare/input.txt"
     if shared.is_file():
         return shared

@@ -7,7 +7,8 @@ so results agree to float32 rounding, not bit for bit. The TrainStep-level compa
 momentum after global-norm clipping: Adam divides every gradient element by its own magnitude, so an
 element whose true gradient is 0 (e.g. the key bias: softmax ignores a shift of all scores) or tiny
 turns rounding noise into a +-lr step, and Adam's parameters of any two reduction orders differ by
-~lr. The end-to-end test through `train()` uses the real AdamW at the configs' warm-up learning rate.
+~lr. The end-to-end test through `train()` uses the real AdamW at the configs' warm-up learning
+rate.
 """
 
 
@@ -46,7 +47,8 @@ def eight_devices():
 
 
 def sgd():
-    # Clipping at 0.2 is active (the gradient norms are 0.3 - 0.8), so the global norm over all shards matters.
+    # Clipping at 0.2 is active (below the gradient norms), so the global norm over all shards
+    # matters.
     return optax.chain(optax.clip_by_global_norm(0.2), optax.sgd(0.5, momentum=0.9))
 
 
@@ -56,7 +58,8 @@ def batches():
 
 
 def spec(x) -> tuple:
-    """x's PartitionSpec as a tuple padded with None to x's rank (P('a') and P('a', None) are alike)."""
+    """x's PartitionSpec as a tuple padded with None to x's rank (P('a') and P('a', None) are
+    alike)."""
     s = tuple(x.sharding.spec)
     return s + (None,) * (len(x.shape) - len(s))
 
@@ -71,7 +74,7 @@ def run(step_fns: TrainStep, state):
     return state, np.array(losses), np.array(norms)
 
 
-# ----------------------------------------------------------------------------------------------- mesh
+# --------------------------------------------------------------------------------------------- mesh
 
 @pytest.mark.parametrize("shape, sizes", [
     ({"data": -1, "fsdp": 1, "tensor": 1}, (8, 1, 1)),
@@ -120,12 +123,12 @@ def test_batch_sharding_splits_the_batch_over_data_and_fsdp():
     np.testing.assert_array_equal(sharding.process_rows(s, (A, B, T), batch_axis=1), np.arange(B))  # all rows
 
 
-# ----------------------------------------------------------------------- sharded training == one device
+# ------------------------------------------------------------------- sharded training == one device
 
 @pytest.fixture(scope="module")
 def reference():
-    """Init and 3 steps (2 micro-batches each) on one device: (initial state on the host, losses, norms,
-    final params on the host)."""
+    """Init and 3 steps (2 micro-batches each) on one device: (initial state on the host, losses,
+    norms, final params on the host)."""
     step_fns = TrainStep(TINY, sgd(), one_device_mesh(), seed=SEED)
     init = to_host(step_fns.init(jax.random.key(0)))
     state, losses, norms = run(step_fns, jax.device_put(init, step_fns.state_sharding))
@@ -151,10 +154,10 @@ def test_sharded_training_matches_one_device(name, reference):
 
 
 def test_dropout_masks_do_not_depend_on_the_mesh(reference):
-    """The dropout RNG is a function of (seed, step, micro-step) only, and jax's random bits do not depend
-    on the sharding (with jax_threefry_partitionable, the default, each device draws only its slice; with
-    it off the masks are the same too, drawn whole). FSDP 4 x TP 2 splits the batch (all dropout masks)
-    and the heads (attention-weight dropout)."""
+    """The dropout RNG is a function of (seed, step, micro-step) only, and jax's random bits do not
+    depend on the sharding (with jax_threefry_partitionable, the default, each device draws only its
+    slice; with it off the masks are the same too, drawn whole). FSDP 4 x TP 2 splits the batch (all
+    dropout masks) and the heads (attention-weight dropout)."""
     init, _, ref_norms, _ = reference
     config = TINY.replace(dropout=0.2)
     results = {}
@@ -168,9 +171,10 @@ def test_dropout_masks_do_not_depend_on_the_mesh(reference):
     assert_trees_close(results["fsdp4_tp2"][2], results["one"][2], **PARAM_TOL)
 
 
-# ------------------------------------------------------------------------------------------ shardings
+# ---------------------------------------------------------------------------------------- shardings
 
-# Per parameter (path below a block, or top level): the PartitionSpec under data 1 x fsdp 4 x tensor 2.
+# Per parameter (path below a block, or top level): the PartitionSpec under data 1 x fsdp 4 x tensor
+# 2.
 FSDP4_TP2_SPECS = {
     "wte/embedding": ("tensor", "fsdp"),  # ("vocab", "embed")
     "wpe/embedding": (None, "fsdp"),
@@ -236,7 +240,8 @@ def test_fsdp_shards_every_param_with_an_embed_axis_and_dp_replicates_everything
 
 
 def test_dimensions_the_mesh_does_not_divide_are_replicated():
-    """A 65-token vocabulary and 3 heads over tensor=2: those axes stay whole, training still matches."""
+    """A 65-token vocabulary and 3 heads over tensor=2: those axes stay whole, training still
+    matches."""
     odd = GPTConfig(block_size=16, vocab_size=65, n_layer=1, n_head=3, n_embd=24)
     params = TrainStep(odd, sgd(), sharding.make_mesh({"fsdp": 4, "tensor": 2})).abstract_state.params
     assert spec(params["wte"]["embedding"]) == (None, "fsdp")
@@ -250,12 +255,13 @@ def test_dimensions_the_mesh_does_not_divide_are_replicated():
     np.testing.assert_allclose(losses[1], losses[0], **LOSS_TOL)
 
 
-# -------------------------------------------------------------------------------------------- checkpoints
+# -------------------------------------------------------------------------------------- checkpoints
 
 
 def test_each_host_of_a_v4_32_reads_its_own_interleaved_rows():
-    """A v4-32's devices in physical order put its 4 hosts round-robin along the data axis: host 0 holds rows
-    0, 4, 8, 12 of a 16-row batch. rows_by_process finds each host's rows from the topology alone."""
+    """A v4-32's devices in physical order put its 4 hosts round-robin along the data axis: host 0
+    holds rows 0, 4, 8, 12 of a 16-row batch. rows_by_process finds each host's rows from the
+    topology alone."""
     pytest.importorskip("libtpu", reason='the v4-32 topology comes from libtpu: pip install "flaxgpt[tpu]"')
     from flaxgpt import compile_for
     mesh = sharding.make_mesh({"data": -1}, compile_for.target_named("v4-32").devices)

@@ -47,8 +47,8 @@ def test_a_bucket_round_trip(gcs_dir):
 
 
 def test_a_listing_sees_what_another_host_wrote_since(gcs_dir):
-    """fsspec caches listings by default: a host that listed a folder would not see a checkpoint another
-    host wrote after that. Another host here is another client of the same bucket."""
+    """fsspec caches listings by default: a host that listed a folder would not see a checkpoint
+    another host wrote after that. Another host here is another client of the same bucket."""
     folder = storage.path(gcs_dir) / "shared"
     storage.write_atomically(folder / "a", "1")
     assert [p.name for p in folder.iterdir()] == ["a"]

@@ -1,4 +1,5 @@
-"""Tokenizers and vocabulary metadata (flaxgpt/tokenizer.py): meta.json, nanoGPT's meta.pkl, streaming text."""
+"""Tokenizers and vocabulary metadata (flaxgpt/tokenizer.py): meta.json, nanoGPT's meta.pkl,
+streaming text."""
 
 import json
 import os

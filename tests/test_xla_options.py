@@ -1,4 +1,5 @@
-"""flaxgpt/xla_options.py: which XLA options the train and eval steps compile with, and that they apply."""
+"""flaxgpt/xla_options.py: which XLA options the train and eval steps compile with, and that they
+apply."""
 
 import os
 import subprocess
@@ -40,7 +41,8 @@ def test_an_option_this_jaxlib_does_not_know_is_dropped(monkeypatch):
 
 
 def test_the_cpu_train_and_eval_steps_compile_without_ynnpack_fusions(monkeypatch):
-    """The same train step compiled by a plain jax.jit has YNNPACK fusions (so the check can fail)."""
+    """The same train step compiled by a plain jax.jit has YNNPACK fusions (so the check can
+    fail)."""
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     step = TrainStep(TINY, optax.adamw(1e-3), one_device_mesh())
     state = step.abstract_state
@@ -52,8 +54,8 @@ def test_the_cpu_train_and_eval_steps_compile_without_ynnpack_fusions(monkeypatc
 
 
 def _compile_in_a_fresh_process(cache_dir, **env_vars) -> None:
-    """A process that calls use_compilation_cache(cache_dir) and compiles one small program (far below JAX's
-    one second threshold: it is only cached because flaxgpt caches every program)."""
+    """A process that calls use_compilation_cache(cache_dir) and compiles one small program (far
+    below JAX's one second threshold: it is only cached because flaxgpt caches every program)."""
     code = ("import jax; from flaxgpt import xla_options\n"
             f"xla_options.use_compilation_cache({None if cache_dir is None else str(cache_dir)!r})\n"
             "jax.jit(lambda x: x * 2 + 1)(1.0).block_until_ready()")  # compiles in milliseconds
@@ -68,7 +70,8 @@ def test_the_compilation_cache_keeps_compiled_programs_where_it_is_told(tmp_path
 
 
 def test_jax_compilation_cache_dir_in_the_environment_wins(tmp_path):
-    """The user's own cache keeps JAX's settings: the small program is not cached there unless they ask."""
+    """The user's own cache keeps JAX's settings: the small program is not cached there unless they
+    ask."""
     _compile_in_a_fresh_process(tmp_path / "ours", JAX_COMPILATION_CACHE_DIR=tmp_path / "users")
     assert not (tmp_path / "ours").exists()
     assert not (tmp_path / "users").exists() or not any((tmp_path / "users").iterdir())
