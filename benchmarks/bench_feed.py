@@ -34,11 +34,14 @@ from flaxgpt.model import count_params, flops_per_token
 from flaxgpt.train_step import TrainStep
 from flaxgpt.config import model_config
 
-CONFIG = config_flags.DEFINE_config_file("config", "configs/owt.py", "the config whose batches to read")
-BUCKET = flags.DEFINE_string("bucket", None, "a gs:// folder to copy the dataset to (default: an emulator)")
+CONFIG = config_flags.DEFINE_config_file("config", "configs/owt.py", "the config whose batches to "
+                                                                     "read")
+BUCKET = flags.DEFINE_string("bucket", None, "a gs:// folder to copy the dataset to (default: an "
+                                             "emulator)")
 TOKENS = flags.DEFINE_integer("tokens", 50_000_000, "tokens in the synthetic dataset")
 STEPS = flags.DEFINE_integer("steps", 20, "steps to read from each source")
-TIME_STEP = flags.DEFINE_boolean("time_step", False, "also time the train step on this machine's devices")
+TIME_STEP = flags.DEFINE_boolean("time_step", False, "also time the train step on this machine's "
+                                                     "devices")
 CHIPS_PER_HOST = 4
 TPU_KINDS = ("TPU v4", "TPU v5 lite", "TPU v5p", "TPU v6 lite")
 
@@ -51,8 +54,8 @@ def emulated_bucket():
     import gcsfs
     server = FakeGCSServer(host="127.0.0.1")
     server.start()
-    threading.Thread(target=shutil.copyfileobj, args=(server._process.stderr, open(os.devnull, "wb")),
-                     daemon=True).start()
+    threading.Thread(target=shutil.copyfileobj,
+                     args=(server._process.stderr, open(os.devnull, "wb")), daemon=True).start()
     try:
         gcsfs.GCSFileSystem(skip_instance_cache=True).mkdir("bench")
         yield "gs://bench/feed"
@@ -65,12 +68,13 @@ def write_dataset(folder: storage.Path, n_tokens: int, vocab_size: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for split, part in (("train", tokens), ("val", tokens[: n_tokens // 100])):
         storage.write_atomically(folder / f"{split}.bin", part.tobytes())
-    meta = {"tokenizer": "random", "vocab_size": vocab_size, "dtype": "uint16", "train_tokens": n_tokens,
-            "val_tokens": n_tokens // 100}
+    meta = {"tokenizer": "random", "vocab_size": vocab_size, "dtype": "uint16",
+            "train_tokens": n_tokens, "val_tokens": n_tokens // 100}
     storage.write_atomically(folder / "meta.json", json.dumps(meta))
 
 
-def feed_tokens_per_s(config, train_step: TrainStep, data_dir, steps: int) -> tuple[float, float, float]:
+def feed_tokens_per_s(config, train_step: TrainStep, data_dir,
+                      steps: int) -> tuple[float, float, float]:
     """(tokens/s reading this host's rows, this process's CPU seconds per token doing so, tokens/s
     of the whole feed as the loop runs it: reading ahead, placing on the devices)."""
     config.data_dir = os.fspath(data_dir)
@@ -95,32 +99,36 @@ def main(_):
     model = model_config(config, vocab_size)
     train_step = TrainStep(model, optim.make_optimizer(config), mesh, seed=config.seed)
     A, B, T = config.gradient_accumulation_steps, config.batch_size, config.block_size
-    print(f"config: {A} x {B} sequences x {T} tokens per step ({A * B * T:,} tokens), vocabulary {vocab_size:,}; "
-          f"{TOKENS.value:,}-token dataset")
+    print(f"config: {A} x {B} sequences x {T} tokens per step ({A * B * T:,} tokens), vocabulary "
+          f"{vocab_size:,}; {TOKENS.value:,}-token dataset")
     with tempfile.TemporaryDirectory() as local, contextlib.ExitStack() as stack:
         bucket = BUCKET.value or stack.enter_context(emulated_bucket())
         write_dataset(storage.path(local), TOKENS.value, vocab_size)
         write_dataset(storage.path(bucket), TOKENS.value, vocab_size)
-        for name, where in (("local file", local), (f"bucket {bucket}" + ("" if BUCKET.value else " (emulator)"), bucket)):
+        for name, where in (("local file", local),
+                            (f"bucket {bucket}" + ("" if BUCKET.value else " (emulator)"), bucket)):
             read, cpu_per_token, fed = feed_tokens_per_s(config, train_step, where, STEPS.value)
-            print(f"feed from {name}: reads {read:,.0f} tokens/s, whole feed {fed:,.0f} tokens/s; this process's "
-                  f"CPU {cpu_per_token * 1e3 * (T + 1):.3f} ms per {T + 1}-token window, so one core reads "
-                  f"{1 / cpu_per_token:,.0f} tokens/s")
+            print(f"feed from {name}: reads {read:,.0f} tokens/s, whole feed {fed:,.0f} tokens/s; "
+                  f"this process's CPU {cpu_per_token * 1e3 * (T + 1):.3f} ms per {T + 1}-token "
+                  f"window, so one core reads {1 / cpu_per_token:,.0f} tokens/s")
     n_params = count_params(train_step.abstract_state.params)
     per_token = flops_per_token(model, n_params, T)
     for kind in TPU_KINDS:
         peak = next(f for k, f in mfu.PEAK_FLOPS if k == kind)
-        print(f"a {kind} host ({CHIPS_PER_HOST} chips) at 100% MFU consumes {CHIPS_PER_HOST * peak / per_token:,.0f} tokens/s")
+        print(f"a {kind} host ({CHIPS_PER_HOST} chips) at 100% MFU consumes "
+              f"{CHIPS_PER_HOST * peak / per_token:,.0f} tokens/s")
     if TIME_STEP.value:
         from flaxgpt import benchmarking, host_memory
         if jax.default_backend() == "cpu":  # as train() does
             host_memory.keep_freed_memory()
         state = train_step.init(jax.random.key(0))
-        tokens = np.random.default_rng(0).integers(0, model.vocab_size, (A, B, T + 1), dtype=np.int32)
+        tokens = np.random.default_rng(0).integers(0, model.vocab_size, (A, B, T + 1),
+                                                   dtype=np.int32)
         x, y = (jax.device_put(a, train_step.batch_sharding) for a in (tokens[..., :-1], tokens[..., 1:]))
-        _, (dt,) = benchmarking.time_steps(lambda s: train_step.train_fn(s, x, y)[0], state, steps=10)
-        print(f"the train step on this machine ({jax.device_count()} x {jax.devices()[0].device_kind}): "
-              f"{A * B * T / dt:,.0f} tokens/s")
+        _, (dt,) = benchmarking.time_steps(lambda s: train_step.train_fn(s, x, y)[0], state,
+                                           steps=10)
+        print(f"the train step on this machine ({jax.device_count()} x "
+              f"{jax.devices()[0].device_kind}): {A * B * T / dt:,.0f} tokens/s")
 
 
 if __name__ == "__main__":

@@ -46,7 +46,8 @@ MODES = {  # name -> (mesh, devices used)
     "TP 2 x DP 4": ({"data": 4, "tensor": 2}, 8),
     "FSDP 4 x TP 2": ({"fsdp": 4, "tensor": 2}, 8),
 }
-KEYS = {"one": "1 device", "dp8": "DP 8", "fsdp8": "FSDP 8", "tp2_dp4": "TP 2 x DP 4", "fsdp4_tp2": "FSDP 4 x TP 2"}
+KEYS = {"one": "1 device", "dp8": "DP 8", "fsdp8": "FSDP 8", "tp2_dp4": "TP 2 x DP 4",
+        "fsdp4_tp2": "FSDP 4 x TP 2"}
 
 
 def parse_args(argv=None):
@@ -54,10 +55,13 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
-    p.add_argument("--modes", default=",".join(KEYS), help=f"comma-separated subset of {','.join(KEYS)}")
-    p.add_argument("--batch_size", type=int, default=16, help="global micro-batch (all devices together)")
+    p.add_argument("--modes", default=",".join(KEYS), help="comma-separated subset of "
+                                                           f"{','.join(KEYS)}")
+    p.add_argument("--batch_size", type=int, default=16, help="global micro-batch (all devices "
+                                                              "together)")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per step")
-    p.add_argument("--vocab_size", type=int, default=None, help="default: the prepared shakespeare_char's")
+    p.add_argument("--vocab_size", type=int, default=None, help="default: the prepared "
+                                                                "shakespeare_char's")
     return p.parse_args(argv)
 
 
@@ -73,11 +77,13 @@ def bench(name, mesh_shape, n_devices, model, optimizer, args):
     state, metrics = step_fns.train_fn(state, x, y)
     jax.block_until_ready((state, metrics))
     compile_s = time.perf_counter() - t0
-    (state, metrics), times = benchmarking.time_steps(lambda sm: step_fns.train_fn(sm[0], x, y), (state, metrics),
-                                                      steps=args.steps, repeats=args.repeats, warmup=args.warmup)
+    (state, metrics), times = benchmarking.time_steps(lambda sm: step_fns.train_fn(sm[0], x, y),
+                                                      (state, metrics), steps=args.steps,
+                                                      repeats=args.repeats, warmup=args.warmup)
     dt = statistics.median(times)
     return {"mode": name, "mesh": dict(mesh.shape), "compile_s": compile_s, "ms": dt * 1e3,
-            "ms_min": min(times) * 1e3, "tok_s": args.grad_accum * args.batch_size * model.block_size / dt,
+            "ms_min": min(times) * 1e3,
+            "tok_s": args.grad_accum * args.batch_size * model.block_size / dt,
             "loss": float(metrics["loss"])}
 
 
@@ -95,12 +101,14 @@ def main(argv=None):
     except (OSError, ValueError) as e:
         sys.exit(f"bench_parallel.py: error: {e}")
     optimizer = optim.make_optimizer(config)
-    n_params = count_params(TrainStep(model, optimizer, sharding.make_mesh({"data": 1}, jax.devices()[:1]))
+    n_params = count_params(TrainStep(model, optimizer,
+                                      sharding.make_mesh({"data": 1}, jax.devices()[:1]))
                             .abstract_state.params)
-    print(f"jax {jax.__version__}, {jax.device_count()} simulated {jax.devices()[0].platform} devices on "
-          f"{os.cpu_count()} cores; model {n_params / 1e6:.2f}M params, {model.n_layer} layers x "
-          f"{model.n_embd} wide, {model.n_head} heads, vocab {model.vocab_size}, block {model.block_size}; "
-          f"batch {args.grad_accum} x {args.batch_size}; {args.repeats} x {args.steps} steps", flush=True)
+    print(f"jax {jax.__version__}, {jax.device_count()} simulated {jax.devices()[0].platform} "
+          f"devices on {os.cpu_count()} cores; model {n_params / 1e6:.2f}M params, {model.n_layer} "
+          f"layers x {model.n_embd} wide, {model.n_head} heads, vocab {model.vocab_size}, block "
+          f"{model.block_size}; batch {args.grad_accum} x {args.batch_size}; {args.repeats} x "
+          f"{args.steps} steps", flush=True)
     rows = []
     for name in modes:
         mesh_shape, n_devices = MODES[name]
@@ -114,8 +122,8 @@ def main(argv=None):
     for r in rows:
         mesh = ",".join(str(v) for v in r["mesh"].values())
         rel = f"{base / r['ms']:.2f}x" if base else "-"
-        print(f"{r['mode']:<15} {mesh:<24} {r['ms']:8.1f} {r['ms_min']:8.1f} {r['tok_s']:10,.0f} {rel:>8}"
-              f" {r['compile_s']:9.1f} {r['loss']:7.4f}")
+        print(f"{r['mode']:<15} {mesh:<24} {r['ms']:8.1f} {r['ms_min']:8.1f} {r['tok_s']:10,.0f} "
+              f"{rel:>8} {r['compile_s']:9.1f} {r['loss']:7.4f}")
     return rows
 
 

@@ -44,5 +44,6 @@ def get_config(variant: str = "gpu"):
         c.dtype = "float32"
         c.scan_layers = False  # 4 layers compile fast unrolled, and XLA:CPU runs them 14% faster than scanned
     elif variant != "gpu":
-        raise ValueError(f"unknown variant {variant!r} of shakespeare_char: use gpu (default) or cpu")
+        raise ValueError(f"unknown variant {variant!r} of shakespeare_char: use gpu (default) or "
+                         "cpu")
     return c

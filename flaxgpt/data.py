@@ -34,10 +34,12 @@ def _missing(path: storage.Path, data_dir: storage.Path) -> FileNotFoundError:
     if name in DATASETS and name != "text":
         return FileNotFoundError(f"{path} not found: prepare the dataset first with "
                                  f"`python prepare.py {name}{out_dir}`")
-    named = (f"{', '.join(d for d in DATASETS if d != 'text')} (python prepare.py NAME{out_dir}), or your own "
-             f"text as this dataset (python prepare.py text --input 'FILES' --name {name}{out_dir})")
-    return FileNotFoundError(f"{path} not found: no dataset {name!r} was prepared there. prepare.py makes "
-                             f"{named}; or point --config.data_dir at a prepared folder")
+    named = (f"{', '.join(d for d in DATASETS if d != 'text')} (python prepare.py NAME{out_dir}), "
+             "or your own text as this dataset (python prepare.py text --input 'FILES' --name "
+             f"{name}{out_dir})")
+    return FileNotFoundError(f"{path} not found: no dataset {name!r} was prepared there. "
+                             f"prepare.py makes {named}; or point --config.data_dir at a prepared "
+                             "folder")
 
 
 def dataset_dir(config) -> storage.Path:
@@ -84,7 +86,8 @@ class RemoteTokens:
         return np.frombuffer(b"".join(pieces), self.dtype).reshape(len(offsets), length)
 
 
-def open_split(data_dir: str | os.PathLike, split: str, meta: dict | None = None) -> np.memmap | RemoteTokens:
+def open_split(data_dir: str | os.PathLike, split: str,
+               meta: dict | None = None) -> np.memmap | RemoteTokens:
     """`<data_dir>/<split>.bin` [n_tokens], of the dtype the dataset's meta names: a read-only
     memmap, or a `RemoteTokens` for a folder in a bucket. A file whose length differs from
     meta.json's count is an error (an interrupted copy or prepare)."""
@@ -97,8 +100,9 @@ def open_split(data_dir: str | os.PathLike, split: str, meta: dict | None = None
         path, dtype=meta["dtype"], mode="r")
     expected = meta.get(f"{split}_tokens")
     if expected is not None and len(tokens) != expected:
-        raise ValueError(f"{path} holds {len(tokens):,} tokens but {data_dir / 'meta.json'} says {expected:,}: "
-                         f"the copy is incomplete or from another preparation; prepare the dataset again")
+        raise ValueError(f"{path} holds {len(tokens):,} tokens but {data_dir / 'meta.json'} says "
+                         f"{expected:,}: the copy is incomplete or from another preparation; "
+                         "prepare the dataset again")
     return tokens
 
 
@@ -126,8 +130,9 @@ def _check(n_tokens: int, block_size: int, split: str) -> None:
     if split not in SPLIT_CODES:
         raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_CODES)}")
     if n_tokens < block_size + 1:
-        raise ValueError(f"the {split} split has {n_tokens} tokens, but a window of block_size={block_size} "
-                         f"needs {block_size + 1}: lower block_size (or use more data)")
+        raise ValueError(f"the {split} split has {n_tokens} tokens, but a window of "
+                         f"block_size={block_size} needs {block_size + 1}: lower block_size (or "
+                         "use more data)")
 
 
 def batch_offsets(n_tokens: int, *, seed: int, step: int, batch_size: int, block_size: int,
@@ -141,8 +146,9 @@ def batch_offsets(n_tokens: int, *, seed: int, step: int, batch_size: int, block
     return rng.integers(0, n_tokens - block_size, size=batch_size)
 
 
-def get_batch(tokens: np.ndarray | RemoteTokens, *, seed: int, step: int, batch_size: int, block_size: int,
-              split: str = "train", rows: slice | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def get_batch(tokens: np.ndarray | RemoteTokens, *, seed: int, step: int, batch_size: int,
+              block_size: int, split: str = "train",
+              rows: slice | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Inputs x and targets y (x shifted by one), int32 [rows, block_size], from the token array
     `tokens`.
 

@@ -104,13 +104,15 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     advice = ("Start every process with the same coordinator address and process count, process 0 "
               "reachable from the others.")
     if address and process_id not in (None, 0) and not _reachable(address, timeout):
-        raise RuntimeError(f"jax.distributed could not connect {where} within {timeout}s: nothing listens "
-                           f"there. {advice}")
+        raise RuntimeError(f"jax.distributed could not connect {where} within {timeout}s: nothing "
+                           f"listens there. {advice}")
     # jax's client aborts the process (SIGABRT) when the others do not join in time: say why
     # beforehand.
-    print(f"flaxgpt: joining {where}; waiting up to {timeout}s for all processes (if this process then "
-          f"aborts with DEADLINE_EXCEEDED, a peer never joined). {advice}", file=sys.stderr, flush=True)
-    jax.distributed.initialize(coordinator_address, num_processes, process_id, initialization_timeout=timeout)
+    print(f"flaxgpt: joining {where}; waiting up to {timeout}s for all processes (if this process "
+          "then aborts with DEADLINE_EXCEEDED, a peer never joined). "
+          f"{advice}", file=sys.stderr, flush=True)
+    jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                               initialization_timeout=timeout)
 
 
 def _reachable(address: str, timeout: float) -> bool:
@@ -162,7 +164,8 @@ def all_values(name: str, value: str, timeout_s: float = AGREEMENT_TIMEOUT_S) ->
     return [entries[f"{key}/{i}"] for i in range(jax.process_count())]
 
 
-def decided_by_main(name: str, decide: Callable[[], Any], timeout_s: float = AGREEMENT_TIMEOUT_S) -> Any:
+def decided_by_main(name: str, decide: Callable[[], Any],
+                    timeout_s: float = AGREEMENT_TIMEOUT_S) -> Any:
     """`decide()` on process 0 and its result (JSON) on every process; if it raises, every process
     raises an error of the same kind and message, so that all of them stop with the same line."""
     if jax.process_count() == 1:
@@ -207,8 +210,9 @@ def check_shared_directory(directory, what: str) -> None:
     blind = [i for i, ok in enumerate(seen) if ok != "1"]
     if blind:
         raise OSError(f"{what}={directory} is not the same storage on every host: process(es) "
-                      f"{', '.join(map(str, blind))} cannot see the file process 0 wrote there. Every host "
-                      "of a pod needs to see the same files: use a gs:// bucket (or a folder all hosts mount)")
+                      f"{', '.join(map(str, blind))} cannot see the file process 0 wrote there. "
+                      "Every host of a pod needs to see the same files: use a gs:// bucket (or a "
+                      "folder all hosts mount)")
 
 
 def _readable(probe) -> bool:
@@ -227,7 +231,8 @@ class stop_together:
     def __enter__(self):
         self._done = threading.Event()
         if jax.process_count() > 1:
-            self._thread = threading.Thread(target=self._watch, name="flaxgpt-peer-watch", daemon=True)
+            self._thread = threading.Thread(target=self._watch, name="flaxgpt-peer-watch",
+                                            daemon=True)
             self._thread.start()
         return self
 

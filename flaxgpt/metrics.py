@@ -21,8 +21,9 @@ from flaxgpt import distributed, storage
 
 TENSORBOARD_DIR = "tensorboard"
 # metrics.jsonl keys -> TensorBoard tags
-TENSORBOARD_TAGS = {"loss": "train/step_loss", "train/loss": "train/loss", "val/loss": "val/loss", "lr": "lr",
-                    "grad_norm": "grad_norm", "tokens_per_s": "tokens_per_s", "mfu": "mfu"}
+TENSORBOARD_TAGS = {"loss": "train/step_loss", "train/loss": "train/loss", "val/loss": "val/loss",
+                    "lr": "lr", "grad_norm": "grad_norm", "tokens_per_s": "tokens_per_s",
+                    "mfu": "mfu"}
 REMOTE_UPLOAD_S = 30
 
 
@@ -105,12 +106,12 @@ class MetricsLog:
                                              purge_step=None if resumed_at is None else resumed_at + 1)
         if config.wandb_log:
             import wandb
-            self.wandb = wandb.init(project=config.wandb_project, name=config.wandb_run_name, id=run_id,
-                                    resume="allow", config=config.to_dict())
+            self.wandb = wandb.init(project=config.wandb_project, name=config.wandb_run_name,
+                                    id=run_id, resume="allow", config=config.to_dict())
         if config.progress and sys.stdout.isatty() and not config.eval_only:
             from tqdm import tqdm
-            self.bar = tqdm(total=config.max_iters, initial=start_step, unit="step", dynamic_ncols=True,
-                            file=sys.stdout)
+            self.bar = tqdm(total=config.max_iters, initial=start_step, unit="step",
+                            dynamic_ncols=True, file=sys.stdout)
 
     def __enter__(self):
         return self

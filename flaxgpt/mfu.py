@@ -55,8 +55,8 @@ def mfu(flops_per_token: float, tokens_per_second: float, num_devices: int, peak
     return flops_per_token * tokens_per_second / (num_devices * peak)
 
 
-def throughput(tokens_per_step: int, seconds_per_step: float, flops_per_token: float, num_devices: int,
-               peak: float) -> tuple[float, float]:
+def throughput(tokens_per_step: int, seconds_per_step: float, flops_per_token: float,
+               num_devices: int, peak: float) -> tuple[float, float]:
     """(tokens/s, MFU) of training steps of `tokens_per_step` tokens taking `seconds_per_step`
     each."""
     tokens_per_second = tokens_per_step / seconds_per_step

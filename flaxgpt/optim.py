@@ -17,7 +17,8 @@ def learning_rate_schedule(config) -> optax.Schedule:
     warmup = max(config.warmup_iters, 0)
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=config.learning_rate / (warmup + 1), peak_value=config.learning_rate,
-        warmup_steps=warmup, decay_steps=max(config.lr_decay_iters, warmup + 1), end_value=config.min_lr)
+        warmup_steps=warmup, decay_steps=max(config.lr_decay_iters, warmup + 1),
+        end_value=config.min_lr)
     return schedule
 
 

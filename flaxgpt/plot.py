@@ -53,9 +53,10 @@ def plot_runs(out_dirs, output: storage.Path, x: str = "step") -> storage.Path:
             ax.plot(xs(steps), [r["loss"] for r in steps], color=color, alpha=0.35, linewidth=1,
                     label=f"{label} train (step)")
         if evals:
-            ax.plot(xs(evals), [r["train/loss"] for r in evals], color=color, linestyle="--", marker=".",
-                    label=f"{label} train (eval)")
-            ax.plot(xs(evals), [r["val/loss"] for r in evals], color=color, marker="o", label=f"{label} val")
+            ax.plot(xs(evals), [r["train/loss"] for r in evals], color=color, linestyle="--",
+                    marker=".", label=f"{label} train (eval)")
+            ax.plot(xs(evals), [r["val/loss"] for r in evals], color=color, marker="o",
+                    label=f"{label} val")
     ax.set_xlabel("tokens" if x == "tokens" else "step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)

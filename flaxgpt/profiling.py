@@ -24,7 +24,8 @@ def parse_profile_steps(text: str) -> tuple[int, int] | None:
     try:
         start, stop = (int(part) for part in text.split(":"))
     except ValueError:
-        raise ValueError(f"config.profile_steps={text!r}: use START:STOP, e.g. 10:15 (steps 10 to 14)") from None
+        raise ValueError(f"config.profile_steps={text!r}: use START:STOP, e.g. 10:15 (steps 10 to "
+                         "14)") from None
     if not 0 <= start < stop:
         raise ValueError(f"config.profile_steps={text!r}: START must be >= 0 and less than STOP")
     return start, stop

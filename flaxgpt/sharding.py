@@ -48,13 +48,15 @@ def make_mesh(shape: Mapping[str, int], devices=None) -> Mesh:
     known = math.prod(size for size in sizes.values() if size != -1)
     if free:
         if len(devices) % known:
-            raise ValueError(f"mesh {dict(shape)}: {len(devices)} devices are not divisible by {known}")
+            raise ValueError(f"mesh {dict(shape)}: {len(devices)} devices are not divisible by "
+                             f"{known}")
         sizes[free[0]] = len(devices) // known
     if math.prod(sizes.values()) != len(devices):
         raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, but there are "
                          f"{len(devices)}; set one axis to -1 to take the rest")
     axis_shapes = tuple(sizes[axis] for axis in MESH_AXES)
-    return jax.make_mesh(axis_shapes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    return jax.make_mesh(axis_shapes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
 
 
 def logical_shardings(abstract_tree, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
@@ -69,12 +71,14 @@ def logical_shardings(abstract_tree, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
         spec = tuple(sharding.spec) + (None,) * (len(leaf.shape) - len(sharding.spec))
         divides = lambda dim, axes: axes is None or dim % math.prod(
             mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)) == 0
-        return NamedSharding(mesh, P(*(axes if divides(dim, axes) else None for dim, axes in zip(leaf.shape, spec))))
+        return NamedSharding(mesh,
+                             P(*(axes if divides(dim, axes) else None for dim, axes in zip(leaf.shape, spec))))
 
     return jax.tree.map(fit, nn.meta.unbox(abstract_tree), shardings)
 
 
-def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0, rules=LOGICAL_AXIS_RULES) -> NamedSharding:
+def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0,
+                   rules=LOGICAL_AXIS_RULES) -> NamedSharding:
     """Sharding of a batch array whose `batch_axis` is split over the mesh axes `rules` give
     "batch"."""
     spec = [None] * ndim
@@ -92,7 +96,8 @@ def divisible_batch(batch_size: int, accumulation: int, data_parallel: int) -> t
     return min(choices, key=lambda c: (abs(c[0] * c[1] - sequences), abs(c[0] - batch_size)))
 
 
-def rows_by_process(sharding: NamedSharding, global_shape: tuple[int, ...], batch_axis: int = 0) -> dict[int, np.ndarray]:
+def rows_by_process(sharding: NamedSharding, global_shape: tuple[int, ...],
+                    batch_axis: int = 0) -> dict[int, np.ndarray]:
     """{process index: the sorted rows of the batch axis its devices hold}, for every process of the
     mesh.
 
@@ -106,13 +111,14 @@ def rows_by_process(sharding: NamedSharding, global_shape: tuple[int, ...], batc
     return {process: np.array(sorted(r), dtype=np.int64) for process, r in sorted(rows.items())}
 
 
-def process_rows(sharding: NamedSharding, global_shape: tuple[int, ...], batch_axis: int = 0) -> np.ndarray:
+def process_rows(sharding: NamedSharding, global_shape: tuple[int, ...],
+                 batch_axis: int = 0) -> np.ndarray:
     """The sorted rows of the batch axis that this process's devices hold (what it must read)."""
     return rows_by_process(sharding, global_shape, batch_axis)[jax.process_index()]
 
 
-def global_batch(local: np.ndarray, rows: np.ndarray, sharding: NamedSharding, global_shape: tuple[int, ...],
-                 batch_axis: int = 0) -> jax.Array:
+def global_batch(local: np.ndarray, rows: np.ndarray, sharding: NamedSharding,
+                 global_shape: tuple[int, ...], batch_axis: int = 0) -> jax.Array:
     """The global array from this process's `rows` of it (`local` holds them, in that order, on
     batch_axis): each local device gets its own rows, wherever they sit in the batch. All processes
     call this together."""

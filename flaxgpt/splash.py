@@ -42,8 +42,9 @@ def splash_supports(seq_len: int, head_dim: int) -> bool:
 
 def _kernel(seq_len: int, n_heads: int, interpret: bool):
     block = math.gcd(seq_len, 512)  # the largest of 128, 256, 512 that tiles the sequence
-    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                              block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                              block_q_dq=block, block_kv_dq=block)
     mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((seq_len, seq_len))] * n_heads)
     with jax.ensure_compile_time_eval():  # the mask's block tables are constants, not traced values
         return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
@@ -68,8 +69,9 @@ def splash_causal_attention(q, k, v):
     """
     T, D = q.shape[1], q.shape[3]
     if not splash_supports(T, D):
-        raise ValueError(f"splash attention needs the sequence length ({T}) to be a multiple of {BLOCK} and "
-                         f"the head size ({D}) of 64: use attention='xla', or 'auto' which falls back to it")
+        raise ValueError(f"splash attention needs the sequence length ({T}) to be a multiple of "
+                         f"{BLOCK} and the head size ({D}) of 64: use attention='xla', or 'auto' "
+                         "which falls back to it")
     k, v = k.astype(q.dtype), v.astype(q.dtype)
     attend = functools.partial(_local_attention, interpret=INTERPRET.get())
     mesh = _MESH.get() or jax.sharding.get_abstract_mesh()
@@ -80,4 +82,5 @@ def splash_causal_attention(q, k, v):
         batch_axes = ()
     heads_axis = "tensor" if "tensor" in mesh.axis_names and q.shape[2] % mesh.shape["tensor"] == 0 else None
     spec = P(batch_axes or None, None, heads_axis, None)
-    return jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
+    return jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                         check_vma=False)(q, k, v)

@@ -70,8 +70,8 @@ def check_reachable(location: str | os.PathLike, what: str) -> None:
         fs, _ = _remote_fs(location)
     except (ImportError, ValueError) as e:  # no fsspec implementation for the scheme
         hint = ' pip install "flaxgpt[gcs]"' if scheme in ("gs", "gcs") else f" install fsspec's {scheme} support"
-        raise OSError(f"{what}={location}: {scheme}:// needs a filesystem that is not installed ({e}):"
-                      f"{hint}") from None
+        raise OSError(f"{what}={location}: {scheme}:// needs a filesystem that is not installed "
+                      f"({e}):{hint}") from None
     bucket = os.fspath(location).split("://", 1)[1].split("/", 1)[0]
     try:
         exists = fs.exists(bucket)
@@ -80,9 +80,9 @@ def check_reachable(location: str | os.PathLike, what: str) -> None:
                       f"{_first_line(e)}): check the network and this machine's credentials "
                       "(gcloud auth application-default login, or the VM's service account)") from None
     if not exists:
-        raise OSError(f"{what}={location}: the bucket {scheme}://{bucket} does not exist or this machine's "
-                      f"credentials cannot see it: create it (gcloud storage buckets create {scheme}://{bucket})"
-                      " or fix the name")
+        raise OSError(f"{what}={location}: the bucket {scheme}://{bucket} does not exist or this "
+                      "machine's credentials cannot see it: create it (gcloud storage buckets "
+                      f"create {scheme}://{bucket}) or fix the name")
 
 
 def _first_line(error: Exception) -> str:
@@ -146,7 +146,8 @@ def read_ranges(location: Path, starts, stops) -> list[bytes]:
     """The bytes [start, stop) of a file for each pair, fetched concurrently from an object
     store."""
     fs, name = _remote_fs(location)
-    return fs.cat_ranges([name] * len(starts), [int(s) for s in starts], [int(s) for s in stops], on_error="raise")
+    return fs.cat_ranges([name] * len(starts), [int(s) for s in starts], [int(s) for s in stops],
+                         on_error="raise")
 
 
 def size(location: Path) -> int:

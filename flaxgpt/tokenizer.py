@@ -97,14 +97,16 @@ def gpt2_encoding(ranks_file: str | os.PathLike | None = None) -> tiktoken.Encod
             return tiktoken.get_encoding("gpt2")
         except Exception as e:  # requests' and urllib's connection errors differ between versions
             raise RuntimeError(
-                f"could not download GPT-2's BPE ranks ({type(e).__name__}). Offline, set FLAXGPT_DATA to a "
-                "folder holding gpt2/r50k_base.tiktoken (or TIKTOKEN_CACHE_DIR to tiktoken's cache).") from None
+                f"could not download GPT-2's BPE ranks ({type(e).__name__}). Offline, set "
+                "FLAXGPT_DATA to a folder holding gpt2/r50k_base.tiktoken (or TIKTOKEN_CACHE_DIR "
+                "to tiktoken's cache).") from None
     from tiktoken.load import load_tiktoken_bpe
     from tiktoken_ext.openai_public import r50k_pat_str
 
     ranks = load_tiktoken_bpe(str(ranks_file), expected_hash=GPT2_RANKS_SHA256)
     return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": GPT2_EOT}, explicit_n_vocab=GPT2_VOCAB_SIZE)
+                             special_tokens={"<|endoftext|>": GPT2_EOT},
+                             explicit_n_vocab=GPT2_VOCAB_SIZE)
 
 
 def from_meta(meta: dict | None) -> Tokenizer:
@@ -132,7 +134,8 @@ def read_meta(folder: str | os.PathLike) -> dict:
         try:
             return json.loads((folder / "meta.json").read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{folder / 'meta.json'} is not valid JSON ({e}): prepare the dataset again") from None
+            raise ValueError(f"{folder / 'meta.json'} is not valid JSON ({e}): prepare the dataset "
+                             "again") from None
     if (folder / "meta.pkl").is_file():
         return {**read_nanogpt_meta(folder / "meta.pkl"), "dtype": "uint16"}
     return {**GPT2_META, "assumed": True}
@@ -148,8 +151,9 @@ class _PlainDataUnpickler(pickle.Unpickler):
     """Unpickles plain data (dicts, lists, strings, numbers) and refuses every class or function."""
 
     def find_class(self, module, name):
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: meta.pkl should hold only a plain "
-                                     "dict, and unpickling a global could run arbitrary code")
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: meta.pkl should hold only "
+                                     "a plain dict, and unpickling a global could run arbitrary "
+                                     "code")
 
 
 def read_nanogpt_meta(meta_pkl_path: str | os.PathLike) -> dict:
@@ -169,7 +173,8 @@ def read_nanogpt_meta(meta_pkl_path: str | os.PathLike) -> dict:
     except (EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as e:  # text, truncated, ...
         raise ValueError(f"{path} is not nanoGPT's meta.pkl ({type(e).__name__}: {e})") from None
     if not isinstance(meta, dict) or not {"vocab_size", "itos"} <= meta.keys():
-        raise ValueError(f"{path} is not nanoGPT's meta.pkl: expected a dict with vocab_size and itos")
+        raise ValueError(f"{path} is not nanoGPT's meta.pkl: expected a dict with vocab_size and "
+                         "itos")
     try:
         vocab_size = int(meta["vocab_size"])
         chars = [meta["itos"][i] for i in range(vocab_size)]

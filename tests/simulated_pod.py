@@ -60,21 +60,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def process_env(port: int, n_devices: int, process_id: int | None = None, num_processes: int | None = None,
-                **overrides) -> dict:
+def process_env(port: int, n_devices: int, process_id: int | None = None,
+                num_processes: int | None = None, **overrides) -> dict:
     """This environment with `n_devices` simulated CPU devices, the repo importable, the coordinator
     bound to loopback (jax binds [::]:port by default) and, given a process id, the JAX_* variables
     a launcher sets."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_"))}
+           if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
+                                "SLURM_"))}
     flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
     env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n_devices}".strip()
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["JAX_COORDINATOR_BIND_ADDRESS"] = f"127.0.0.1:{port}"
     if process_id is not None:
-        env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(num_processes),
-                   JAX_PROCESS_ID=str(process_id))
+        env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                   JAX_NUM_PROCESSES=str(num_processes), JAX_PROCESS_ID=str(process_id))
     for name, value in overrides.items():
         if value is None:
             env.pop(name, None)
@@ -83,7 +84,8 @@ def process_env(port: int, n_devices: int, process_id: int | None = None, num_pr
     return env
 
 
-def finish(procs: list[subprocess.Popen], deadline: float, read=None) -> list[tuple[int | None, str, str]]:
+def finish(procs: list[subprocess.Popen], deadline: float,
+           read=None) -> list[tuple[int | None, str, str]]:
     """(returncode, stdout, stderr) of every process; all are killed at the deadline or 10 s after
     one fails (its peers would wait for it until jax's own timeouts). `read(i)` gives a process's
     output when it goes to files rather than pipes."""
@@ -116,8 +118,8 @@ class Pod:
     """`processes` processes of `devices` CPU devices each, host i working in root/host<i>/ (its
     only local disk) and logging to root/logs/."""
 
-    def __init__(self, root: Path, processes: int, devices: int = 4, host_order: list[int] | None = None,
-                 **env):
+    def __init__(self, root: Path, processes: int, devices: int = 4,
+                 host_order: list[int] | None = None, **env):
         self.root, self.processes, self.devices, self.host_order, self.env = root, processes, devices, host_order, env
         self.hosts = [root / f"host{i}" for i in range(processes)]
         (root / "logs").mkdir(parents=True, exist_ok=True)
@@ -133,11 +135,12 @@ class Pod:
         for i, host in enumerate(self.hosts):
             log = self.root / "logs" / f"run{self.runs}-host{i}"
             self.logs.append(log)
-            args = {"argv": list(argv), "script": str(script), "host_order": self.host_order, "fail": fail}
+            args = {"argv": list(argv), "script": str(script), "host_order": self.host_order,
+                    "fail": fail}
             with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
                 self.procs.append(subprocess.Popen(
-                    [sys.executable, "-c", RUNNER, json.dumps(args)], cwd=host, stdout=out, stderr=err,
-                    env=process_env(port, self.devices, i, self.processes, **self.env)))
+                    [sys.executable, "-c", RUNNER, json.dumps(args)], cwd=host, stdout=out,
+                    stderr=err, env=process_env(port, self.devices, i, self.processes, **self.env)))
 
     def output(self, i: int) -> tuple[str, str]:
         return Path(f"{self.logs[i]}.out").read_text(), Path(f"{self.logs[i]}.err").read_text()
@@ -149,7 +152,8 @@ class Pod:
         while not re.search(pattern, self.output(process)[0], re.MULTILINE):
             if self.procs[process].poll() is not None or time.monotonic() > deadline:
                 outputs = finish(self.procs, time.monotonic(), self.output)
-                raise AssertionError(f"no line {pattern!r} from process {process}\n{report(outputs)}")
+                raise AssertionError(f"no line {pattern!r} from process "
+                                     f"{process}\n{report(outputs)}")
             time.sleep(0.1)
 
     def signal(self, signum: int = signal.SIGTERM) -> None:

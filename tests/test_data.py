@@ -71,7 +71,8 @@ def test_uint32_files_round_trip(tmp_path):
 
 def test_nanogpt_folder_without_meta_is_assumed_gpt2_uint16(tmp_path):
     np.arange(50, dtype=np.uint16).tofile(tmp_path / "train.bin")
-    assert load_meta(tmp_path) == {"tokenizer": "gpt2", "vocab_size": 50257, "dtype": "uint16", "assumed": True}
+    assert load_meta(tmp_path) == {"tokenizer": "gpt2", "vocab_size": 50257, "dtype": "uint16",
+                                   "assumed": True}
     np.testing.assert_array_equal(open_split(tmp_path, "train"), np.arange(50))
 
 
@@ -83,7 +84,8 @@ def test_nanogpt_char_folder_reads_meta_pkl(tmp_path):
         pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)),
                      "stoi": {c: i for i, c in enumerate(chars)}}, f)
     meta = load_meta(tmp_path)
-    assert meta == {"tokenizer": "char", "chars": chars, "vocab_size": len(chars), "dtype": "uint16"}
+    assert meta == {"tokenizer": "char", "chars": chars, "vocab_size": len(chars),
+                    "dtype": "uint16"}
 
 
 def test_data_dir_that_is_a_file(tmp_path):
@@ -94,7 +96,8 @@ def test_data_dir_that_is_a_file(tmp_path):
 
 def test_missing_data_names_the_prepare_command(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"data/shakespeare_char.*`python prepare.py shakespeare_char`"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"data/shakespeare_char.*`python prepare.py shakespeare_char`"):
         open_split("data/shakespeare_char", "train")
     (tmp_path / "elsewhere" / "openwebtext").mkdir(parents=True)
     with pytest.raises(FileNotFoundError) as e:
@@ -126,8 +129,10 @@ def test_a_dataset_in_a_bucket_reads_the_same_windows_as_a_local_copy(tmp_path, 
 
 
 def test_a_copy_of_another_length_than_meta_json_says_is_refused(tmp_path):
-    write_dataset(tmp_path, np.arange(1000), np.arange(100), "uint16", train_tokens=1200, val_tokens=100)
-    with pytest.raises(ValueError, match=r"train.bin holds 1,000 tokens but .*meta.json says 1,200: the copy is "
+    write_dataset(tmp_path, np.arange(1000), np.arange(100), "uint16", train_tokens=1200,
+                  val_tokens=100)
+    with pytest.raises(ValueError,
+                       match=r"train.bin holds 1,000 tokens but .*meta.json says 1,200: the copy is "
                                          r"incomplete or from another preparation"):
         open_split(tmp_path, "train")
 
@@ -139,6 +144,7 @@ def test_the_fingerprint_tells_different_tokens_apart(tmp_path):
     changed = tokens.copy()
     changed[20_000] += 1  # one token, inside one of the sampled windows
     write_dataset(tmp_path / "b", changed, tokens[:500], "uint16")
-    prints = [data.fingerprint({"dtype": "uint16"}, {s: open_split(tmp_path / d, s) for s in ("train", "val")})
+    prints = [data.fingerprint({"dtype": "uint16"},
+                               {s: open_split(tmp_path / d, s) for s in ("train", "val")})
               for d in "ab"]
     assert prints[0] != prints[1]

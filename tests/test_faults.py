@@ -46,11 +46,13 @@ def test_describe_finds_the_root_cause_in_a_chain():
     except RuntimeError as chained:
         assert faults.is_disk_full(chained) and faults.describe(chained) == "the disk is full (No space left on device)"
     assert faults.is_disk_full(OSError(errno.ENOSPC, "nope"))
-    truncated = ValueError('OUT_OF_RANGE: Error reading "h_0.attn.c_proj.kernel/0.0.0" in OCDBT database at local '
-                           'file "/r/300/params/": Requested byte range [2490299, 2551008) is not valid for value of '
-                           'size 0 [tensorstore_spec=\'{"driver": "zarr"}\']')
-    assert faults.describe(truncated) == ("array h_0.attn.c_proj.kernel: its data file is truncated (Requested byte "
-                                          "range [2490299, 2551008) is not valid for value of size 0)")
+    truncated = ValueError('OUT_OF_RANGE: Error reading "h_0.attn.c_proj.kernel/0.0.0" in OCDBT '
+                           'database at local file "/r/300/params/": Requested byte range '
+                           '[2490299, 2551008) is not valid for value of size 0 '
+                           '[tensorstore_spec=\'{"driver": "zarr"}\']')
+    assert faults.describe(truncated) == ("array h_0.attn.c_proj.kernel: its data file is "
+                                          "truncated (Requested byte range [2490299, 2551008) is "
+                                          "not valid for value of size 0)")
     assert faults.describe(KeyError("params")) == "KeyError: 'params'"
 
 
@@ -58,12 +60,14 @@ def test_library_reports_are_dropped_and_flaxgpts_own_kept(caplog, monkeypatch):
     orbax_file = os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "future.py")
 
     def report(logger, pathname, message):
-        logging.getLogger(logger).handle(logging.LogRecord(logger, logging.ERROR, pathname, 1, message, None, None))
+        logging.getLogger(logger).handle(logging.LogRecord(logger, logging.ERROR, pathname, 1,
+                                                           message, None, None))
 
     monkeypatch.delenv(faults.VERBOSE_VARIABLE, raising=False)
     with caplog.at_level(logging.WARNING), faults.quiet_library_reports():
         report("absl", orbax_file, "_SignalingThread.run() raised an exception")
-        logging.getLogger("flaxgpt.checkpoint").warning("checkpoint 3 is unreadable: using the one before")
+        logging.getLogger("flaxgpt.checkpoint").warning("checkpoint 3 is unreadable: using the one "
+                                                        "before")
     assert "SignalingThread" not in caplog.text and "checkpoint 3 is unreadable" in caplog.text
     report("absl", orbax_file, "after the block: shown")
     assert "after the block: shown" in caplog.text
@@ -84,13 +88,15 @@ def test_a_read_error_left_in_a_coroutine_is_dropped(monkeypatch, capsys):
         pass
 
     leftover = _read_array_index_and_device_put()
-    truncated = ValueError('OUT_OF_RANGE: Error reading "h_0.mlp.c_fc.kernel/0.0" in OCDBT database at '
-                           'local file "/r/6/params/": Requested byte range [7, 9) is not valid')
+    truncated = ValueError('OUT_OF_RANGE: Error reading "h_0.mlp.c_fc.kernel/0.0" in OCDBT '
+                           'database at local file "/r/6/params/": Requested byte range [7, 9) is '
+                           'not valid')
     ours = RuntimeError("flaxgpt's own")
     with faults.quiet_library_reports():
         for error in (truncated, ours):
-            sys.unraisablehook(types.SimpleNamespace(exc_type=type(error), exc_value=error, exc_traceback=None,
-                                                     err_msg=None, object=leftover))
+            sys.unraisablehook(types.SimpleNamespace(exc_type=type(error), exc_value=error,
+                                                     exc_traceback=None, err_msg=None,
+                                                     object=leftover))
     leftover.close()
     assert [u.exc_value for u in seen] == [ours]
 
@@ -99,7 +105,8 @@ def test_a_library_thread_that_dies_is_dropped(monkeypatch):
     monkeypatch.delenv(faults.VERBOSE_VARIABLE, raising=False)
     seen = []
     monkeypatch.setattr(threading, "excepthook", seen.append)
-    full = ValueError('RESOURCE_EXHAUSTED: Error writing "wte/0" in OCDBT database: No space left on device')
+    full = ValueError('RESOURCE_EXHAUSTED: Error writing "wte/0" in OCDBT database: No space left '
+                      'on device')
     with faults.quiet_library_reports():
         for error in (full, KeyError("ours")):
             thread = threading.Thread(target=lambda e=error: (_ for _ in ()).throw(e))
@@ -117,9 +124,10 @@ def data_dir(shakespeare_char_dir) -> str:
 def trained(shakespeare_char_dir, tmp_path_factory) -> Path:
     """The README's CPU model, 6 steps, checkpoints at 2, 4 and 6."""
     out = tmp_path_factory.mktemp("faults") / "run"
-    rc, _, err = run("train.py", CONFIG, f"--config.data_dir={shakespeare_char_dir}", f"--config.out_dir={out}",
-                     "--config.max_iters=6", "--config.eval_interval=2", "--config.eval_iters=2",
-                     "--config.always_save_checkpoint=True", "--config.compilation_cache_dir=")
+    rc, _, err = run("train.py", CONFIG, f"--config.data_dir={shakespeare_char_dir}",
+                     f"--config.out_dir={out}", "--config.max_iters=6", "--config.eval_interval=2",
+                     "--config.eval_iters=2", "--config.always_save_checkpoint=True",
+                     "--config.compilation_cache_dir=")
     assert rc == 0, err
     return out
 
@@ -142,8 +150,9 @@ def test_a_full_disk_during_a_save_is_one_line_that_says_so(shakespeare_char_dir
     disk = tmp_path / "disk"
     disk.mkdir()
     train = (f"{sys.executable} train.py {CONFIG} --config.data_dir={shakespeare_char_dir} "
-             f"--config.out_dir={disk}/out --config.max_iters=150 --config.eval_interval=50 --config.eval_iters=2 "
-             "--config.log_interval=1000 --config.always_save_checkpoint=True --config.compilation_cache_dir=")
+             f"--config.out_dir={disk}/out --config.max_iters=150 --config.eval_interval=50 "
+             "--config.eval_iters=2 --config.log_interval=1000 "
+             "--config.always_save_checkpoint=True --config.compilation_cache_dir=")
     script = f"mount -t tmpfs -o size=14m tmpfs {disk} && ({train}; echo rc=$?; ls {disk}/out/checkpoints)"
     result = subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c", script], cwd=REPO,
                             env=one_device_env(), capture_output=True, text=True, timeout=600)
@@ -152,8 +161,8 @@ def test_a_full_disk_during_a_save_is_one_line_that_says_so(shakespeare_char_dir
     stdout, stderr = program_lines(result.stdout), program_lines(result.stderr)
     assert "rc=1" in stdout and stdout[-1] == "50", result.stdout  # step 50 intact, nothing else kept
     assert len(stderr) <= MAX_LINES and "Traceback" not in result.stderr, result.stderr
-    assert stderr[-1].startswith(f"train.py: error: disk full: saving checkpoint {disk}/out/checkpoints/100 needs "
-                                 "about "), stderr[-1]
+    assert stderr[-1].startswith("train.py: error: disk full: saving checkpoint "
+                                 f"{disk}/out/checkpoints/100 needs about "), stderr[-1]
     assert "Nothing was lost" in stderr[-1]
 
 
@@ -162,11 +171,13 @@ def test_resume_with_every_checkpoint_unreadable(trained, data_dir, tmp_path):
     for step in (2, 4, 6):
         for data_file in data_files(run_dir / "checkpoints" / str(step)):
             data_file.write_bytes(data_file.read_bytes()[:100])
-    rc, _, err = run("train.py", CONFIG, data_dir, f"--config.out_dir={run_dir}", "--config.init_from=resume",
-                     "--config.max_iters=8", "--config.compilation_cache_dir=")
+    rc, _, err = run("train.py", CONFIG, data_dir, f"--config.out_dir={run_dir}",
+                     "--config.init_from=resume", "--config.max_iters=8",
+                     "--config.compilation_cache_dir=")
     assert rc == 1 and len(err) <= MAX_LINES and "Traceback" not in "\n".join(err), err
-    assert err[-1] == (f"train.py: error: none of the checkpoints [6, 4, 2] in {run_dir}/checkpoints could be read; "
-                       "restore an earlier copy of them, or train a new run in another out_dir")
+    assert err[-1] == ("train.py: error: none of the checkpoints [6, 4, 2] in "
+                       f"{run_dir}/checkpoints could be read; restore an earlier copy of them, or "
+                       "train a new run in another out_dir")
     assert sum("is unreadable (array " in line and "its data file is truncated" in line for line in err) == 3, err
 
 
@@ -183,19 +194,22 @@ def test_sample_falls_back_past_a_truncated_file_in_one_line(trained, tmp_path):
 def test_a_stray_step_folder_is_reported_once_and_set_aside(trained, data_dir, tmp_path):
     run_dir = copy_of(trained, tmp_path)
     (run_dir / "checkpoints" / "9").mkdir()
-    rc, out, err = run("train.py", CONFIG, data_dir, f"--config.out_dir={run_dir}", "--config.init_from=resume",
-                       "--config.max_iters=7", "--config.eval_interval=100", "--config.compilation_cache_dir=")
+    rc, out, err = run("train.py", CONFIG, data_dir, f"--config.out_dir={run_dir}",
+                       "--config.init_from=resume", "--config.max_iters=7",
+                       "--config.eval_interval=100", "--config.compilation_cache_dir=")
     assert rc == 0, err
     assert [line.split("] ", 1)[-1] for line in err] == [
-        f"checkpoint {run_dir}/checkpoints/9 is unreadable (FileNotFoundError: File {run_dir}/checkpoints/9/meta/"
-        "metadata not found.): using the one before",
+        f"checkpoint {run_dir}/checkpoints/9 is unreadable (FileNotFoundError: File "
+        f"{run_dir}/checkpoints/9/meta/metadata not found.): using the one before",
         f"set aside unreadable checkpoint {run_dir}/checkpoints/9 as 9.unreadable"], err
 
 
 def test_a_stopped_sample_says_so_in_one_line(trained):
-    process = subprocess.Popen([sys.executable, "sample.py", f"--out_dir={trained}", "--num_samples=1",
-                                "--max_new_tokens=100000000", "--compilation_cache_dir="], cwd=REPO,
-                               env=one_device_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, "sample.py", f"--out_dir={trained}",
+                                "--num_samples=1", "--max_new_tokens=100000000",
+                                "--compilation_cache_dir="], cwd=REPO,
+                               env=one_device_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
     try:
         deadline = time.monotonic() + 120
         while process.stdout.read(1) == "" and time.monotonic() < deadline:  # sampling has begun
@@ -211,11 +225,15 @@ def test_a_stopped_sample_says_so_in_one_line(trained):
 
 
 @pytest.mark.parametrize("argv, last", [
-    ([CONFIG, "extra"], "train.py: error: unexpected arguments extra: settings are --config.key=value"),
-    ([CONFIG, "--config.dataset=nosuch"], "train.py: error: data/nosuch not found: no dataset 'nosuch' was prepared "
-     "there. prepare.py makes shakespeare_char, shakespeare, openwebtext, fineweb_edu (python prepare.py NAME), or "
-     "your own text as this dataset (python prepare.py text --input 'FILES' --name nosuch); or point "
-     "--config.data_dir at a prepared folder"),
+    ([CONFIG, "extra"], "train.py: error: unexpected arguments extra: settings are "
+                        "--config.key=value"),
+    ([CONFIG, "--config.dataset=nosuch"], "train.py: error: data/nosuch not found: no dataset "
+                                          "'nosuch' was prepared there. prepare.py makes "
+                                          "shakespeare_char, shakespeare, openwebtext, fineweb_edu "
+                                          "(python prepare.py NAME), or your own text as this "
+                                          "dataset (python prepare.py text --input 'FILES' --name "
+                                          "nosuch); or point --config.data_dir at a prepared "
+                                          "folder"),
 ])
 def test_bad_arguments_are_one_line(argv, last, tmp_path):
     rc, out, err = run(REPO / "train.py", *argv, cwd=tmp_path)

@@ -51,8 +51,8 @@ def step_faults(setting: str) -> dict:
     env = {name: value for name, value in os.environ.items()
            if not name.startswith("MALLOC_") and name not in MALLOC_ENVIRONMENT}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=root)
-    result = subprocess.run([sys.executable, "-c", STEP_FAULTS, setting], capture_output=True, text=True,
-                            env=env, cwd=root, timeout=300)
+    result = subprocess.run([sys.executable, "-c", STEP_FAULTS, setting], capture_output=True,
+                            text=True, env=env, cwd=root, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -65,7 +65,8 @@ def test_a_cpu_train_step_reuses_the_last_steps_pages():
     # is for.
     assert unmapped["temp_bytes"] > 32 << 20
     if statistics.median(unmapped["faults"]) < 0.5 * pages:
-        pytest.skip(f"this glibc does not fault the block in every step (e.g. huge pages): {unmapped['faults']}")
+        pytest.skip("this glibc does not fault the block in every step (e.g. huge pages): "
+                    f"{unmapped['faults']}")
     kept = step_faults("on")
     assert kept["applied"] is True
     # The first step on each of XLA's threads still faults the block in once; most steps fault
@@ -73,10 +74,12 @@ def test_a_cpu_train_step_reuses_the_last_steps_pages():
     assert statistics.median(kept["faults"]) < 0.1 * pages, kept["faults"]
 
 
-@pytest.mark.parametrize("variable, value", [("MALLOC_ARENA_MAX", "2"), ("MALLOC_TRIM_THRESHOLD_", "0"),
+@pytest.mark.parametrize("variable, value",
+                         [("MALLOC_ARENA_MAX", "2"), ("MALLOC_TRIM_THRESHOLD_", "0"),
                                              ("MALLOC_PERTURB_", "1"),
                                              ("GLIBC_TUNABLES", "glibc.malloc.check=0"),
-                                             ("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")])
+                                             ("LD_PRELOAD",
+                                              "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")])
 def test_malloc_settings_of_the_user_are_left_alone(monkeypatch, variable, value):
     monkeypatch.setenv(variable, value)
     assert host_memory.user_tunes_malloc()

@@ -69,7 +69,8 @@ def test_resume_drops_what_an_interrupted_attempt_logged_past_its_checkpoint(tmp
 
 def test_drop_rows_after_keeps_other_runs_and_skips_cut_lines(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    path.write_text('{"step": 5, "run": "old"}\n{"step": 5, "run": "new"}\n{"step": 2, "run": "new"}\n{"ste')
+    path.write_text('{"step": 5, "run": "old"}\n{"step": 5, "run": "new"}\n{"step": 2, "run": '
+                    '"new"}\n{"ste')
     drop_rows_after(path, "new", 3)
     assert [json.loads(line) for line in path.read_text().splitlines()] == [{"step": 5, "run": "old"},
                                                                             {"step": 2, "run": "new"}]
@@ -107,11 +108,12 @@ def test_tensorboard_logging_does_not_import_torch(tmp_path):
     """tensorboardX imports torch whenever it is installed; a run's MetricsLog must not (its import
     is slow and large: docs/performance.md)."""
     pytest.importorskip("torch")
-    code = ("import sys; from flaxgpt.config import base_config; from flaxgpt.metrics import MetricsLog\n"
-            f"with MetricsLog(base_config(), __import__('pathlib').Path({str(tmp_path)!r}), 'run-a') as log:\n"
-            "    log.write(1, loss=2.5)\n"
-            "print('torch' in sys.modules)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    code = ("import sys; from flaxgpt.config import base_config; from flaxgpt.metrics import "
+            "MetricsLog\nwith MetricsLog(base_config(), "
+            f"__import__('pathlib').Path({str(tmp_path)!r}), 'run-a') as log:\n    log.write(1, "
+            "loss=2.5)\nprint('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
     assert result.stdout.strip() == "False"
     assert tensorboard_scalars(tmp_path / "tensorboard")["train/step_loss"] == [(1, 2.5)]
 

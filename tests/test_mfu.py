@@ -9,8 +9,10 @@ import pytest
 from flaxgpt import mfu
 
 
-@pytest.mark.parametrize("kind, peak", [("TPU v5 lite", 197e12), ("TPU v5p", 459e12), ("TPU v4", 275e12),
-                                        ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA A100-SXM4-40GB", 312e12),
+@pytest.mark.parametrize("kind, peak",
+                         [("TPU v5 lite", 197e12), ("TPU v5p", 459e12), ("TPU v4", 275e12),
+                                        ("NVIDIA H100 80GB HBM3", 989e12),
+                          ("NVIDIA A100-SXM4-40GB", 312e12),
                                         ("TPU v6 lite", 918e12)])
 def test_peak_table_by_device_kind(kind, peak):
     assert mfu.device_peak_flops(SimpleNamespace(device_kind=kind)) == peak
@@ -22,7 +24,7 @@ def test_cpu_peak_is_measured_and_plausible():
 
 
 def test_throughput_and_mfu_arithmetic():
-    tokens_per_s, utilisation = mfu.throughput(tokens_per_step=1000, seconds_per_step=0.5, flops_per_token=6e6,
-                                               num_devices=2, peak=1e9)
+    tokens_per_s, utilisation = mfu.throughput(tokens_per_step=1000, seconds_per_step=0.5,
+                                               flops_per_token=6e6, num_devices=2, peak=1e9)
     assert tokens_per_s == 2000
     assert utilisation == pytest.approx(6e6 * 2000 / 2e9)

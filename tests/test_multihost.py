@@ -56,9 +56,10 @@ def data_dir(alphabet64_dir) -> Path:
 def run_config(data_dir: Path, out_dir: Path) -> dict:
     """Overrides of the shakespeare_char cpu config (AdamW with warm-up, dropout 0): a tiny
     model."""
-    return dict(data_dir=str(data_dir), out_dir=str(out_dir), mesh=MESH, n_layer=2, n_head=4, n_embd=32,
-                block_size=16, batch_size=8, gradient_accumulation_steps=2, max_iters=3, eval_interval=3,
-                eval_iters=2, log_interval=1, always_save_checkpoint=True, async_checkpointing=False)
+    return dict(data_dir=str(data_dir), out_dir=str(out_dir), mesh=MESH, n_layer=2, n_head=4,
+                n_embd=32, block_size=16, batch_size=8, gradient_accumulation_steps=2, max_iters=3,
+                eval_interval=3, eval_iters=2, log_interval=1, always_save_checkpoint=True,
+                async_checkpointing=False)
 
 
 def test_two_processes_train_like_one(data_dir, tmp_path):
@@ -71,7 +72,8 @@ def test_two_processes_train_like_one(data_dir, tmp_path):
     start = time.monotonic()
     for i in range(2):
         args = {"config": overrides, "result": str(tmp_path / f"result{i}.json"),
-                "distributed": {"coordinator_address": f"127.0.0.1:{port}", "num_processes": 2, "process_id": i}}
+                "distributed": {"coordinator_address": f"127.0.0.1:{port}", "num_processes": 2,
+                                "process_id": i}}
         procs.append(subprocess.Popen([sys.executable, str(runner), json.dumps(args)], cwd=tmp_path,
                                       env=process_env(port, LOCAL_DEVICES), stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
@@ -86,10 +88,12 @@ def test_two_processes_train_like_one(data_dir, tmp_path):
 
     results = [json.loads((tmp_path / f"result{i}.json").read_text()) for i in range(2)]
     for i, r in enumerate(results):
-        assert (r["process_index"], r["process_count"], r["device_count"], r["local_device_count"]) == \
+        assert (r["process_index"], r["process_count"], r["device_count"],
+                r["local_device_count"]) == \
             (i, 2, 8, LOCAL_DEVICES), report(outputs)
         assert r["step"] == expected["step"] == 3
-        np.testing.assert_allclose([r["train"], r["val"]], [expected["train"], expected["val"]], **LOSS_TOL)
+        np.testing.assert_allclose([r["train"], r["val"]], [expected["train"], expected["val"]],
+                                   **LOSS_TOL)
 
     # Only process 0 prints and writes metrics: one writer's lines in the shared out_dir.
     assert "step 0: train loss" in outputs[0][1] and "iter 3:" in outputs[0][1], report(outputs)
@@ -105,7 +109,8 @@ def test_two_processes_train_like_one(data_dir, tmp_path):
     _, params = load_params(tmp_path / "multi")
     _, want = load_params(tmp_path / "single")
     for (path, w), p in zip(jax.tree_util.tree_flatten_with_path(want)[0], jax.tree.leaves(params)):
-        np.testing.assert_allclose(np.asarray(p), np.asarray(w), err_msg=jax.tree_util.keystr(path), **PARAM_TOL)
+        np.testing.assert_allclose(np.asarray(p), np.asarray(w), err_msg=jax.tree_util.keystr(path),
+                                   **PARAM_TOL)
 
 
 # A process alone, told there are 2: process 0 (its peer never starts) and process 1 (no
@@ -124,7 +129,8 @@ def lone_processes(tmp_path_factory):
     procs, start = [], time.monotonic()
     for process_id in (0, 1):
         port = free_port()
-        procs.append(subprocess.Popen([sys.executable, "-c", LONE, f"127.0.0.1:{port}", str(process_id)],
+        procs.append(subprocess.Popen([sys.executable, "-c", LONE, f"127.0.0.1:{port}",
+                                       str(process_id)],
                                       cwd=tmp_path_factory.mktemp("lone"), env=process_env(port, 1),
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = finish(procs, start + 60)
@@ -154,7 +160,8 @@ def test_libtpu_alone_is_not_a_multiprocess_launch(monkeypatch, tmp_path):
     """CPU machines install libtpu to compile for TPU topologies; only attached chips or a TPU
     cluster's variables make a launch multi-process."""
     from flaxgpt import distributed
-    for name in (*distributed.TPU_CLUSTER_ENV, "JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_SKIP_MDS_QUERY"):
+    for name in (*distributed.TPU_CLUSTER_ENV, "JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS",
+                 "TPU_SKIP_MDS_QUERY"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(distributed, "tpu_chips_attached", lambda: 0)
     assert not distributed.is_multiprocess_launch()

@@ -41,10 +41,12 @@ def test_constant_schedule_without_decay():
 
 
 def test_weight_decay_only_on_matrices_and_embeddings():
-    config = GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=4, vocab_size=11, scan_layers=False)
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=4, vocab_size=11,
+                       scan_layers=False)
     params = jax.eval_shape(lambda r: init_params(config, r), jax.random.key(0))
     mask = decay_mask(params)
-    scanned = decay_mask(jax.eval_shape(lambda r: init_params(config.replace(scan_layers=True), r), jax.random.key(0)))
+    scanned = decay_mask(jax.eval_shape(lambda r: init_params(config.replace(scan_layers=True), r),
+                                        jax.random.key(0)))
     assert scanned["h"]["attn"]["c_attn"]["kernel"] and not scanned["h"]["ln_1"]["scale"]
     assert mask["wte"]["embedding"] and mask["wpe"]["embedding"]
     assert mask["h_0"]["attn"]["c_attn"]["kernel"] and mask["h_0"]["mlp"]["c_proj"]["kernel"]
@@ -71,7 +73,8 @@ def test_matches_torch_adamw_with_clipping():
         params = optax.apply_updates(params, updates)
 
     tw, tb = torch.nn.Parameter(torch.tensor(w0)), torch.nn.Parameter(torch.tensor(b0))
-    topt = torch.optim.AdamW([{"params": [tw], "weight_decay": c.weight_decay}, {"params": [tb], "weight_decay": 0.0}],
+    topt = torch.optim.AdamW([{"params": [tw], "weight_decay": c.weight_decay},
+                              {"params": [tb], "weight_decay": 0.0}],
                              lr=c.learning_rate, betas=(c.beta1, c.beta2), eps=1e-8)
     for it, (gw, gb) in enumerate(grads):
         for group in topt.param_groups:

@@ -13,7 +13,8 @@ def write_run(out_dir, run_id, scale):
     out_dir.mkdir(parents=True)
     rows = [{"step": 0, "run": "older", "val/loss": 9.0, "train/loss": 9.0}]  # another run: not drawn
     for step in range(0, 101, 10):
-        rows.append({"step": step, "run": run_id, "loss": scale * (4 - step / 40), "tokens": step * 768})
+        rows.append({"step": step, "run": run_id, "loss": scale * (4 - step / 40),
+                     "tokens": step * 768})
         if step % 50 == 0:
             rows.append({"step": step, "run": run_id, "train/loss": scale * (4 - step / 40),
                          "val/loss": scale * (4.1 - step / 45), "tokens": step * 768})

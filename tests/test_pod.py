@@ -34,7 +34,8 @@ RUN = ["--config.n_layer=2", "--config.n_head=4", "--config.n_embd=32", "--confi
 def v4_32_host_order() -> list[int]:
     """The process of each position of a data-parallel mesh over a real v4-32 (from libtpu's
     topology)."""
-    pytest.importorskip("libtpu", reason='the v4-32 topology comes from libtpu: pip install "flaxgpt[tpu]"')
+    pytest.importorskip("libtpu", reason='the v4-32 topology comes from libtpu: pip install '
+                                         '"flaxgpt[tpu]"')
     from flaxgpt import compile_for
     mesh = sharding.make_mesh({"data": -1}, compile_for.target_named("v4-32").devices)
     order = [device.process_index for device in mesh.devices.flat]
@@ -64,7 +65,8 @@ def params_of(out_dir: str):
 def test_a_pod_trains_on_a_bucket_stops_on_sigterm_and_resumes_exactly(
         tmp_path, gcs_bucket, bucket_data, v4_32_host_order):
     runs = f"{gcs_bucket}/pod/runs"
-    common = [CONFIG, *RUN, f"--config.data_dir={bucket_data}", "--config.max_iters=12", "--config.eval_interval=6"]
+    common = [CONFIG, *RUN, f"--config.data_dir={bucket_data}", "--config.max_iters=12",
+              "--config.eval_interval=6"]
     # JAX_COMPILATION_CACHE_DIR unset: the processes use flaxgpt's default for a pod,
     # <out_dir>/compilation_cache.
     pod = Pod(tmp_path, HOSTS, DEVICES, host_order=v4_32_host_order, JAX_COMPILATION_CACHE_DIR=None)
@@ -74,7 +76,8 @@ def test_a_pod_trains_on_a_bucket_stops_on_sigterm_and_resumes_exactly(
     pod.signal(signal.SIGTERM)  # a maintenance event signals every host
     stopped = pod.wait()
     assert_all_succeeded(stopped)
-    stop_line = next(line for line in stopped[0][1].splitlines() if line.startswith("stopping at step"))
+    stop_line = next(line for line in stopped[0][1].splitlines() if line.startswith("stopping at "
+                                                                                    "step"))
     saved = int(stop_line.split()[3])
     assert 3 <= saved < 12 and Checkpoints(f"{runs}/stopped").steps() == [saved], stop_line
     assert all("Traceback" not in out + err for _, out, err in stopped), report_of(stopped)
@@ -87,7 +90,8 @@ def test_a_pod_trains_on_a_bucket_stops_on_sigterm_and_resumes_exactly(
 
     # Stopped, resumed and never stopped: the same params, bit for bit; and the same losses after
     # the stop.
-    chex_equal = jax.tree.map(np.array_equal, params_of(f"{runs}/stopped"), params_of(f"{runs}/straight"))
+    chex_equal = jax.tree.map(np.array_equal, params_of(f"{runs}/stopped"),
+                              params_of(f"{runs}/straight"))
     assert all(jax.tree.leaves(chex_equal)), chex_equal
     rows = lambda run: [json.loads(line) for line in storage.path(f"{runs}/{run}/metrics.jsonl").read_text().splitlines()]
     after = lambda run: [(r["step"], r.get("loss"), r.get("val/loss")) for r in rows(run) if r["step"] > saved]
@@ -95,8 +99,9 @@ def test_a_pod_trains_on_a_bucket_stops_on_sigterm_and_resumes_exactly(
     assert len({r["run"] for r in rows("stopped")}) == 1  # one run, continued
 
     # The same global batches as one process with all its devices (8 here), within float rounding.
-    config = tiny_run_config(bucket_data, tmp_path / "single", max_iters=12, eval_interval=6, batch_size=16,
-                             gradient_accumulation_steps=1, warmup_iters=2, lr_decay_iters=600000)
+    config = tiny_run_config(bucket_data, tmp_path / "single", max_iters=12, eval_interval=6,
+                             batch_size=16, gradient_accumulation_steps=1, warmup_iters=2,
+                             lr_decay_iters=600000)
     config.mesh.data = -1
     train(config)
     single = params_of(tmp_path / "single")
@@ -125,9 +130,9 @@ def test_a_local_out_dir_on_a_pod_is_refused_in_one_line(tmp_path, bucket_data):
     for rc, out, err in outputs:
         assert rc == 1, report_of(outputs)
         assert err.strip().splitlines()[-1] == (
-            "train.py: error: out_dir=out is not the same storage on every host: process(es) 1 cannot see the file "
-            "process 0 wrote there. Every host of a pod needs to see the same files: use a gs:// bucket (or a "
-            "folder all hosts mount)"), report_of(outputs)
+            "train.py: error: out_dir=out is not the same storage on every host: process(es) 1 "
+            "cannot see the file process 0 wrote there. Every host of a pod needs to see the same "
+            "files: use a gs:// bucket (or a folder all hosts mount)"), report_of(outputs)
 
 
 def test_hosts_with_different_datasets_are_refused_in_one_line(tmp_path, gcs_dir):
@@ -139,15 +144,16 @@ def test_hosts_with_different_datasets_are_refused_in_one_line(tmp_path, gcs_dir
                         "--config.batch_size=2", timeout=180)
     for rc, out, err in outputs:
         last = err.strip().splitlines()[-1]
-        assert rc == 1 and last.startswith("train.py: error: the hosts read different datasets from data/chars ("
-                                           "process(es) 0 see "), report_of(outputs)
+        assert rc == 1 and last.startswith("train.py: error: the hosts read different datasets "
+                                           "from data/chars (process(es) 0 see "), report_of(outputs)
         assert "prepare it once into a bucket: --config.data_dir=gs://" in last
 
 
 def test_one_failing_host_stops_every_host_within_seconds(tmp_path, bucket_data, gcs_dir):
     pod = Pod(tmp_path, 2, 2)
-    outputs = pod.train(CONFIG, *RUN, f"--config.data_dir={bucket_data}", f"--config.out_dir={gcs_dir}",
-                        "--config.batch_size=4", "--config.max_iters=1000", "--config.eval_interval=1000",
+    outputs = pod.train(CONFIG, *RUN, f"--config.data_dir={bucket_data}",
+                        f"--config.out_dir={gcs_dir}", "--config.batch_size=4",
+                        "--config.max_iters=1000", "--config.eval_interval=1000",
                         fail={"process": 1, "step": 3}, timeout=240)
     (rc0, _, err0), (rc1, _, err1) = outputs
     assert rc1 == 1 and err1.strip().splitlines()[-1] == "train.py: error: injected failure at step 3", report_of(outputs)
@@ -159,8 +165,9 @@ def test_a_checkpoint_one_host_cannot_read_is_passed_over_by_every_host(tmp_path
     """FSDP over both hosts: each reads only its own shards. Host 1's shards of the newest step are
     damaged: both hosts pass over that step, say why, and resume from the one before."""
     pod = Pod(tmp_path, 2, 2)
-    common = [CONFIG, *RUN, f"--config.data_dir={bucket_data}", f"--config.out_dir={gcs_dir}", "--config.batch_size=4",
-              "--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.eval_interval=3", "--config.max_to_keep=5"]
+    common = [CONFIG, *RUN, f"--config.data_dir={bucket_data}", f"--config.out_dir={gcs_dir}",
+              "--config.batch_size=4", "--config.mesh.data=1", "--config.mesh.fsdp=-1",
+              "--config.eval_interval=3", "--config.max_to_keep=5"]
     assert_all_succeeded(pod.train(*common, "--config.max_iters=6"))
     assert Checkpoints(gcs_dir).steps() == [3, 6]
     shards = [p for p in (storage.path(gcs_dir) / "checkpoints" / "6" / "params" / "ocdbt.process_1" / "d").iterdir()]
@@ -182,13 +189,15 @@ def test_a_pretrained_model_is_read_on_host_0_alone_and_reaches_every_host(tmp_p
     text = tmp_path / "input.txt"
     text.write_text(corpus_text(20_000))
     prepare("shakespeare", out_dir=f"{gcs_dir}/data", input_path=text)
-    argv = [CONFIG, f"--config.data_dir={gcs_dir}/data", f"--config.out_dir={gcs_dir}/run", "--config.init_from=gpt2-tiny",
-            "--config.block_size=32", "--config.batch_size=8", "--config.gradient_accumulation_steps=1",
-            "--config.max_iters=2", "--config.eval_interval=2", "--config.eval_iters=2", "--config.progress=False"]
+    argv = [CONFIG, f"--config.data_dir={gcs_dir}/data", f"--config.out_dir={gcs_dir}/run",
+            "--config.init_from=gpt2-tiny", "--config.block_size=32", "--config.batch_size=8",
+            "--config.gradient_accumulation_steps=1", "--config.max_iters=2",
+            "--config.eval_interval=2", "--config.eval_iters=2", "--config.progress=False"]
     outputs = pod.train(*argv)
     assert_all_succeeded(outputs)
     pod_loss = float(outputs[0][1].split("step 0: train loss ")[1].split(",")[0])
-    config = tiny_run_config(f"{gcs_dir}/data", tmp_path / "single", init_from=str(tiny_hf_gpt2), block_size=32,
-                             batch_size=8, gradient_accumulation_steps=1, max_iters=0, eval_only=True, eval_iters=2)
+    config = tiny_run_config(f"{gcs_dir}/data", tmp_path / "single", init_from=str(tiny_hf_gpt2),
+                             block_size=32, batch_size=8, gradient_accumulation_steps=1,
+                             max_iters=0, eval_only=True, eval_iters=2)
     config.mesh.data = -1
     assert abs(train(config)["train"] - pod_loss) < 1e-3, (pod_loss, outputs[0][1])

@@ -19,7 +19,8 @@ from flaxgpt.tokenizer import GPT2_EOT, GPT2Tokenizer, from_meta
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).parents[1].parent / "shared/data"
 RANKS = SHARED / "gpt2/r50k_base.tiktoken"
-needs_ranks = pytest.mark.skipif(not RANKS.is_file(), reason=f"GPT-2 BPE ranks not at {RANKS} (offline machine)")
+needs_ranks = pytest.mark.skipif(not RANKS.is_file(), reason=f"GPT-2 BPE ranks not at {RANKS} "
+                                                             "(offline machine)")
 
 
 @pytest.fixture
@@ -34,7 +35,8 @@ def shakespeare_text(tmp_path) -> Path:
     if shared.is_file():
         return shared
     rng = np.random.default_rng(0)
-    words = ["First", "Citizen:", "Before", "we", "proceed", "any", "further,", "hear", "me", "speak.", "\n"]
+    words = ["First", "Citizen:", "Before", "we", "proceed", "any", "further,", "hear", "me",
+             "speak.", "\n"]
     path = tmp_path / "input.txt"
     path.write_text(" ".join(rng.choice(words, size=20_000)), encoding="utf-8")
     return path
@@ -89,7 +91,8 @@ def test_shakespeare_bpe_cli(tmp_path, gpt2_ranks, capsys):
 
 @needs_ranks
 def test_openwebtext_documents_end_with_eot(tmp_path, gpt2_ranks):
-    docs = {"train": ["hello world", "", "The quick brown fox.\n\nJumps."], "val": ["<|endoftext|> is text here"]}
+    docs = {"train": ["hello world", "", "The quick brown fox.\n\nJumps."], "val": ["<|endoftext|> "
+                                                                                    "is text here"]}
     meta = openwebtext.write_documents(docs, tmp_path)
     tokenizer = GPT2Tokenizer()
     for split, texts in docs.items():
@@ -121,27 +124,32 @@ def test_failed_download_says_what_to_do(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("FLAXGPT_DATA", raising=False)
     # nothing listens there:
     monkeypatch.setattr(shakespeare, "TINYSHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")
-    with pytest.raises(ConnectionError, match=r"could not download .*pass --input PATH.*set FLAXGPT_DATA"):
+    with pytest.raises(ConnectionError,
+                       match=r"could not download .*pass --input PATH.*set FLAXGPT_DATA"):
         prep.prepare("shakespeare_char", out_dir=tmp_path / "out")
     with pytest.raises(SystemExit) as e:
         prep.main(["shakespeare_char", "--out_dir", str(tmp_path / "out")])
     assert "--input" in str(e.value) and "\n" not in str(e.value)
     assert os.listdir(tmp_path / "out") == []  # no partial input.txt or token files
     with pytest.raises(SystemExit, match="no such file"):
-        prep.main(["shakespeare_char", "--input", str(tmp_path / "missing.txt"), "--out_dir", str(tmp_path)])
+        prep.main(["shakespeare_char", "--input", str(tmp_path / "missing.txt"), "--out_dir",
+                   str(tmp_path)])
 
 
 @pytest.mark.parametrize("make_input, message", [
     (lambda d: d, "is a directory"),
     (lambda d: (d / "empty.txt", (d / "empty.txt").write_text(""))[0], "holds 0 characters"),
-    (lambda d: (d / "data.bin", (d / "data.bin").write_bytes(bytes(range(256)) * 4))[0], "is not UTF-8 text"),
+    (lambda d: (d / "data.bin", (d / "data.bin").write_bytes(bytes(range(256)) * 4))[0], "is not "
+                                                                                         "UTF-8 "
+                                                                                         "text"),
     (lambda d: (d / "fifo", os.mkfifo(d / "fifo"))[0], "not a regular file"),
 ])
 def test_bad_input_files_are_one_line_and_write_nothing(tmp_path, make_input, message):
     source = tmp_path / "source"
     source.mkdir()
     with pytest.raises(SystemExit) as e:
-        prep.main(["shakespeare_char", "--input", str(make_input(source)), "--out_dir", str(tmp_path / "out")])
+        prep.main(["shakespeare_char", "--input", str(make_input(source)), "--out_dir",
+                   str(tmp_path / "out")])
     assert message in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "out" / "meta.json").exists()
 

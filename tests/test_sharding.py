@@ -42,8 +42,9 @@ PARAM_TOL = dict(rtol=1e-5, atol=1e-7)  # measured: <= 1.5e-8 absolute after 3 s
 @pytest.fixture(scope="module", autouse=True)
 def eight_devices():
     assert jax.device_count() == 8, (
-        f"{jax.device_count()} devices: these tests need XLA_FLAGS=--xla_force_host_platform_device_count=8 "
-        "set before jax starts (tests/conftest.py does that)")
+        f"{jax.device_count()} devices: these tests need "
+        "XLA_FLAGS=--xla_force_host_platform_device_count=8 set before jax starts "
+        "(tests/conftest.py does that)")
 
 
 def sgd():
@@ -161,7 +162,8 @@ def test_dropout_masks_do_not_depend_on_the_mesh(reference):
     init, _, ref_norms, _ = reference
     config = TINY.replace(dropout=0.2)
     results = {}
-    for name, mesh in (("one", one_device_mesh()), ("fsdp4_tp2", sharding.make_mesh(MESHES["fsdp4_tp2"]))):
+    for name, mesh in (("one", one_device_mesh()),
+                       ("fsdp4_tp2", sharding.make_mesh(MESHES["fsdp4_tp2"]))):
         step_fns = TrainStep(config, sgd(), mesh, seed=SEED)
         state, losses, norms = run(step_fns, jax.device_put(init, step_fns.state_sharding))
         results[name] = losses, norms, to_host(state.params)
@@ -179,7 +181,8 @@ FSDP4_TP2_SPECS = {
     "wte/embedding": ("tensor", "fsdp"),  # ("vocab", "embed")
     "wpe/embedding": (None, "fsdp"),
     "ln_f/scale": ("fsdp",), "ln_f/bias": ("fsdp",),
-    "ln_1/scale": ("fsdp",), "ln_1/bias": ("fsdp",), "ln_2/scale": ("fsdp",), "ln_2/bias": ("fsdp",),
+    "ln_1/scale": ("fsdp",), "ln_1/bias": ("fsdp",), "ln_2/scale": ("fsdp",),
+    "ln_2/bias": ("fsdp",),
     "attn/c_attn/kernel": ("fsdp", None, "tensor", None),  # ("embed", None, "heads", "kv")
     "attn/c_attn/bias": (None, "tensor", None),
     "attn/c_proj/kernel": ("tensor", None, "fsdp"),  # ("heads", "kv", "embed")
@@ -251,7 +254,8 @@ def test_dimensions_the_mesh_does_not_divide_are_replicated():
     for mesh in (one_device_mesh(), sharding.make_mesh({"fsdp": 4, "tensor": 2})):
         step_fns = TrainStep(odd, sgd(), mesh)
         x = jax.device_put(batches()[0][0] % odd.vocab_size, step_fns.batch_sharding)
-        losses.append(float(step_fns.train_fn(step_fns.init(jax.random.key(SEED)), x, x)[1]["loss"]))
+        losses.append(float(step_fns.train_fn(step_fns.init(jax.random.key(SEED)), x,
+                                              x)[1]["loss"]))
     np.testing.assert_allclose(losses[1], losses[0], **LOSS_TOL)
 
 
@@ -262,10 +266,12 @@ def test_each_host_of_a_v4_32_reads_its_own_interleaved_rows():
     """A v4-32's devices in physical order put its 4 hosts round-robin along the data axis: host 0
     holds rows 0, 4, 8, 12 of a 16-row batch. rows_by_process finds each host's rows from the
     topology alone."""
-    pytest.importorskip("libtpu", reason='the v4-32 topology comes from libtpu: pip install "flaxgpt[tpu]"')
+    pytest.importorskip("libtpu", reason='the v4-32 topology comes from libtpu: pip install '
+                                         '"flaxgpt[tpu]"')
     from flaxgpt import compile_for
     mesh = sharding.make_mesh({"data": -1}, compile_for.target_named("v4-32").devices)
-    rows = sharding.rows_by_process(sharding.batch_sharding(mesh, 3, batch_axis=1), (1, 16, 8), batch_axis=1)
+    rows = sharding.rows_by_process(sharding.batch_sharding(mesh, 3, batch_axis=1), (1, 16, 8),
+                                    batch_axis=1)
     assert {p: list(r) for p, r in rows.items()} == {p: [p, p + 4, p + 8, p + 12] for p in range(4)}
 
 
@@ -284,5 +290,6 @@ def test_a_batch_assembled_from_interleaved_rows_is_the_batch():
 
 @pytest.mark.parametrize("batch, accumulation, devices, expected", [
     (48, 10, 256, (256, 2)), (48, 10, 16, (48, 10)), (48, 10, 32, (32, 15)), (8, 1, 3, (3, 3))])
-def test_divisible_batch_keeps_the_sequences_per_step_nearest(batch, accumulation, devices, expected):
+def test_divisible_batch_keeps_the_sequences_per_step_nearest(batch, accumulation, devices,
+                                                              expected):
     assert sharding.divisible_batch(batch, accumulation, devices) == expected

@@ -61,7 +61,8 @@ def test_a_missing_bucket_is_one_line_that_says_what_to_do(gcs_bucket):
     with pytest.raises(OSError) as error:
         storage.check_reachable("gs://no-such-bucket-here/run", "out_dir")
     message = str(error.value)
-    assert message.startswith("out_dir=gs://no-such-bucket-here/run: the bucket gs://no-such-bucket-here does not exist")
+    assert message.startswith("out_dir=gs://no-such-bucket-here/run: the bucket "
+                              "gs://no-such-bucket-here does not exist")
     assert "gcloud storage buckets create" in message and "\n" not in message
     storage.check_reachable(f"{gcs_bucket}/anything", "out_dir")  # the bucket exists: no error
     storage.check_reachable("relative/local/folder", "out_dir")

@@ -61,7 +61,8 @@ def test_read_meta_prefers_meta_json_and_assumes_gpt2_without_either(tmp_path):
     assert isinstance(tokenizer.from_dir(tmp_path), GPT2Tokenizer)
     write_meta_pkl(tmp_path, {"vocab_size": len(CHARS), "itos": dict(enumerate(CHARS))})
     assert tokenizer.read_meta(tmp_path)["tokenizer"] == "char"
-    (tmp_path / "meta.json").write_text(json.dumps({"tokenizer": "gpt2", "vocab_size": 50257, "dtype": "uint16"}))
+    (tmp_path / "meta.json").write_text(json.dumps({"tokenizer": "gpt2", "vocab_size": 50257,
+                                                    "dtype": "uint16"}))
     assert tokenizer.read_meta(tmp_path)["tokenizer"] == "gpt2"
     (tmp_path / "meta.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):

@@ -36,7 +36,8 @@ def test_an_option_the_user_sets_in_xla_flags_is_left_alone(monkeypatch, flag):
 
 def test_an_option_this_jaxlib_does_not_know_is_dropped(monkeypatch):
     monkeypatch.delenv("XLA_FLAGS", raising=False)
-    monkeypatch.setattr(xla_options, "CPU_OPTIONS", {**xla_options.CPU_OPTIONS, "xla_cpu_no_such_option": "1"})
+    monkeypatch.setattr(xla_options, "CPU_OPTIONS",
+                        {**xla_options.CPU_OPTIONS, "xla_cpu_no_such_option": "1"})
     assert xla_options.compiler_options("cpu") == {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
