@@ -100,7 +100,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if process_id is None and "JAX_PROCESS_ID" in os.environ:
         process_id = int(os.environ["JAX_PROCESS_ID"])
     address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    where = f"process {process_id} of {num_processes} through the coordinator at {address or 'auto-detected'}"
+    where = (f"process {process_id} of {num_processes} through the coordinator at "
+             f"{address or 'auto-detected'}")
     advice = ("Start every process with the same coordinator address and process count, process 0 "
               "reachable from the others.")
     if address and process_id not in (None, 0) and not _reachable(address, timeout):
@@ -249,7 +250,8 @@ class stop_together:
         client, me = _client(), jax.process_index()
         while not self._done.wait(0.5):
             try:
-                failed = [(int(k.rsplit("/", 1)[1]), v) for k, v in client.key_value_dir_get(_FAILED)]
+                failed = [(int(k.rsplit("/", 1)[1]), v)
+                          for k, v in client.key_value_dir_get(_FAILED)]
             except Exception:  # the coordination service (process 0) is gone
                 if not self._done.is_set():
                     _exit_now("flaxgpt: lost the coordinator (process 0): stopping this process", 1)
@@ -270,7 +272,8 @@ def exit_program(message: str | None, code: int = 1) -> None:
         print(message, file=sys.stderr, flush=True)
     if is_main_process():
         deadline = time.monotonic() + PEER_EXIT_WAIT_S
-        while time.monotonic() < deadline and len(_keys(client, _EXITING)) < jax.process_count() - 1:
+        peers = jax.process_count() - 1
+        while time.monotonic() < deadline and len(_keys(client, _EXITING)) < peers:
             time.sleep(0.1)
     else:
         client.key_value_set(f"{_EXITING}{jax.process_index()}", "1")

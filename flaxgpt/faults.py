@@ -83,7 +83,8 @@ def _drop_library_reports() -> Callable[[], None]:
         logger.addFilter(reports)
     previous_hook = sys.unraisablehook
 
-    def hook(unraisable):  # e.g. a TensorStore read still in flight when orbax closed its event loop
+    # e.g. a TensorStore read still in flight when orbax closed its event loop
+    def hook(unraisable):
         where = _where(unraisable.object, unraisable.exc_value, unraisable.exc_traceback)
         if not _from_libraries(where) and str(unraisable.exc_value) != "Event loop is closed":
             previous_hook(unraisable)
@@ -91,7 +92,8 @@ def _drop_library_reports() -> Callable[[], None]:
     sys.unraisablehook = hook
     previous_thread_hook = threading.excepthook
 
-    def thread_hook(args):  # a library's own worker thread that died with the error its caller also gets
+    # a library's own worker thread that died with the error its caller also gets
+    def thread_hook(args):
         if not _from_libraries(_where(args.thread, args.exc_value, args.exc_traceback)):
             previous_thread_hook(args)
 
@@ -147,10 +149,13 @@ def describe(error: BaseException, limit: int = 240) -> str:
     for noise in _TENSORSTORE_NOISE:
         text = text.split(noise)[0]
     array = re.search(r'Error (?:reading|writing) "([^"/]+)[^"]*" in OCDBT', text)
-    if array:  # TensorStore: 'OUT_OF_RANGE: Error reading "h_0.attn.kernel/0.0" in ...: <what went wrong>'
+    # TensorStore: 'OUT_OF_RANGE: Error reading "h_0.attn.kernel/0.0" in ...: <what went wrong>'
+    if array:
         what = text.rsplit(": ", 1)[-1]
         if re.search(r"not valid for value of size|Truncated|Unexpected end of", what, re.I):
             what = f"its data file is truncated ({what})"
         text = f"array {array.group(1)}: {what}"
     text = text if len(text) <= limit else text[:limit] + " ..."
-    return f"{type(cause).__name__}: {text}" if text and not array else (text or type(cause).__name__)
+    if text and not array:
+        return f"{type(cause).__name__}: {text}"
+    return text or type(cause).__name__

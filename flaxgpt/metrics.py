@@ -98,12 +98,13 @@ class MetricsLog:
             self.file = open(path, "a")
         if config.tensorboard:
             SummaryWriter = _tensorboardx_writer()
-            self._tensorboard_dir = tempfile.mkdtemp(prefix="flaxgpt-tensorboard-") if self.remote else None
-            # purge_step: TensorBoard hides what an interrupted attempt logged past the resumed
-            # step.
-            self.tensorboard = SummaryWriter(self._tensorboard_dir or str(out_dir / TENSORBOARD_DIR),
-                                             filename_suffix=f".{time.time_ns()}",
-                                             purge_step=None if resumed_at is None else resumed_at + 1)
+            self._tensorboard_dir = (tempfile.mkdtemp(prefix="flaxgpt-tensorboard-")
+                                     if self.remote else None)
+            # purge_step: TensorBoard hides what an earlier attempt logged past the resumed step.
+            self.tensorboard = SummaryWriter(
+                self._tensorboard_dir or str(out_dir / TENSORBOARD_DIR),
+                filename_suffix=f".{time.time_ns()}",
+                purge_step=None if resumed_at is None else resumed_at + 1)
         if config.wandb_log:
             import wandb
             self.wandb = wandb.init(project=config.wandb_project, name=config.wandb_run_name,
@@ -147,7 +148,9 @@ class MetricsLog:
         """Seconds to max_iters at the average rate since this process started training."""
         start_step, start_time = self._start
         done = step - start_step
-        return 0.0 if done <= 0 else (time.perf_counter() - start_time) / done * (self.max_iters - step)
+        if done <= 0:
+            return 0.0
+        return (time.perf_counter() - start_time) / done * (self.max_iters - step)
 
     def step_done(self, step: int, loss: float | None = None) -> None:
         if self.bar:

@@ -27,7 +27,8 @@ LOGICAL_AXIS_RULES = (
     ("mlp", "tensor"),
     ("length", None),
     ("kv", None),
-    ("layers", None),  # the stacked blocks' leading axis (scan_layers): every device holds all layers
+    # the stacked blocks' leading axis (scan_layers): every device holds all layers
+    ("layers", None),
 )
 
 
@@ -71,8 +72,8 @@ def logical_shardings(abstract_tree, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
         spec = tuple(sharding.spec) + (None,) * (len(leaf.shape) - len(sharding.spec))
         divides = lambda dim, axes: axes is None or dim % math.prod(
             mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)) == 0
-        return NamedSharding(mesh,
-                             P(*(axes if divides(dim, axes) else None for dim, axes in zip(leaf.shape, spec))))
+        fitted = (axes if divides(dim, axes) else None for dim, axes in zip(leaf.shape, spec))
+        return NamedSharding(mesh, P(*fitted))
 
     return jax.tree.map(fit, nn.meta.unbox(abstract_tree), shardings)
 
@@ -125,5 +126,6 @@ def global_batch(local: np.ndarray, rows: np.ndarray, sharding: NamedSharding,
     def device_piece(index):
         wanted = np.arange(*index[batch_axis].indices(global_shape[batch_axis]))
         piece = np.take(local, np.searchsorted(rows, wanted), axis=batch_axis)
-        return piece[tuple(slice(None) if axis == batch_axis else i for axis, i in enumerate(index))]
+        return piece[tuple(slice(None) if axis == batch_axis else i
+                           for axis, i in enumerate(index))]
     return jax.make_array_from_callback(global_shape, sharding, device_piece)

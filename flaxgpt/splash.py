@@ -80,7 +80,8 @@ def splash_causal_attention(q, k, v):
     batch_axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
     if q.shape[0] % math.prod(mesh.shape[a] for a in batch_axes):
         batch_axes = ()
-    heads_axis = "tensor" if "tensor" in mesh.axis_names and q.shape[2] % mesh.shape["tensor"] == 0 else None
+    tensor_divides = "tensor" in mesh.axis_names and q.shape[2] % mesh.shape["tensor"] == 0
+    heads_axis = "tensor" if tensor_divides else None
     spec = P(batch_axes or None, None, heads_axis, None)
     return jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
                          check_vma=False)(q, k, v)

@@ -69,7 +69,8 @@ def check_reachable(location: str | os.PathLike, what: str) -> None:
     try:
         fs, _ = _remote_fs(location)
     except (ImportError, ValueError) as e:  # no fsspec implementation for the scheme
-        hint = ' pip install "flaxgpt[gcs]"' if scheme in ("gs", "gcs") else f" install fsspec's {scheme} support"
+        hint = (' pip install "flaxgpt[gcs]"' if scheme in ("gs", "gcs")
+                else f" install fsspec's {scheme} support")
         raise OSError(f"{what}={location}: {scheme}:// needs a filesystem that is not installed "
                       f"({e}):{hint}") from None
     bucket = os.fspath(location).split("://", 1)[1].split("/", 1)[0]
@@ -78,7 +79,8 @@ def check_reachable(location: str | os.PathLike, what: str) -> None:
     except Exception as e:  # connection, credential and permission errors of the client libraries
         raise OSError(f"{what}={location}: cannot reach {scheme}://{bucket} ({type(e).__name__}: "
                       f"{_first_line(e)}): check the network and this machine's credentials "
-                      "(gcloud auth application-default login, or the VM's service account)") from None
+                      "(gcloud auth application-default login, or the VM's service "
+                      "account)") from None
     if not exists:
         raise OSError(f"{what}={location}: the bucket {scheme}://{bucket} does not exist or this "
                       "machine's credentials cannot see it: create it (gcloud storage buckets "
@@ -128,7 +130,8 @@ def write_atomically(destination: Path, data: str | bytes) -> None:
 def move(source: Path, destination: Path) -> None:
     """Move a file or folder (on an object store: a copy of every object, then a delete)."""
     source, destination = path(source), path(destination)
-    if is_remote(source):  # copy and delete: gcsfs's move first tries an API not every bucket offers
+    # copy and delete: gcsfs's move first tries an API not every bucket offers
+    if is_remote(source):
         fs, src = _remote_fs(source)
         fs.copy(src, _remote_fs(destination)[1], recursive=True)
         fs.rm(src, recursive=True)

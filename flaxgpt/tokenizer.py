@@ -19,7 +19,8 @@ from flaxgpt import storage
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 GPT2_EOT = 50256  # <|endoftext|>, GPT-2's last token
 GPT2_VOCAB_SIZE = 50257
-GPT2_PADDED_VOCAB_SIZE = 50304  # 50257 rounded up to a multiple of 64: nanoGPT's faster model vocabulary
+# 50257 rounded up to a multiple of 64: nanoGPT's faster model vocabulary
+GPT2_PADDED_VOCAB_SIZE = 50304
 GPT2_META = {"tokenizer": "gpt2", "vocab_size": GPT2_VOCAB_SIZE, "dtype": "uint16"}
 
 
@@ -169,8 +170,10 @@ def read_nanogpt_meta(meta_pkl_path: str | os.PathLike) -> dict:
     except pickle.UnpicklingError as e:
         if str(e).startswith("refusing"):
             raise ValueError(f"{path}: {e}") from None
-        raise ValueError(f"{path} is not a pickle file ({e}): expected nanoGPT's meta.pkl") from None
-    except (EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as e:  # text, truncated, ...
+        raise ValueError(f"{path} is not a pickle file ({e}): expected nanoGPT's "
+                         "meta.pkl") from None
+    # a text file, a truncated pickle, ...
+    except (EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
         raise ValueError(f"{path} is not nanoGPT's meta.pkl ({type(e).__name__}: {e})") from None
     if not isinstance(meta, dict) or not {"vocab_size", "itos"} <= meta.keys():
         raise ValueError(f"{path} is not nanoGPT's meta.pkl: expected a dict with vocab_size and "
@@ -179,7 +182,8 @@ def read_nanogpt_meta(meta_pkl_path: str | os.PathLike) -> dict:
         vocab_size = int(meta["vocab_size"])
         chars = [meta["itos"][i] for i in range(vocab_size)]
     except (KeyError, IndexError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: its itos does not cover vocab_size={meta['vocab_size']!r} ({e})") from None
+        raise ValueError(f"{path}: its itos does not cover "
+                         f"vocab_size={meta['vocab_size']!r} ({e})") from None
     if not all(isinstance(c, str) for c in chars):
         raise ValueError(f"{path}: itos must map token ids to strings")
     return {"tokenizer": "char", "chars": chars, "vocab_size": vocab_size}
