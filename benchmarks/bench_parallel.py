@@ -29,7 +29,8 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+# run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -115,8 +116,8 @@ def main(argv=None):
         rows.append(bench(name, mesh_shape, n_devices, model, optimizer, args))
         print(f"  {name}: {rows[-1]['ms']:.1f} ms/step", file=sys.stderr, flush=True)
     base = next((r["ms"] for r in rows if r["mode"] == "1 device"), None)
-    header = f"{'mode':<15} {'mesh (data,fsdp,tensor)':<24} {'ms/step':>8} {'(min)':>8} {'tokens/s':>10}" \
-             f" {'vs 1 dev':>8} {'compile s':>9} {'loss':>7}"
+    header = (f"{'mode':<15} {'mesh (data,fsdp,tensor)':<24} {'ms/step':>8} {'(min)':>8} "
+              f"{'tokens/s':>10} {'vs 1 dev':>8} {'compile s':>9} {'loss':>7}")
     print(header)
     print("-" * len(header))
     for r in rows:
