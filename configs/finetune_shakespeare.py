@@ -17,8 +17,8 @@ def get_config():
     c.dataset = "shakespeare"
     c.init_from = "gpt2-xl"  # the largest GPT-2 model
     c.always_save_checkpoint = False  # only save checkpoints if the validation loss improves
-    # 1 batch_size * 32 grad_accum * 1024 tokens = 32,768 tokens/iter; shakespeare has 301,966 tokens,
-    # so 1 epoch ~= 9.2 iters
+    # 1 batch_size * 32 grad_accum * 1024 tokens = 32,768 tokens/iter; shakespeare has 301,966
+    # tokens, so 1 epoch ~= 9.2 iters
     c.batch_size = 1
     c.gradient_accumulation_steps = 32
     c.max_iters = 20

@@ -42,7 +42,7 @@ def get_config(variant: str = "gpu"):
         c.lr_decay_iters = 2000
         c.dropout = 0.0
         c.dtype = "float32"
-        # 4 layers compile fast unrolled and run faster than scanned on XLA:CPU (docs/performance.md)
+        # 4 layers compile fast unrolled and run faster than scanned (docs/performance.md)
         c.scan_layers = False
     elif variant != "gpu":
         raise ValueError(f"unknown variant {variant!r} of shakespeare_char: use gpu (default) or "

@@ -45,7 +45,8 @@ if args.get("fail"):
     read = loop.Batches.read
 
     def failing_read(self, split, step, n):
-        if jax.process_index() == args["fail"]["process"] and split == "train" and step == args["fail"]["step"]:
+        fail = args["fail"]
+        if jax.process_index() == fail["process"] and split == "train" and step == fail["step"]:
             raise OSError(f"injected failure at step {step}")
         return read(self, split, step, n)
     loop.Batches.read = failing_read
@@ -120,7 +121,8 @@ class Pod:
 
     def __init__(self, root: Path, processes: int, devices: int = 4,
                  host_order: list[int] | None = None, **env):
-        self.root, self.processes, self.devices, self.host_order, self.env = root, processes, devices, host_order, env
+        self.root, self.processes, self.devices = root, processes, devices
+        self.host_order, self.env = host_order, env
         self.hosts = [root / f"host{i}" for i in range(processes)]
         (root / "logs").mkdir(parents=True, exist_ok=True)
         for host in self.hosts:

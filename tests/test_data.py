@@ -59,7 +59,8 @@ def test_windows_stay_in_bounds_and_reach_the_end():
 
 
 def test_uint32_files_round_trip(tmp_path):
-    big = np.array([0, 65_535, 65_536, 100_276] * 25)  # a vocabulary past uint16, e.g. cl100k's 100,277
+    # a vocabulary past uint16, e.g. cl100k's 100,277
+    big = np.array([0, 65_535, 65_536, 100_276] * 25)
     write_dataset(tmp_path / "big", big, big[:10], "uint32", vocab_size=100_277)
     train = open_split(tmp_path / "big", "train")
     assert train.dtype == np.uint32 and len(train) == 100
@@ -131,9 +132,9 @@ def test_a_dataset_in_a_bucket_reads_the_same_windows_as_a_local_copy(tmp_path, 
 def test_a_copy_of_another_length_than_meta_json_says_is_refused(tmp_path):
     write_dataset(tmp_path, np.arange(1000), np.arange(100), "uint16", train_tokens=1200,
                   val_tokens=100)
-    with pytest.raises(ValueError,
-                       match=r"train.bin holds 1,000 tokens but .*meta.json says 1,200: the copy is "
-                                         r"incomplete or from another preparation"):
+    with pytest.raises(ValueError, match=r"train.bin holds 1,000 tokens but .*meta.json says "
+                                         r"1,200: the copy is incomplete or from another "
+                                         r"preparation"):
         open_split(tmp_path, "train")
 
 

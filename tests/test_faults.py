@@ -36,15 +36,17 @@ def run(*argv, cwd=REPO, **kw):
 
 
 def test_describe_finds_the_root_cause_in_a_chain():
-    disk = ValueError('RESOURCE_EXHAUSTED: Error writing "h.kernel/0.0" in OCDBT database at local file "/x/": '
-                      "Failed to write 3416034 bytes to file 11: No space left on device [os_error_code='28']")
+    disk = ValueError('RESOURCE_EXHAUSTED: Error writing "h.kernel/0.0" in OCDBT database at '
+                      'local file "/x/": Failed to write 3416034 bytes to file 11: No space left '
+                      "on device [os_error_code='28']")
     try:
         try:
             raise disk
         except ValueError as e:
             raise RuntimeError("Failed to run 5 Handler Commit operations") from e
     except RuntimeError as chained:
-        assert faults.is_disk_full(chained) and faults.describe(chained) == "the disk is full (No space left on device)"
+        assert faults.is_disk_full(chained)
+        assert faults.describe(chained) == "the disk is full (No space left on device)"
     assert faults.is_disk_full(OSError(errno.ENOSPC, "nope"))
     truncated = ValueError('OUT_OF_RANGE: Error reading "h_0.attn.c_proj.kernel/0.0.0" in OCDBT '
                            'database at local file "/r/300/params/": Requested byte range '
@@ -138,8 +140,8 @@ def copy_of(run_dir: Path, tmp_path: Path) -> Path:
 
 
 def data_files(step_dir: Path) -> list[Path]:
-    return sorted((p for p in (step_dir / "params").rglob("*") if p.is_file() and p.parent.name == "d"),
-                  key=lambda p: -p.stat().st_size)
+    files = (p for p in (step_dir / "params").rglob("*") if p.is_file() and p.parent.name == "d")
+    return sorted(files, key=lambda p: -p.stat().st_size)
 
 
 def test_a_full_disk_during_a_save_is_one_line_that_says_so(shakespeare_char_dir, tmp_path):
@@ -153,13 +155,15 @@ def test_a_full_disk_during_a_save_is_one_line_that_says_so(shakespeare_char_dir
              f"--config.out_dir={disk}/out --config.max_iters=150 --config.eval_interval=50 "
              "--config.eval_iters=2 --config.log_interval=1000 "
              "--config.always_save_checkpoint=True --config.compilation_cache_dir=")
-    script = f"mount -t tmpfs -o size=14m tmpfs {disk} && ({train}; echo rc=$?; ls {disk}/out/checkpoints)"
+    script = (f"mount -t tmpfs -o size=14m tmpfs {disk} && "
+              f"({train}; echo rc=$?; ls {disk}/out/checkpoints)")
     result = subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c", script], cwd=REPO,
                             env=one_device_env(), capture_output=True, text=True, timeout=600)
     if "mount:" in result.stderr and "rc=" not in result.stdout:
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
     stdout, stderr = program_lines(result.stdout), program_lines(result.stderr)
-    assert "rc=1" in stdout and stdout[-1] == "50", result.stdout  # step 50 intact, nothing else kept
+    # step 50 intact, nothing else kept
+    assert "rc=1" in stdout and stdout[-1] == "50", result.stdout
     assert len(stderr) <= MAX_LINES and "Traceback" not in result.stderr, result.stderr
     assert stderr[-1].startswith("train.py: error: disk full: saving checkpoint "
                                  f"{disk}/out/checkpoints/100 needs about "), stderr[-1]
@@ -178,7 +182,9 @@ def test_resume_with_every_checkpoint_unreadable(trained, data_dir, tmp_path):
     assert err[-1] == ("train.py: error: none of the checkpoints [6, 4, 2] in "
                        f"{run_dir}/checkpoints could be read; restore an earlier copy of them, or "
                        "train a new run in another out_dir")
-    assert sum("is unreadable (array " in line and "its data file is truncated" in line for line in err) == 3, err
+    truncated = [line for line in err
+                 if "is unreadable (array " in line and "its data file is truncated" in line]
+    assert len(truncated) == 3, err
 
 
 def test_sample_falls_back_past_a_truncated_file_in_one_line(trained, tmp_path):
@@ -245,14 +251,15 @@ def test_importing_flaxgpt_and_building_a_train_step_change_no_process_state():
     asks."""
     code = """
 import logging, sys, jax
-hook, filters = sys.unraisablehook, {name: list(logging.getLogger(name).filters) for name in ("asyncio", "absl")}
+hook = sys.unraisablehook
+filters = {name: list(logging.getLogger(name).filters) for name in ("asyncio", "absl")}
 import flaxgpt
 from flaxgpt import checkpoint, host_memory, optim, sharding
 from flaxgpt.config import base_config
 from flaxgpt.model import GPTConfig
 from flaxgpt.train_step import TrainStep
-TrainStep(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8), optim.make_optimizer(base_config()),
-          sharding.make_mesh({"data": 1}, jax.devices()[:1]))
+TrainStep(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8),
+          optim.make_optimizer(base_config()), sharding.make_mesh({"data": 1}, jax.devices()[:1]))
 assert sys.unraisablehook is hook, "unraisablehook replaced"
 assert {n: list(logging.getLogger(n).filters) for n in filters} == filters, "a logging filter added"
 assert host_memory.keep_freed_memory.cache_info().currsize == 0, "malloc tuned"

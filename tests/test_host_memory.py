@@ -28,9 +28,11 @@ if sys.argv[1] == "on":
     host_memory.keep_freed_memory()
 config = shakespeare_char.get_config("cpu")
 model = model_config(config, vocab_size=65)
-steps = TrainStep(model, optim.make_optimizer(config), sharding.make_mesh({"data": 1}, jax.devices()[:1]))
+steps = TrainStep(model, optim.make_optimizer(config),
+                  sharding.make_mesh({"data": 1}, jax.devices()[:1]))
 state = steps.init(jax.random.key(0))
-x = jax.device_put(np.zeros((1, config.batch_size, model.block_size), np.int32), steps.batch_sharding)
+x = jax.device_put(np.zeros((1, config.batch_size, model.block_size), np.int32),
+                   steps.batch_sharding)
 temp = steps.train_fn.lower(state, x, x).compile().memory_analysis().temp_size_in_bytes
 faults = []
 for _ in range(32):
@@ -38,8 +40,8 @@ for _ in range(32):
     state, metrics = steps.train_fn(state, x, x)
     jax.block_until_ready(metrics)
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(json.dumps({"applied": sys.argv[1] == "on" and host_memory.keep_freed_memory(), "temp_bytes": temp,
-                  "faults": faults}))
+applied = sys.argv[1] == "on" and host_memory.keep_freed_memory()
+print(json.dumps({"applied": applied, "temp_bytes": temp, "faults": faults}))
 """
 MALLOC_ENVIRONMENT = ("GLIBC_TUNABLES", "LD_PRELOAD")
 
@@ -87,7 +89,8 @@ def test_malloc_settings_of_the_user_are_left_alone(monkeypatch, variable, value
 
 
 def test_nothing_is_tuned_off_glibc(monkeypatch):
-    for variable in [name for name in os.environ if name.startswith("MALLOC_")] + list(MALLOC_ENVIRONMENT):
+    malloc_variables = [name for name in os.environ if name.startswith("MALLOC_")]
+    for variable in malloc_variables + list(MALLOC_ENVIRONMENT):
         monkeypatch.delenv(variable, raising=False)
     assert not host_memory.user_tunes_malloc()
     monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))

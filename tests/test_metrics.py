@@ -27,8 +27,10 @@ def tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
             (length,) = struct.unpack("<Q", data[offset:offset + 8])
             event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
             offset += 12 + length + 4
-            if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
-                scalars = {tag: [(s, v) for s, v in points if s < event.step] for tag, points in scalars.items()}
+            started = event.session_log.status == event_pb2.SessionLog.START
+            if event.HasField("session_log") and started:
+                scalars = {tag: [(s, v) for s, v in points if s < event.step]
+                           for tag, points in scalars.items()}
             for value in event.summary.value:
                 scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
     return scalars
@@ -62,7 +64,8 @@ def test_resume_drops_what_an_interrupted_attempt_logged_past_its_checkpoint(tmp
         for step in (4, 5):
             log.write(step, loss=0.0)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and [r["loss"] for r in rows[3:]] == [0.0, 0.0]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["loss"] for r in rows[3:]] == [0.0, 0.0]
     points = tensorboard_scalars(tmp_path / "tensorboard")["train/step_loss"]
     assert [s for s, _ in points] == [1, 2, 3, 4, 5] and [v for _, v in points[3:]] == [0.0, 0.0]
 
@@ -72,8 +75,8 @@ def test_drop_rows_after_keeps_other_runs_and_skips_cut_lines(tmp_path):
     path.write_text('{"step": 5, "run": "old"}\n{"step": 5, "run": "new"}\n{"step": 2, "run": '
                     '"new"}\n{"ste')
     drop_rows_after(path, "new", 3)
-    assert [json.loads(line) for line in path.read_text().splitlines()] == [{"step": 5, "run": "old"},
-                                                                            {"step": 2, "run": "new"}]
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert rows == [{"step": 5, "run": "old"}, {"step": 2, "run": "new"}]
 
 
 def test_without_a_terminal_step_lines_are_printed_with_an_eta(tmp_path, capsys):
@@ -124,8 +127,10 @@ def test_a_run_in_a_bucket_uploads_its_metrics_and_tensorboard_files(gcs_dir, tm
     with MetricsLog(config(), run, "run-a") as log:
         for step in (1, 2, 3):
             log.write(step, loss=5.0 - step)
-    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
-    with MetricsLog(config(), run, "run-a", start_step=2, resumed_at=2) as log:  # resumed from step 2
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+    # resumed from step 2
+    with MetricsLog(config(), run, "run-a", start_step=2, resumed_at=2) as log:
         log.write(3, loss=1.5)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["loss"]) for r in rows] == [(1, 4.0), (2, 3.0), (3, 1.5)]

@@ -20,7 +20,8 @@ def test_peak_table_by_device_kind(kind, peak):
 
 def test_cpu_peak_is_measured_and_plausible():
     peak = mfu.device_peak_flops(jax.devices()[0])
-    assert 1e9 < peak < 1e14  # a float32 matmul on any CPU: more than a GFLOP/s, less than 100 TFLOP/s
+    # a float32 matmul on any CPU: more than a GFLOP/s, less than 100 TFLOP/s
+    assert 1e9 < peak < 1e14
 
 
 def test_throughput_and_mfu_arithmetic():

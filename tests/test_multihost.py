@@ -43,8 +43,9 @@ for key, value in args["distributed"].items():
     c.distributed[key] = value
 result = train(c)
 with open(args["result"], "w") as f:
-    json.dump({**result, "process_index": jax.process_index(), "process_count": jax.process_count(),
-               "device_count": jax.device_count(), "local_device_count": jax.local_device_count()}, f)
+    json.dump({**result, "process_index": jax.process_index(),
+               "process_count": jax.process_count(), "device_count": jax.device_count(),
+               "local_device_count": jax.local_device_count()}, f)
 """
 
 
@@ -63,7 +64,8 @@ def run_config(data_dir: Path, out_dir: Path) -> dict:
 
 
 def test_two_processes_train_like_one(data_dir, tmp_path):
-    assert jax.device_count() == 2 * LOCAL_DEVICES, "tests/conftest.py should give this process 8 devices"
+    assert jax.device_count() == 2 * LOCAL_DEVICES, (
+        "tests/conftest.py should give this process 8 devices")
     runner = tmp_path / "runner.py"
     runner.write_text(RUNNER)
     port = free_port()
@@ -98,9 +100,11 @@ def test_two_processes_train_like_one(data_dir, tmp_path):
     # Only process 0 prints and writes metrics: one writer's lines in the shared out_dir.
     assert "step 0: train loss" in outputs[0][1] and "iter 3:" in outputs[0][1], report(outputs)
     assert "loss" not in outputs[1][1], report(outputs)
-    lines = [json.loads(line) for line in (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()]
-    reference = [json.loads(line) for line in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
-    assert [line["step"] for line in lines] == [line["step"] for line in reference] == [0, 1, 2, 3, 3]
+    lines, reference = ([json.loads(line) for line in path.read_text().splitlines()]
+                        for path in (tmp_path / "multi" / "metrics.jsonl",
+                                     tmp_path / "single" / "metrics.jsonl"))
+    steps = [line["step"] for line in lines]
+    assert steps == [line["step"] for line in reference] == [0, 1, 2, 3, 3]
     for key in ("loss", "grad_norm", "train/loss", "val/loss"):
         pairs = [(a[key], b[key]) for a, b in zip(lines, reference) if key in a]
         np.testing.assert_allclose(*zip(*pairs), err_msg=key, **LOSS_TOL)
@@ -140,7 +144,8 @@ def lone_processes(tmp_path_factory):
 @pytest.mark.parametrize("process_id", [0, 1])
 def test_a_missing_peer_fails_instead_of_hanging(lone_processes, process_id):
     rc, out, err, seconds = lone_processes[process_id]
-    assert rc is not None, f"still waiting after {seconds:.0f}s (initialize timeout 5s)\n{err[-3000:]}"
+    assert rc is not None, (
+        f"still waiting after {seconds:.0f}s (initialize timeout 5s)\n{err[-3000:]}")
     assert rc != 0 and "initialize returned" not in out, err[-3000:]
     assert "DEADLINE_EXCEEDED" in err or "could not connect" in err, err[-3000:]
 
@@ -152,7 +157,8 @@ def test_a_missing_peer_gives_a_clear_error(lone_processes):
     assert "RuntimeError: jax.distributed could not connect process 1 of 2" in err, err[-3000:]
     assert "within 5s" in err
     rc, _, err, _ = lone_processes[0]
-    assert "flaxgpt: joining process 0 of 2 through the coordinator at 127.0.0.1:" in err, err[-3000:]
+    joining = "flaxgpt: joining process 0 of 2 through the coordinator at 127.0.0.1:"
+    assert joining in err, err[-3000:]
     assert "a peer never joined" in err
 
 

@@ -59,7 +59,8 @@ def test_matches_torch_adamw_with_clipping():
     clip_grad_norm_."""
     torch = pytest.importorskip("torch")
     c = base_config()
-    c.learning_rate, c.warmup_iters, c.lr_decay_iters, c.min_lr, c.grad_clip = 1e-2, 2, 10, 1e-3, 0.5
+    c.learning_rate, c.warmup_iters, c.lr_decay_iters = 1e-2, 2, 10
+    c.min_lr, c.grad_clip = 1e-3, 0.5
     rng = np.random.default_rng(0)
     w0, b0 = rng.normal(size=(4, 3)).astype(np.float32), rng.normal(size=(3,)).astype(np.float32)
     grads = [(rng.normal(size=(4, 3)).astype(np.float32), rng.normal(size=(3,)).astype(np.float32))

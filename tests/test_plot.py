@@ -11,7 +11,8 @@ pytest.importorskip("matplotlib")
 
 def write_run(out_dir, run_id, scale):
     out_dir.mkdir(parents=True)
-    rows = [{"step": 0, "run": "older", "val/loss": 9.0, "train/loss": 9.0}]  # another run: not drawn
+    # another run: not drawn
+    rows = [{"step": 0, "run": "older", "val/loss": 9.0, "train/loss": 9.0}]
     for step in range(0, 101, 10):
         rows.append({"step": step, "run": run_id, "loss": scale * (4 - step / 40),
                      "tokens": step * 768})

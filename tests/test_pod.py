@@ -39,7 +39,8 @@ def v4_32_host_order() -> list[int]:
     from flaxgpt import compile_for
     mesh = sharding.make_mesh({"data": -1}, compile_for.target_named("v4-32").devices)
     order = [device.process_index for device in mesh.devices.flat]
-    assert sorted(order) == sorted(list(range(HOSTS)) * DEVICES) and order[:HOSTS] == list(range(HOSTS))
+    assert sorted(order) == sorted(list(range(HOSTS)) * DEVICES)
+    assert order[:HOSTS] == list(range(HOSTS))
     return order
 
 
@@ -84,7 +85,8 @@ def test_a_pod_trains_on_a_bucket_stops_on_sigterm_and_resumes_exactly(
 
     resumed = pod.train(*common, f"--config.out_dir={runs}/stopped", "--config.init_from=resume")
     assert_all_succeeded(resumed)
-    assert "resuming run" in resumed[0][1] and f"at step {saved}" in resumed[0][1], report_of(resumed)
+    assert "resuming run" in resumed[0][1], report_of(resumed)
+    assert f"at step {saved}" in resumed[0][1], report_of(resumed)
     straight = pod.train(*common, f"--config.out_dir={runs}/straight")
     assert_all_succeeded(straight)
 
@@ -93,8 +95,15 @@ def test_a_pod_trains_on_a_bucket_stops_on_sigterm_and_resumes_exactly(
     chex_equal = jax.tree.map(np.array_equal, params_of(f"{runs}/stopped"),
                               params_of(f"{runs}/straight"))
     assert all(jax.tree.leaves(chex_equal)), chex_equal
-    rows = lambda run: [json.loads(line) for line in storage.path(f"{runs}/{run}/metrics.jsonl").read_text().splitlines()]
-    after = lambda run: [(r["step"], r.get("loss"), r.get("val/loss")) for r in rows(run) if r["step"] > saved]
+
+    def rows(run):
+        lines = storage.path(f"{runs}/{run}/metrics.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines]
+
+    def after(run):
+        return [(r["step"], r.get("loss"), r.get("val/loss"))
+                for r in rows(run) if r["step"] > saved]
+
     assert after("stopped") == after("straight") and after("stopped")
     assert len({r["run"] for r in rows("stopped")}) == 1  # one run, continued
 
@@ -119,7 +128,8 @@ def test_a_pod_trains_on_a_bucket_stops_on_sigterm_and_resumes_exactly(
     sample = subprocess.run([sys.executable, str(REPO / "sample.py"), f"--out_dir={runs}/stopped",
                              "--num_samples=1", "--max_new_tokens=20", "--compilation_cache_dir="],
                             cwd=tmp_path / "host0", capture_output=True, text=True, timeout=300)
-    assert sample.returncode == 0 and f"at step 12 ({runs}/stopped/checkpoints/12)" in sample.stderr, sample.stderr
+    assert sample.returncode == 0, sample.stderr
+    assert f"at step 12 ({runs}/stopped/checkpoints/12)" in sample.stderr, sample.stderr
     assert len(sample.stdout.split("---------------")[0]) >= 20
 
 
@@ -137,7 +147,8 @@ def test_a_local_out_dir_on_a_pod_is_refused_in_one_line(tmp_path, bucket_data):
 
 def test_hosts_with_different_datasets_are_refused_in_one_line(tmp_path, gcs_dir):
     pod = Pod(tmp_path, 2, 1)
-    for i, host in enumerate(pod.hosts):  # each host's own copy on its own disk: here not the same text
+    # each host's own copy on its own disk: here not the same text
+    for i, host in enumerate(pod.hosts):
         (host / "input.txt").write_text(corpus_text(20_000 + 1000 * i))
         prepare("shakespeare_char", out_dir=host / "data" / "chars", input_path=host / "input.txt")
     outputs = pod.train(CONFIG, *RUN, "--config.data_dir=data/chars", f"--config.out_dir={gcs_dir}",
@@ -145,7 +156,8 @@ def test_hosts_with_different_datasets_are_refused_in_one_line(tmp_path, gcs_dir
     for rc, out, err in outputs:
         last = err.strip().splitlines()[-1]
         assert rc == 1 and last.startswith("train.py: error: the hosts read different datasets "
-                                           "from data/chars (process(es) 0 see "), report_of(outputs)
+                                           "from data/chars (process(es) 0 see "), (
+            report_of(outputs))
         assert "prepare it once into a bucket: --config.data_dir=gs://" in last
 
 
@@ -156,12 +168,15 @@ def test_one_failing_host_stops_every_host_within_seconds(tmp_path, bucket_data,
                         "--config.max_iters=1000", "--config.eval_interval=1000",
                         fail={"process": 1, "step": 3}, timeout=240)
     (rc0, _, err0), (rc1, _, err1) = outputs
-    assert rc1 == 1 and err1.strip().splitlines()[-1] == "train.py: error: injected failure at step 3", report_of(outputs)
+    assert rc1 == 1, report_of(outputs)
+    assert err1.strip().splitlines()[-1] == "train.py: error: injected failure at step 3", (
+        report_of(outputs))
     assert rc0 == 1 and err0.strip().splitlines()[-1] == (
         "flaxgpt: stopping: process 1 failed: injected failure at step 3"), report_of(outputs)
 
 
-def test_a_checkpoint_one_host_cannot_read_is_passed_over_by_every_host(tmp_path, bucket_data, gcs_dir):
+def test_a_checkpoint_one_host_cannot_read_is_passed_over_by_every_host(tmp_path, bucket_data,
+                                                                        gcs_dir):
     """FSDP over both hosts: each reads only its own shards. Host 1's shards of the newest step are
     damaged: both hosts pass over that step, say why, and resume from the one before."""
     pod = Pod(tmp_path, 2, 2)
@@ -170,17 +185,21 @@ def test_a_checkpoint_one_host_cannot_read_is_passed_over_by_every_host(tmp_path
               "--config.eval_interval=3", "--config.max_to_keep=5"]
     assert_all_succeeded(pod.train(*common, "--config.max_iters=6"))
     assert Checkpoints(gcs_dir).steps() == [3, 6]
-    shards = [p for p in (storage.path(gcs_dir) / "checkpoints" / "6" / "params" / "ocdbt.process_1" / "d").iterdir()]
+    step_6 = storage.path(gcs_dir) / "checkpoints" / "6"
+    shards = [p for p in (step_6 / "params" / "ocdbt.process_1" / "d").iterdir()]
     for shard in shards:
         storage.write_atomically(shard, b"")  # truncated to nothing
     outputs = pod.train(*common, "--config.max_iters=9", "--config.init_from=resume")
     assert_all_succeeded(outputs)
     for _, out, err in outputs:
-        assert f"checkpoint {gcs_dir}/checkpoints/6 on process 1 is unreadable (array " in err, report_of(outputs)
-    assert "at step 3" in outputs[0][1] and "6.unreadable" in {p.name for p in (storage.path(gcs_dir) / "checkpoints").iterdir()}
+        unreadable = f"checkpoint {gcs_dir}/checkpoints/6 on process 1 is unreadable (array "
+        assert unreadable in err, report_of(outputs)
+    assert "at step 3" in outputs[0][1]
+    assert "6.unreadable" in {p.name for p in (storage.path(gcs_dir) / "checkpoints").iterdir()}
 
 
-def test_a_pretrained_model_is_read_on_host_0_alone_and_reaches_every_host(tmp_path, tiny_hf_gpt2, gcs_dir):
+def test_a_pretrained_model_is_read_on_host_0_alone_and_reaches_every_host(tmp_path,
+                                                                           tiny_hf_gpt2, gcs_dir):
     """Fine-tuning from a Hugging Face folder that only host 0 has on its disk (as a download would
     be): the other hosts receive the weights, and the run's first evaluation is the model's own
     loss."""

@@ -52,11 +52,13 @@ def test_shakespeare_char(tmp_path):
     assert meta["vocab_size"] == len(meta["chars"]) and meta["dtype"] == "uint16"
     assert (meta["train_tokens"], meta["val_tokens"]) == (n_train, len(text) - n_train)
     if source.parent.parent == SHARED:
-        assert (meta["vocab_size"], meta["train_tokens"], meta["val_tokens"]) == (65, 1_003_854, 111_540)
+        counts = (meta["vocab_size"], meta["train_tokens"], meta["val_tokens"])
+        assert counts == (65, 1_003_854, 111_540)
     train, val = open_split(tmp_path / "out", "train"), open_split(tmp_path / "out", "val")
     assert train.dtype == np.uint16 and len(train) == n_train
     assert from_meta(meta).decode(np.concatenate([train, val])) == text
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["meta.json", "train.bin", "val.bin"]
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == ["meta.json", "train.bin", "val.bin"]
 
 
 def test_text_from_flaxgpt_data(tmp_path, monkeypatch):
@@ -85,7 +87,8 @@ def test_shakespeare_bpe_cli(tmp_path, gpt2_ranks, capsys):
         "dataset": "shakespeare", "tokenizer": "gpt2", "vocab_size": 50257, "dtype": "uint16"}
     n = int(len(text) * 0.9)  # split on characters first, then encode each part, as nanoGPT
     train, val = open_split(tmp_path / "out", "train"), open_split(tmp_path / "out", "val")
-    assert train.tolist() == tokenizer.encode_ordinary(text[:n]) and len(train) == meta["train_tokens"]
+    assert train.tolist() == tokenizer.encode_ordinary(text[:n])
+    assert len(train) == meta["train_tokens"]
     assert tokenizer.decode(val) == text[n:] and len(val) == meta["val_tokens"]
 
 
@@ -102,7 +105,7 @@ def test_openwebtext_documents_end_with_eot(tmp_path, gpt2_ranks):
         assert meta[f"{split}_tokens"] == len(expected)
     assert open_split(tmp_path, "train")[:3].tolist() == [31373, 995, GPT2_EOT]
     assert meta == json.loads((tmp_path / "meta.json").read_text())
-    assert meta["dtype"] == "uint16" and meta["tokenizer"] == "gpt2" and meta["dataset"] == "openwebtext"
+    assert (meta["dtype"], meta["tokenizer"], meta["dataset"]) == ("uint16", "gpt2", "openwebtext")
 
 
 def test_token_files_are_written_whole_or_not_at_all(tmp_path):

@@ -33,7 +33,8 @@ MESHES = {
 }
 # Heads, MLP units (4 * 32) and vocabulary divide by 8, so every mesh above can split them.
 TINY = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=8, n_embd=32)
-A, B, T, STEPS = 2, 8, 16, 3  # gradient accumulation 2, global micro-batch 8 (divides over 8 devices)
+# gradient accumulation 2, global micro-batch 8 (divides over 8 devices)
+A, B, T, STEPS = 2, 8, 16, 3
 SEED = 3
 LOSS_TOL = dict(rtol=2e-6, atol=0)  # measured: <= 1 ulp (4.8e-7 at loss ~4.2)
 PARAM_TOL = dict(rtol=1e-5, atol=1e-7)  # measured: <= 1.5e-8 absolute after 3 steps (SGD)
@@ -54,7 +55,8 @@ def sgd():
 
 
 def batches():
-    tokens = np.random.default_rng(0).integers(0, TINY.vocab_size, (STEPS, A, B, T + 1)).astype(np.int32)
+    tokens = np.random.default_rng(0).integers(0, TINY.vocab_size, (STEPS, A, B, T + 1))
+    tokens = tokens.astype(np.int32)
     return [(b[..., :-1], b[..., 1:]) for b in tokens]
 
 
@@ -68,7 +70,7 @@ def spec(x) -> tuple:
 def run(step_fns: TrainStep, state):
     losses, norms = [], []
     for x, y in batches():
-        x, y = jax.device_put(x, step_fns.batch_sharding), jax.device_put(y, step_fns.batch_sharding)
+        x, y = (jax.device_put(a, step_fns.batch_sharding) for a in (x, y))
         state, metrics = step_fns.train_fn(state, x, y)
         losses.append(metrics["loss"])
         norms.append(metrics["grad_norm"])
@@ -121,7 +123,8 @@ def test_batch_sharding_splits_the_batch_over_data_and_fsdp():
     assert tuple(s.spec) == (None, ("data", "fsdp"), None)
     shards = s.addressable_devices_indices_map((A, B, T))
     assert {idx[1].indices(B)[:2] for idx in shards.values()} == {(0, 2), (2, 4), (4, 6), (6, 8)}
-    np.testing.assert_array_equal(sharding.process_rows(s, (A, B, T), batch_axis=1), np.arange(B))  # all rows
+    # all rows
+    np.testing.assert_array_equal(sharding.process_rows(s, (A, B, T), batch_axis=1), np.arange(B))
 
 
 # ------------------------------------------------------------------- sharded training == one device
@@ -140,7 +143,8 @@ def reference():
 def test_sharded_training_matches_one_device(name, reference):
     init, ref_losses, ref_norms, ref_params = reference
     step_fns = TrainStep(TINY, sgd(), sharding.make_mesh(MESHES[name]), seed=SEED)
-    if name == "fsdp4_tp2":  # sharded init (each device draws only its shards) draws the same numbers
+    # sharded init (each device draws only its shards) draws the same numbers
+    if name == "fsdp4_tp2":
         state = step_fns.init(jax.random.key(0))
         assert_trees_close(to_host(state), init, rtol=0, atol=0)
     else:
@@ -151,7 +155,8 @@ def test_sharded_training_matches_one_device(name, reference):
     assert_trees_close(to_host(state.params), ref_params, **PARAM_TOL)
     assert int(state.step) == STEPS
     for leaf, want in zip(jax.tree.leaves(state), jax.tree.leaves(step_fns.state_sharding)):
-        assert leaf.sharding.is_equivalent_to(want, leaf.ndim)  # out_shardings keep the state in place
+        # out_shardings keep the state in place
+        assert leaf.sharding.is_equivalent_to(want, leaf.ndim)
 
 
 def test_dropout_masks_do_not_depend_on_the_mesh(reference):
@@ -167,7 +172,8 @@ def test_dropout_masks_do_not_depend_on_the_mesh(reference):
         step_fns = TrainStep(config, sgd(), mesh, seed=SEED)
         state, losses, norms = run(step_fns, jax.device_put(init, step_fns.state_sharding))
         results[name] = losses, norms, to_host(state.params)
-    assert abs(results["one"][1][0] / ref_norms[0] - 1) > 1e-3  # dropout is on: not the gradient of p=0
+    # dropout is on: not the gradient of p=0
+    assert abs(results["one"][1][0] / ref_norms[0] - 1) > 1e-3
     np.testing.assert_allclose(results["fsdp4_tp2"][0], results["one"][0], **LOSS_TOL)
     np.testing.assert_allclose(results["fsdp4_tp2"][1], results["one"][1], **LOSS_TOL)
     assert_trees_close(results["fsdp4_tp2"][2], results["one"][2], **PARAM_TOL)
@@ -217,15 +223,18 @@ def test_state_shardings_follow_the_logical_axis_rules(scan_layers):
     params = jax.tree_util.tree_flatten_with_path(state.params)[0]
     assert {param_name(path) for path, _ in params} == set(FSDP4_TP2_SPECS)
     for path, leaf in params:
-        assert layer_spec(path, leaf) == FSDP4_TP2_SPECS[param_name(path)], jax.tree_util.keystr(path)
+        want = FSDP4_TP2_SPECS[param_name(path)]
+        assert layer_spec(path, leaf) == want, jax.tree_util.keystr(path)
 
     assert spec(state.step) == () and state.step.sharding.is_fully_replicated
     moments = {"mu": 0, "nu": 0}
     for path, leaf in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]:
-        moment = [k.name for k in path if isinstance(k, jax.tree_util.GetAttrKey) and k.name in moments]
+        moment = [k.name for k in path
+                  if isinstance(k, jax.tree_util.GetAttrKey) and k.name in moments]
         if moment:
             moments[moment[0]] += 1
-            assert layer_spec(path, leaf) == FSDP4_TP2_SPECS[param_name(path)], jax.tree_util.keystr(path)
+            want = FSDP4_TP2_SPECS[param_name(path)]
+            assert layer_spec(path, leaf) == want, jax.tree_util.keystr(path)
         else:
             assert leaf.shape == () and spec(leaf) == (), jax.tree_util.keystr(path)  # counts
     assert moments == {"mu": len(params), "nu": len(params)}
@@ -246,16 +255,18 @@ def test_dimensions_the_mesh_does_not_divide_are_replicated():
     """A 65-token vocabulary and 3 heads over tensor=2: those axes stay whole, training still
     matches."""
     odd = GPTConfig(block_size=16, vocab_size=65, n_layer=1, n_head=3, n_embd=24)
-    params = TrainStep(odd, sgd(), sharding.make_mesh({"fsdp": 4, "tensor": 2})).abstract_state.params
+    mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2})
+    params = TrainStep(odd, sgd(), mesh).abstract_state.params
     assert spec(params["wte"]["embedding"]) == (None, "fsdp")
     assert spec(params["h"]["attn"]["c_attn"]["kernel"]) == (None, "fsdp", None, None, None)
-    assert spec(params["h"]["mlp"]["c_fc"]["kernel"]) == (None, "fsdp", "tensor")  # 96 hidden units divide
+    # 96 hidden units divide
+    assert spec(params["h"]["mlp"]["c_fc"]["kernel"]) == (None, "fsdp", "tensor")
     losses = []
     for mesh in (one_device_mesh(), sharding.make_mesh({"fsdp": 4, "tensor": 2})):
         step_fns = TrainStep(odd, sgd(), mesh)
         x = jax.device_put(batches()[0][0] % odd.vocab_size, step_fns.batch_sharding)
-        losses.append(float(step_fns.train_fn(step_fns.init(jax.random.key(SEED)), x,
-                                              x)[1]["loss"]))
+        state = step_fns.init(jax.random.key(SEED))
+        losses.append(float(step_fns.train_fn(state, x, x)[1]["loss"]))
     np.testing.assert_allclose(losses[1], losses[0], **LOSS_TOL)
 
 

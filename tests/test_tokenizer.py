@@ -44,7 +44,8 @@ def test_read_nanogpt_meta_refuses_code(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    (b"vocab_size: 65\n", "not a pickle file|is not nanoGPT's meta.pkl"),  # a text file given as meta.pkl
+    # a text file given as meta.pkl
+    (b"vocab_size: 65\n", "not a pickle file|is not nanoGPT's meta.pkl"),
     (b"", "is not nanoGPT's meta.pkl"),
     (pickle.dumps([1, 2, 3]), "expected a dict with vocab_size and itos"),
     (pickle.dumps({"vocab_size": 3, "itos": {0: "a"}}), "does not cover vocab_size=3"),
@@ -70,7 +71,8 @@ def test_read_meta_prefers_meta_json_and_assumes_gpt2_without_either(tmp_path):
 
 
 def test_model_vocab_size_pads_gpt2_only():
-    assert tokenizer.model_vocab_size(tokenizer.GPT2_META) == tokenizer.GPT2_PADDED_VOCAB_SIZE == 50304
+    padded = tokenizer.model_vocab_size(tokenizer.GPT2_META)
+    assert padded == tokenizer.GPT2_PADDED_VOCAB_SIZE == 50304
     assert tokenizer.model_vocab_size({"tokenizer": "char", "vocab_size": 65}) == 65
 
 

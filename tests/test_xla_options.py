@@ -30,7 +30,8 @@ def test_cpu_gets_the_cpu_options_and_other_platforms_xla_defaults(monkeypatch):
 def test_an_option_the_user_sets_in_xla_flags_is_left_alone(monkeypatch, flag):
     monkeypatch.setenv("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {flag}")
     assert xla_options.compiler_options("cpu") is None
-    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type_other=1")  # another flag
+    # another flag
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type_other=1")
     assert xla_options.compiler_options("cpu") == xla_options.CPU_OPTIONS
 
 
@@ -57,10 +58,13 @@ def test_the_cpu_train_and_eval_steps_compile_without_ynnpack_fusions(monkeypatc
 def _compile_in_a_fresh_process(cache_dir, **env_vars) -> None:
     """A process that calls use_compilation_cache(cache_dir) and compiles one small program (far
     below JAX's one second threshold: it is only cached because flaxgpt caches every program)."""
+    directory = None if cache_dir is None else str(cache_dir)
+    # the jitted function compiles in milliseconds
     code = ("import jax; from flaxgpt import xla_options\n"
-            f"xla_options.use_compilation_cache({None if cache_dir is None else str(cache_dir)!r})\n"
-            "jax.jit(lambda x: x * 2 + 1)(1.0).block_until_ready()")  # compiles in milliseconds
-    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # conftest's session cache
+            f"xla_options.use_compilation_cache({directory!r})\n"
+            "jax.jit(lambda x: x * 2 + 1)(1.0).block_until_ready()")
+    # conftest's session cache
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     env.update({k: str(v) for k, v in env_vars.items()})
     subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
 
