@@ -34,14 +34,14 @@ from flaxgpt.model import count_params, flops_per_token
 from flaxgpt.train_step import TrainStep
 from flaxgpt.config import model_config
 
-CONFIG = config_flags.DEFINE_config_file("config", "configs/owt.py", "the config whose batches to "
-                                                                     "read")
-BUCKET = flags.DEFINE_string("bucket", None, "a gs:// folder to copy the dataset to (default: an "
-                                             "emulator)")
+CONFIG = config_flags.DEFINE_config_file("config", "configs/owt.py",
+                                         "the config whose batches to read")
+BUCKET = flags.DEFINE_string("bucket", None,
+                             "a gs:// folder to copy the dataset to (default: an emulator)")
 TOKENS = flags.DEFINE_integer("tokens", 50_000_000, "tokens in the synthetic dataset")
 STEPS = flags.DEFINE_integer("steps", 20, "steps to read from each source")
-TIME_STEP = flags.DEFINE_boolean("time_step", False, "also time the train step on this machine's "
-                                                     "devices")
+TIME_STEP = flags.DEFINE_boolean("time_step", False,
+                                 "also time the train step on this machine's devices")
 CHIPS_PER_HOST = 4
 TPU_KINDS = ("TPU v4", "TPU v5 lite", "TPU v5p", "TPU v6 lite")
 
@@ -123,8 +123,8 @@ def main(_):
         if jax.default_backend() == "cpu":  # as train() does
             host_memory.keep_freed_memory()
         state = train_step.init(jax.random.key(0))
-        tokens = np.random.default_rng(0).integers(0, model.vocab_size, (A, B, T + 1),
-                                                   dtype=np.int32)
+        rng = np.random.default_rng(0)
+        tokens = rng.integers(0, model.vocab_size, (A, B, T + 1), dtype=np.int32)
         x, y = (jax.device_put(a, train_step.batch_sharding)
                 for a in (tokens[..., :-1], tokens[..., 1:]))
         _, (dt,) = benchmarking.time_steps(lambda s: train_step.train_fn(s, x, y)[0], state,

@@ -56,13 +56,13 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
-    p.add_argument("--modes", default=",".join(KEYS), help="comma-separated subset of "
-                                                           f"{','.join(KEYS)}")
-    p.add_argument("--batch_size", type=int, default=16, help="global micro-batch (all devices "
-                                                              "together)")
+    p.add_argument("--modes", default=",".join(KEYS),
+                   help=f"comma-separated subset of {','.join(KEYS)}")
+    p.add_argument("--batch_size", type=int, default=16,
+                   help="global micro-batch (all devices together)")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per step")
-    p.add_argument("--vocab_size", type=int, default=None, help="default: the prepared "
-                                                                "shakespeare_char's")
+    p.add_argument("--vocab_size", type=int, default=None,
+                   help="default: the prepared shakespeare_char's")
     return p.parse_args(argv)
 
 

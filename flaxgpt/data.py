@@ -26,8 +26,7 @@ FINGERPRINT_WINDOW = 1024  # tokens per window
 
 
 def _missing(path: storage.Path, data_dir: storage.Path) -> FileNotFoundError:
-    """The error for a dataset that was not prepared: names the path and the command that writes
-    it."""
+    """The error for a dataset that was not prepared: names the path and the command to write it."""
     from flaxgpt.prepare import DATASETS
     name = data_dir.name if storage.is_remote(data_dir) else data_dir.resolve().name
     out_dir = "" if data_dir == storage.path("data") / name else f" --out_dir {data_dir}"
@@ -59,8 +58,8 @@ def model_vocab_size(config, *, unprepared_is_gpt2: bool = False) -> int:
 
 
 def load_meta(data_dir: str | os.PathLike) -> dict:
-    """The dataset's vocabulary and token dtype (`tokenizer.read_meta`); a missing folder says how
-    to make it."""
+    """The dataset's vocabulary and token dtype (`tokenizer.read_meta`); a missing folder says
+    how to make it."""
     data_dir = storage.path(data_dir)
     storage.check_reachable(data_dir, "data_dir")
     if not data_dir.is_dir():
@@ -107,8 +106,7 @@ def open_split(data_dir: str | os.PathLike, split: str,
 
 
 def read_windows(tokens: np.ndarray | RemoteTokens, offsets: np.ndarray, length: int) -> np.ndarray:
-    """Tokens [len(offsets), length] starting at each offset (numpy reads just those pages of a
-    memmap)."""
+    """Tokens [len(offsets), length] starting at each offset (a memmap reads just those pages)."""
     if isinstance(tokens, RemoteTokens):
         return tokens.windows(offsets, length)
     return np.asarray(tokens[offsets[:, None] + np.arange(length)])
@@ -137,20 +135,17 @@ def _check(n_tokens: int, block_size: int, split: str) -> None:
 
 def batch_offsets(n_tokens: int, *, seed: int, step: int, batch_size: int, block_size: int,
                   split: str = "train") -> np.ndarray:
-    """Start positions [batch_size] of the global batch's windows; a function of (seed, step, split)
-    only."""
+    """Start positions [batch_size] of the global batch's windows, from (seed, step, split) only."""
     _check(n_tokens, block_size, split)
     rng = np.random.default_rng((seed, step, SPLIT_CODES[split]))
-    # High is exclusive, so the last possible window ends on the last token (its y needs offset +
-    # block_size).
+    # High is exclusive: the last window ends on the last token (its y needs offset + block_size).
     return rng.integers(0, n_tokens - block_size, size=batch_size)
 
 
 def get_batch(tokens: np.ndarray | RemoteTokens, *, seed: int, step: int, batch_size: int,
               block_size: int, split: str = "train",
               rows: slice | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Inputs x and targets y (x shifted by one), int32 [rows, block_size], from the token array
-    `tokens`.
+    """Inputs x and targets y (x shifted by one), int32 [rows, block_size], from `tokens`.
 
     The offsets of all `batch_size` rows are drawn; `rows` (a slice or index array, default all)
     picks the rows this process reads, so only those windows of the memmap are touched and the

@@ -48,8 +48,7 @@ PCI_DEVICES = "/sys/bus/pci/devices"
 
 def on_cloud_tpu_vm() -> bool:
     """Whether TPU chips are attached to this machine (Google PCI devices) or a TPU cluster set its
-    variables. A CPU machine that sets TPU_SKIP_MDS_QUERY to compile for TPU topologies is not
-    one."""
+    variables. A CPU machine setting TPU_SKIP_MDS_QUERY to compile for TPU topologies is not one."""
     if any(os.environ.get(name) for name in TPU_CLUSTER_ENV):
         return True
     if os.environ.get("TPU_SKIP_MDS_QUERY"):
@@ -87,8 +86,7 @@ def use_cpu_without_accelerators() -> None:
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, timeout: int = 300) -> None:
-    """Join the other processes of the run (no-op for a single process). Call before touching
-    devices.
+    """Join the other processes of the run (no-op for one process). Call before touching devices.
 
     Unset values come from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or jax's
     cluster auto-detection (Cloud TPU, SLURM, Open MPI, Kubernetes).
@@ -107,8 +105,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if address and process_id not in (None, 0) and not _reachable(address, timeout):
         raise RuntimeError(f"jax.distributed could not connect {where} within {timeout}s: nothing "
                            f"listens there. {advice}")
-    # jax's client aborts the process (SIGABRT) when the others do not join in time: say why
-    # beforehand.
+    # jax's client aborts (SIGABRT) when the others do not join in time: say why beforehand.
     print(f"flaxgpt: joining {where}; waiting up to {timeout}s for all processes (if this process "
           "then aborts with DEADLINE_EXCEEDED, a peer never joined). "
           f"{advice}", file=sys.stderr, flush=True)
@@ -117,8 +114,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
 
 def _reachable(address: str, timeout: float) -> bool:
-    """Whether a TCP connection to host:port opens within `timeout` seconds (retrying until
-    then)."""
+    """Whether a TCP connection to host:port opens within `timeout` seconds (retrying)."""
     host, port = address.rsplit(":", 1)
     deadline = time.monotonic() + timeout
     while True:
@@ -143,8 +139,7 @@ _agreements = itertools.count()  # every process makes the same agreements in th
 
 
 def _client():
-    """The coordination service's client (jax has no public accessor; orbax reads it the same
-    way)."""
+    """The coordination service's client (jax has no public accessor; orbax reads it so too)."""
     from jax._src import distributed as jax_distributed
     return jax_distributed.global_state.client
 
@@ -154,8 +149,7 @@ def _key(name: str) -> str:
 
 
 def all_values(name: str, value: str, timeout_s: float = AGREEMENT_TIMEOUT_S) -> list[str]:
-    """Every process's `value` (a string) for this agreement, in process order; waits for all of
-    them."""
+    """Every process's `value` (a string) for this agreement, in process order; waits for all."""
     if jax.process_count() == 1:
         return [value]
     client, key = _client(), _key(name)
@@ -232,8 +226,8 @@ class stop_together:
     def __enter__(self):
         self._done = threading.Event()
         if jax.process_count() > 1:
-            self._thread = threading.Thread(target=self._watch, name="flaxgpt-peer-watch",
-                                            daemon=True)
+            self._thread = threading.Thread(target=self._watch, daemon=True,
+                                            name="flaxgpt-peer-watch")
             self._thread.start()
         return self
 

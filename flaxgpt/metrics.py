@@ -28,8 +28,8 @@ REMOTE_UPLOAD_S = 30
 
 
 def drop_rows_after(path: storage.Path, run_id: str, step: int) -> None:
-    """Rewrite metrics.jsonl without the rows of `run_id` past `step` (an interrupted attempt's),
-    atomically."""
+    """Rewrite metrics.jsonl atomically without the rows of `run_id` past `step` (an interrupted
+    attempt's)."""
     path = storage.path(path)
     if not path.is_file():
         return
@@ -68,8 +68,7 @@ def _tensorboardx_writer():
 
 
 class MetricsLog:
-    """The run's output: `print` for lines, `write` for metrics rows, `step_done` after every train
-    step.
+    """The run's output: `print` for lines, `write` for metrics rows, `step_done` after each step.
 
     On a terminal (and with config.progress) a tqdm bar shows step/max_iters, rate, ETA and the
     latest loss, and replaces the per-step lines; elsewhere (CI, nohup, a SLURM log) the per-step
@@ -139,8 +138,7 @@ class MetricsLog:
             sys.stdout.flush()
 
     def print_step(self, text: str, step: int) -> None:
-        """A per-step line: on the bar's terminal it is the bar itself; elsewhere printed with the
-        ETA."""
+        """A per-step line: on the bar's terminal the bar itself; elsewhere printed with the ETA."""
         if self.active and not self.bar:
             print(f"{text}, eta {format_seconds(self.eta(step))}", flush=True)
 

@@ -80,8 +80,7 @@ def logical_shardings(abstract_tree, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
 
 def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0,
                    rules=LOGICAL_AXIS_RULES) -> NamedSharding:
-    """Sharding of a batch array whose `batch_axis` is split over the mesh axes `rules` give
-    "batch"."""
+    """Sharding of a batch array, its `batch_axis` split over the mesh axes `rules` give "batch"."""
     spec = [None] * ndim
     spec[batch_axis] = nn.logical_to_mesh_axes(("batch",), rules)[0]
     return NamedSharding(mesh, P(*spec))
@@ -99,8 +98,7 @@ def divisible_batch(batch_size: int, accumulation: int, data_parallel: int) -> t
 
 def rows_by_process(sharding: NamedSharding, global_shape: tuple[int, ...],
                     batch_axis: int = 0) -> dict[int, np.ndarray]:
-    """{process index: the sorted rows of the batch axis its devices hold}, for every process of the
-    mesh.
+    """{process index: the sorted rows of the batch axis its devices hold}, for every process.
 
     A TPU slice orders its devices by physical position, so a process's rows need not be one block
     (v4-32 interleaves its 4 hosts along the data axis); `global_batch` takes them as they come.

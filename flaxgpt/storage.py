@@ -1,5 +1,4 @@
-"""Where flaxgpt reads and writes: local folders and object stores (gs://, s3://, ...) behind one
-path type.
+"""Where flaxgpt reads and writes: local folders and object stores (gs://, ...) as one path type.
 
 Every file flaxgpt touches (out_dir, data_dir, checkpoints, metrics, the compilation cache, prepared
 datasets) goes through `path(...)`, which returns an `etils.epath.Path`: the path type orbax uses. A
@@ -94,8 +93,7 @@ def _first_line(error: Exception) -> str:
 
 @contextlib.contextmanager
 def atomic_output(destination: Path) -> Iterator[IO[bytes]]:
-    """A binary file to write `destination` through: it appears under its name only if the block
-    succeeds.
+    """A binary file to write `destination` through, which appears only if the block succeeds.
 
     Local: a temporary file beside it, renamed at the end. Remote: a local temporary file, uploaded
     at the end in one piece, which the object store publishes only when it is complete. On failure
@@ -121,8 +119,7 @@ def atomic_output(destination: Path) -> Iterator[IO[bytes]]:
 
 
 def write_atomically(destination: Path, data: str | bytes) -> None:
-    """Write text or bytes to `destination` so that readers see the old content or the new, never a
-    part."""
+    """Write text or bytes to `destination`: readers see the old content or the new, not a part."""
     with atomic_output(destination) as f:
         f.write(data.encode() if isinstance(data, str) else data)
 
@@ -146,8 +143,7 @@ def upload_folder(local: str | os.PathLike, destination: Path) -> None:
 
 
 def read_ranges(location: Path, starts, stops) -> list[bytes]:
-    """The bytes [start, stop) of a file for each pair, fetched concurrently from an object
-    store."""
+    """The bytes [start, stop) of a file for each pair, read concurrently from an object store."""
     fs, name = _remote_fs(location)
     return fs.cat_ranges([name] * len(starts), [int(s) for s in starts], [int(s) for s in stops],
                          on_error="raise")

@@ -70,8 +70,7 @@ class CharTokenizer:
 
 
 class GPT2Tokenizer:
-    """GPT-2 BPE (tiktoken's `gpt2` encoding); `<|endoftext|>` is allowed in text and is token
-    50256."""
+    """GPT-2 BPE (tiktoken's `gpt2` encoding); `<|endoftext|>` is allowed in text: token 50256."""
 
     vocab_size = GPT2_VOCAB_SIZE
     eot_token = GPT2_EOT
@@ -90,8 +89,7 @@ class GPT2Tokenizer:
 
 
 def gpt2_encoding(ranks_file: str | os.PathLike | None = None) -> tiktoken.Encoding:
-    """GPT-2's tiktoken encoding, from a local ranks file when there is one, else tiktoken's
-    download."""
+    """GPT-2's tiktoken encoding, from a local ranks file if there is one, else downloaded."""
     ranks_file = ranks_file or local_data_file("gpt2/r50k_base.tiktoken")
     if ranks_file is None:
         try:
@@ -111,8 +109,8 @@ def gpt2_encoding(ranks_file: str | os.PathLike | None = None) -> tiktoken.Encod
 
 
 def from_meta(meta: dict | None) -> Tokenizer:
-    """The tokenizer a dataset's meta.json describes: {"tokenizer": "char", "chars": [...]} or GPT-2
-    BPE."""
+    """The tokenizer a dataset's meta.json describes: {"tokenizer": "char", "chars": [...]} or
+    GPT-2 BPE."""
     if meta and meta.get("tokenizer") == "char":
         return CharTokenizer(meta["chars"])
     return GPT2Tokenizer()
