@@ -1,7 +1,6 @@
 """Fine-tune a pretrained GPT-2 on tiny Shakespeare (GPT-2 BPE): nanoGPT's finetune_shakespeare.py.
 
-Prepare the data with `python prepare.py shakespeare`; `--config.init_from=gpt2` for a smaller
-model.
+Prepare the data with `python prepare.py shakespeare`; --config.init_from=gpt2 for a smaller model.
 """
 
 from flaxgpt.config import base_config

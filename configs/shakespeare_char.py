@@ -45,6 +45,6 @@ def get_config(variant: str = "gpu"):
         # 4 layers compile fast unrolled and run faster than scanned (docs/performance.md)
         c.scan_layers = False
     elif variant != "gpu":
-        raise ValueError(f"unknown variant {variant!r} of shakespeare_char: use gpu (default) or "
-                         "cpu")
+        raise ValueError(
+            f"unknown variant {variant!r} of shakespeare_char: use gpu (default) or cpu")
     return c

@@ -21,8 +21,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = f"--config={REPO / 'configs' / 'shakespeare_char.py'}:cpu"
 
-# Runs train.py's main in this process: argv[1] is JSON {"argv": [...], "host_order": [...], "fail":
-# {...}}.
+# Runs train.py's main in this process: argv[1] is JSON
+# {"argv": [...], "host_order": [...], "fail": {...}}.
 RUNNER = """
 import json, runpy, sys
 args = json.loads(sys.argv[1])
@@ -148,8 +148,7 @@ class Pod:
         return Path(f"{self.logs[i]}.out").read_text(), Path(f"{self.logs[i]}.err").read_text()
 
     def wait_for(self, pattern: str, process: int = 0, timeout: float = 300) -> None:
-        """Until process `process` prints a line matching `pattern` (AssertionError if it ends
-        first)."""
+        """Until process `process` prints a line matching `pattern` (AssertionError if it ends)."""
         deadline = time.monotonic() + timeout
         while not re.search(pattern, self.output(process)[0], re.MULTILINE):
             if self.procs[process].poll() is not None or time.monotonic() > deadline:

@@ -78,8 +78,8 @@ def test_nanogpt_folder_without_meta_is_assumed_gpt2_uint16(tmp_path):
 
 
 def test_nanogpt_char_folder_reads_meta_pkl(tmp_path):
-    """nanoGPT's prepare.py for shakespeare_char writes meta.pkl (no meta.json): its characters are
-    used."""
+    """nanoGPT's prepare.py for shakespeare_char writes meta.pkl (no meta.json): its characters
+    are used."""
     chars = sorted(set("hello world"))
     with open(tmp_path / "meta.pkl", "wb") as f:
         pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)),

@@ -62,14 +62,14 @@ def test_library_reports_are_dropped_and_flaxgpts_own_kept(caplog, monkeypatch):
     orbax_file = os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "future.py")
 
     def report(logger, pathname, message):
-        logging.getLogger(logger).handle(logging.LogRecord(logger, logging.ERROR, pathname, 1,
-                                                           message, None, None))
+        record = logging.LogRecord(logger, logging.ERROR, pathname, 1, message, None, None)
+        logging.getLogger(logger).handle(record)
 
     monkeypatch.delenv(faults.VERBOSE_VARIABLE, raising=False)
     with caplog.at_level(logging.WARNING), faults.quiet_library_reports():
         report("absl", orbax_file, "_SignalingThread.run() raised an exception")
-        logging.getLogger("flaxgpt.checkpoint").warning("checkpoint 3 is unreadable: using the one "
-                                                        "before")
+        logging.getLogger("flaxgpt.checkpoint").warning(
+            "checkpoint 3 is unreadable: using the one before")
     assert "SignalingThread" not in caplog.text and "checkpoint 3 is unreadable" in caplog.text
     report("absl", orbax_file, "after the block: shown")
     assert "after the block: shown" in caplog.text
@@ -247,8 +247,7 @@ def test_bad_arguments_are_one_line(argv, last, tmp_path):
 
 
 def test_importing_flaxgpt_and_building_a_train_step_change_no_process_state():
-    """No unraisable hook, no logging filter, no malloc setting until a program (train(), the CLIs)
-    asks."""
+    """No unraisable hook, log filter or malloc setting until a program (train(), a CLI) asks."""
     code = """
 import logging, sys, jax
 hook = sys.unraisablehook

@@ -1,5 +1,4 @@
-"""flaxgpt/host_memory.py: a CPU train step reuses the memory of the step before instead of mapping
-new pages."""
+"""flaxgpt/host_memory.py: a CPU train step reuses the last step's memory instead of new pages."""
 
 import json
 import os
@@ -14,8 +13,7 @@ import pytest
 from flaxgpt import host_memory
 
 # Runs the README's CPU model's train step in a fresh process (malloc settings are per process) and
-# prints whether malloc was tuned, the step's temporary buffer size, and the page faults of each
-# step.
+# prints whether malloc was tuned, the step's temporary buffer size and each step's page faults.
 STEP_FAULTS = """
 import json, resource, sys
 import jax, numpy as np
@@ -47,8 +45,8 @@ MALLOC_ENVIRONMENT = ("GLIBC_TUNABLES", "LD_PRELOAD")
 
 
 def step_faults(setting: str) -> dict:
-    """-> {"applied", "temp_bytes", "faults": per step} of a fresh process on one CPU device, glibc
-    untuned."""
+    """-> {"applied", "temp_bytes", "faults": per step} of a fresh process on one CPU device
+    (glibc untuned)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {name: value for name, value in os.environ.items()
            if not name.startswith("MALLOC_") and name not in MALLOC_ENVIRONMENT}
@@ -63,16 +61,14 @@ def step_faults(setting: str) -> dict:
 def test_a_cpu_train_step_reuses_the_last_steps_pages():
     unmapped = step_faults("off")
     pages = unmapped["temp_bytes"] / resource.getpagesize()
-    # Over 32 MB of temporaries: glibc alone maps the block afresh every step, the case this module
-    # is for.
+    # Over 32 MB of temporaries: glibc alone maps the block afresh every step (this module's case).
     assert unmapped["temp_bytes"] > 32 << 20
     if statistics.median(unmapped["faults"]) < 0.5 * pages:
         pytest.skip("this glibc does not fault the block in every step (e.g. huge pages): "
                     f"{unmapped['faults']}")
     kept = step_faults("on")
     assert kept["applied"] is True
-    # The first step on each of XLA's threads still faults the block in once; most steps fault
-    # nothing.
+    # The first step on each of XLA's threads still faults the block in; most steps fault nothing.
     assert statistics.median(kept["faults"]) < 0.1 * pages, kept["faults"]
 
 

@@ -1,5 +1,4 @@
-"""What a run records (flaxgpt/metrics.py): metrics.jsonl rows, TensorBoard scalars, lines with ETA,
-resume."""
+"""What a run records (flaxgpt/metrics.py): metrics.jsonl, TensorBoard, ETA lines, resuming."""
 
 import json
 import struct

@@ -1,5 +1,4 @@
-"""Model FLOPs utilisation (flaxgpt/mfu.py): the peak table, the measured CPU peak, the
-arithmetic."""
+"""Model FLOPs utilisation (flaxgpt/mfu.py): the peak table, the measured CPU peak, the sums."""
 
 from types import SimpleNamespace
 

@@ -27,8 +27,8 @@ MESH = {"data": 2, "fsdp": 2, "tensor": 2}  # tensor within a process, data x fs
 LOSS_TOL = dict(rtol=2e-6, atol=0)
 PARAM_TOL = dict(rtol=1e-5, atol=1e-7)
 
-# Runs train() in a fresh process: argv[1] is JSON {"config": {...}, "distributed": {...}, "result":
-# path}.
+# Runs train() in a fresh process: argv[1] is JSON
+# {"config": {...}, "distributed": {...}, "result": path}.
 RUNNER = """
 import json, sys
 args = json.loads(sys.argv[1])
@@ -55,8 +55,7 @@ def data_dir(alphabet64_dir) -> Path:
 
 
 def run_config(data_dir: Path, out_dir: Path) -> dict:
-    """Overrides of the shakespeare_char cpu config (AdamW with warm-up, dropout 0): a tiny
-    model."""
+    """Overrides of the shakespeare_char cpu config (AdamW, warm-up, dropout 0): a tiny model."""
     return dict(data_dir=str(data_dir), out_dir=str(out_dir), mesh=MESH, n_layer=2, n_head=4,
                 n_embd=32, block_size=16, batch_size=8, gradient_accumulation_steps=2, max_iters=3,
                 eval_interval=3, eval_iters=2, log_interval=1, always_save_checkpoint=True,
@@ -117,8 +116,7 @@ def test_two_processes_train_like_one(data_dir, tmp_path):
                                    **PARAM_TOL)
 
 
-# A process alone, told there are 2: process 0 (its peer never starts) and process 1 (no
-# coordinator).
+# A process alone, told there are 2: process 0 (its peer never starts), process 1 (no coordinator).
 LONE = """
 import sys
 from flaxgpt import distributed

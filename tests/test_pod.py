@@ -32,8 +32,7 @@ RUN = ["--config.n_layer=2", "--config.n_head=4", "--config.n_embd=32", "--confi
 
 @pytest.fixture(scope="module")
 def v4_32_host_order() -> list[int]:
-    """The process of each position of a data-parallel mesh over a real v4-32 (from libtpu's
-    topology)."""
+    """The process at each position of a data-parallel mesh over a real v4-32 (libtpu topology)."""
     pytest.importorskip("libtpu", reason='the v4-32 topology comes from libtpu: pip install '
                                          '"flaxgpt[tpu]"')
     from flaxgpt import compile_for
@@ -77,8 +76,8 @@ def test_a_pod_trains_on_a_bucket_stops_on_sigterm_and_resumes_exactly(
     pod.signal(signal.SIGTERM)  # a maintenance event signals every host
     stopped = pod.wait()
     assert_all_succeeded(stopped)
-    stop_line = next(line for line in stopped[0][1].splitlines() if line.startswith("stopping at "
-                                                                                    "step"))
+    stop_line = next(line for line in stopped[0][1].splitlines()
+                     if line.startswith("stopping at step"))
     saved = int(stop_line.split()[3])
     assert 3 <= saved < 12 and Checkpoints(f"{runs}/stopped").steps() == [saved], stop_line
     assert all("Traceback" not in out + err for _, out, err in stopped), report_of(stopped)
@@ -90,8 +89,7 @@ def test_a_pod_trains_on_a_bucket_stops_on_sigterm_and_resumes_exactly(
     straight = pod.train(*common, f"--config.out_dir={runs}/straight")
     assert_all_succeeded(straight)
 
-    # Stopped, resumed and never stopped: the same params, bit for bit; and the same losses after
-    # the stop.
+    # Stopped and resumed vs never stopped: the same params, bit for bit, and losses after the stop.
     chex_equal = jax.tree.map(np.array_equal, params_of(f"{runs}/stopped"),
                               params_of(f"{runs}/straight"))
     assert all(jax.tree.leaves(chex_equal)), chex_equal

@@ -19,8 +19,8 @@ from flaxgpt.tokenizer import GPT2_EOT, GPT2Tokenizer, from_meta
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).parents[1].parent / "shared/data"
 RANKS = SHARED / "gpt2/r50k_base.tiktoken"
-needs_ranks = pytest.mark.skipif(not RANKS.is_file(), reason=f"GPT-2 BPE ranks not at {RANKS} "
-                                                             "(offline machine)")
+needs_ranks = pytest.mark.skipif(not RANKS.is_file(),
+                                 reason=f"GPT-2 BPE ranks not at {RANKS} (offline machine)")
 
 
 @pytest.fixture
@@ -29,8 +29,7 @@ def gpt2_ranks(monkeypatch):
 
 
 def shakespeare_text(tmp_path) -> Path:
-    """The shared tinyshakespeare corpus, or a small generated stand-in when this checkout has
-    none."""
+    """The shared tinyshakespeare corpus, or a small generated stand-in where there is none."""
     shared = SHARED / "tinyshakespeare/input.txt"
     if shared.is_file():
         return shared
@@ -94,8 +93,8 @@ def test_shakespeare_bpe_cli(tmp_path, gpt2_ranks, capsys):
 
 @needs_ranks
 def test_openwebtext_documents_end_with_eot(tmp_path, gpt2_ranks):
-    docs = {"train": ["hello world", "", "The quick brown fox.\n\nJumps."], "val": ["<|endoftext|> "
-                                                                                    "is text here"]}
+    docs = {"train": ["hello world", "", "The quick brown fox.\n\nJumps."],
+            "val": ["<|endoftext|> is text here"]}
     meta = openwebtext.write_documents(docs, tmp_path)
     tokenizer = GPT2Tokenizer()
     for split, texts in docs.items():
@@ -142,9 +141,8 @@ def test_failed_download_says_what_to_do(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("make_input, message", [
     (lambda d: d, "is a directory"),
     (lambda d: (d / "empty.txt", (d / "empty.txt").write_text(""))[0], "holds 0 characters"),
-    (lambda d: (d / "data.bin", (d / "data.bin").write_bytes(bytes(range(256)) * 4))[0], "is not "
-                                                                                         "UTF-8 "
-                                                                                         "text"),
+    (lambda d: (d / "data.bin", (d / "data.bin").write_bytes(bytes(range(256)) * 4))[0],
+     "is not UTF-8 text"),
     (lambda d: (d / "fifo", os.mkfifo(d / "fifo"))[0], "not a regular file"),
 ])
 def test_bad_input_files_are_one_line_and_write_nothing(tmp_path, make_input, message):

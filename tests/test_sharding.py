@@ -49,8 +49,7 @@ def eight_devices():
 
 
 def sgd():
-    # Clipping at 0.2 is active (below the gradient norms), so the global norm over all shards
-    # matters.
+    # Clipping at 0.2 is active (below the gradient norms): the global norm over all shards matters.
     return optax.chain(optax.clip_by_global_norm(0.2), optax.sgd(0.5, momentum=0.9))
 
 
@@ -61,8 +60,7 @@ def batches():
 
 
 def spec(x) -> tuple:
-    """x's PartitionSpec as a tuple padded with None to x's rank (P('a') and P('a', None) are
-    alike)."""
+    """x's PartitionSpec as a tuple padded with None to x's rank (P('a') equals P('a', None))."""
     s = tuple(x.sharding.spec)
     return s + (None,) * (len(x.shape) - len(s))
 
@@ -123,7 +121,7 @@ def test_batch_sharding_splits_the_batch_over_data_and_fsdp():
     assert tuple(s.spec) == (None, ("data", "fsdp"), None)
     shards = s.addressable_devices_indices_map((A, B, T))
     assert {idx[1].indices(B)[:2] for idx in shards.values()} == {(0, 2), (2, 4), (4, 6), (6, 8)}
-    # all rows
+    # this process holds all rows
     np.testing.assert_array_equal(sharding.process_rows(s, (A, B, T), batch_axis=1), np.arange(B))
 
 
@@ -181,8 +179,7 @@ def test_dropout_masks_do_not_depend_on_the_mesh(reference):
 
 # ---------------------------------------------------------------------------------------- shardings
 
-# Per parameter (path below a block, or top level): the PartitionSpec under data 1 x fsdp 4 x tensor
-# 2.
+# Per parameter (path below a block, or top level): its PartitionSpec under fsdp 4 x tensor 2.
 FSDP4_TP2_SPECS = {
     "wte/embedding": ("tensor", "fsdp"),  # ("vocab", "embed")
     "wpe/embedding": (None, "fsdp"),
@@ -252,8 +249,7 @@ def test_fsdp_shards_every_param_with_an_embed_axis_and_dp_replicates_everything
 
 
 def test_dimensions_the_mesh_does_not_divide_are_replicated():
-    """A 65-token vocabulary and 3 heads over tensor=2: those axes stay whole, training still
-    matches."""
+    """A 65-token vocabulary and 3 heads over tensor=2: those axes stay whole, training matches."""
     odd = GPTConfig(block_size=16, vocab_size=65, n_layer=1, n_head=3, n_embd=24)
     mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2})
     params = TrainStep(odd, sgd(), mesh).abstract_state.params

@@ -1,5 +1,4 @@
-"""flaxgpt/xla_options.py: which XLA options the train and eval steps compile with, and that they
-apply."""
+"""flaxgpt/xla_options.py: the XLA options of the train and eval steps, and their effect."""
 
 import os
 import subprocess
@@ -43,8 +42,7 @@ def test_an_option_this_jaxlib_does_not_know_is_dropped(monkeypatch):
 
 
 def test_the_cpu_train_and_eval_steps_compile_without_ynnpack_fusions(monkeypatch):
-    """The same train step compiled by a plain jax.jit has YNNPACK fusions (so the check can
-    fail)."""
+    """The same train step under a plain jax.jit has YNNPACK fusions (so the check can fail)."""
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     step = TrainStep(TINY, optax.adamw(1e-3), one_device_mesh())
     state = step.abstract_state
@@ -75,8 +73,8 @@ def test_the_compilation_cache_keeps_compiled_programs_where_it_is_told(tmp_path
 
 
 def test_jax_compilation_cache_dir_in_the_environment_wins(tmp_path):
-    """The user's own cache keeps JAX's settings: the small program is not cached there unless they
-    ask."""
+    """The user's own cache keeps JAX's settings: the small program is not cached there unless
+    they ask."""
     _compile_in_a_fresh_process(tmp_path / "ours", JAX_COMPILATION_CACHE_DIR=tmp_path / "users")
     assert not (tmp_path / "ours").exists()
     assert not (tmp_path / "users").exists() or not any((tmp_path / "users").iterdir())
