@@ -71,7 +71,7 @@ def plot_runs(out_dirs, output: storage.Path, x: str = "step") -> storage.Path:
 
 
 def main(argv=None) -> storage.Path:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("out_dirs", nargs="+", help="training runs' out_dirs")
     p.add_argument("-o", "--output", default="loss.png", help="the PNG to write (default loss.png)")
     p.add_argument("--x", choices=("step", "tokens"), default="step")
