@@ -18,16 +18,17 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from flaxgpt.config import resolve_dtype
-from flaxgpt.generate import (check_max_new_tokens, checked_prompt, decoding_layout, generate, generate_stream,
-                              make_sampler)
+from flaxgpt.generate import Decoder, check_max_new_tokens, checked_prompt, make_sampler
 from flaxgpt.load import LoadedModel, load_model
 from flaxgpt.model import crop_vocab_size
 from flaxgpt.tokenizer import StreamDecoder
 from flaxgpt import distributed, faults, storage, xla_options
 
 SEPARATOR = "---------------"
+PROGRESS_DELAY_S = 2.0  # a sample that takes longer shows a progress bar on stderr
 
 
 class UsageError(Exception):
@@ -127,20 +128,28 @@ def run(args: argparse.Namespace) -> None:
     with library_checks():
         checked_prompt(config, prompt, None, args.window_shift)
     print(f"sampling {loaded} in {config.dtype}", file=sys.stderr, flush=True)
+    n, total = args.num_samples, args.num_samples * args.max_new_tokens
+    print(f"generating {n} sample{'s' if n > 1 else ''} x {args.max_new_tokens:,} tokens = "
+          f"{total:,} new tokens", file=sys.stderr, flush=True)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
               top_p=args.top_p, window_shift=args.window_shift)
-    params, config = decoding_layout(params, config, batch_size=1)  # once for all samples, not once per sample
+    decoder = Decoder(params, config, batch_size=1)  # the weights laid out once for all samples
+    # Streamed text on the terminal is its own progress; a bar on the same terminal would garble it.
+    show_progress = not (args.stream and sys.stdout.isatty() and sys.stderr.isatty())
     key = jax.random.key(args.seed)
-    for k in range(args.num_samples):  # one after another, as nanoGPT; sample k draws from fold_in(key, k)
-        rng = jax.random.fold_in(key, k)
+    for k in range(n):  # one after another, as nanoGPT; sample k draws from fold_in(key, k)
         print(start, end="", flush=True)
-        if args.stream:
-            decoder = StreamDecoder(tokenizer)
-            for token in generate_stream(params, config, prompt, rng=rng, **kw):
-                print(decoder.push(int(token[0])), end="", flush=True)
-            print(decoder.flush())
-        else:
-            print(tokenizer.decode(np.asarray(generate(params, config, prompt, rng=rng, **kw))[0]))
+        tokens, text = [], StreamDecoder(tokenizer)
+        steps = decoder.stream(prompt, rng=jax.random.fold_in(key, k), **kw)
+        with tqdm(steps, total=args.max_new_tokens, desc=f"sample {k + 1}/{n}", unit="tok",
+                  file=sys.stderr, delay=PROGRESS_DELAY_S, leave=False,
+                  disable=not show_progress) as progress:
+            for token in progress:
+                if args.stream:
+                    print(text.push(int(token[0])), end="", flush=True)
+                else:
+                    tokens.append(int(token[0]))
+        print(text.flush() if args.stream else tokenizer.decode(tokens))
         print(SEPARATOR, flush=True)
 
 

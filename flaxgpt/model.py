@@ -10,12 +10,13 @@ stacked on a leading axis L named "layers" (params["h"]), else they are params["
 import dataclasses
 import functools
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from flaxgpt.kv_cache import cached_attention
 from flaxgpt.splash import splash_supports
 from flaxgpt.tokenizer import GPT2_PADDED_VOCAB_SIZE, GPT2_VOCAB_SIZE
 
@@ -32,7 +33,6 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 # memory, one extra forward); dots_saveable: keep matmul outputs, recompute the cheap elementwise ops;
 # dots_with_no_batch_dims_saveable: keep the projections' outputs but not attention's batched
 # q.k / p.v products (the [B, H, T, T] ones), recompute those.
-KERNEL_LAYOUTS = ("in_out", "out_in")  # see GPTConfig.kernel_layout
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -55,10 +55,6 @@ class GPTConfig:
     attention: str = "auto"  # one of ATTENTION_IMPLEMENTATIONS; None (older configs) means auto.
     scan_layers: bool = True  # the blocks as one nn.scan: compile time independent of n_layer
     remat: str = "none"  # one of REMAT_POLICIES, applied per block
-    # How the blocks' matmul kernels are stored: "in_out" ([in, out], flax's and GPT-2's layout: training,
-    # checkpoints, converters) or "out_in" (torch's nn.Linear order), which generate.decoding_layout picks
-    # for batch 1 on CPU: XLA:CPU's matrix-vector product reads a weight by rows faster (docs/sampling.md).
-    kernel_layout: str = "in_out"
 
     def __post_init__(self):
         if self.attention is None:
@@ -75,8 +71,6 @@ class GPTConfig:
         if self.attention == "splash" and not splash_supports(self.block_size, self.head_dim):
             raise ValueError(f"attention='splash' needs block_size ({self.block_size}) a multiple of 128 and "
                              f"head_dim ({self.head_dim}) a multiple of 64: use attention='auto' or 'xla'")
-        if self.kernel_layout not in KERNEL_LAYOUTS:
-            raise ValueError(f"kernel_layout={self.kernel_layout!r}: choose one of {KERNEL_LAYOUTS}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}: choose one of {', '.join(REMAT_POLICIES)}")
         for field in ("dtype", "param_dtype"):
@@ -95,10 +89,7 @@ class GPTConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        fields = dataclasses.asdict(self)
-        if fields["kernel_layout"] == "in_out":  # a decoding-only setting: checkpoints stay readable by older code
-            del fields["kernel_layout"]
-        return fields
+        return dataclasses.asdict(self)
 
     @property
     def head_dim(self) -> int:
@@ -124,98 +115,14 @@ def _residual_std(config: GPTConfig) -> float:
     return 0.02 / math.sqrt(2 * config.n_layer)  # nanoGPT's scaled init of the residual projections
 
 
-class LayerCache(NamedTuple):
-    """Keys and values of one layer for cached decoding, S slots, each laid out as its attention matmul
-    reads it (q.k contracts D, p.v contracts S; batch and heads merged, as XLA batches the matmul), so that
-    no decoding step copies the cache: k: [B*H, D, S] (keys transposed), v: [B*H, S, D]."""
-    k: jax.Array
-    v: jax.Array
-
-    def write(self, k: jax.Array, v: jax.Array, index) -> "LayerCache":
-        """The cache with k, v: [B, T, H, D] written at slots index ... index + T - 1 (in place under jit)."""
-        (B, T, H, D), dtype = k.shape, self.k.dtype
-        k = k.transpose(0, 2, 3, 1).reshape(B * H, D, T).astype(dtype)
-        v = v.transpose(0, 2, 1, 3).reshape(B * H, T, D).astype(dtype)
-        return LayerCache(jax.lax.dynamic_update_slice_in_dim(self.k, k, index, axis=2),
-                          jax.lax.dynamic_update_slice_in_dim(self.v, v, index, axis=1))
-
-    @property
-    def slots(self) -> int:
-        """S, the number of slots (of one layer, or of each layer of a stacked cache)."""
-        return self.v.shape[-2]
-
-    def grow(self, slots: int) -> "LayerCache":
-        """The cache with empty (zero) slots appended up to `slots`."""
-        pad = slots - self.slots
-        return LayerCache(jnp.pad(self.k, ((0, 0), (0, 0), (0, pad))), jnp.pad(self.v, ((0, 0), (0, pad), (0, 0))))
-
-
 def _dense(cfg: GPTConfig, features: tuple[int, ...], n_in: int, std: float, names: tuple, name: str) -> nn.Module:
-    """x @ W + b over x's last n_in axes -> [..., *features]; names: W's logical axes in [in..., out...]
-    order. The module is flax's Dense (DenseGeneral for more than one axis) or, with kernel_layout "out_in",
-    OutInDense: the same params, each kernel stored with its axes in the other order."""
-    if cfg.kernel_layout == "out_in":
-        return OutInDense(cfg, features, n_in, std, names, name=name)
+    """flax's Dense (DenseGeneral for n_in > 1): x @ W + b over x's last n_in axes -> [..., *features];
+    names: W's logical axes in [in..., out...] order."""
     kw = dict(use_bias=cfg.bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, kernel_init=_init(std, names),
               bias_init=_zeros(names[n_in:]), name=name)
     if n_in == 1 and len(features) == 1:
         return nn.Dense(features[0], **kw)
     return nn.DenseGeneral(features if len(features) > 1 else features[0], axis=tuple(range(-n_in, 0)), **kw)
-
-
-class OutInDense(nn.Module):
-    """flax's DenseGeneral with the kernel stored [*features, *in] (torch's nn.Linear order), read as one
-    [out, in] matrix contracted on its rows: XLA:CPU's matrix-vector product streams it faster than
-    [in, out] (GPT-2 at batch 1: 11-17% more tokens/s, docs/sampling.md), and a contraction over several
-    kernel axes would make XLA transpose the kernel on every call. For one device: the reshape merges the
-    heads axis with c_attn's 3, which a tensor-parallel mesh would have to regather every call."""
-    config: GPTConfig
-    features: tuple[int, ...]
-    n_in: int
-    std: float
-    names: tuple  # the kernel's logical axes in [in..., out...] order, as _dense takes them
-
-    @nn.compact
-    def __call__(self, x):
-        """x: [..., *in] -> [..., *features]."""
-        cfg, lead = self.config, x.shape[:-self.n_in]
-        in_shape = x.shape[-self.n_in:]
-        names = (*self.names[self.n_in:], *self.names[:self.n_in])
-        kernel = self.param("kernel", _init(self.std, names), (*self.features, *in_shape), cfg.param_dtype)
-        rows = kernel.reshape(math.prod(self.features), math.prod(in_shape)).astype(cfg.dtype)
-        y = jax.lax.dot_general(x.reshape(*lead, -1).astype(cfg.dtype), rows, (((len(lead),), (1,)), ((), ())))
-        y = y.reshape(*lead, *self.features)
-        if cfg.bias:
-            y = y + self.param("bias", _zeros(self.names[self.n_in:]), self.features, cfg.param_dtype).astype(cfg.dtype)
-        return y
-
-
-_KERNEL_INPUT_AXES = {("attn", "c_attn"): 1, ("attn", "c_proj"): 2, ("mlp", "c_fc"): 1, ("mlp", "c_proj"): 1}
-
-
-def kernel_layout_of(params: dict) -> str:
-    """How an unscanned tree's block kernels are stored: the MLP's c_fc is [C, 4C] "in_out", [4C, C] "out_in"."""
-    if is_scanned(params) or "h_0" not in params:
-        raise ValueError("kernel layouts are for unscanned params (h_0 ... h_{L-1}): convert_layers(params, False)")
-    rows, columns = params["h_0"]["mlp"]["c_fc"]["kernel"].shape
-    return "in_out" if rows < columns else "out_in"
-
-
-def kernels_in_layout(params: dict, layout: str) -> dict:
-    """Unscanned params with every block's kernel stored as `layout` says (see GPTConfig.kernel_layout):
-    c_attn [C, 3, H, D] <-> [3, H, D, C], attn.c_proj [H, D, C] <-> [C, H, D], the MLP's [in, out] <-> [out, in].
-    Other params, and kernels already in `layout`, are returned as they are."""
-    source = kernel_layout_of(params)
-
-    def move(path, x):
-        keys = tuple(getattr(p, "key", None) for p in path)
-        if layout == source or keys[-1] != "kernel" or not keys[0].startswith("h_"):
-            return x
-        n_in = _KERNEL_INPUT_AXES[keys[-3:-1]]
-        leading = n_in if source == "in_out" else x.ndim - n_in
-        return jnp.transpose(x, (*range(leading, x.ndim), *range(leading)))
-
-    return jax.tree_util.tree_map_with_path(move, params)
 
 
 class CausalSelfAttention(nn.Module):
@@ -237,7 +144,7 @@ class CausalSelfAttention(nn.Module):
             if mask is None:
                 raise ValueError("cached attention needs an explicit mask [B, T, S]")
             cache = cache.write(k, v, cache_index)
-            y = _cached_attention(q, cache, mask)
+            y = cached_attention(q, cache, mask)
         elif cfg.dropout > 0 and not deterministic:
             y = _attention_with_dropout(q, k, v, mask, nn.Dropout(cfg.dropout, name="attn_dropout"))
         elif (mask is None and resolve_attention(cfg, jax.default_backend()) == "splash"
@@ -284,21 +191,6 @@ def _attention_with_dropout(q, k, v, mask, dropout: nn.Dropout):
     scores = jnp.where(mask[:, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
     weights = dropout(jax.nn.softmax(scores, axis=-1).astype(q.dtype), deterministic=False)
     return jnp.einsum("bhts,bshd->bthd", weights, v.astype(q.dtype))
-
-
-def _cached_attention(q, cache: LayerCache, mask):
-    """q: [B, T, H, D] attending to the slots of the cache that mask [B, T, S] allows -> [B, T, H, D].
-
-    As XLA's dot_product_attention (scores and softmax in float32), on the cache's own layout."""
-    B, T, H, D = q.shape
-    q = q.transpose(0, 2, 1, 3).reshape(B * H, T, D)
-    k, v = cache
-    scores = jnp.einsum("ntd,nds->nts", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
-    scores = scores.reshape(B, H, T, -1) / math.sqrt(D)
-    scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(B * H, T, -1)
-    y = jnp.einsum("nts,nsd->ntd", probs, v.astype(q.dtype))
-    return y.reshape(B, H, T, D).transpose(0, 2, 1, 3)
 
 
 class MLP(nn.Module):
@@ -362,14 +254,11 @@ class GPT(nn.Module):
         return self.forward(idx, deterministic=deterministic, positions=positions, mask=mask)[0]
 
     def decode(self, idx, cache, *, positions, mask, cache_index, head=None):
-        """Cached decoding: idx [B, T] -> (logits of the last position [B, 1, V], the updated cache).
+        """Cached decoding (see kv_cache.py): idx [B, T] -> (logits of the last position [B, 1, V],
+        the cache with idx's keys and values written at slots cache_index ... cache_index + T - 1).
 
-        positions: [B, T] position ids; mask: [B, T, S] bool, True where a query may attend to a cache slot;
-        the keys and values of idx are written at cache slots cache_index ... cache_index + T - 1. `cache`
-        is one LayerCache stacked over the layers ([L, ...]) with scan_layers, else a list of
-        per-layer ones (see `init_cache`). head: optional [C, V], the tied lm_head laid out for x @ head
-        (wte transposed once by a decoding loop: at batch 8 XLA:CPU runs the head in 14.5 ms this way and
-        24 ms over wte [V, C], docs/sampling.md; at batch 1 the two are within the noise).
+        positions: [B, T] position ids; mask: [B, T, S] bool, True where a query may attend to a slot.
+        head: optional [C, V], wte transposed once by a decoding loop, read as x @ head.
         """
         return self.forward(idx, positions=positions, mask=mask, cache=cache, cache_index=cache_index,
                             last_only=True, head=head)
@@ -411,18 +300,6 @@ class GPT(nn.Module):
         logits = wte.attend(x) if head is None else x @ head.astype(x.dtype)  # lm_head tied to wte
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         return logits, (None if cache is None else new_cache)
-
-
-def init_cache(config: GPTConfig, batch_size: int, length: int | None = None) -> LayerCache | list[LayerCache]:
-    """Zeroed key/value caches with S = length or block_size: with scan_layers one LayerCache stacked over
-    the layers (k: [L, B*H, D, S], v: [L, B*H, S, D]), else a list of L LayerCaches (see LayerCache)."""
-    S, BH, D = length or config.block_size, batch_size * config.n_head, config.head_dim
-    k_shape, v_shape = (BH, D, S), (BH, S, D)
-    if config.scan_layers:
-        k_shape, v_shape = (config.n_layer, *k_shape), (config.n_layer, *v_shape)
-        return LayerCache(jnp.zeros(k_shape, config.dtype), jnp.zeros(v_shape, config.dtype))
-    return [LayerCache(jnp.zeros(k_shape, config.dtype), jnp.zeros(v_shape, config.dtype))
-            for _ in range(config.n_layer)]
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -54,9 +54,8 @@ class _Tensor(NamedTuple):
 
 def _torch_layout(config: GPTConfig, *, linear: bool) -> dict[str, _Tensor]:
     """{torch name without prefix: _Tensor}, derived from the unscanned model (one entry per layer, as
-    torch names them); linear: kernels are nn.Linear's. Our side is always the [in, out] kernel layout:
-    params laid out for decoding do not match it (a CheckpointError names the shapes)."""
-    config = config.replace(scan_layers=False, kernel_layout="in_out")
+    torch names them); linear: kernels are nn.Linear's."""
+    config = config.replace(scan_layers=False)
     expected = jax.eval_shape(lambda rng: init_params(config, rng), jax.random.key(0))
     layout = {}
     for path, leaf in traverse_util.flatten_dict(expected).items():
