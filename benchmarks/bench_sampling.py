@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 
 from configs import shakespeare_char  # noqa: E402
 from flaxgpt import xla_options  # noqa: E402
-from flaxgpt.benchmarking import benchmark_model, median_seconds_in_turns  # noqa: E402
+from benchmarks.benchmarking import benchmark_model, median_seconds_in_turns  # noqa: E402
 from flaxgpt.generate import Decoder  # noqa: E402
 from flaxgpt.model import GPTConfig, init_params  # noqa: E402
 from flaxgpt.pretrained import save_pretrained  # noqa: E402
@@ -171,8 +171,8 @@ def main(argv=None):
             config = GPTConfig.from_preset("gpt2")
             params = init_params(config, jax.random.key(0))
         elif args.out_dir:
-            from flaxgpt.checkpoint import load_params
-            config, params = load_params(args.out_dir)
+            from flaxgpt.loader import load
+            config, params, _, _ = load(args.out_dir)
         else:
             config = benchmark_model(shakespeare_char.get_config("cpu"))
             params = init_params(config, jax.random.key(0))

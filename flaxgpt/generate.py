@@ -5,18 +5,18 @@ the reference they are tested against, is in sampling_reference.py.
 
 Shapes: B batch, T0 prompt length, S = block_size (cache slots), V vocab, N = max_new_tokens.
 
-The cache (kv_cache.py) holds the last (up to) S tokens of each row's context: `window[b, s]` is the
-token whose keys and values sit in slot s, and `valid[b, s]` says whether it is a real one (left
-padding is not). The prompt is prefilled in one forward pass; each new token then goes into the next
-free slot and attends to the cache. Once all S slots are full, the oldest window_shift (k) tokens are
-dropped and the rest, with the new token, are prefilled again as a fresh cache: with learned absolute
-positions every kept token's position changes.
+The cache (kv_cache.py) holds the last (up to) S tokens of each row's context: `window[b, s]` is
+the token whose keys and values sit in slot s, and `valid[b, s]` says whether it is a real one (left
+padding is not). The prompt is prefilled in one forward pass; each new token then goes into the
+next free slot and attends to the cache. Once all S slots are full, the oldest window_shift (k)
+tokens are dropped and the rest, with the new token, are prefilled again as a fresh cache: with
+learned absolute positions every kept token's position changes.
 
 k = 1 is nanoGPT's crop to the last S tokens: past block_size every token sees exactly S tokens of
 context, but costs a full forward over S tokens. A larger k (e.g. S // 2) runs one forward over
-S - k + 1 tokens, then k - 1 cheap cached steps; the price is that past block_size a token sees between
-S - k + 1 and S tokens of context. With left padding the window counts columns, padding included (as
-sampling_reference.generate_naive with a prompt_mask does).
+S - k + 1 tokens, then k - 1 cheap cached steps; the price is that past block_size a token sees
+between S - k + 1 and S tokens of context. With left padding the window counts columns, padding
+included (as sampling_reference.generate_naive with a prompt_mask does).
 """
 
 import functools
@@ -43,20 +43,21 @@ class Sampler:
     stop_token: int | None = struct.field(pytree_node=False, default=None)
 
     def __call__(self, logits: jax.Array, rng: jax.Array) -> jax.Array:
-        """logits [B, V] -> tokens [B] int32: divide by temperature, keep the top_k most likely tokens,
-        then the fewest most likely ones whose probabilities sum to top_p, and sample; temperature 0 is
-        argmax. Ties at a cut-off are kept, as in nanoGPT."""
+        """logits [B, V] -> tokens [B] int32: divide by temperature, keep the top_k most likely
+        tokens, then the fewest most likely ones whose probabilities sum to top_p, and sample;
+        temperature 0 is argmax. Ties at a cut-off are kept, as in nanoGPT."""
         logits = logits.astype(jnp.float32)
         greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         sampling = self.temperature > 0
         # Greedy decoding skips the random draws and filters (a cond, as temperature is traced).
-        return jax.lax.cond(jnp.any(sampling), lambda: jnp.where(sampling, self._sample(logits, rng), greedy),
+        return jax.lax.cond(jnp.any(sampling),
+                            lambda: jnp.where(sampling, self._sample(logits, rng), greedy),
                             lambda: greedy)
 
     def _sample(self, logits, rng):
         logits = logits / jnp.where(self.temperature > 0, self.temperature, 1.0)
-        if self.top_k is not None and self.top_k < logits.shape[-1]:  # else it keeps them all: no filter
-            # The k-th largest as the min of the top k: XLA:CPU turns a sliced top_k into a full sort (50x slower).
+        if self.top_k is not None and self.top_k < logits.shape[-1]:  # else it keeps them all
+            # The k-th largest as the min of the top k: XLA:CPU makes a sliced top_k a full sort.
             kth = jnp.min(jax.lax.top_k(logits, self.top_k)[0], axis=-1, keepdims=True)
             logits = jnp.where(logits < kth, -jnp.inf, logits)
         if self.top_p is not None:
@@ -114,7 +115,7 @@ def _out_in_dense(next_fun, args, kwargs, context):
     """A flax method interceptor: flax's Dense and DenseGeneral on a kernel stored [*out, *in], read
     as one [out, in] matrix contracted on its rows (XLA:CPU's matrix-vector product streams a weight
     faster by rows; a contraction over several kernel axes would transpose the kernel every call).
-    For one device: merging c_attn's 3 with the heads axis would regather on a tensor-parallel mesh."""
+    For one device: merging c_attn's 3 with the heads would regather on a tensor-parallel mesh."""
     module = context.module
     if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral)):
         return next_fun(*args, **kwargs)
@@ -134,8 +135,8 @@ def _out_in_dense(next_fun, args, kwargs, context):
 
 def _cache_sizes(config: GPTConfig) -> list[int]:
     """The cache sizes `generate` steps through: block_size // 8, // 4, // 2 (those of 64 slots or
-    more) and block_size. A step reads its whole cache, so short contexts keep a short one; each size
-    is one more copy of the decoding step in the compiled loop."""
+    more) and block_size. A step reads its whole cache, so short contexts keep a short one; each
+    size is one more copy of the decoding step in the compiled loop."""
     S = config.block_size
     return sorted({size for size in (S // 8, S // 4, S // 2) if size >= 64} | {S})
 
@@ -154,7 +155,8 @@ def _forward_window(weights: _Weights, config: GPTConfig, cache, window, valid, 
     slots = (cache if isinstance(cache, LayerCache) else cache[0]).slots
     tokens = jax.lax.dynamic_slice_in_dim(window, index, length, axis=1)
     if positions is None:
-        positions = jax.lax.dynamic_slice_in_dim(jnp.cumsum(valid, axis=1) - 1, index, length, axis=1)
+        before = jnp.cumsum(valid, axis=1) - 1
+        positions = jax.lax.dynamic_slice_in_dim(before, index, length, axis=1)
     query_slots = index + jnp.arange(length)
     causal = jnp.arange(slots)[None, None, :] <= query_slots[None, :, None]
     mask = valid[:, None, :slots] & causal  # [B, T, S']
@@ -174,7 +176,7 @@ def _forward_window(weights: _Weights, config: GPTConfig, cache, window, valid, 
 
 def make_sampler(temperature=1.0, top_k: int | None = None, top_p: float | None = None,
                  stop_token: int | None = None) -> Sampler:
-    """A Sampler from the user's settings; ValueError (naming the setting) for one that cannot work."""
+    """A Sampler from the user's settings; ValueError (naming the setting) for one that fails."""
     if np.any(np.asarray(temperature) < 0):
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k <= 0:
@@ -259,10 +261,10 @@ def _advance(weights: _Weights, config: GPTConfig, sampler: Sampler, state: Deco
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "window_shift"))
 def _generate(weights: _Weights, config: GPTConfig, sampler: Sampler, prompt, prompt_mask, rng,
               max_new_tokens: int, window_shift: int):
-    """The steps of `_advance` as nested loops, so that no step branches on the (large) cache: cached
-    appends while a slot is free, then one slide, then appends again, ... The cache starts with the
-    fewest slots of `_cache_sizes` that hold the prompt and grows to the next size when full, one loop
-    of appends per size; every slide starts it again as small as it can."""
+    """The steps of `_advance` as nested loops, so that no step branches on the (large) cache:
+    cached appends while a slot is free, then one slide, then appends again, ... The cache starts
+    with the fewest slots of `_cache_sizes` that hold the prompt and grows to the next size when
+    full, one loop of appends per size; every slide starts it again as small as it can."""
     S, T0 = config.block_size, prompt.shape[1]
     state = _start(weights, config, sampler, prompt, prompt_mask, rng, _cache_size(config, T0))
     fill = 0 if sampler.stop_token is None else sampler.stop_token
@@ -368,7 +370,8 @@ class Decoder:
         up to the first stop_token are its text. The loop ends early once every row is done.
         window_shift: how many of the oldest tokens to drop when the context outgrows block_size, in
         [1, block_size): 1 is nanoGPT's exact crop, larger is faster past block_size (see the module
-        docstring). Step t samples with jax.random.fold_in(rng, t), as `stream` and generate_naive do.
+        docstring). Step t samples with jax.random.fold_in(rng, t), as `stream` and generate_naive
+        do.
         """
         sampler, prompt, prompt_mask = self._checked(max_new_tokens, temperature, top_k, top_p,
                                                      stop_token, prompt, prompt_mask, window_shift)
@@ -399,7 +402,7 @@ class Decoder:
         for step in range(max_new_tokens):
             if step:
                 state = _advance(self._weights, self.config, sampler, state, rng, window_shift)
-            yield np.array(state.token)  # a copy: the next step donates (reuses) the state's buffers
+            yield np.array(state.token)  # a copy: the next step donates the state's buffers
             if sampler.stop_token is not None and np.all(state.done):
                 return
 

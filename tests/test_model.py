@@ -238,11 +238,11 @@ def test_scanned_and_unscanned_training_give_the_same_losses():
     data = [tokens((2, 4, TINY.block_size), seed=s) for s in range(3)]
     losses = {}
     for scan_layers in (True, False):
-        step_fns = TrainStep(TINY.replace(scan_layers=scan_layers), optax.adamw(1e-2), mesh)
-        state = step_fns.state_from_params(convert_layers(params, scan_layers))
+        train_step = TrainStep(TINY.replace(scan_layers=scan_layers), optax.adamw(1e-2), mesh)
+        state = train_step.state_from_params(convert_layers(params, scan_layers))
         losses[scan_layers] = []
         for x in data:
-            state, metrics = step_fns.train_fn(state, x, x)
+            state, metrics = train_step.train_fn(state, x, x)
             losses[scan_layers].append(float(metrics["loss"]))
     np.testing.assert_allclose(losses[False], losses[True], rtol=1e-5)
     assert losses[True][-1] < losses[True][0]
