@@ -57,9 +57,9 @@ def init_cache(config: GPTConfig, batch_size: int,
 
 
 def cached_attention(q: jax.Array, cache: LayerCache, mask: jax.Array) -> jax.Array:
-    """q: [B, T, H, D] attending to the slots of the cache that mask [B, T, S] allows -> [B, T, H, D].
-
-    As XLA's dot_product_attention (scores and softmax in float32), on the cache's own layout."""
+    """q: [B, T, H, D] attending to the slots of the cache that mask [B, T, S] allows ->
+    [B, T, H, D]. As XLA's dot_product_attention (scores and softmax in float32), on the cache's
+    own layout."""
     B, T, H, D = q.shape
     q = q.transpose(0, 2, 1, 3).reshape(B * H, T, D)
     k, v = cache
