@@ -14,7 +14,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from flaxgpt import benchmarking, distributed, host_memory, mfu, optim, sharding
+from benchmarks import benchmarking
+from flaxgpt import distributed, host_memory, mfu, optim, sharding
 from flaxgpt.config import validate
 from flaxgpt.model import count_params, flops_per_token
 from flaxgpt.train_step import TrainStep
@@ -35,13 +36,15 @@ def main(_):
     mesh = sharding.make_mesh(config.mesh)
     if jax.default_backend() == "cpu":  # as train() does
         host_memory.keep_freed_memory()
-    step_fns = TrainStep(model, optim.make_optimizer(config), mesh, seed=config.seed)
-    state = step_fns.init(jax.random.key(config.seed))
+    train_step = TrainStep(model, optim.make_optimizer(config), mesh, seed=config.seed)
+    state = train_step.init(jax.random.key(config.seed))
     A, B, T = config.gradient_accumulation_steps, config.batch_size, model.block_size
     tokens = np.random.default_rng(0).integers(0, model.vocab_size, (A, B, T + 1), dtype=np.int32)
-    x, y = (jax.device_put(a, step_fns.batch_sharding) for a in (tokens[..., :-1], tokens[..., 1:]))
+    x, y = (jax.device_put(a, train_step.batch_sharding)
+            for a in (tokens[..., :-1], tokens[..., 1:]))
 
-    state, (dt,) = benchmarking.time_steps(lambda s: step_fns.train_fn(s, x, y)[0], state, steps=STEPS.value)
+    state, (dt,) = benchmarking.time_steps(lambda s: train_step.train_fn(s, x, y)[0], state,
+                                           steps=STEPS.value)
     n_params = count_params(state.params)
     peak = mfu.device_peak_flops()
     tokens_per_s, utilisation = mfu.throughput(A * B * T, dt, flops_per_token(model, n_params, T),

@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from flaxgpt import distributed, hellaswag
-from flaxgpt.load import load_model
+from flaxgpt.loader import load
 from flaxgpt.tokenizer import GPT2Tokenizer
 
 
@@ -22,7 +22,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     distributed.use_cpu_without_accelerators()
     try:
-        config, params, tokenizer, loaded = load_model(args.init_from, dtype=args.dtype)
+        config, params, tokenizer, loaded = load(args.init_from, dtype=args.dtype)
         if not isinstance(tokenizer, GPT2Tokenizer):
             raise ValueError(f"{args.init_from} reads {type(tokenizer).__name__} tokens: HellaSwag needs a "
                              "GPT-2 BPE model")

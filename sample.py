@@ -1,13 +1,19 @@
 """Sample from a trained model or from GPT-2, as nanoGPT's sample.py does.
 
     python sample.py --out_dir=out-shakespeare-char
-    python sample.py --init_from=gpt2-xl --start="What is the answer to life, the universe, and everything?" \
+    python sample.py --init_from=gpt2-xl \
+        --start="What is the answer to life, the universe, and everything?" \
         --num_samples=5 --max_new_tokens=100
     python sample.py --init_from=path/to/hf_folder --start=FILE:prompt.txt --no-stream
 
---init_from: "resume" (the training run in --out_dir), another training run's out_dir, a GPT-2 model
-(gpt2, gpt2-medium, gpt2-large, gpt2-xl), a Hugging Face folder holding config.json, or a nanoGPT ckpt.pt
-(or its out_dir). The tokenizer is the one in the run's meta.json (meta.pkl beside a ckpt.pt), else GPT-2's.
+--init_from: "resume" (the training run in --out_dir), another training run's out_dir, a GPT-2
+model (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a Hugging Face folder holding config.json, or a
+nanoGPT ckpt.pt (or its out_dir), as flaxgpt.load reads them. The tokenizer is the one in the run's
+meta.json (meta.pkl beside a ckpt.pt), else GPT-2's.
+
+It says up front how many tokens it will generate; a sample that takes longer than a few seconds
+shows a progress bar on stderr (tokens, tokens/s, time left), except while the streamed text and
+the bar share one terminal.
 """
 
 import argparse
@@ -18,16 +24,17 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from flaxgpt.config import resolve_dtype
-from flaxgpt.generate import (check_max_new_tokens, checked_prompt, decoding_layout, generate, generate_stream,
-                              make_sampler)
-from flaxgpt.load import LoadedModel, load_model
+from flaxgpt.generate import Decoder, check_max_new_tokens, checked_prompt, make_sampler
+from flaxgpt.loader import LoadedModel, load as load_model
 from flaxgpt.model import crop_vocab_size
 from flaxgpt.tokenizer import StreamDecoder
 from flaxgpt import distributed, faults, storage, xla_options
 
 SEPARATOR = "---------------"
+PROGRESS_DELAY_S = 2.0  # a sample that takes longer shows a progress bar on stderr
 
 
 class UsageError(Exception):
@@ -35,30 +42,36 @@ class UsageError(Exception):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--init_from", default="resume", help="resume (from --out_dir), an out_dir, a GPT-2 name, "
-                   "a Hugging Face folder or a nanoGPT ckpt.pt")
-    p.add_argument("--out_dir", default="out", help="the training run to sample from with --init_from=resume")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--init_from", default="resume", help="resume (from --out_dir), an out_dir, a "
+                   "GPT-2 name, a Hugging Face folder or a nanoGPT ckpt.pt")
+    p.add_argument("--out_dir", default="out",
+                   help="the training run to sample from with --init_from=resume")
     p.add_argument("--start", default="\n", help='the prompt, or FILE:path to read it from a file')
     p.add_argument("--num_samples", type=int, default=10)
     p.add_argument("--max_new_tokens", type=int, default=500)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; < 1 less random, > 1 more")
-    p.add_argument("--top_k", type=int, default=200, help="sample among the top_k most likely tokens only")
-    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling: the most likely tokens "
-                   "whose probabilities add up to top_p")
-    p.add_argument("--window_shift", type=int, default=1, help="once the context outgrows block_size, drop this "
-                   "many of its oldest tokens at once: 1 is nanoGPT's exact crop; more (e.g. block_size // 2) is much "
-                   "faster past block_size, but each token then sees block_size - window_shift + 1 to block_size "
-                   "tokens of context")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="0 = greedy; < 1 less random, > 1 more")
+    p.add_argument("--top_k", type=int, default=200,
+                   help="sample among the top_k most likely tokens only")
+    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling: the most likely "
+                   "tokens whose probabilities add up to top_p")
+    p.add_argument("--window_shift", type=int, default=1, help="once the context outgrows "
+                   "block_size, drop this many of its oldest tokens at once: 1 is nanoGPT's exact "
+                   "crop; more (e.g. block_size // 2) is much faster past block_size, but each "
+                   "token then sees block_size - window_shift + 1 to block_size tokens of context")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                   help="compute dtype and the weights' while sampling; auto: bfloat16 on GPUs and TPUs, float32 on CPUs")
+                   help="compute dtype and the weights' while sampling; auto: bfloat16 on GPUs "
+                   "and TPUs, float32 on CPUs")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                    help="print the text as it is generated")
-    p.add_argument("--verbose", action="store_true", help="print the libraries' own reports of a failure too "
-                   "(the same as FLAXGPT_VERBOSE=1)")
-    p.add_argument("--compilation_cache_dir", default=None, help="compiled sampling loops kept here for the "
-                   "next call (default $FLAXGPT_CACHE/xla or ~/.cache/flaxgpt/xla; '' for none)")
+    p.add_argument("--verbose", action="store_true", help="print the libraries' own reports of a "
+                   "failure too (the same as FLAXGPT_VERBOSE=1)")
+    p.add_argument("--compilation_cache_dir", default=None, help="compiled sampling loops kept "
+                   "here for the next call (default $FLAXGPT_CACHE/xla or ~/.cache/flaxgpt/xla; '' "
+                   "for none)")
     args = p.parse_args(argv)
     if args.num_samples < 1:
         raise UsageError(f"--num_samples must be positive, got {args.num_samples}")
@@ -70,7 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 @contextlib.contextmanager
 def library_checks():
-    """flaxgpt's ValueErrors name the setting ("top_p must be ..."): report them as the option, in one line."""
+    """flaxgpt's ValueErrors name the setting ("top_p must be ..."): report them as the option, in
+    one line."""
     try:
         yield
     except ValueError as e:
@@ -82,14 +96,16 @@ def load(init_from: str, out_dir: str, dtype: str) -> LoadedModel:
     source = out_dir if init_from == "resume" else init_from
     try:
         return load_model(source, dtype=dtype)
-    except (OSError, ValueError, RuntimeError, ImportError) as e:  # the loaders' messages say what is wrong
+    except (OSError, ValueError, RuntimeError, ImportError) as e:  # the messages say what is wrong
         message = str(e).strip().splitlines()[0]
         local = not storage.is_remote(source)  # a bucket's own message is already about the bucket
         if init_from == "resume" and local and not Path(out_dir).exists():
-            message = f"--out_dir={out_dir}: no such directory (train a model there first, or pass --init_from)"
+            message = (f"--out_dir={out_dir}: no such directory (train a model there first, or "
+                       "pass --init_from)")
         elif init_from == "resume" and local and Path(out_dir).is_file():
             message = f"--out_dir={out_dir} is a file, not a training run's out_dir"
-        elif isinstance(e, FileNotFoundError) and init_from != "resume" and local and not Path(init_from).exists():
+        elif (isinstance(e, FileNotFoundError) and init_from != "resume" and local
+              and not Path(init_from).exists()):
             message = f"--init_from={init_from}: {message.split(': ', 1)[-1]}"
         raise UsageError(message) from None
 
@@ -101,7 +117,8 @@ def read_prompt(start: str) -> str:
         except OSError as e:
             raise UsageError(f"--start={start}: {e.strerror}") from None
         except UnicodeDecodeError as e:
-            raise UsageError(f"--start={start}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            raise UsageError(f"--start={start}: not UTF-8 text ({e.reason} at byte "
+                             f"{e.start})") from None
     if not start:
         raise UsageError("--start is empty: the model needs at least one token to continue")
     return start
@@ -110,16 +127,18 @@ def read_prompt(start: str) -> str:
 def run(args: argparse.Namespace) -> None:
     xla_options.use_compilation_cache(args.compilation_cache_dir)
     start = read_prompt(args.start)
-    config, params, tokenizer, loaded = load(args.init_from, args.out_dir, resolve_dtype(args.dtype))
-    if tokenizer.vocab_size < config.vocab_size:  # GPT-2's padding rows have no text: never sample them
+    config, params, tokenizer, loaded = load(args.init_from, args.out_dir,
+                                             resolve_dtype(args.dtype))
+    if tokenizer.vocab_size < config.vocab_size:  # GPT-2's padding rows have no text: never sampled
         params, config = crop_vocab_size(params, config, tokenizer.vocab_size)
     try:
         start_ids = tokenizer.encode(start)
     except ValueError as e:  # a character outside a character-level vocabulary
         raise UsageError(f"--start: {e}") from None
     if max(start_ids, default=0) >= config.vocab_size:
-        raise UsageError(f"--start: token {max(start_ids)} is outside the model's vocabulary of {config.vocab_size}: "
-                         "is the tokenizer right? (a nanoGPT ckpt.pt needs its meta.pkl beside it)")
+        raise UsageError(f"--start: token {max(start_ids)} is outside the model's vocabulary of "
+                         f"{config.vocab_size}: is the tokenizer right? (a nanoGPT ckpt.pt needs "
+                         "its meta.pkl beside it)")
     if len(start_ids) > config.block_size:
         print(f"warning: the prompt has {len(start_ids)} tokens but the model sees at most "
               f"{config.block_size}; only its last {config.block_size} are used", file=sys.stderr)
@@ -127,20 +146,28 @@ def run(args: argparse.Namespace) -> None:
     with library_checks():
         checked_prompt(config, prompt, None, args.window_shift)
     print(f"sampling {loaded} in {config.dtype}", file=sys.stderr, flush=True)
+    n, total = args.num_samples, args.num_samples * args.max_new_tokens
+    print(f"generating {n} sample{'s' if n > 1 else ''} x {args.max_new_tokens:,} tokens = "
+          f"{total:,} new tokens", file=sys.stderr, flush=True)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
               top_p=args.top_p, window_shift=args.window_shift)
-    params, config = decoding_layout(params, config, batch_size=1)  # once for all samples, not once per sample
+    decoder = Decoder(params, config, batch_size=1)  # the weights laid out once for all samples
+    # Streamed text on the terminal is its own progress; a bar on the same terminal would garble it.
+    show_progress = not (args.stream and sys.stdout.isatty() and sys.stderr.isatty())
     key = jax.random.key(args.seed)
-    for k in range(args.num_samples):  # one after another, as nanoGPT; sample k draws from fold_in(key, k)
-        rng = jax.random.fold_in(key, k)
+    for k in range(n):  # one after another, as nanoGPT; sample k draws from fold_in(key, k)
         print(start, end="", flush=True)
-        if args.stream:
-            decoder = StreamDecoder(tokenizer)
-            for token in generate_stream(params, config, prompt, rng=rng, **kw):
-                print(decoder.push(int(token[0])), end="", flush=True)
-            print(decoder.flush())
-        else:
-            print(tokenizer.decode(np.asarray(generate(params, config, prompt, rng=rng, **kw))[0]))
+        tokens, text = [], StreamDecoder(tokenizer)
+        steps = decoder.stream(prompt, rng=jax.random.fold_in(key, k), **kw)
+        with tqdm(steps, total=args.max_new_tokens, desc=f"sample {k + 1}/{n}", unit="tok",
+                  file=sys.stderr, delay=PROGRESS_DELAY_S, leave=False,
+                  disable=not show_progress) as progress:
+            for token in progress:
+                if args.stream:
+                    print(text.push(int(token[0])), end="", flush=True)
+                else:
+                    tokens.append(int(token[0]))
+        print(text.flush() if args.stream else tokenizer.decode(tokens))
         print(SEPARATOR, flush=True)
 
 

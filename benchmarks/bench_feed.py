@@ -19,20 +19,24 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
-import jax
-import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.benchmarking, uninstalled
 
-from flaxgpt import data, mfu, optim, sharding, storage
-from flaxgpt.loop import Batches, Dataset
-from flaxgpt.model import count_params, flops_per_token
-from flaxgpt.train_step import TrainStep
-from flaxgpt.config import model_config
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from flaxgpt import data, mfu, optim, sharding, storage  # noqa: E402
+from flaxgpt.loop import Batches, Dataset  # noqa: E402
+from flaxgpt.model import count_params, flops_per_token  # noqa: E402
+from flaxgpt.train_step import TrainStep  # noqa: E402
+from flaxgpt.config import model_config  # noqa: E402
 
 CONFIG = config_flags.DEFINE_config_file("config", "configs/owt.py",
                                          "the config whose batches to read")
@@ -119,7 +123,8 @@ def main(_):
         print(f"a {kind} host ({CHIPS_PER_HOST} chips) at 100% MFU consumes "
               f"{CHIPS_PER_HOST * peak / per_token:,.0f} tokens/s")
     if TIME_STEP.value:
-        from flaxgpt import benchmarking, host_memory
+        from benchmarks import benchmarking
+        from flaxgpt import host_memory
         if jax.default_backend() == "cpu":  # as train() does
             host_memory.keep_freed_memory()
         state = train_step.init(jax.random.key(0))

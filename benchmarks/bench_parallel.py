@@ -36,7 +36,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import shakespeare_char  # noqa: E402
-from flaxgpt import benchmarking, optim, sharding  # noqa: E402
+from benchmarks import benchmarking  # noqa: E402
+from flaxgpt import optim, sharding  # noqa: E402
 from flaxgpt.model import count_params  # noqa: E402
 from flaxgpt.train_step import TrainStep  # noqa: E402
 
@@ -68,17 +69,17 @@ def parse_args(argv=None):
 
 def bench(name, mesh_shape, n_devices, model, optimizer, args):
     mesh = sharding.make_mesh(mesh_shape, jax.devices()[:n_devices])
-    step_fns = TrainStep(model, optimizer, mesh, seed=0)
+    train_step = TrainStep(model, optimizer, mesh, seed=0)
     t0 = time.perf_counter()
-    state = step_fns.init(jax.random.key(0))
+    state = train_step.init(jax.random.key(0))
     shape = (args.grad_accum, args.batch_size, model.block_size + 1)
     tokens = np.random.default_rng(0).integers(0, model.vocab_size, shape).astype(np.int32)
-    x = jax.device_put(tokens[..., :-1], step_fns.batch_sharding)
-    y = jax.device_put(tokens[..., 1:], step_fns.batch_sharding)
-    state, metrics = step_fns.train_fn(state, x, y)
+    x = jax.device_put(tokens[..., :-1], train_step.batch_sharding)
+    y = jax.device_put(tokens[..., 1:], train_step.batch_sharding)
+    state, metrics = train_step.train_fn(state, x, y)
     jax.block_until_ready((state, metrics))
     compile_s = time.perf_counter() - t0
-    (state, metrics), times = benchmarking.time_steps(lambda sm: step_fns.train_fn(sm[0], x, y),
+    (state, metrics), times = benchmarking.time_steps(lambda sm: train_step.train_fn(sm[0], x, y),
                                                       (state, metrics), steps=args.steps,
                                                       repeats=args.repeats, warmup=args.warmup)
     dt = statistics.median(times)

@@ -14,8 +14,8 @@ run. transformers' GPT-2 always has biases: a bias-free model is handed to it wi
 function). The floor is batch 1's: every weight read once per new token (wte as the tied head, the KV cache
 of the tokens so far), at the bandwidth of the faster of two reads of 512 MB (a sum, a matrix-vector
 product; see MemoryRead) taking turns with the two systems; flaxgpt/floor is how far above it a token
-takes. flaxgpt's weights are laid out for decoding once per model and batch size, as sample.py does
-(generate.decoding_layout; its time is printed). Prefill: the time to the first new token of a 512-token
+takes. flaxgpt samples through a Decoder made once per model and batch size, as sample.py does (the
+time to lay its weights out is printed). Prefill: the time to the first new token of a 512-token
 prompt (GPT-2, batch 1). Needs torch and transformers (pip install torch transformers).
 """
 
@@ -33,8 +33,8 @@ import numpy as np  # noqa: E402
 
 from configs import shakespeare_char  # noqa: E402
 from flaxgpt import xla_options  # noqa: E402
-from flaxgpt.benchmarking import benchmark_model, median_seconds_in_turns  # noqa: E402
-from flaxgpt.generate import decoding_layout, generate  # noqa: E402
+from benchmarks.benchmarking import benchmark_model, median_seconds_in_turns  # noqa: E402
+from flaxgpt.generate import Decoder  # noqa: E402
 from flaxgpt.model import GPTConfig, init_params  # noqa: E402
 from flaxgpt.pretrained import save_pretrained  # noqa: E402
 
@@ -88,23 +88,22 @@ def _fill(with_bias: dict, params: dict) -> dict:
 
 
 def floor_tokens_per_s(params, config: GPTConfig, dtype: str, context: float, bandwidth: float) -> float:
-    """Batch 1: every weight once per token (wpe: one row; wte as the head, laid out as "lm_head" or not)
-    plus the KV cache of `context` tokens."""
+    """Batch 1: every weight once per token (wpe: one row; wte as the head) plus the KV cache of
+    `context` tokens."""
     itemsize = jnp.dtype(dtype).itemsize
-    weights = {k: v for k, v in params.items() if k != "lm_head"}
-    n_weights = sum(x.size for x in jax.tree.leaves(weights)) - params["wpe"]["embedding"].size + config.n_embd
+    n_weights = sum(x.size for x in jax.tree.leaves(params)) - params["wpe"]["embedding"].size + config.n_embd
     cache = 2 * config.n_layer * context * config.n_embd
     return bandwidth / ((n_weights + cache) * itemsize)
 
 
-def compare(name, params, config, hf, batch_size, args, memory: MemoryRead):
+def compare(name, params, config, decoder: Decoder, hf, batch_size, args, memory: MemoryRead):
     import torch
 
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, config.vocab_size, (batch_size, 8)).astype(np.int32)
     n = min(args.max_new_tokens, config.block_size - 8)  # transformers cannot go past block_size
-    ours = lambda: np.asarray(generate(params, config, prompt, max_new_tokens=n, rng=jax.random.key(0),
-                                       temperature=0.0))
+    ours = lambda: np.asarray(decoder.generate(prompt, max_new_tokens=n, rng=jax.random.key(0),
+                                               temperature=0.0))
     prompt_t = torch.tensor(prompt, dtype=torch.long)
 
     def theirs():
@@ -128,12 +127,12 @@ def compare(name, params, config, hf, batch_size, args, memory: MemoryRead):
     print(line + f"   same tokens {same:.0%}", flush=True)
 
 
-def prefill(params, config, hf, args):
+def prefill(config, decoder: Decoder, hf, args):
     import torch
 
     prompt = np.random.default_rng(1).integers(0, config.vocab_size, (1, 512)).astype(np.int32)
-    ours = lambda: np.asarray(generate(params, config, prompt, max_new_tokens=1, rng=jax.random.key(0),
-                                       temperature=0.0))
+    ours = lambda: np.asarray(decoder.generate(prompt, max_new_tokens=1, rng=jax.random.key(0),
+                                               temperature=0.0))
     prompt_t = torch.tensor(prompt, dtype=torch.long)
 
     def theirs():
@@ -172,23 +171,24 @@ def main(argv=None):
             config = GPTConfig.from_preset("gpt2")
             params = init_params(config, jax.random.key(0))
         elif args.out_dir:
-            from flaxgpt.checkpoint import load_params
-            config, params = load_params(args.out_dir)
+            from flaxgpt.loader import load
+            config, params, _, _ = load(args.out_dir)
         else:
             config = benchmark_model(shakespeare_char.get_config("cpu"))
             params = init_params(config, jax.random.key(0))
         config = config.replace(dtype=args.dtype)
         with tempfile.TemporaryDirectory() as folder:
             hf = hf_model(params, config, folder, args.dtype)
-        laid_out = {}  # batch size -> (params, config) as decoding reads them
+        decoders = {}  # batch size -> Decoder
         for batch_size in args.batch_size:
-            start = time.perf_counter()  # once per model and batch size, as sample.py does; transformers: none
-            laid_out[batch_size] = jax.block_until_ready(decoding_layout(params, config, batch_size))
-            print(f"{model}: weights laid out for batch {batch_size} ({laid_out[batch_size][1].kernel_layout} "
-                  f"kernels) in {1e3 * (time.perf_counter() - start):.0f} ms (once)", flush=True)
-            compare(model, *laid_out[batch_size], hf, batch_size, args, memory)
-        if model == "gpt2":  # the batch-1 layout of the runs above, if they had batch 1
-            prefill(*(laid_out.get(1) or decoding_layout(params, config, 1)), hf, args)
+            start = time.perf_counter()  # once per model and batch size, as sample.py does
+            decoders[batch_size] = Decoder(params, config, batch_size=batch_size)
+            jax.block_until_ready(jax.tree.leaves(decoders[batch_size]._weights))
+            print(f"{model}: weights laid out for batch {batch_size} in "
+                  f"{1e3 * (time.perf_counter() - start):.0f} ms (once)", flush=True)
+            compare(model, params, config, decoders[batch_size], hf, batch_size, args, memory)
+        if model == "gpt2":  # the batch-1 decoder of the runs above, if they had batch 1
+            prefill(config, decoders.get(1) or Decoder(params, config, batch_size=1), hf, args)
 
 
 if __name__ == "__main__":

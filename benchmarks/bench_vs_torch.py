@@ -30,7 +30,8 @@ import numpy as np  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 from absl import flags  # noqa: E402
 
-from flaxgpt import benchmarking, host_memory, optim, sharding, xla_options  # noqa: E402
+from benchmarks import benchmarking  # noqa: E402
+from flaxgpt import host_memory, optim, sharding, xla_options  # noqa: E402
 from flaxgpt.model import GPTConfig  # noqa: E402
 from flaxgpt.train_step import TrainStep  # noqa: E402
 
@@ -189,18 +190,19 @@ def main(argv):
     x_np, y_np = tokens[:, :-1], tokens[:, 1:]
 
     host_memory.keep_freed_memory()  # as train() does on CPUs
-    step_fns = TrainStep(model, optim.make_optimizer(config), sharding.make_mesh({"data": 1}, jax.devices()[:1]),
-                         seed=config.seed)
-    state = step_fns.init(jax.random.key(config.seed))
+    train_step = TrainStep(model, optim.make_optimizer(config),
+                           sharding.make_mesh({"data": 1}, jax.devices()[:1]), seed=config.seed)
+    state = train_step.init(jax.random.key(config.seed))
     host_params = jax.device_get(state.params)
-    x, y = (jax.device_put(a[None], step_fns.batch_sharding) for a in (x_np, y_np))
+    x, y = (jax.device_put(a[None], train_step.batch_sharding) for a in (x_np, y_np))
     options = xla_options.compiler_options(jax.devices()[0].platform)  # as the train step compiles
-    loss_fn = jax.jit(lambda p, xb, yb: step_fns.loss_fn(p, xb, yb), compiler_options=options)
-    grad_fn = jax.jit(jax.value_and_grad(lambda p, xb, yb: step_fns.loss_fn(p, xb, yb)), compiler_options=options)
+    loss_fn = jax.jit(lambda p, xb, yb: train_step.loss_fn(p, xb, yb), compiler_options=options)
+    grad_fn = jax.jit(jax.value_and_grad(lambda p, xb, yb: train_step.loss_fn(p, xb, yb)),
+                      compiler_options=options)
     jax_state = [state]
 
     def jax_step():
-        jax_state[0], metrics = step_fns.train_fn(jax_state[0], x, y)
+        jax_state[0], metrics = train_step.train_fn(jax_state[0], x, y)
         jax.block_until_ready(metrics)
 
     jax_measures = {

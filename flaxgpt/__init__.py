@@ -1,7 +1,7 @@
 """flaxgpt: nanoGPT in JAX and Flax."""
 
-from flaxgpt.checkpoint import load_params
-from flaxgpt.generate import generate, generate_stream
+from flaxgpt.generate import Decoder, generate, generate_stream
+from flaxgpt.loader import LoadedModel, load
 from flaxgpt.model import GPT, GPTConfig, count_params, cross_entropy_loss, init_params
 from flaxgpt.pretrained import load_pretrained, save_pretrained
 

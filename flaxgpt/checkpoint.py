@@ -278,10 +278,12 @@ def model_config_from_meta(meta: dict[str, Any], **overrides) -> GPTConfig:
 
 
 def load_run(out_dir: str | os.PathLike, *, dtype: str | None = None) -> tuple[GPTConfig, Any, dict[str, Any]]:
-    """(model config, params, meta) of the newest readable checkpoint of a training run, on the default device.
+    """(model config, params, meta) of the newest readable checkpoint of a training run, on the
+    default device.
 
-    For inference: dtype overrides the compute dtype, and attention is XLA's (as `generate` uses). meta holds
-    the step and run_id; checksums are verified, and a step that fails is passed over with a warning.
+    For inference: dtype overrides the compute dtype, and attention is "auto" (a run trained with
+    splash or cuDNN attention runs wherever it is loaded). meta holds the step and run_id; checksums
+    are verified, and a step that fails is passed over with a warning.
     """
     out_dir = storage.path(out_dir)
     storage.check_reachable(out_dir, "out_dir")
@@ -291,7 +293,7 @@ def load_run(out_dir: str | os.PathLike, *, dtype: str | None = None) -> tuple[G
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
         def read(step):  # the model's shape is stored in the checkpoint; the params' target follows from it
-            config = model_config_from_meta(checkpoints.read_meta(step), attention="xla",
+            config = model_config_from_meta(checkpoints.read_meta(step), attention="auto",
                                             **({"dtype": dtype} if dtype else {}))
             shapes = jax.eval_shape(lambda rng: init_params(config, rng), jax.random.key(0))
             target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)

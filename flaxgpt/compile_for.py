@@ -167,17 +167,17 @@ def compile_steps(config, devices, vocab_size: int, print_fn=print):
     if config.batch_size % data_parallel:
         raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the "
                          f"{data_parallel} data-parallel devices (mesh data x fsdp)")
-    step_fns = TrainStep(model, optim.make_optimizer(config), mesh, seed=config.seed)
+    train_step = TrainStep(model, optim.make_optimizer(config), mesh, seed=config.seed)
 
     def batch(n):
         return jax.ShapeDtypeStruct((n, config.batch_size, config.block_size), jax.numpy.int32,
-                                    sharding=step_fns.batch_sharding)
+                                    sharding=train_step.batch_sharding)
 
-    state = step_fns.abstract_state
+    state = train_step.abstract_state
     x, x_eval = batch(config.gradient_accumulation_steps), batch(config.eval_iters)
-    train_step = step_fns.train_fn.lower(state, x, x).compile()
-    eval_step = step_fns.eval_fn.lower(state.params, x_eval, x_eval).compile()
-    return step_fns, train_step, eval_step
+    compiled_train = train_step.train_fn.lower(state, x, x).compile()
+    compiled_eval = train_step.eval_fn.lower(state.params, x_eval, x_eval).compile()
+    return train_step, compiled_train, compiled_eval
 
 
 def _gib(text: str, unit: str) -> float:
@@ -279,8 +279,8 @@ def plan(config, target_name: str, print_fn=print) -> Plan:
     config = batch_for_target(config, target.devices, print_fn)
     start = time.perf_counter()
     try:
-        step_fns, train_step, _ = compile_steps(config, target.devices, _vocab_size(config),
-                                                print_fn)
+        train_step, compiled_train, _ = compile_steps(config, target.devices, _vocab_size(config),
+                                                      print_fn)
     except Exception as e:  # XlaRuntimeError; its class moves between jaxlib versions
         if "libdevice not found" in str(e):  # XLA links CUDA's math library into GPU kernels
             raise RuntimeError("compiling for GPUs needs CUDA's libdevice: pip install "
@@ -293,19 +293,19 @@ def plan(config, target_name: str, print_fn=print) -> Plan:
                  f"{suggest(config, _replicated_state_gib(config), limit)}")
         return Plan(False, needed, limit, None, None)
     seconds = time.perf_counter() - start
-    memory = train_step.memory_analysis()
+    memory = compiled_train.memory_analysis()
     arguments = memory.argument_size_in_bytes / GiB
     outputs = memory.output_size_in_bytes / GiB
     aliased = memory.alias_size_in_bytes / GiB  # donated state: outputs written over the arguments
     temporaries = memory.temp_size_in_bytes / GiB
     code = memory.generated_code_size_in_bytes / GiB
     total = arguments + outputs - aliased + temporaries + code
-    model, mesh = step_fns.model_config, step_fns.mesh
+    model, mesh = train_step.model_config, train_step.mesh
     A, B, T = config.gradient_accumulation_steps, config.batch_size, config.block_size
     n_devices = len(target.devices)
-    cost = train_step.cost_analysis()  # None for GPUs
+    cost = compiled_train.cost_analysis()  # None for GPUs
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    n_params = count_params(step_fns.abstract_state.params)
+    n_params = count_params(train_step.abstract_state.params)
     estimate = flops_per_token(model, n_params, T) * A * B * T
     peak = mfu.listed_peak_flops(target.devices[0].device_kind)
     floor_ms = estimate / (n_devices * peak) * 1e3
@@ -326,7 +326,7 @@ def plan(config, target_name: str, print_fn=print) -> Plan:
                     "it counts a loop body once and Pallas kernels not at all), ")
     else:
         from_xla = "XLA's cost analysis gives none for this target; "
-    print_fn(host_rows(step_fns, B))
+    print_fn(host_rows(train_step, B))
     print_fn(f"FLOPs per step: {from_xla}{estimate:.3e} from 6N + 12*L*H*Q*T")
     print_fn(f"compute floor: {floor_ms:.1f} ms per step at {peak / 1e12:.0f} TFLOP/s bf16 per "
              f"{unit}: a step that takes t ms runs at {floor_ms:.1f}/t MFU at most")

@@ -354,7 +354,8 @@ def train(config) -> dict:
                 storage.write_atomically(out_dir / "meta.json", json.dumps(
                     {k: v for k, v in dataset.meta.items() if k != "assumed"}))
             batches = stack.enter_context(Batches(dataset, train_step, config.seed, config.batch_size))
-            losses = _run(config, train_step, state, start, batches, ckpts, log, stop, profiler)
+            losses = _train_until_done(config, train_step, state, start, batches, ckpts, log, stop,
+                                       profiler)
         _plot(out_dir)
     return losses
 
@@ -370,8 +371,9 @@ def _plot(out_dir: storage.Path) -> None:
         pass
 
 
-def _run(config, train_step: TrainStep, state: TrainState, start: dict, batches: Batches,
-         ckpts: checkpoint.Checkpoints, log: MetricsLog, stop: StopRequest, profiler: StepProfiler) -> dict:
+def _train_until_done(config, train_step: TrainStep, state: TrainState, start: dict,
+                      batches: Batches, ckpts: checkpoint.Checkpoints, log: MetricsLog,
+                      stop: StopRequest, profiler: StepProfiler) -> dict:
     """Evaluate, save and step until the run is over; -> the last losses {"train", "val", "step"}."""
     model = train_step.model_config
     run_id, best_val_loss = start["run_id"], start.get("best_val_loss", math.inf)

@@ -38,7 +38,7 @@ def generate_naive(params, config: GPTConfig, prompt, *, max_new_tokens: int, rn
     prompt_mask: as in `generate` (the window counts the padding columns too); None runs nanoGPT's forward."""
     sampler = make_sampler(temperature, top_k, top_p)
     padded = prompt_mask is not None
-    config, prompt, prompt_mask = checked_prompt(config, prompt, prompt_mask, window_shift)
+    prompt, prompt_mask = checked_prompt(config, prompt, prompt_mask, window_shift)
     (B, T0), S = prompt.shape, config.block_size  # one buffer shape for every prompt length T0 <= S
     tokens = jnp.zeros((B, 2 * S + max_new_tokens), jnp.int32).at[:, :T0].set(prompt)
     valid = jnp.ones(tokens.shape, bool).at[:, :T0].set(prompt_mask) if padded else None

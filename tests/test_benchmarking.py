@@ -1,4 +1,4 @@
-"""Benchmark helpers (flaxgpt/benchmarking.py): the timed loop and the model a config describes."""
+"""Benchmark helpers (benchmarks/benchmarking.py): the timed loop, the model a config describes."""
 
 import json
 import time
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import pytest
 
 from configs import shakespeare_char
-from flaxgpt import benchmarking
+from benchmarks import benchmarking
 
 
 def test_time_steps_runs_warmup_and_blocks():

@@ -112,18 +112,18 @@ def random_state(abstract, seed=0):
 def test_checkpoint_restores_onto_another_mesh(source, targets, tmp_path):
     optimizer = optim.make_optimizer(base_config())
 
-    def step_fns_on(name):
+    def train_step_on(name):
         mesh = one_device_mesh() if name == "one" else sharding.make_mesh({'fsdp8': {'fsdp': 8}, 'tp2_dp4': {'data': 4, 'tensor': 2}}[name])
         return TrainStep(TINY, optimizer, mesh)
 
-    saver = step_fns_on(source)
+    saver = train_step_on(source)
     values = random_state(saver.abstract_state)
     state = jax.device_put(values, saver.state_sharding)
     ckpts = checkpoint.Checkpoints(tmp_path)
     ckpts.save(7, state.params, state.opt_state, {"step": 7})
     ckpts.wait()
     for name in targets:
-        target = step_fns_on(name).abstract_state
+        target = train_step_on(name).abstract_state
         params, opt_state, meta = ckpts.restore(target.params, target.opt_state)
         assert meta["step"] == 7 and set(meta["checksums"]) == {"params", "opt_state"}
         restored = {"params": params, "opt_state": opt_state}

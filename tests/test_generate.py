@@ -1,6 +1,7 @@
 """Sampling (flaxgpt/generate.py): the KV cache against full forwards, the compiled loop against
 nanoGPT's reference loop (for every window_shift), the sampling filters, stop tokens and streaming."""
 
+import importlib
 import re
 
 import jax
@@ -8,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxgpt.generate import Sampler, _run, generate, generate_stream
+from flaxgpt.generate import Decoder, Sampler, _forward_window, _Weights, generate, generate_stream
+from flaxgpt.kv_cache import init_cache
 from flaxgpt.sampling_reference import generate_naive
-from flaxgpt.model import GPT, GPTConfig, crop_vocab_size, init_cache, init_params
+from flaxgpt.model import GPT, GPTConfig, init_params
 
 CONFIG = GPTConfig(block_size=16, vocab_size=11, n_layer=2, n_head=2, n_embd=32)
 S = CONFIG.block_size
@@ -29,7 +31,16 @@ def random_tokens(seed, shape):
     return np.random.default_rng(seed).integers(0, CONFIG.vocab_size, shape, dtype=np.int32)
 
 
-run = jax.jit(_run, static_argnums=(1, 6))  # (params, config, cache, window, valid, index, length)
+_forward = jax.jit(_forward_window, static_argnums=(1, 6))  # (weights, config, cache, window, ...)
+
+
+def run(params, config, *args):
+    """_forward_window of params as they are, or of a Decoder's weights."""
+    if not isinstance(params, _Weights):
+        params = _Weights(params, jnp.transpose(params["wte"]["embedding"]), out_in=False)
+    return _forward(params, config, *args)
+
+
 forward = jax.jit(lambda params, tokens: GPT(CONFIG).apply({"params": params}, tokens))
 N = 2 * S + 3  # new tokens: well past block_size; most tests share it, and so their compiled programs
 
@@ -251,11 +262,10 @@ def test_the_cache_grows_through_its_sizes_and_restarts_small_after_a_slide():
 def test_bfloat16_decoding_reads_bfloat16_weights_and_cache(params):
     """dtype=bfloat16 decodes with the weights and the cache in bfloat16 (half the bytes per token); its
     step-by-step logits stay within bfloat16's precision of float32's full forward."""
-    from flaxgpt.generate import decoding_layout
-
-    layout, config = decoding_layout(params, CONFIG.replace(dtype="bfloat16"))
+    decoder = Decoder(params, CONFIG.replace(dtype="bfloat16"), batch_size=2)
+    layout, config = decoder._weights, decoder.config
     assert {x.dtype for x in jax.tree.leaves(layout)} == {jnp.dtype(jnp.bfloat16)}
-    assert layout["lm_head"].shape == (CONFIG.n_embd, CONFIG.vocab_size)
+    assert layout.head.shape == (CONFIG.n_embd, CONFIG.vocab_size)
     cache = init_cache(config, 2)
     assert {x.dtype for x in jax.tree.leaves(cache)} == {jnp.dtype(jnp.bfloat16)}
     tokens = jnp.asarray(random_tokens(0, (2, S)))
@@ -270,25 +280,28 @@ def test_bfloat16_decoding_reads_bfloat16_weights_and_cache(params):
         assert logits.dtype == jnp.float32
 
 
-def test_weights_laid_out_once_are_reused_as_they_are(params):
-    """decoding_layout's output passes through it untouched (sample.py lays the weights out once for all
-    its samples) and samples the same tokens as the params it came from; asking for another dtype lays
-    them out again."""
-    from flaxgpt.generate import decoding_layout
-
-    layout, config = decoding_layout(params, CONFIG)
-    again, config_again = decoding_layout(layout, CONFIG)
-    assert config_again == config and not config.scan_layers
-    assert all(a is b for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(layout)))
-    prompt = random_tokens(4, (2, 3))
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_a_decoder_lays_the_weights_out_once(params, monkeypatch, batch_size):
+    """Sampling twice (and streaming) from one Decoder copies no weight again: the layout function
+    runs once, in the constructor, and the arrays sampled from are the same objects every time. The
+    tokens are the one-shot `generate`'s."""
+    calls = []
+    generate_module = importlib.import_module("flaxgpt.generate")  # flaxgpt.generate is the function
+    lay_out = generate_module._lay_out
+    monkeypatch.setattr(generate_module, "_lay_out", lambda *a: calls.append(1) or lay_out(*a))
+    decoder = Decoder(params, CONFIG, batch_size=batch_size)
+    assert len(calls) == 1 and not decoder.config.scan_layers
+    laid_out = jax.tree.leaves(decoder._weights)
+    prompt = random_tokens(4, (batch_size, 3))
     kw = dict(max_new_tokens=N, rng=jax.random.key(0), **SAMPLING)
-    np.testing.assert_array_equal(generate(layout, CONFIG, prompt, **kw), generate(params, CONFIG, prompt, **kw))
-    bf16, _ = decoding_layout(layout, CONFIG.replace(dtype="bfloat16"))
-    assert {x.dtype for x in jax.tree.leaves(bf16)} == {jnp.dtype(jnp.bfloat16)}
-    np.testing.assert_array_equal(bf16["lm_head"], jnp.transpose(bf16["wte"]["embedding"]))
-    cropped, cropped_config = crop_vocab_size(layout, CONFIG, 7)  # wte no longer matches the head: rebuilt
-    cropped, _ = decoding_layout(cropped, cropped_config)
-    np.testing.assert_array_equal(cropped["lm_head"], jnp.transpose(layout["wte"]["embedding"][:7]))
+    first, second = decoder.generate(prompt, **kw), decoder.generate(prompt, **kw)
+    streamed = np.stack(list(decoder.stream(prompt, **kw)), axis=1)
+    assert len(calls) == 1
+    assert all(a is b for a, b in zip(jax.tree.leaves(decoder._weights), laid_out, strict=True))
+    np.testing.assert_array_equal(first, second)
+    np.testing.assert_array_equal(first, streamed)
+    np.testing.assert_array_equal(first, generate(params, CONFIG, prompt, **kw))
+    assert len(calls) == 2  # the one-shot lays them out on each call
 
 
 def _computations(hlo: str) -> dict[str, list[str]]:
@@ -328,11 +341,12 @@ def test_appending_a_token_rewrites_no_cache_and_no_weight(batch_size):
     """In the compiled `generate` of a scanned model, the loops that append one token per step (those with
     matmuls and no such loop inside them) compute nothing as large as a weight matrix or a layer's cache:
     the cache is updated in place and the weights are read where they lie."""
-    from flaxgpt.generate import _generate, checked_prompt, decoding_layout, make_sampler
+    from flaxgpt.generate import _generate, checked_prompt, make_sampler
 
     config = CONFIG.replace(block_size=128, n_embd=32)
-    config, prompt, mask = checked_prompt(config, random_tokens(0, (batch_size, 3)), None, window_shift=1)
-    weights, config = decoding_layout(init_params(config, jax.random.key(0)), config, batch_size)
+    decoder = Decoder(init_params(config, jax.random.key(0)), config, batch_size=batch_size)
+    weights, config = decoder._weights, decoder.config
+    prompt, mask = checked_prompt(config, random_tokens(0, (batch_size, 3)), None, window_shift=1)
     hlo = _generate.lower(weights, config, make_sampler(0.0), prompt, mask, jax.random.key(0), 150,
                           1).compile().as_text()
     computations = _computations(hlo)
@@ -352,19 +366,16 @@ def test_appending_a_token_rewrites_no_cache_and_no_weight(batch_size):
 
 
 def test_batch_1_on_cpu_decodes_with_kernels_stored_out_in(params):
-    """decoding_layout picks [out, in] kernels for batch 1 on a CPU and [in, out] otherwise; both give the
-    cached step-by-step logits of the full forward, and params laid out for one batch size are used as they
-    are for another (laying out is the copy sampling repeatedly avoids)."""
-    from flaxgpt.generate import decoding_layout
-
-    rows, config_1 = decoding_layout(params, CONFIG, 1)
-    columns, config_2 = decoding_layout(params, CONFIG, 2)
-    assert (config_1.kernel_layout, config_2.kernel_layout) == ("out_in", "in_out")
-    assert rows["h_0"]["mlp"]["c_fc"]["kernel"].shape == (4 * CONFIG.n_embd, CONFIG.n_embd)
-    assert rows["h_0"]["attn"]["c_proj"]["kernel"].shape == (CONFIG.n_embd, CONFIG.n_head, CONFIG.head_dim)
-    reused, reused_config = decoding_layout(rows, CONFIG, 2)
-    assert reused is rows and reused_config == config_1
-    assert decoding_layout(columns, CONFIG, 1)[1] == config_2
+    """A Decoder for batch 1 on a CPU stores the blocks' kernels [out, in], for other batch sizes
+    [in, out]; both give the cached step-by-step logits of the full forward."""
+    rows, columns = Decoder(params, CONFIG, batch_size=1), Decoder(params, CONFIG, batch_size=2)
+    assert (rows._weights.out_in, columns._weights.out_in) == (True, False)
+    kernels = rows._weights.params["h_0"]
+    assert kernels["mlp"]["c_fc"]["kernel"].shape == (4 * CONFIG.n_embd, CONFIG.n_embd)
+    assert kernels["attn"]["c_proj"]["kernel"].shape == (CONFIG.n_embd, CONFIG.n_head, CONFIG.head_dim)
+    assert kernels["attn"]["c_attn"]["kernel"].shape == (3, CONFIG.n_head, CONFIG.head_dim, CONFIG.n_embd)
+    rows, config_1 = rows._weights, rows.config
+    columns, config_2 = columns._weights, columns.config
     tokens = jnp.asarray(random_tokens(5, (1, S)))
     full = forward(params, tokens)
     for layout, config in ((rows, config_1), (columns, config_2)):

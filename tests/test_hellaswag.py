@@ -45,9 +45,9 @@ def reference_losses(folder, examples):
 
 
 def test_scores_equal_transformers_on_the_same_weights(tiny_hf_gpt2):
-    from flaxgpt.load import load_model
+    from flaxgpt import load
 
-    config, params, tokenizer, _ = load_model(tiny_hf_gpt2)
+    config, params, tokenizer, _ = load(tiny_hf_gpt2)
     result = hellaswag.evaluate(params, config, EXAMPLES, tokenizer, batch_examples=2, progress=False)  # 3 batches
     total, mean = reference_losses(tiny_hf_gpt2, EXAMPLES)
     np.testing.assert_allclose(result["total_loss"], total, rtol=1e-4)

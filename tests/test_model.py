@@ -1,5 +1,6 @@
 """The GPT-2 model: shapes, causality, attention paths, init, parameter count, loss, FLOPs."""
 
+import dataclasses
 import functools
 
 import chex
@@ -9,8 +10,8 @@ import numpy as np
 import pytest
 
 from flaxgpt.model import (GPT, GPTConfig, count_params, crop_block_size, cross_entropy_loss, gelu,
-                           convert_layers, flops_per_token, init_cache, init_params,
-                           resolve_attention)
+                           convert_layers, flops_per_token, init_params, resolve_attention)
+from flaxgpt.kv_cache import init_cache
 
 TINY = GPTConfig(block_size=16, vocab_size=37, n_layer=2, n_head=4, n_embd=32)
 
@@ -237,11 +238,11 @@ def test_scanned_and_unscanned_training_give_the_same_losses():
     data = [tokens((2, 4, TINY.block_size), seed=s) for s in range(3)]
     losses = {}
     for scan_layers in (True, False):
-        step_fns = TrainStep(TINY.replace(scan_layers=scan_layers), optax.adamw(1e-2), mesh)
-        state = step_fns.state_from_params(convert_layers(params, scan_layers))
+        train_step = TrainStep(TINY.replace(scan_layers=scan_layers), optax.adamw(1e-2), mesh)
+        state = train_step.state_from_params(convert_layers(params, scan_layers))
         losses[scan_layers] = []
         for x in data:
-            state, metrics = step_fns.train_fn(state, x, x)
+            state, metrics = train_step.train_fn(state, x, x)
             losses[scan_layers].append(float(metrics["loss"]))
     np.testing.assert_allclose(losses[False], losses[True], rtol=1e-5)
     assert losses[True][-1] < losses[True][0]
@@ -291,25 +292,7 @@ def test_splash_attention_matches_xla_in_interpret_mode():
     chex.assert_trees_all_close(splash_grads, xla_grads, atol=1e-6, rtol=1e-4)
 
 
-def test_kernels_stored_out_in_compute_the_same_model():
-    """kernel_layout "out_in" (each block kernel's axes in the other order, for batch-1 decoding) is the
-    same function of the same weights, and kernels_in_layout converts both ways."""
-    from flaxgpt.model import kernel_layout_of, kernels_in_layout
-
-    config = GPTConfig(block_size=16, vocab_size=11, n_layer=2, n_head=2, n_embd=32, scan_layers=False)
-    params = init_params(config, jax.random.key(0))
-    rows = kernels_in_layout(params, "out_in")
-    assert rows["h_1"]["attn"]["c_attn"]["kernel"].shape == (3, 2, 16, 32)
-    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), kernels_in_layout(rows, "in_out"), params))
-    assert kernel_layout_of(rows) == "out_in" and kernel_layout_of(kernels_in_layout(rows, "out_in")) == "out_in"
-    with pytest.raises(ValueError, match="unscanned"):
-        kernels_in_layout(init_params(config.replace(scan_layers=True), jax.random.key(0)), "out_in")
-    tokens = np.random.default_rng(0).integers(0, 11, (2, 16))
-    expected = GPT(config).apply({"params": params}, tokens)
-    actual = GPT(config.replace(kernel_layout="out_in")).apply({"params": rows}, tokens)
-    np.testing.assert_allclose(actual, expected, atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="kernel_layout"):
-        config.replace(kernel_layout="rows")
-    # a decoding-only setting: left out of the dict checkpoints store while it has its default
-    assert "kernel_layout" not in config.to_dict() and GPTConfig(**config.to_dict()) == config
-    assert GPTConfig(**config.replace(kernel_layout="out_in").to_dict()).kernel_layout == "out_in"
+def test_config_is_the_model_alone_and_round_trips_through_its_dict():
+    config = GPTConfig(block_size=16, vocab_size=11, n_layer=2, n_head=2, n_embd=32, dtype="bfloat16")
+    assert config.to_dict() == dataclasses.asdict(config) and GPTConfig(**config.to_dict()) == config
+    assert not {"kernel_layout", "decoding"} & config.to_dict().keys()

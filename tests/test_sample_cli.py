@@ -4,6 +4,7 @@ streaming, and the one-line errors (exit code 2)."""
 import importlib
 import json
 import pickle
+import re
 
 import jax
 import numpy as np
@@ -76,24 +77,39 @@ def test_the_weights_are_laid_out_once_for_all_samples(capsys, char_run, monkeyp
         assert len(texts) == 3 and len(calls) == 1
 
 
-def test_window_shift_reaches_both_samplers(capsys, char_run, monkeypatch):
+def test_window_shift_reaches_the_decoder_streamed_and_whole(capsys, char_run, monkeypatch):
     """--window_shift past block_size (16): streamed and whole, the same text, sampled with that shift."""
     shifts = []
+    stream = sample.Decoder.stream
 
-    def spy(sampler):
-        def wrapped(*args, **kw):
-            shifts.append(kw["window_shift"])
-            return sampler(*args, **kw)
-        return wrapped
+    def spy(self, *args, **kw):
+        shifts.append(kw["window_shift"])
+        return stream(self, *args, **kw)
 
-    for name in ("generate", "generate_stream"):
-        monkeypatch.setattr(sample, name, spy(getattr(sample, name)))
-    argv = ["--out_dir", char_run, "--start", "ab", "--num_samples", 2, "--max_new_tokens", 40, "--window_shift", 8]
+    monkeypatch.setattr(sample.Decoder, "stream", spy)
+    argv = ["--out_dir", char_run, "--start", "ab", "--num_samples", 2, "--max_new_tokens", 40,
+            "--window_shift", 8]
     streamed = run_cli(capsys, *argv).out
     assert run_cli(capsys, *argv, "--no-stream").out == streamed
     texts = samples(streamed)
     assert len(texts) == 2 and all(len(t) == 2 + 40 + 1 and set(t) <= set(CHARS) for t in texts)
     assert shifts == [8] * 4  # 2 samples, streamed and whole
+
+
+@pytest.mark.parametrize("stream", ["--stream", "--no-stream"])
+def test_says_how_much_it_will_generate_and_shows_progress(capsys, char_run, monkeypatch, stream):
+    """Up front, one line with samples x tokens; then a progress bar on stderr (tokens, tok/s) for a
+    sample that takes longer than PROGRESS_DELAY_S (here 0), streamed or not; stdout holds only text."""
+    argv = ["--out_dir", char_run, "--start", "ab", "--num_samples", 2, "--max_new_tokens", 30, stream]
+    quiet = run_cli(capsys, *argv)  # a short sample: no bar
+    assert "generating 2 samples x 30 tokens = 60 new tokens" in quiet.err
+    assert "tok/s" not in quiet.err
+    monkeypatch.setattr(sample, "PROGRESS_DELAY_S", 0)
+    shown = run_cli(capsys, *argv)
+    assert shown.out == quiet.out
+    assert re.search(r"sample 1/2: +\d+%.*\| *\d+/30 \[", shown.err)
+    assert re.search(r"sample 2/2: .*tok/s", shown.err)
+    assert "tok/s" not in shown.out
 
 
 def test_nanogpt_checkpoint_with_its_meta_pkl(capsys, tmp_path):
@@ -211,6 +227,7 @@ def test_all_checkpoints_unreadable_says_what_to_do_and_no_event_loop_noise(char
 
 def test_dtype_auto_samples_in_float32_on_a_cpu_and_bfloat16_is_a_choice(capsys, char_run):
     argv = ["--out_dir", char_run, "--start", "ab", "--num_samples", 1, "--max_new_tokens", 4]
-    assert "at step 100" in (err := run_cli(capsys, *argv).err) and err.rstrip().endswith("in float32"), err
+    err = run_cli(capsys, *argv).err
+    assert "at step 100" in err and err.splitlines()[0].endswith("in float32"), err
     bf16 = run_cli(capsys, *argv, "--dtype", "bfloat16")
-    assert bf16.err.rstrip().endswith("in bfloat16") and len(samples(bf16.out)) == 1
+    assert bf16.err.splitlines()[0].endswith("in bfloat16") and len(samples(bf16.out)) == 1

@@ -65,11 +65,11 @@ def spec(x) -> tuple:
     return s + (None,) * (len(x.shape) - len(s))
 
 
-def run(step_fns: TrainStep, state):
+def run(train_step: TrainStep, state):
     losses, norms = [], []
     for x, y in batches():
-        x, y = (jax.device_put(a, step_fns.batch_sharding) for a in (x, y))
-        state, metrics = step_fns.train_fn(state, x, y)
+        x, y = (jax.device_put(a, train_step.batch_sharding) for a in (x, y))
+        state, metrics = train_step.train_fn(state, x, y)
         losses.append(metrics["loss"])
         norms.append(metrics["grad_norm"])
     return state, np.array(losses), np.array(norms)
@@ -131,28 +131,28 @@ def test_batch_sharding_splits_the_batch_over_data_and_fsdp():
 def reference():
     """Init and 3 steps (2 micro-batches each) on one device: (initial state on the host, losses,
     norms, final params on the host)."""
-    step_fns = TrainStep(TINY, sgd(), one_device_mesh(), seed=SEED)
-    init = to_host(step_fns.init(jax.random.key(0)))
-    state, losses, norms = run(step_fns, jax.device_put(init, step_fns.state_sharding))
+    train_step = TrainStep(TINY, sgd(), one_device_mesh(), seed=SEED)
+    init = to_host(train_step.init(jax.random.key(0)))
+    state, losses, norms = run(train_step, jax.device_put(init, train_step.state_sharding))
     return init, losses, norms, to_host(state.params)
 
 
 @pytest.mark.parametrize("name", MESHES)
 def test_sharded_training_matches_one_device(name, reference):
     init, ref_losses, ref_norms, ref_params = reference
-    step_fns = TrainStep(TINY, sgd(), sharding.make_mesh(MESHES[name]), seed=SEED)
+    train_step = TrainStep(TINY, sgd(), sharding.make_mesh(MESHES[name]), seed=SEED)
     # sharded init (each device draws only its shards) draws the same numbers
     if name == "fsdp4_tp2":
-        state = step_fns.init(jax.random.key(0))
+        state = train_step.init(jax.random.key(0))
         assert_trees_close(to_host(state), init, rtol=0, atol=0)
     else:
-        state = jax.device_put(init, step_fns.state_sharding)
-    state, losses, norms = run(step_fns, state)
+        state = jax.device_put(init, train_step.state_sharding)
+    state, losses, norms = run(train_step, state)
     np.testing.assert_allclose(losses, ref_losses, **LOSS_TOL)
     np.testing.assert_allclose(norms, ref_norms, **LOSS_TOL)
     assert_trees_close(to_host(state.params), ref_params, **PARAM_TOL)
     assert int(state.step) == STEPS
-    for leaf, want in zip(jax.tree.leaves(state), jax.tree.leaves(step_fns.state_sharding)):
+    for leaf, want in zip(jax.tree.leaves(state), jax.tree.leaves(train_step.state_sharding)):
         # out_shardings keep the state in place
         assert leaf.sharding.is_equivalent_to(want, leaf.ndim)
 
@@ -167,8 +167,8 @@ def test_dropout_masks_do_not_depend_on_the_mesh(reference):
     results = {}
     for name, mesh in (("one", one_device_mesh()),
                        ("fsdp4_tp2", sharding.make_mesh(MESHES["fsdp4_tp2"]))):
-        step_fns = TrainStep(config, sgd(), mesh, seed=SEED)
-        state, losses, norms = run(step_fns, jax.device_put(init, step_fns.state_sharding))
+        train_step = TrainStep(config, sgd(), mesh, seed=SEED)
+        state, losses, norms = run(train_step, jax.device_put(init, train_step.state_sharding))
         results[name] = losses, norms, to_host(state.params)
     # dropout is on: not the gradient of p=0
     assert abs(results["one"][1][0] / ref_norms[0] - 1) > 1e-3
@@ -214,9 +214,10 @@ def layer_spec(path, leaf) -> tuple:
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_state_shardings_follow_the_logical_axis_rules(scan_layers):
     """Params, AdamW's mu and nu as the rules say; scalars (step, Adam's count) replicated."""
-    step_fns = TrainStep(TINY.replace(scan_layers=scan_layers), optim.make_optimizer(base_config()),
-                      sharding.make_mesh({"fsdp": 4, "tensor": 2}), seed=SEED)
-    state = step_fns.abstract_state
+    train_step = TrainStep(TINY.replace(scan_layers=scan_layers),
+                           optim.make_optimizer(base_config()),
+                           sharding.make_mesh({"fsdp": 4, "tensor": 2}), seed=SEED)
+    state = train_step.abstract_state
     params = jax.tree_util.tree_flatten_with_path(state.params)[0]
     assert {param_name(path) for path, _ in params} == set(FSDP4_TP2_SPECS)
     for path, leaf in params:
@@ -259,10 +260,10 @@ def test_dimensions_the_mesh_does_not_divide_are_replicated():
     assert spec(params["h"]["mlp"]["c_fc"]["kernel"]) == (None, "fsdp", "tensor")
     losses = []
     for mesh in (one_device_mesh(), sharding.make_mesh({"fsdp": 4, "tensor": 2})):
-        step_fns = TrainStep(odd, sgd(), mesh)
-        x = jax.device_put(batches()[0][0] % odd.vocab_size, step_fns.batch_sharding)
-        state = step_fns.init(jax.random.key(SEED))
-        losses.append(float(step_fns.train_fn(state, x, x)[1]["loss"]))
+        train_step = TrainStep(odd, sgd(), mesh)
+        x = jax.device_put(batches()[0][0] % odd.vocab_size, train_step.batch_sharding)
+        state = train_step.init(jax.random.key(SEED))
+        losses.append(float(train_step.train_fn(state, x, x)[1]["loss"]))
     np.testing.assert_allclose(losses[1], losses[0], **LOSS_TOL)
 
 

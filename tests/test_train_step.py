@@ -52,13 +52,13 @@ def test_a_micro_batches_of_b_equal_one_batch_of_a_times_b():
 
 
 def test_loss_is_the_models_cross_entropy_and_eval_matches_it():
-    step_fns = TrainStep(TINY, adamw(), one_device_mesh())
-    state = step_fns.init(jax.random.key(1))
+    train_step = TrainStep(TINY, adamw(), one_device_mesh())
+    state = train_step.init(jax.random.key(1))
     x, y = tokens((3, 2, TINY.block_size), seed=1)
     expected = np.mean([cross_entropy_loss(GPT(TINY).apply({"params": state.params}, xi), yi)
                         for xi, yi in zip(x, y)])
-    np.testing.assert_allclose(step_fns.eval_fn(state.params, x, y), expected, rtol=1e-5)
-    _, metrics = step_fns.train_fn(state, x, y)
+    np.testing.assert_allclose(train_step.eval_fn(state.params, x, y), expected, rtol=1e-5)
+    _, metrics = train_step.train_fn(state, x, y)
     np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5)
 
 
@@ -67,8 +67,8 @@ def test_dropout_masks_follow_seed_and_step():
     x, y = tokens((1, 2, TINY.block_size))
 
     def first_loss(seed):
-        step_fns = TrainStep(config, adamw(), one_device_mesh(), seed=seed)
-        return float(step_fns.train_fn(step_fns.init(jax.random.key(0)), x, y)[1]["loss"])
+        train_step = TrainStep(config, adamw(), one_device_mesh(), seed=seed)
+        return float(train_step.train_fn(train_step.init(jax.random.key(0)), x, y)[1]["loss"])
 
     assert first_loss(0) == first_loss(0)
     assert first_loss(0) != first_loss(1)
@@ -78,8 +78,8 @@ def test_dropout_masks_follow_seed_and_step():
 
 
 def test_abstract_state_matches_the_real_state():
-    step_fns = TrainStep(TINY, adamw(), one_device_mesh())
-    state = step_fns.init(jax.random.key(0))
-    abstract = step_fns.abstract_state
+    train_step = TrainStep(TINY, adamw(), one_device_mesh())
+    state = train_step.init(jax.random.key(0))
+    abstract = train_step.abstract_state
     for real, shape in zip(jax.tree.leaves(state), jax.tree.leaves(abstract)):
         assert (real.shape, real.dtype) == (shape.shape, shape.dtype) and real.sharding == shape.sharding

@@ -1,5 +1,5 @@
-"""Timing for the benchmarks (bench.py, benchmarks/): one way to time steps and calls, and the model a
-config describes, with the vocabulary of its prepared dataset as train.py would use.
+"""Timing for the benchmarks (bench.py, benchmarks/): one way to time steps and calls, and the
+model a config describes, with the vocabulary of its prepared dataset as train.py would use.
 
 Times are wall-clock seconds around `jax.block_until_ready`, after warm-up calls that compile.
 """
