@@ -361,6 +361,12 @@ class GPT(nn.Module):
         """
         return self.forward(idx, deterministic=deterministic, positions=positions, mask=mask)[0]
 
+    def hidden_states(self, idx, *, deterministic=True, positions=None, mask=None):
+        """idx: [B, T] -> the final hidden states [B, T, C] (after ln_f), which the tied head turns into
+        logits (`loss.head_cross_entropy` does so a chunk at a time). Arguments as `__call__`'s."""
+        return self.forward(idx, deterministic=deterministic, positions=positions, mask=mask,
+                            hidden_only=True)[0]
+
     def decode(self, idx, cache, *, positions, mask, cache_index, head=None):
         """Cached decoding: idx [B, T] -> (logits of the last position [B, 1, V], the updated cache).
 
@@ -376,8 +382,9 @@ class GPT(nn.Module):
 
     @nn.compact
     def forward(self, idx, *, deterministic=True, positions=None, mask=None, cache=None, cache_index=0,
-                last_only=False, head=None):
-        """What `__call__` and `decode` share: -> (logits [B, T or 1, V], the updated cache or None)."""
+                last_only=False, head=None, hidden_only=False):
+        """What `__call__` and `decode` share: -> (logits [B, T or 1, V], the updated cache or None);
+        hidden_only: the final hidden states [B, T or 1, C] instead of the logits."""
         cfg = self.config
         T = idx.shape[1]
         if T > cfg.block_size:
@@ -408,6 +415,8 @@ class GPT(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = layer_norm(cfg, "ln_f")(x)
+        if hidden_only:
+            return x, (None if cache is None else new_cache)
         logits = wte.attend(x) if head is None else x @ head.astype(x.dtype)  # lm_head tied to wte
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         return logits, (None if cache is None else new_cache)
