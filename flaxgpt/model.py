@@ -395,7 +395,9 @@ class GPT(nn.Module):
                        embedding_init=_init(0.02, ("vocab", "embed")), name="wte")
         wpe = nn.Embed(cfg.block_size, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                        embedding_init=_init(0.02, (None, "embed")), name="wpe")
-        x = nn.Dropout(cfg.dropout)(wte(idx) + wpe(positions), deterministic=deterministic)
+        # Gather the rows, then cast them: Embed's own call would cast the whole table every step.
+        embed = lambda table, ids: jnp.take(table.embedding, ids, axis=0).astype(cfg.dtype)
+        x = nn.Dropout(cfg.dropout)(embed(wte, idx) + embed(wpe, positions), deterministic=deterministic)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         block = Block
         if cfg.remat != "none":  # inside a scan, CSE cannot merge the recomputation away
