@@ -407,9 +407,11 @@ class GPT(nn.Module):
             blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                              in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layer,
                              metadata_params={nn.PARTITION_NAME: "layers"})
+            blocks = _kernels_cast_on_entry(blocks, cfg, self.is_initializing())
             x, new_cache = blocks(cfg, name="h")(x, cache, mask, cache_index, deterministic)
         else:
             new_cache = []
+            block = _kernels_cast_on_entry(block, cfg, self.is_initializing())
             for i in range(cfg.n_layer):
                 x, layer_cache = block(cfg, name=f"h_{i}")(
                     x, None if cache is None else cache[i], mask, cache_index, deterministic)
@@ -422,6 +424,23 @@ class GPT(nn.Module):
         logits = wte.attend(x) if head is None else x @ head.astype(x.dtype)  # lm_head tied to wte
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         return logits, (None if cache is None else new_cache)
+
+
+def _kernels_cast_on_entry(module_class, config: GPTConfig, initializing: bool):
+    """module_class (the scanned blocks, or one block), its matmul kernels and biases (c_attn, c_proj,
+    c_fc) read already cast to the compute dtype: one cast of the stacked params per step, outside the
+    layer scan and remat, instead of one per block in the forward pass and again in its recomputation
+    (the backward pass then keeps those bf16 copies). LayerNorm params stay in their dtype."""
+    if initializing or jnp.dtype(config.dtype) == jnp.dtype(config.param_dtype):
+        return module_class
+
+    def cast(variables):
+        def leaf(path, x):
+            parent = str(getattr(path[-2], "key", "")) if len(path) > 1 else ""
+            return x.astype(config.dtype) if parent.startswith("c_") else x
+        return jax.tree_util.tree_map_with_path(leaf, variables)
+
+    return nn.map_variables(module_class, "params", trans_in_fn=cast, mutable=False)
 
 
 def init_cache(config: GPTConfig, batch_size: int, length: int | None = None) -> LayerCache | list[LayerCache]:
