@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 from flaxgpt.splash import splash_supports
 from flaxgpt.tokenizer import GPT2_PADDED_VOCAB_SIZE, GPT2_VOCAB_SIZE
@@ -29,14 +30,19 @@ PRESETS = {  # nanoGPT's sizes for the OpenAI checkpoints (vocab 50257, block 10
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 # What a block keeps from its forward pass for the backward pass (jax.checkpoint_policies); the rest is
 # recomputed. none: keep everything (no remat, most memory); full: keep only the block's input (least
-# memory, one extra forward); dots_saveable: keep matmul outputs, recompute the cheap elementwise ops;
-# dots_with_no_batch_dims_saveable: keep the projections' outputs but not attention's batched
-# q.k / p.v products (the [B, H, T, T] ones), recompute those.
+# memory, one extra forward); dots_saveable: keep matmul outputs, attention's included, recompute the
+# cheap elementwise ops; dots_with_no_batch_dims_saveable: keep the projections' outputs but not
+# attention's batched q.k / p.v products (the [B, H, T, T] ones) or output, recompute those.
+# A fused attention kernel (splash, cuDNN) is a custom call whose matmuls no dots policy sees: its
+# output is named ATTENTION_OUTPUT, which dots_saveable keeps.
+ATTENTION_OUTPUT = "attention_output"
 KERNEL_LAYOUTS = ("in_out", "out_in")  # see GPTConfig.kernel_layout
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_saveable": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_saveable,
+        jax.checkpoint_policies.save_only_these_names(ATTENTION_OUTPUT)),
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
@@ -243,13 +249,15 @@ class CausalSelfAttention(nn.Module):
         elif (mask is None and resolve_attention(cfg, jax.default_backend()) == "splash"
               and splash_supports(q.shape[1], cfg.head_dim)):  # else (init's 1 token) XLA's attention
             from flaxgpt.splash import splash_causal_attention
-            y = splash_causal_attention(q, k, v)
+            y = checkpoint_name(splash_causal_attention(q, k, v), ATTENTION_OUTPUT)
         else:  # an explicit mask always takes XLA's attention
             implementation = resolve_attention(cfg, jax.default_backend()) if mask is None else "xla"
             implementation = {"auto": None, "splash": "xla"}.get(implementation, implementation)
             y = jax.nn.dot_product_attention(
                 q, k.astype(q.dtype), v.astype(q.dtype), mask=None if mask is None else mask[:, None],
                 is_causal=mask is None, implementation=implementation)
+            if implementation == "cudnn":
+                y = checkpoint_name(y, ATTENTION_OUTPUT)
         y = _dense(cfg, (cfg.n_embd,), 2, _residual_std(cfg), ("heads", "kv", "embed"), "c_proj")(y)
         y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
         return y, cache
