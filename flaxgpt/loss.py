@@ -11,24 +11,29 @@ dtype. Shapes: B batch, T length, C n_embd, V vocab.
 import jax
 import jax.numpy as jnp
 
-CHUNK = 128  # sequence positions per chunk
+# Logits per sequence in one chunk (t x V): GPT-2's 50304 tokens take chunks of 128 positions, a
+# small vocabulary (characters) one chunk of the whole sequence.
+CHUNK_LOGITS = 2**23
 
 
-def chunk_length(T: int, chunk: int = CHUNK) -> int:
-    """The largest divisor of T that is at most `chunk` (T itself when T <= chunk)."""
-    return next(t for t in range(min(T, chunk), 0, -1) if T % t == 0)
+def chunk_length(T: int, V: int, max_logits: int = CHUNK_LOGITS) -> int:
+    """Positions per chunk: the largest divisor t of T with t * V <= max_logits (at least 1)."""
+    return next((t for t in range(T, 0, -1) if T % t == 0 and t * V <= max_logits), 1)
 
 
 def head_cross_entropy(x: jax.Array, wte: jax.Array, targets: jax.Array, *, dtype=None,
-                       chunk: int = CHUNK) -> jax.Array:
+                       chunk: int | None = None) -> jax.Array:
     """Mean next-token cross-entropy of the logits x @ wte.T, in float32, without materializing them.
 
     x: [B, T, C] final hidden states (after ln_f); wte: [V, C] the tied token embedding; targets:
     [B, T] int, -1 ignored. dtype: the head matmul's dtype (default x's); the log-softmax is float32.
+    chunk: positions per chunk, a divisor of T (default: chunk_length(T, V)).
     """
     dtype = jnp.dtype(dtype or x.dtype)
     B, T, C = x.shape
-    t = chunk_length(T, chunk)
+    t = chunk or chunk_length(T, wte.shape[0])
+    if T % t:
+        raise ValueError(f"chunk={t} does not divide the sequence length {T}")
     # [K, B, t, ...]: chunks of the sequence, each keeping the (data-parallel) batch axis.
     split = lambda a: jnp.moveaxis(a.reshape(B, T // t, t, *a.shape[2:]), 1, 0)
     valid = targets >= 0

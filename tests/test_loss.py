@@ -23,9 +23,10 @@ def inputs(B=3, T=12, C=16, V=37, seed=0):
 
 
 @pytest.mark.parametrize("dtype, chunk, tolerance", [
-    ("float32", 4, 1e-5), ("float32", 5, 1e-5), ("float32", 128, 1e-5), ("bfloat16", 4, 2e-2)])
+    ("float32", 4, 1e-5), ("float32", 1, 1e-5), (None, None, 1e-5), ("bfloat16", 4, 2e-2)])
 def test_chunked_loss_and_grads_equal_the_plain_ones(dtype, chunk, tolerance):
     x, wte, targets = inputs()
+    dtype = dtype or "float32"
     x = x.astype(dtype)
     chunked = lambda x, w: head_cross_entropy(x, w, targets, dtype=dtype, chunk=chunk)
     expected = lambda x, w: plain(x, w, targets, dtype)
@@ -48,5 +49,9 @@ def test_all_ignored_targets_give_zero_loss_and_grads():
     assert loss == 0 and not jnp.any(gx) and not jnp.any(gw)
 
 
-def test_chunk_length_divides_the_sequence():
-    assert [chunk_length(T, 128) for T in (1, 64, 128, 1024, 1000, 257)] == [1, 64, 128, 128, 125, 1]
+def test_chunks_divide_the_sequence_and_bound_the_logits():
+    assert chunk_length(1024, 50304) == 128 and chunk_length(256, 65) == 256
+    assert [chunk_length(T, 1000, 10_000) for T in (1, 7, 10, 24, 1000)] == [1, 7, 10, 8, 10]
+    x, wte, targets = inputs()
+    with pytest.raises(ValueError, match="does not divide"):
+        head_cross_entropy(x, wte, targets, chunk=5)
