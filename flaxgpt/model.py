@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
-from flaxgpt.splash import splash_supports
+from flaxgpt.splash import splash_supports, traced_mesh
 from flaxgpt.tokenizer import GPT2_PADDED_VOCAB_SIZE, GPT2_VOCAB_SIZE
 
 PRESETS = {  # nanoGPT's sizes for the OpenAI checkpoints (vocab 50257, block 1024, with biases).
@@ -321,7 +321,7 @@ class MLP(nn.Module):
         # c_fc weight gradient, a strided pass per layer (the CPU step is ~18% faster flat, docs/performance.md).
         B, T, C = x.shape
         h = dense(4 * cfg.n_embd, 0.02, ("embed", "mlp"), "c_fc")(x.reshape(B * T, C))
-        h = nn.with_logical_constraint(h, ("batch", "mlp"))
+        h = _constrain(h, ("batch", "mlp"))
         h = gelu(h, approximate=cfg.gelu_approximate)
         h = dense(cfg.n_embd, _residual_std(cfg), ("mlp", "embed"), "c_proj")(h).reshape(B, T, C)
         return nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
@@ -340,6 +340,13 @@ def gelu(x, approximate: bool):
     return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.float32(math.sqrt(0.5))))
 
 
+def _constrain(x, names: tuple[str | None, ...]):
+    """x constrained to the sharding its logical axis names give on the mesh a TrainStep traces under
+    (splash.kernel_mesh); elsewhere x as it is. linen's own constraint needs a global mesh, which would
+    also constrain every param as it is unboxed."""
+    return nn.with_logical_constraint(x, names, mesh=traced_mesh())
+
+
 class Block(nn.Module):
     config: GPTConfig
 
@@ -355,7 +362,7 @@ class Block(nn.Module):
             cache_index=cache_index)
         x = x + y
         x = x + MLP(self.config, name="mlp")(layer_norm(self.config, "ln_2")(x), deterministic=deterministic)
-        return nn.with_logical_constraint(x, ("batch", "length", "embed")), cache
+        return _constrain(x, ("batch", "length", "embed")), cache
 
 
 class GPT(nn.Module):
@@ -406,7 +413,7 @@ class GPT(nn.Module):
         # Gather the rows, then cast them: Embed's own call would cast the whole table every step.
         embed = lambda table, ids: jnp.take(table.embedding, ids, axis=0).astype(cfg.dtype)
         x = nn.Dropout(cfg.dropout)(embed(wte, idx) + embed(wpe, positions), deterministic=deterministic)
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = _constrain(x, ("batch", "length", "embed"))
         block = Block
         if cfg.remat != "none":  # inside a scan, CSE cannot merge the recomputation away
             block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers,
@@ -430,7 +437,7 @@ class GPT(nn.Module):
         if hidden_only:
             return x, (None if cache is None else new_cache)
         logits = wte.attend(x) if head is None else x @ head.astype(x.dtype)  # lm_head tied to wte
-        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+        logits = _constrain(logits, ("batch", "length", "vocab"))
         return logits, (None if cache is None else new_cache)
 
 
