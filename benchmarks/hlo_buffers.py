@@ -1,4 +1,4 @@
-"""The largest per-device arrays of a compiled train step: where its temporaries go (docs/scaling.md).
+"""The largest per-device arrays of a compiled train step: where its temporaries go (docs/scaling).
 
     python benchmarks/hlo_buffers.py --target v5e-8 --batch_size 64 --remat full [--fsdp]
 

@@ -65,7 +65,7 @@ def main(argv=None):
     p.add_argument("--targets", "--slices", default="v5e-8,v4-8,v5p-8,v5e-256")
     p.add_argument("--sizes", default=",".join(PRESETS))
     p.add_argument("--grid", action="store_true", help="every mesh and remat policy, not SETTINGS'")
-    p.add_argument("--remats", help="comma-separated remat policies instead of SETTINGS' or --grid's")
+    p.add_argument("--remats", help="comma-separated remat policies (instead of SETTINGS', --grid's)")
     p.add_argument("--start", type=int, default=8, help="the per-device batch the search starts at")
     args = p.parse_args(argv)
     targets, sizes = args.targets.split(","), args.sizes.split(",")
@@ -77,7 +77,8 @@ def main(argv=None):
     for size in sizes:
         settings = GRID if args.grid else [SETTINGS[size]]
         if args.remats:
-            settings = [(mesh, remat) for mesh in dict(settings) for remat in args.remats.split(",")]
+            remats = args.remats.split(",")
+            settings = [(mesh, remat) for mesh in dict(settings) for remat in remats]
         for mesh, remat in settings:
             for target_name in targets:
                 per_device, result = largest_fitting(size, target_name, mesh, remat, args.start)
@@ -90,8 +91,9 @@ def main(argv=None):
 
 
 def largest_fitting(size, target_name, mesh, remat, start) -> tuple[int, compile_for.Plan]:
-    """The largest per-device batch in PER_DEVICE that fits the target, and its plan (the plan of the
-    smallest batch when none fits): from `start`, doubling while it fits, else halving until it does."""
+    """The largest per-device batch in PER_DEVICE that fits the target, and its plan (the plan of
+    the smallest batch when none fits): from `start`, doubling while it fits, else halving until it
+    does."""
     i = PER_DEVICE.index(start)
     plans = {i: compile_quietly(size, target_name, PER_DEVICE[i], mesh, remat)}
     step = 1 if plans[i].fits else -1

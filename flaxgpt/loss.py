@@ -23,10 +23,10 @@ def chunk_length(T: int, V: int, max_logits: int = CHUNK_LOGITS) -> int:
 
 def head_cross_entropy(x: jax.Array, wte: jax.Array, targets: jax.Array, *, dtype=None,
                        chunk: int | None = None) -> jax.Array:
-    """Mean next-token cross-entropy of the logits x @ wte.T, in float32, without materializing them.
+    """Mean next-token cross-entropy of the logits x @ wte.T in float32, never materializing them.
 
     x: [B, T, C] final hidden states (after ln_f); wte: [V, C] the tied token embedding; targets:
-    [B, T] int, -1 ignored. dtype: the head matmul's dtype (default x's); the log-softmax is float32.
+    [B, T] int, -1 ignored. dtype: the head matmul's dtype (default x's); log-softmax in float32.
     chunk: positions per chunk, a divisor of T (default: chunk_length(T, V)).
     """
     dtype = jnp.dtype(dtype or x.dtype)
@@ -42,7 +42,7 @@ def head_cross_entropy(x: jax.Array, wte: jax.Array, targets: jax.Array, *, dtyp
 
 
 def _chunk_logprobs(x, w, targets):
-    """x: [B, t, C], w: [V, C] -> float32 log-softmax [B, t, V], and the valid-target mask [B, t]."""
+    """x: [B, t, C], w: [V, C] -> float32 log-softmax [B, t, V] and the valid-target mask [B, t]."""
     logits = jnp.einsum("btc,vc->btv", x, w).astype(jnp.float32)
     return jax.nn.log_softmax(logits, axis=-1), targets >= 0
 

@@ -30,8 +30,8 @@ PRESETS = {  # nanoGPT's sizes for the OpenAI checkpoints (vocab 50257, block 10
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 # What a block keeps from its forward pass for the backward pass (jax.checkpoint_policies); the rest is
 # recomputed. none: keep everything (no remat, most memory); full: keep only the block's input (least
-# memory, one extra forward); dots_saveable: keep matmul outputs, attention's included, recompute the
-# cheap elementwise ops; dots_with_no_batch_dims_saveable: keep the projections' outputs but not
+# memory, one extra forward); dots_saveable: keep matmul outputs, attention's included, recompute
+# the cheap elementwise ops; dots_with_no_batch_dims_saveable: keep the projections' outputs but not
 # attention's batched q.k / p.v products (the [B, H, T, T] ones) or output, recompute those.
 # A fused attention kernel (splash, cuDNN) is a custom call whose matmuls no dots policy sees: its
 # output is named ATTENTION_OUTPUT, which dots_saveable keeps.
@@ -341,9 +341,9 @@ def gelu(x, approximate: bool):
 
 
 def _constrain(x, names: tuple[str | None, ...]):
-    """x constrained to the sharding its logical axis names give on the mesh a TrainStep traces under
-    (splash.kernel_mesh); elsewhere x as it is. linen's own constraint needs a global mesh, which would
-    also constrain every param as it is unboxed."""
+    """x constrained to the sharding its logical axis names give on the mesh a TrainStep traces
+    under (splash.kernel_mesh); elsewhere x as it is. linen's own constraint needs a global mesh,
+    which would also constrain every param as it is unboxed."""
     return nn.with_logical_constraint(x, names, mesh=traced_mesh())
 
 
@@ -377,8 +377,8 @@ class GPT(nn.Module):
         return self.forward(idx, deterministic=deterministic, positions=positions, mask=mask)[0]
 
     def hidden_states(self, idx, *, deterministic=True, positions=None, mask=None):
-        """idx: [B, T] -> the final hidden states [B, T, C] (after ln_f), which the tied head turns into
-        logits (`loss.head_cross_entropy` does so a chunk at a time). Arguments as `__call__`'s."""
+        """idx: [B, T] -> the final hidden states [B, T, C] (after ln_f), which the tied head turns
+        into logits (`loss.head_cross_entropy` does so a chunk at a time). Arguments as __call__'s."""
         return self.forward(idx, deterministic=deterministic, positions=positions, mask=mask,
                             hidden_only=True)[0]
 
@@ -398,8 +398,8 @@ class GPT(nn.Module):
     @nn.compact
     def forward(self, idx, *, deterministic=True, positions=None, mask=None, cache=None, cache_index=0,
                 last_only=False, head=None, hidden_only=False):
-        """What `__call__` and `decode` share: -> (logits [B, T or 1, V], the updated cache or None);
-        hidden_only: the final hidden states [B, T or 1, C] instead of the logits."""
+        """What `__call__` and `decode` share: -> (logits [B, T or 1, V], the updated cache or
+        None); hidden_only: the final hidden states [B, T or 1, C] instead of the logits."""
         cfg = self.config
         T = idx.shape[1]
         if T > cfg.block_size:
@@ -412,7 +412,8 @@ class GPT(nn.Module):
                        embedding_init=_init(0.02, (None, "embed")), name="wpe")
         # Gather the rows, then cast them: Embed's own call would cast the whole table every step.
         embed = lambda table, ids: jnp.take(table.embedding, ids, axis=0).astype(cfg.dtype)
-        x = nn.Dropout(cfg.dropout)(embed(wte, idx) + embed(wpe, positions), deterministic=deterministic)
+        x = nn.Dropout(cfg.dropout)(embed(wte, idx) + embed(wpe, positions),
+                                    deterministic=deterministic)
         x = _constrain(x, ("batch", "length", "embed"))
         block = Block
         if cfg.remat != "none":  # inside a scan, CSE cannot merge the recomputation away
@@ -442,10 +443,10 @@ class GPT(nn.Module):
 
 
 def _kernels_cast_on_entry(module_class, config: GPTConfig, initializing: bool):
-    """module_class (the scanned blocks, or one block), its matmul kernels and biases (c_attn, c_proj,
-    c_fc) read already cast to the compute dtype: one cast of the stacked params per step, outside the
-    layer scan and remat, instead of one per block in the forward pass and again in its recomputation
-    (the backward pass then keeps those bf16 copies). LayerNorm params stay in their dtype."""
+    """module_class (the scanned blocks, or one block), its matmul kernels and biases (c_attn,
+    c_proj, c_fc) read already cast to the compute dtype: one cast of the stacked params per step,
+    outside the layer scan and remat, instead of one per block in the forward pass and again in its
+    recomputation (the backward pass then keeps those bf16 copies). LayerNorm params keep theirs."""
     if initializing or jnp.dtype(config.dtype) == jnp.dtype(config.param_dtype):
         return module_class
 

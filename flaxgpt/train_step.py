@@ -83,13 +83,14 @@ class TrainStep:
         return nn.logical_axis_rules(self.rules)
 
     def loss_fn(self, params, x, y, rng=None):
-        """x, y: [B, T] -> scalar mean loss; dropout is on when an rng is given. The logits are never
-        whole: the head and cross-entropy run a chunk of the sequence at a time (loss.py)."""
+        """x, y: [B, T] -> scalar mean loss; dropout is on when an rng is given. The logits are
+        never whole: the head and cross-entropy run a chunk of the sequence at a time (loss.py)."""
         with splash.kernel_mesh(self.mesh):  # splash attention runs under shard_map over this mesh
             hidden = self.model.apply({"params": params}, x, deterministic=rng is None,
                                       rngs=None if rng is None else {"dropout": rng},
                                       method=GPT.hidden_states)
-        return head_cross_entropy(hidden, params["wte"]["embedding"], y, dtype=self.model_config.dtype)
+        return head_cross_entropy(hidden, params["wte"]["embedding"], y,
+                                  dtype=self.model_config.dtype)
 
     def _train_step(self, state: TrainState, x, y):
         """One optimizer step over A micro-batches x, y: [A, B, T] -> (state, metrics)."""

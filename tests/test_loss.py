@@ -1,4 +1,4 @@
-"""The chunked head + cross-entropy equals the plain one (logits of the whole batch), values and grads."""
+"""The chunked head + cross-entropy equals the plain one (whole-batch logits): values and grads."""
 
 import jax
 import jax.numpy as jnp
