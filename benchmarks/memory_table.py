@@ -10,7 +10,8 @@ per step. Without --grid, each size takes its mesh and remat policy from SETTING
 policies. For each target, the largest sequences-per-device micro-batch of 1, 2, 4, ... 64 whose
 train step fits is searched, starting at --start and doubling or halving from there. Prints a
 markdown table of per-device memory at that batch and the compute-floor step time (FLOPs / peak
-bf16 FLOP/s; 6N + 12*L*H*Q*T per token). Needs libtpu for TPU slices (pip install -e ".[tpu]"), the CUDA plugin for GPUs
+bf16 FLOP/s; 6N + 12*L*H*Q*T per token). Needs libtpu for TPU slices (pip install -e ".[tpu]"),
+the CUDA plugin for GPUs
 (".[gpu-compile]"); nothing runs on an accelerator.
 """
 
@@ -65,7 +66,7 @@ def main(argv=None):
     p.add_argument("--targets", "--slices", default="v5e-8,v4-8,v5p-8,v5e-256")
     p.add_argument("--sizes", default=",".join(PRESETS))
     p.add_argument("--grid", action="store_true", help="every mesh and remat policy, not SETTINGS'")
-    p.add_argument("--remats", help="comma-separated remat policies (instead of SETTINGS', --grid's)")
+    p.add_argument("--remats", help="remat policies, comma-separated (not SETTINGS', --grid's)")
     p.add_argument("--start", type=int, default=8, help="the per-device batch the search starts at")
     args = p.parse_args(argv)
     targets, sizes = args.targets.split(","), args.sizes.split(",")

@@ -378,7 +378,8 @@ class GPT(nn.Module):
 
     def hidden_states(self, idx, *, deterministic=True, positions=None, mask=None):
         """idx: [B, T] -> the final hidden states [B, T, C] (after ln_f), which the tied head turns
-        into logits (`loss.head_cross_entropy` does so a chunk at a time). Arguments as __call__'s."""
+        into logits (`loss.head_cross_entropy` does so a chunk at a time). Arguments as in
+        __call__."""
         return self.forward(idx, deterministic=deterministic, positions=positions, mask=mask,
                             hidden_only=True)[0]
 
