@@ -11,8 +11,7 @@ policies. For each target, the largest sequences-per-device micro-batch of 1, 2,
 train step fits is searched, starting at --start and doubling or halving from there. Prints a
 markdown table of per-device memory at that batch and the compute-floor step time (FLOPs / peak
 bf16 FLOP/s; 6N + 12*L*H*Q*T per token). Needs libtpu for TPU slices (pip install -e ".[tpu]"),
-the CUDA plugin for GPUs
-(".[gpu-compile]"); nothing runs on an accelerator.
+the CUDA plugin for GPUs (".[gpu-compile]"); nothing runs on an accelerator.
 """
 
 import argparse
