@@ -6,12 +6,12 @@ on this CPU (flaxgpt/compile_for.py).
 
 Each size is configs/owt.py with the preset's shape, block 1024, bfloat16, AdamW and one micro-batch
 per step. Without --grid, each size takes its mesh and remat policy from SETTINGS below; with
---grid, every mesh (data parallel, FSDP) and remat policy (none, full). For each, the largest
-sequences-per-device micro-batch (1, 2, 4, ... 64) whose train step fits the first target is
-searched; every other target is then compiled at that per-device batch. Prints a markdown table of
-per-device memory and the compute-floor step time (FLOPs / peak bf16 FLOP/s; 6N + 12*L*H*Q*T per
-token). Needs libtpu for TPU slices (pip install -e ".[tpu]"), the CUDA plugin for GPUs
-(".[gpu-compile]"); nothing runs on an accelerator.
+--grid, every mesh (data parallel, FSDP) and remat policy (none, full); --remats overrides the
+policies. For each target, the largest sequences-per-device micro-batch of 1, 2, 4, ... 64 whose
+train step fits is searched, starting at --start and doubling or halving from there. Prints a
+markdown table of per-device memory at that batch and the compute-floor step time (FLOPs / peak
+bf16 FLOP/s; 6N + 12*L*H*Q*T per token). Needs libtpu for TPU slices (pip install -e ".[tpu]"),
+the CUDA plugin for GPUs (".[gpu-compile]"); nothing runs on an accelerator.
 """
 
 import argparse
@@ -65,6 +65,8 @@ def main(argv=None):
     p.add_argument("--targets", "--slices", default="v5e-8,v4-8,v5p-8,v5e-256")
     p.add_argument("--sizes", default=",".join(PRESETS))
     p.add_argument("--grid", action="store_true", help="every mesh and remat policy, not SETTINGS'")
+    p.add_argument("--remats", help="remat policies, comma-separated (not SETTINGS', --grid's)")
+    p.add_argument("--start", type=int, default=8, help="the per-device batch the search starts at")
     args = p.parse_args(argv)
     targets, sizes = args.targets.split(","), args.sizes.split(",")
     unit = compile_for.target_named(targets[0]).unit
@@ -73,23 +75,33 @@ def main(argv=None):
           "compute floor | compile |")
     print("|---|---|---|---|---|---|---|---|---|")
     for size in sizes:
-        for mesh, remat in GRID if args.grid else [SETTINGS[size]]:
-            best, best_plan = None, None
-            for per_device in PER_DEVICE:  # the largest that fits the first target
-                result = compile_quietly(size, targets[0], per_device, mesh, remat)
-                if not result.fits:
-                    break
-                best, best_plan = per_device, result
-            per_device = best or 1
+        settings = GRID if args.grid else [SETTINGS[size]]
+        if args.remats:
+            remats = args.remats.split(",")
+            settings = [(mesh, remat) for mesh in dict(settings) for remat in remats]
+        for mesh, remat in settings:
             for target_name in targets:
-                result = (best_plan if target_name == targets[0] and best_plan
-                          else compile_quietly(size, target_name, per_device, mesh, remat))
+                per_device, result = largest_fitting(size, target_name, mesh, remat, args.start)
                 used = (f"{result.total_gib:.2f} of {result.memory_gib:.0f}" if result.total_gib
                         else f"> {result.memory_gib:.0f}")
                 floor = f"{result.floor_ms:.1f} ms" if result.floor_ms else "-"
                 seconds = f"{result.compile_s:.0f} s" if result.compile_s else "-"
                 print(f"| {size} | {target_name} | {mesh} | {remat} | {per_device} | {used} | "
                       f"{'yes' if result.fits else 'no'} | {floor} | {seconds} |", flush=True)
+
+
+def largest_fitting(size, target_name, mesh, remat, start) -> tuple[int, compile_for.Plan]:
+    """The largest per-device batch in PER_DEVICE that fits the target, and its plan (the plan of
+    the smallest batch when none fits): from `start`, doubling while it fits, else halving until it
+    does."""
+    i = PER_DEVICE.index(start)
+    plans = {i: compile_quietly(size, target_name, PER_DEVICE[i], mesh, remat)}
+    step = 1 if plans[i].fits else -1
+    while 0 <= i + step < len(PER_DEVICE) and plans[i].fits == (step == 1):
+        i += step
+        plans[i] = compile_quietly(size, target_name, PER_DEVICE[i], mesh, remat)
+    best = max((j for j, result in plans.items() if result.fits), default=min(plans))
+    return PER_DEVICE[best], plans[best]
 
 
 if __name__ == "__main__":

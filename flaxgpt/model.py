@@ -15,9 +15,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 from flaxgpt.kv_cache import cached_attention
-from flaxgpt.splash import splash_supports
+from flaxgpt.splash import splash_supports, traced_mesh
 from flaxgpt.tokenizer import GPT2_PADDED_VOCAB_SIZE, GPT2_VOCAB_SIZE
 
 PRESETS = {  # nanoGPT's sizes for the OpenAI checkpoints (vocab 50257, block 1024, with biases).
@@ -30,10 +31,15 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")  # auto: see reso
 # What a block keeps from its forward pass for the backward pass; the rest is recomputed. none:
 # everything (no remat); full: only the block's input; dots_saveable: the matmul outputs;
 # dots_with_no_batch_dims_saveable: the projections' outputs, not attention's [B, H, T, T] products.
+# A fused attention kernel (splash, cuDNN) is a custom call whose matmuls no dots policy sees: its
+# output is named ATTENTION_OUTPUT, which dots_saveable keeps.
+ATTENTION_OUTPUT = "attention_output"
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_saveable": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_saveable,
+        jax.checkpoint_policies.save_only_these_names(ATTENTION_OUTPUT)),
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
@@ -151,7 +157,7 @@ class CausalSelfAttention(nn.Module):
         elif (mask is None and resolve_attention(cfg, jax.default_backend()) == "splash"
               and splash_supports(q.shape[1], cfg.head_dim)):  # else (init's 1 token) XLA's
             from flaxgpt.splash import splash_causal_attention
-            y = splash_causal_attention(q, k, v)
+            y = checkpoint_name(splash_causal_attention(q, k, v), ATTENTION_OUTPUT)
         else:  # an explicit mask always takes XLA's attention
             implementation = (resolve_attention(cfg, jax.default_backend()) if mask is None
                               else "xla")
@@ -160,6 +166,8 @@ class CausalSelfAttention(nn.Module):
                 q, k.astype(q.dtype), v.astype(q.dtype),
                 mask=None if mask is None else mask[:, None], is_causal=mask is None,
                 implementation=implementation)
+            if implementation == "cudnn":
+                y = checkpoint_name(y, ATTENTION_OUTPUT)
         y = _dense(cfg, (cfg.n_embd,), 2, _residual_std(cfg), ("heads", "kv", "embed"), "c_proj")(y)
         y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
         return y, cache
@@ -203,7 +211,7 @@ class MLP(nn.Module):
         # transposed for the c_fc weight gradient, a strided pass per layer (docs/performance.md).
         B, T, C = x.shape
         h = dense(4 * cfg.n_embd, 0.02, ("embed", "mlp"), "c_fc")(x.reshape(B * T, C))
-        h = nn.with_logical_constraint(h, ("batch", "mlp"))
+        h = _constrain(h, ("batch", "mlp"))
         h = gelu(h, approximate=cfg.gelu_approximate)
         h = dense(cfg.n_embd, _residual_std(cfg), ("mlp", "embed"), "c_proj")(h).reshape(B, T, C)
         return nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
@@ -222,6 +230,13 @@ def gelu(x, approximate: bool):
     return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.float32(math.sqrt(0.5))))
 
 
+def _constrain(x, names: tuple[str | None, ...]):
+    """x constrained to the sharding its logical axis names give on the mesh a TrainStep traces
+    under (splash.kernel_mesh); elsewhere x as it is. linen's own constraint needs a global mesh,
+    which would also constrain every param as it is unboxed."""
+    return nn.with_logical_constraint(x, names, mesh=traced_mesh())
+
+
 class Block(nn.Module):
     config: GPTConfig
 
@@ -237,7 +252,7 @@ class Block(nn.Module):
             cache_index=cache_index)
         x = x + y
         x = x + MLP(self.config, name="mlp")(layer_norm(self.config, "ln_2")(x), deterministic=deterministic)
-        return nn.with_logical_constraint(x, ("batch", "length", "embed")), cache
+        return _constrain(x, ("batch", "length", "embed")), cache
 
 
 class GPT(nn.Module):
@@ -251,6 +266,13 @@ class GPT(nn.Module):
         """
         return self.forward(idx, deterministic=deterministic, positions=positions, mask=mask)[0]
 
+    def hidden_states(self, idx, *, deterministic=True, positions=None, mask=None):
+        """idx: [B, T] -> the final hidden states [B, T, C] (after ln_f), which the tied head turns
+        into logits (`loss.head_cross_entropy` does so a chunk at a time). Arguments as in
+        __call__."""
+        return self.forward(idx, deterministic=deterministic, positions=positions, mask=mask,
+                            hidden_only=True)[0]
+
     def decode(self, idx, cache, *, positions, mask, cache_index, head=None):
         """Cached decoding (see kv_cache.py): idx [B, T] -> (logits of the last position [B, 1, V],
         the cache with idx's keys and values written at slots cache_index ... cache_index + T - 1).
@@ -263,8 +285,9 @@ class GPT(nn.Module):
 
     @nn.compact
     def forward(self, idx, *, deterministic=True, positions=None, mask=None, cache=None, cache_index=0,
-                last_only=False, head=None):
-        """What `__call__` and `decode` share: -> (logits [B, T or 1, V], the updated cache or None)."""
+                last_only=False, head=None, hidden_only=False):
+        """What `__call__` and `decode` share: -> (logits [B, T or 1, V], the updated cache or
+        None); hidden_only: the final hidden states [B, T or 1, C] instead of the logits."""
         cfg = self.config
         T = idx.shape[1]
         if T > cfg.block_size:
@@ -275,8 +298,11 @@ class GPT(nn.Module):
                        embedding_init=_init(0.02, ("vocab", "embed")), name="wte")
         wpe = nn.Embed(cfg.block_size, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                        embedding_init=_init(0.02, (None, "embed")), name="wpe")
-        x = nn.Dropout(cfg.dropout)(wte(idx) + wpe(positions), deterministic=deterministic)
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        # Gather the rows, then cast them: Embed's own call would cast the whole table every step.
+        embed = lambda table, ids: jnp.take(table.embedding, ids, axis=0).astype(cfg.dtype)
+        x = nn.Dropout(cfg.dropout)(embed(wte, idx) + embed(wpe, positions),
+                                    deterministic=deterministic)
+        x = _constrain(x, ("batch", "length", "embed"))
         block = Block
         if cfg.remat != "none":  # inside a scan, CSE cannot merge the recomputation away
             block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers,
@@ -285,9 +311,11 @@ class GPT(nn.Module):
             blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                              in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layer,
                              metadata_params={nn.PARTITION_NAME: "layers"})
+            blocks = _kernels_cast_on_entry(blocks, cfg, self.is_initializing())
             x, new_cache = blocks(cfg, name="h")(x, cache, mask, cache_index, deterministic)
         else:
             new_cache = []
+            block = _kernels_cast_on_entry(block, cfg, self.is_initializing())
             for i in range(cfg.n_layer):
                 x, layer_cache = block(cfg, name=f"h_{i}")(
                     x, None if cache is None else cache[i], mask, cache_index, deterministic)
@@ -295,9 +323,28 @@ class GPT(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = layer_norm(cfg, "ln_f")(x)
+        if hidden_only:
+            return x, (None if cache is None else new_cache)
         logits = wte.attend(x) if head is None else x @ head.astype(x.dtype)  # lm_head tied to wte
-        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+        logits = _constrain(logits, ("batch", "length", "vocab"))
         return logits, (None if cache is None else new_cache)
+
+
+def _kernels_cast_on_entry(module_class, config: GPTConfig, initializing: bool):
+    """module_class (the scanned blocks, or one block), its matmul kernels and biases (c_attn,
+    c_proj, c_fc) read already cast to the compute dtype: one cast of the stacked params per step,
+    outside the layer scan and remat, instead of one per block in the forward pass and again in its
+    recomputation (the backward pass then keeps those bf16 copies). LayerNorm params keep theirs."""
+    if initializing or jnp.dtype(config.dtype) == jnp.dtype(config.param_dtype):
+        return module_class
+
+    def cast(variables):
+        def leaf(path, x):
+            parent = str(getattr(path[-2], "key", "")) if len(path) > 1 else ""
+            return x.astype(config.dtype) if parent.startswith("c_") else x
+        return jax.tree_util.tree_map_with_path(leaf, variables)
+
+    return nn.map_variables(module_class, "params", trans_in_fn=cast, mutable=False)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -34,6 +34,11 @@ def kernel_mesh(mesh: jax.sharding.Mesh):
         _MESH.reset(token)
 
 
+def traced_mesh() -> jax.sharding.Mesh | None:
+    """The mesh set by `kernel_mesh` (a TrainStep tracing its step), else None."""
+    return _MESH.get()
+
+
 def splash_supports(seq_len: int, head_dim: int) -> bool:
     """Whether the kernel takes these shapes: the sequence must tile into 128-token blocks, and the
     head size be a multiple of 64 (GPT-2's 64 is padded to the 128 lanes by the kernel itself)."""

@@ -13,7 +13,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from flaxgpt import sharding, splash, xla_options
-from flaxgpt.model import GPT, GPTConfig, cross_entropy_loss
+from flaxgpt.loss import head_cross_entropy
+from flaxgpt.model import GPT, GPTConfig
 
 
 @flax.struct.dataclass
@@ -82,11 +83,14 @@ class TrainStep:
         return nn.logical_axis_rules(self.rules)
 
     def loss_fn(self, params, x, y, rng=None):
-        """x, y: [B, T] -> scalar mean loss; dropout is on when an rng is given."""
+        """x, y: [B, T] -> scalar mean loss; dropout is on when an rng is given. The logits are
+        never whole: the head and cross-entropy run a chunk of the sequence at a time (loss.py)."""
         with splash.kernel_mesh(self.mesh):  # splash attention runs under shard_map over this mesh
-            logits = self.model.apply({"params": params}, x, deterministic=rng is None,
-                                      rngs=None if rng is None else {"dropout": rng})
-        return cross_entropy_loss(logits, y)
+            hidden = self.model.apply({"params": params}, x, deterministic=rng is None,
+                                      rngs=None if rng is None else {"dropout": rng},
+                                      method=GPT.hidden_states)
+        return head_cross_entropy(hidden, params["wte"]["embedding"], y,
+                                  dtype=self.model_config.dtype)
 
     def _train_step(self, state: TrainState, x, y):
         """One optimizer step over A micro-batches x, y: [A, B, T] -> (state, metrics)."""

@@ -82,6 +82,21 @@ def test_unscanned_remat_model_compiles(tmp_path):
     assert fits and "remat full" in lines[0], lines
 
 
+@needs_libtpu
+def test_each_remat_policy_keeps_what_its_name_says_in_the_compiled_step(tmp_path):
+    """On a TPU, attention is splash, a custom call no dots policy sees: dots_saveable keeps its
+    named output, dots_with_no_batch_dims_saveable recomputes it, full keeps neither."""
+    temporaries = {}
+    for remat in ("full", "dots_with_no_batch_dims_saveable", "dots_saveable"):
+        config = small_config(tmp_path, remat=remat, n_layer=4, batch_size=64,
+                              gradient_accumulation_steps=1)
+        devices = compile_for.target_named("v5e-8").devices
+        _, train_step, _ = compile_for.compile_steps(config, devices, 50304, print_fn=print)
+        temporaries[remat] = train_step.memory_analysis().temp_size_in_bytes
+    assert (temporaries["full"] < temporaries["dots_with_no_batch_dims_saveable"]
+            < temporaries["dots_saveable"]), temporaries
+
+
 def compile_in_a_process(target_name, *overrides):
     """train.py --compile_for in a fresh process: (exit status, stdout, stderr)."""
     args = [sys.executable, "train.py", "--config=configs/owt.py", f"--compile_for={target_name}",
@@ -93,9 +108,10 @@ def compile_in_a_process(target_name, *overrides):
 
 @needs_libtpu
 def test_a_config_that_cannot_fit_a_tpu_gets_the_one_line_verdict(tmp_path):
-    """64 sequences of 1024 tokens per chip: the logits alone exceed a v5e's 16 GiB."""
+    """512 sequences of 1024 tokens per chip: one chunk of their float32 logits (512 x 128
+    positions x 50304, loss.py) alone is 12.3 GiB of a v5e's 16."""
     rc, out, err = compile_in_a_process("v5e-8", "--config.n_layer=1", "--config.n_head=2",
-                                        "--config.n_embd=128", "--config.batch_size=512",
+                                        "--config.n_embd=128", "--config.batch_size=4096",
                                         f"--config.data_dir={tmp_path / 'none'}")
     assert rc == 1 and out.strip(), out + err[-2000:]
     verdict = out.strip().splitlines()[-1]
@@ -134,9 +150,10 @@ def test_small_model_compiles_and_fits_gpus(tmp_path, target_name, mesh):
 
 @needs_cuda_plugin
 def test_a_config_that_cannot_fit_an_h100_gets_the_one_line_verdict(tmp_path):
-    """512 sequences of 1024 tokens on one H100: the float32 logits alone are ~100 GiB."""
+    """4096 sequences of 1024 tokens on one H100: one chunk of their float32 logits (4096 x 128
+    positions x 50304, loss.py) alone is ~98 GiB."""
     rc, out, err = compile_in_a_process("h100-1", "--config.n_layer=1", "--config.n_head=2",
-                                        "--config.n_embd=128", "--config.batch_size=512",
+                                        "--config.n_embd=128", "--config.batch_size=4096",
                                         "--config.attention=xla",
                                         f"--config.data_dir={tmp_path / 'none'}")
     assert rc == 1 and out.strip(), out + err[-2000:]

@@ -249,6 +249,16 @@ def test_fsdp_shards_every_param_with_an_embed_axis_and_dp_replicates_everything
     assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(dp))
 
 
+def test_the_traced_step_constrains_the_models_activations_to_the_mesh():
+    """The model's logical constraints (embeddings, each block's output, the MLP's hidden units)
+    reach the traced train step as sharding constraints on its mesh, batch over fsdp."""
+    step_fns = TrainStep(TINY, sgd(), sharding.make_mesh({"fsdp": 8}))
+    x = jax.ShapeDtypeStruct((1, 8, TINY.block_size), np.int32)
+    jaxpr = str(jax.make_jaxpr(step_fns._train_step)(step_fns.abstract_state, x, x))
+    assert jaxpr.count("sharding_constraint[") >= 3
+    assert "spec=P(('data', 'fsdp'), None, None)" in jaxpr
+
+
 def test_dimensions_the_mesh_does_not_divide_are_replicated():
     """A 65-token vocabulary and 3 heads over tensor=2: those axes stay whole, training matches."""
     odd = GPTConfig(block_size=16, vocab_size=65, n_layer=1, n_head=3, n_embd=24)
