@@ -141,11 +141,12 @@ def component_measures(config: GPTConfig, params, torch_model, batch: int, optio
     import torch
 
     from flaxgpt import model as model_lib
+    from flaxgpt.layer_stacking import convert_layers
 
     x_np, g_np = np.random.default_rng(0).standard_normal((2, batch, config.block_size, config.n_embd), np.float32)
     x, g = jnp.asarray(x_np), jnp.asarray(g_np)
     tx, tg = torch.from_numpy(x_np).requires_grad_(True), torch.from_numpy(g_np)
-    params = model_lib.convert_layers(params, scan_layers=False)  # h_0 ... also when the config scans
+    params = convert_layers(params, scan_layers=False)  # h_0 ... also when the config scans
     block = torch_model.transformer.h[0]
     parts = {"block": (model_lib.Block(config), params["h_0"], block),
              "attention": (model_lib.CausalSelfAttention(config), params["h_0"]["attn"], block.attn),

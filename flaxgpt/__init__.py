@@ -2,7 +2,8 @@
 
 from flaxgpt.generate import Decoder, generate, generate_stream
 from flaxgpt.loader import LoadedModel, load
-from flaxgpt.model import GPT, GPTConfig, count_params, cross_entropy_loss, init_params
+from flaxgpt.loss import cross_entropy_loss
+from flaxgpt.model import GPT, GPTConfig, count_params, init_params
 from flaxgpt.pretrained import load_pretrained, save_pretrained
 
 __version__ = "0.1.0"

@@ -30,7 +30,8 @@ import numpy as np
 from flax import struct
 
 from flaxgpt.kv_cache import LayerCache, init_cache
-from flaxgpt.model import GPT, GPTConfig, convert_layers
+from flaxgpt.layer_stacking import convert_layers
+from flaxgpt.model import GPT, GPTConfig
 
 
 @struct.dataclass

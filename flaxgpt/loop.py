@@ -33,7 +33,8 @@ from flaxgpt import checkpoint, data, distributed, faults, host_memory, mfu, opt
 from flaxgpt.config import model_config, validate
 from flaxgpt.metrics import TENSORBOARD_DIR, MetricsLog
 from flaxgpt.profiling import PROFILE_DIR, StepProfiler
-from flaxgpt.model import PRESETS, GPTConfig, convert_layers, count_params, crop_block_size, flops_per_token
+from flaxgpt.layer_stacking import convert_layers
+from flaxgpt.model import PRESETS, GPTConfig, count_params, crop_block_size, flops_per_token
 from flaxgpt.train_step import TrainState, TrainStep
 
 # Settings a resumed run must share with its checkpoint (the rest, e.g. dropout, may change on resume).

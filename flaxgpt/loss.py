@@ -1,10 +1,10 @@
-"""The tied lm_head and the next-token cross-entropy, a chunk of the sequence at a time.
+"""Next-token cross-entropy of the tied lm_head: plain, or a chunk of the sequence at a time.
 
 The float32 logits of a whole batch, [B, T, V], are the largest buffer of a GPT-2 train step (an
 [8, 1024, 50304] float32 tensor is 1.5 GiB). Here the head's matmul (in the compute dtype) and the
 float32 log-softmax run over chunks of the sequence, [B, t, V] at a time, and the backward pass
 recomputes each chunk's logits (a jax.custom_vjp), so that one chunk's logits are alive at a time.
-The result equals `model.cross_entropy_loss(x @ wte.T, targets)` up to the rounding of the compute
+The result equals `cross_entropy_loss(x @ wte.T, targets)` up to the rounding of the compute
 dtype. Shapes: B batch, T length, C n_embd, V vocab.
 """
 
@@ -14,6 +14,16 @@ import jax.numpy as jnp
 # Logits per sequence in one chunk (t x V): GPT-2's 50304 tokens take chunks of 128 positions, a
 # small vocabulary (characters) one chunk of the whole sequence.
 CHUNK_LOGITS = 2**23
+
+
+def cross_entropy_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy in float32. logits: [B, T, V]; targets: [B, T], -1 ignored."""
+    logits = logits.astype(jnp.float32)
+    valid = targets >= 0
+    safe_targets = jnp.where(valid, targets, 0)
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logprobs, safe_targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
 
 
 def chunk_length(T: int, V: int, max_logits: int = CHUNK_LOGITS) -> int:

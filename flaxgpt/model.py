@@ -4,7 +4,7 @@ Shapes: B batch, T query length, S key length, C n_embd, H n_head, D head size (
 Every parameter carries logical axis names ("vocab", "embed", "heads", "kv", "mlp"); `sharding.py`
 maps them onto a device mesh. With scan_layers the blocks are one `nn.scan`, their parameters
 stacked on a leading axis L named "layers" (params["h"]), else params["h_0"] ... ["h_{L-1}"];
-`convert_layers` turns one layout into the other. Cached decoding: kv_cache.py, generate.py.
+`layer_stacking.py` turns one layout into the other. Cached decoding: kv_cache.py, generate.py.
 """
 
 import dataclasses
@@ -218,13 +218,9 @@ class MLP(nn.Module):
 
 
 def gelu(x, approximate: bool):
-    """GELU of x (any shape): tanh's approximation (GPT-2's) or the exact x/2 (1 + erf(x/sqrt 2)).
-
-    In float32 the exact one is computed as PyTorch's nn.GELU writes it: jax.nn.gelu's erfc form
-    compiles on CPU into a piecewise polynomial with selects and an exp, erf into one rational
-    polynomial (faster, docs/performance.md). In bfloat16, 1 + erf cancels in the negative tail, so
-    other dtypes keep jax.nn.gelu's form.
-    """
+    """GELU of x (any shape): tanh's approximation (GPT-2's) or the exact x/2 (1 + erf(x/sqrt 2)),
+    in float32 as PyTorch writes it (XLA:CPU compiles erf faster than jax.nn.gelu's erfc form,
+    docs/performance.md); in bfloat16 1 + erf cancels in the tail, so jax.nn.gelu's form."""
     if approximate or x.dtype != jnp.float32:
         return nn.gelu(x, approximate=approximate)
     return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.float32(math.sqrt(0.5))))
@@ -232,7 +228,7 @@ def gelu(x, approximate: bool):
 
 def _constrain(x, names: tuple[str | None, ...]):
     """x constrained to the sharding its logical axis names give on the mesh a TrainStep traces
-    under (splash.kernel_mesh); elsewhere x as it is. linen's own constraint needs a global mesh,
+    under (splash.traced_mesh); elsewhere x as it is. linen's own constraint needs a global mesh,
     which would also constrain every param as it is unboxed."""
     return nn.with_logical_constraint(x, names, mesh=traced_mesh())
 
@@ -251,7 +247,8 @@ class Block(nn.Module):
             layer_norm(self.config, "ln_1")(x), deterministic=deterministic, mask=mask, cache=cache,
             cache_index=cache_index)
         x = x + y
-        x = x + MLP(self.config, name="mlp")(layer_norm(self.config, "ln_2")(x), deterministic=deterministic)
+        x = x + MLP(self.config, name="mlp")(layer_norm(self.config, "ln_2")(x),
+                                             deterministic=deterministic)
         return _constrain(x, ("batch", "length", "embed")), cache
 
 
@@ -284,14 +281,15 @@ class GPT(nn.Module):
                             cache_index=cache_index, last_only=True, head=head)
 
     @nn.compact
-    def forward(self, idx, *, deterministic=True, positions=None, mask=None, cache=None, cache_index=0,
-                last_only=False, head=None, hidden_only=False):
+    def forward(self, idx, *, deterministic=True, positions=None, mask=None, cache=None,
+                cache_index=0, last_only=False, head=None, hidden_only=False):
         """What `__call__` and `decode` share: -> (logits [B, T or 1, V], the updated cache or
         None); hidden_only: the final hidden states [B, T or 1, C] instead of the logits."""
         cfg = self.config
         T = idx.shape[1]
         if T > cfg.block_size:
-            raise ValueError(f"cannot forward a sequence of length {T}: block_size is only {cfg.block_size}")
+            raise ValueError(f"cannot forward a sequence of length {T}: "
+                             f"block_size is only {cfg.block_size}")
         if positions is None:
             positions = jnp.arange(T)[None]
         wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
@@ -305,12 +303,14 @@ class GPT(nn.Module):
         x = _constrain(x, ("batch", "length", "embed"))
         block = Block
         if cfg.remat != "none":  # inside a scan, CSE cannot merge the recomputation away
-            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers,
+            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat],
+                             prevent_cse=not cfg.scan_layers,
                              static_argnums=(5,))  # deterministic (self counts as 0)
         if cfg.scan_layers:
-            blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layer,
-                             metadata_params={nn.PARTITION_NAME: "layers"})
+            blocks = nn.scan(block, variable_axes={"params": 0},
+                             split_rngs={"params": True, "dropout": True},
+                             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                             length=cfg.n_layer, metadata_params={nn.PARTITION_NAME: "layers"})
             blocks = _kernels_cast_on_entry(blocks, cfg, self.is_initializing())
             x, new_cache = blocks(cfg, name="h")(x, cache, mask, cache_index, deterministic)
         else:
@@ -352,47 +352,6 @@ def init_params(config: GPTConfig, rng: jax.Array) -> dict:
     """Unboxed float params of a freshly initialised GPT (sharding.py: the sharded version)."""
     variables = GPT(config).init(rng, jnp.zeros((1, 1), jnp.int32))
     return nn.meta.unbox(variables["params"])
-
-
-def stack_layers(params: dict) -> dict:
-    """Unscanned params (h_0 ... h_{L-1}) -> scanned (h, every leaf stacked on a leading [L])."""
-    names = sorted((k for k in params if k.startswith("h_")), key=lambda k: int(k[2:]))
-    if not names:
-        return params
-    rest = {k: v for k, v in params.items() if not k.startswith("h_")}
-    layers = [params[k] for k in names]
-    return {**rest, "h": jax.tree.map(lambda *layer: jnp.stack(layer), *layers)}
-
-
-def unstack_layers(params: dict) -> dict:
-    """Scanned params (h with a leading [L] axis) -> unscanned (h_0 ... h_{L-1})."""
-    if "h" not in params:
-        return params
-    n_layer = jax.tree.leaves(params["h"])[0].shape[0]
-    rest = {k: v for k, v in params.items() if k != "h"}
-    return {**rest, **{f"h_{i}": jax.tree.map(lambda x: x[i], params["h"]) for i in range(n_layer)}}
-
-
-def convert_layers(tree, scan_layers: bool):
-    """Params, or any tree holding param-shaped dicts (optimizer state), in that layer layout."""
-    if isinstance(tree, dict):
-        tree = stack_layers(tree) if scan_layers else unstack_layers(tree)
-        return {k: convert_layers(v, scan_layers) for k, v in tree.items()}
-    if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # NamedTuple, e.g. ScaleByAdamState
-        return type(tree)(*(convert_layers(v, scan_layers) for v in tree))
-    if isinstance(tree, (tuple, list)):
-        return type(tree)(convert_layers(v, scan_layers) for v in tree)
-    return tree
-
-
-def cross_entropy_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Mean next-token cross-entropy in float32. logits: [B, T, V]; targets: [B, T], -1 ignored."""
-    logits = logits.astype(jnp.float32)
-    valid = targets >= 0
-    safe_targets = jnp.where(valid, targets, 0)
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logprobs, safe_targets[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
 
 
 def count_params(params, *, non_embedding: bool = True) -> int:

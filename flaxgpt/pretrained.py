@@ -25,7 +25,8 @@ import numpy as np
 from flax import traverse_util
 
 from flaxgpt import storage
-from flaxgpt.model import PRESETS, GPTConfig, convert_layers, crop_vocab_size, init_params
+from flaxgpt.layer_stacking import convert_layers
+from flaxgpt.model import PRESETS, GPTConfig, crop_vocab_size, init_params
 from flaxgpt.tokenizer import GPT2_EOT, GPT2_PADDED_VOCAB_SIZE, GPT2_VOCAB_SIZE
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")

@@ -49,7 +49,7 @@ N = 2 * S + 3  # new tokens: well past block_size; most tests share it, and so t
 def test_cache_matches_full_forward(params, scan_layers):
     """Prefill 5 tokens, then decode the rest one by one: every step's logits equal a full forward's, with
     the stacked [L, ...] cache of scanned blocks and the per-layer list of unscanned ones."""
-    from flaxgpt.model import convert_layers
+    from flaxgpt.layer_stacking import convert_layers
     config = CONFIG.replace(scan_layers=scan_layers)
     layer_params = convert_layers(params, scan_layers)
     tokens = jnp.asarray(random_tokens(0, (2, S)))
@@ -232,7 +232,7 @@ UNSCANNED = CONFIG.replace(scan_layers=False)
 
 
 def test_unscanned_generate_matches_scanned(params):
-    from flaxgpt.model import convert_layers
+    from flaxgpt.layer_stacking import convert_layers
     prompt = random_tokens(3, (2, 3))
     kw = dict(max_new_tokens=N, rng=jax.random.key(0), temperature=0.0, window_shift=S // 2)
     np.testing.assert_array_equal(generate(convert_layers(params, False), UNSCANNED, prompt, **kw),

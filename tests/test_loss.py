@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from flaxgpt.loss import chunk_length, head_cross_entropy
-from flaxgpt.model import cross_entropy_loss
+from flaxgpt.loss import cross_entropy_loss
 
 
 def plain(x, wte, targets, dtype):

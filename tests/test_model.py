@@ -9,8 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxgpt.model import (GPT, GPTConfig, count_params, crop_block_size, cross_entropy_loss, gelu,
-                           convert_layers, flops_per_token, init_params, resolve_attention)
+from flaxgpt.layer_stacking import convert_layers
+from flaxgpt.loss import cross_entropy_loss
+from flaxgpt.model import (GPT, GPTConfig, count_params, crop_block_size, gelu, flops_per_token,
+                           init_params, resolve_attention)
 from flaxgpt.kv_cache import init_cache
 
 TINY = GPTConfig(block_size=16, vocab_size=37, n_layer=2, n_head=4, n_embd=32)

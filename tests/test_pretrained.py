@@ -21,7 +21,8 @@ huggingface_hub = pytest.importorskip("huggingface_hub")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
 from flaxgpt import pretrained  # noqa: E402
-from flaxgpt.model import GPT, GPTConfig, cross_entropy_loss, init_params  # noqa: E402
+from flaxgpt.loss import cross_entropy_loss  # noqa: E402
+from flaxgpt.model import GPT, GPTConfig, init_params  # noqa: E402
 
 # Small GPT-2s with awkward sizes: vocab not a multiple of 64, 3 heads, block not a power of two, erf GELU.
 HF_CONFIGS = {

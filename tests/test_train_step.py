@@ -9,7 +9,8 @@ import optax
 import pytest
 
 from flaxgpt import sharding
-from flaxgpt.model import GPT, GPTConfig, cross_entropy_loss
+from flaxgpt.loss import cross_entropy_loss
+from flaxgpt.model import GPT, GPTConfig
 from flaxgpt.train_step import TrainStep
 
 TINY = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
