@@ -35,6 +35,8 @@ from flaxgpt import distributed, faults, storage, xla_options
 
 SEPARATOR = "---------------"
 PROGRESS_DELAY_S = 2.0  # a sample that takes longer shows a progress bar on stderr
+# stderr not a terminal (a log, a pipe): a progress line only after this long, and then this often
+LOG_PROGRESS_DELAY_S = 60.0
 
 
 class UsageError(Exception):
@@ -154,14 +156,16 @@ def run(args: argparse.Namespace) -> None:
     decoder = Decoder(params, config, batch_size=1)  # the weights laid out once for all samples
     # Streamed text on the terminal is its own progress; a bar on the same terminal would garble it.
     show_progress = not (args.stream and sys.stdout.isatty() and sys.stderr.isatty())
+    progress_timing = (dict(delay=PROGRESS_DELAY_S) if sys.stderr.isatty() else
+                       dict(delay=LOG_PROGRESS_DELAY_S, mininterval=LOG_PROGRESS_DELAY_S))
     key = jax.random.key(args.seed)
     for k in range(n):  # one after another, as nanoGPT; sample k draws from fold_in(key, k)
         print(start, end="", flush=True)
         tokens, text = [], StreamDecoder(tokenizer)
         steps = decoder.stream(prompt, rng=jax.random.fold_in(key, k), **kw)
         with tqdm(steps, total=args.max_new_tokens, desc=f"sample {k + 1}/{n}", unit="tok",
-                  file=sys.stderr, delay=PROGRESS_DELAY_S, leave=False,
-                  disable=not show_progress) as progress:
+                  file=sys.stderr, leave=False, disable=not show_progress,
+                  **progress_timing) as progress:
             for token in progress:
                 if args.stream:
                     print(text.push(int(token[0])), end="", flush=True)
@@ -188,4 +192,13 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SystemExit as stop:
+        if stop.code != 130:
+            raise
+        # Interrupted mid-step: the step's arrays and the stream are still alive, and tearing the
+        # runtime down under them can crash the interpreter; there is nothing left to save.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)

@@ -194,7 +194,8 @@ def test_sample_falls_back_past_a_truncated_file_in_one_line(trained, tmp_path):
                        "--compilation_cache_dir=")
     assert rc == 0 and len(err) <= MAX_LINES, err
     assert f"checkpoint {run_dir}/checkpoints/6 is unreadable (array " in err[0], err
-    assert err[0].endswith("): using the one before") and "at step 4" in err[-1], err
+    assert err[0].endswith("): using the one before") and "at step 4" in err[-2], err
+    assert err[-1] == "generating 1 sample x 5 tokens = 5 new tokens", err
 
 
 def test_a_stray_step_folder_is_reported_once_and_set_aside(trained, data_dir, tmp_path):

@@ -105,6 +105,7 @@ def test_says_how_much_it_will_generate_and_shows_progress(capsys, char_run, mon
     assert "generating 2 samples x 30 tokens = 60 new tokens" in quiet.err
     assert "tok/s" not in quiet.err
     monkeypatch.setattr(sample, "PROGRESS_DELAY_S", 0)
+    monkeypatch.setattr(sample, "LOG_PROGRESS_DELAY_S", 0)  # capsys's stderr is not a terminal
     shown = run_cli(capsys, *argv)
     assert shown.out == quiet.out
     assert re.search(r"sample 1/2: +\d+%.*\| *\d+/30 \[", shown.err)
