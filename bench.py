@@ -1,10 +1,11 @@
-"""Training speed: ms/step, tokens/s and MFU of a config's model and batch, measured after compilation.
+"""Training speed: ms/step, tokens/s and MFU of a config's model and batch, measured after
+compilation.
 
     python bench.py --config=configs/shakespeare_char.py:cpu [--steps=20] [--config.key=value ...]
 
-Batches are random tokens (the speed does not depend on the data); the model's vocabulary is the prepared
-dataset's, as in train.py (or --vocab_size). MFU is against the device's peak (flaxgpt/mfu.py: a table for
-TPUs and NVIDIA GPUs, a measured float32 matmul on CPU).
+Batches are random tokens (the speed does not depend on the data); the model's vocabulary is the
+prepared dataset's, as in train.py (or --vocab_size). MFU is against the device's peak
+(flaxgpt/mfu.py: a table for TPUs and NVIDIA GPUs, a measured float32 matmul on CPU).
 """
 
 import sys
