@@ -1,22 +1,23 @@
-"""Sampling speed: flaxgpt's `generate` against Hugging Face transformers' cached `generate` on the same
-weights, on the same machine, in one run; and against the memory-bandwidth floor.
+"""Sampling speed: flaxgpt's `generate` against Hugging Face transformers' cached `generate` on the
+same weights, on the same machine, in one run; and against the memory-bandwidth floor.
 
     python benchmarks/bench_sampling.py                          # GPT-2 124M and the CPU shakespeare_char model
     python benchmarks/bench_sampling.py --models gpt2 --batch_size 1 8 --dtype bfloat16
     python benchmarks/bench_sampling.py --out_dir=out-shakespeare-char-cpu   # a trained run instead of random init
 
-Each case: an 8-token random prompt per row, --max_new_tokens greedy tokens (both systems must emit the same
-ones, so min_new_tokens keeps transformers from stopping early; at most block_size - 8, as transformers
-cannot crop its context), the two systems taking turns, medians of
---repeats runs after a warm-up. tokens/s count all rows. GPT-2 124M gets random weights (seed 0); the
-shakespeare_char model is the CPU config's size with the prepared dataset's vocabulary (65), or --out_dir's
-run. transformers' GPT-2 always has biases: a bias-free model is handed to it with zero biases (the same
-function). The floor is batch 1's: every weight read once per new token (wte as the tied head, the KV cache
-of the tokens so far), at the bandwidth of the faster of two reads of 512 MB (a sum, a matrix-vector
-product; see MemoryRead) taking turns with the two systems; flaxgpt/floor is how far above it a token
-takes. flaxgpt samples through a Decoder made once per model and batch size, as sample.py does (the
-time to lay its weights out is printed). Prefill: the time to the first new token of a 512-token
-prompt (GPT-2, batch 1). Needs torch and transformers (pip install torch transformers).
+Each case: an 8-token random prompt per row, --max_new_tokens greedy tokens (both systems must emit
+the same ones, so min_new_tokens keeps transformers from stopping early; at most block_size - 8, as
+transformers cannot crop its context), the two systems taking turns, medians of
+--repeats runs after a warm-up. tokens/s count all rows. GPT-2 124M gets random weights (seed 0);
+the shakespeare_char model is the CPU config's size with the prepared dataset's vocabulary (65), or
+--out_dir's run. transformers' GPT-2 always has biases: a bias-free model is handed to it with zero
+biases (the same function). The floor is batch 1's: every weight read once per new token (wte as the
+tied head, the KV cache of the tokens so far), at the bandwidth of the faster of two reads of 512 MB
+(a sum, a matrix-vector product; see MemoryRead) taking turns with the two systems; flaxgpt/floor is
+how far above it a token takes. flaxgpt samples through a Decoder made once per model and batch
+size, as sample.py does (the time to lay its weights out is printed). Prefill: the time to the first
+new token of a 512-token prompt (GPT-2, batch 1). Needs torch and transformers (pip install torch
+transformers).
 """
 
 import argparse
@@ -25,7 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+# run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -40,11 +42,12 @@ from flaxgpt.pretrained import save_pretrained  # noqa: E402
 
 
 class MemoryRead:
-    """Reads of one large float32 array by two kernels: what reading memory costs on this machine, timed in
-    turns with the runs it bounds (this shared machine's bandwidth moved between 24 and 36 GB/s from one run
-    to the next). Decoding at batch 1 reads its weights; the floor takes the faster of a sum (XLA's own
-    reduction: YNNPACK's read 7% slower) and a matrix-vector product over the array as [768, N] (XLA:CPU's
-    product reads a wide matrix faster still: 32.4 against 28.7 GB/s for the sum, the same hour)."""
+    """Reads of one large float32 array by two kernels: what reading memory costs on this machine,
+    timed in turns with the runs it bounds (this shared machine's bandwidth moved between 24 and 36
+    GB/s from one run to the next). Decoding at batch 1 reads its weights; the floor takes the
+    faster of a sum (XLA's own reduction: YNNPACK's read 7% slower) and a matrix-vector product over
+    the array as [768, N] (XLA:CPU's product reads a wide matrix faster still: 32.4 against 28.7
+    GB/s for the sum, the same hour)."""
 
     def __init__(self, n_bytes: int = 512 * 2**20, width: int = 768):
         self.array = jnp.ones(n_bytes // 4 // width * width, jnp.float32)
@@ -61,7 +64,8 @@ class MemoryRead:
                 for name, read in self.kernels.items()}
 
     def bandwidth(self, seconds: dict, reads: int) -> float:
-        """Bytes/s of the faster kernel, from median_seconds_in_turns' result (whose memory entries it removes)."""
+        """Bytes/s of the faster kernel, from median_seconds_in_turns' result (whose memory entries
+        it removes)."""
         fastest = min(seconds.pop(name) for name in [k for k in seconds if k.startswith("memory ")])
         return reads * self.array.size * 4 / fastest
 
@@ -112,7 +116,8 @@ def compare(name, params, config, decoder: Decoder, hf, batch_size, args, memory
                                min_new_tokens=n, do_sample=False, pad_token_id=0)[:, 8:].numpy()
 
     same = np.mean(ours() == theirs())  # warm-up (compiles) and the check
-    runs, reads = {"flaxgpt": ours, "transformers": theirs}, 5  # memory: 5 reads per turn, one takes ~20 ms
+    # memory: 5 reads per turn, one takes ~20 ms
+    runs, reads = {"flaxgpt": ours, "transformers": theirs}, 5
     if batch_size == 1:  # the floor's bandwidth
         runs.update(memory.runs(reads))
     seconds = median_seconds_in_turns(runs, args.repeats)
