@@ -5,16 +5,18 @@
     python benchmarks/bench_vs_torch.py --system=jax                    # one system only (its peak memory)
     python benchmarks/bench_vs_torch.py --components                    # block, MLP, attention, LayerNorm alone
 
-The PyTorch model is nanoGPT's GPT (nanoGPT's parameter names and nn.Linear layout, SDPA causal attention,
-exact or tanh GELU as the config says, tied head) holding the very weights flaxgpt starts from (exported
-with flaxgpt.pretrained's nanoGPT mapping), trained with torch.optim.AdamW (decay on matrices only, as
-nanoGPT's configure_optimizers) and global-norm clipping: the same math as flaxgpt's step with a constant
-learning rate. Before timing, both compute the loss of one batch and must agree.
+The PyTorch model is nanoGPT's GPT (nanoGPT's parameter names and nn.Linear layout, SDPA causal
+attention, exact or tanh GELU as the config says, tied head) holding the very weights flaxgpt starts
+from (exported with flaxgpt.pretrained's nanoGPT mapping), trained with torch.optim.AdamW (decay on
+matrices only, as nanoGPT's configure_optimizers) and global-norm clipping: the same math as
+flaxgpt's step with a constant learning rate. Before timing, both compute the loss of one batch and
+must agree.
 
-The two systems take turns in blocks of --steps steps (--rounds rounds), so that a machine whose speed
-drifts slows both alike; medians are printed with the ratio flaxgpt / torch (below 1: flaxgpt faster) for
-the whole optimizer step, forward + backward, and forward alone (eval mode, no gradients). --components
-times the first block and its parts instead (forward + backward into the params and the input).
+The two systems take turns in blocks of --steps steps (--rounds rounds), so that a machine whose
+speed drifts slows both alike; medians are printed with the ratio flaxgpt / torch (below 1: flaxgpt
+faster) for the whole optimizer step, forward + backward, and forward alone (eval mode, no
+gradients). --components times the first block and its parts instead (forward + backward into the
+params and the input).
 """
 
 import argparse
@@ -23,7 +25,8 @@ import resource
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+# run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -39,7 +42,8 @@ CONFIG = config_flags.DEFINE_config_file("config", "configs/shakespeare_char.py:
 
 
 def torch_gpt(config: GPTConfig, params):
-    """nanoGPT's GPT in PyTorch (float32) with flaxgpt's params -> torch.nn.Module; forward(idx, targets) -> loss."""
+    """nanoGPT's GPT in PyTorch (float32) with flaxgpt's params -> torch.nn.Module; forward(idx,
+    targets) -> loss."""
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -106,7 +110,8 @@ def torch_gpt(config: GPTConfig, params):
 
 
 def torch_optimizer(model, config):
-    """nanoGPT's configure_optimizers on a CPU: AdamW, weight decay on the >= 2-D parameters only."""
+    """nanoGPT's configure_optimizers on a CPU: AdamW, weight decay on the >= 2-D parameters
+    only."""
     import torch
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
@@ -115,8 +120,9 @@ def torch_optimizer(model, config):
 
 
 def compare(systems: dict, steps: int, rounds: int) -> dict:
-    """systems: {system: {measure: fn}} -> {system: {measure: median seconds per call}}: after 3 warm-up
-    calls each, every round times each measure of each system in turn, a block of `steps` calls."""
+    """systems: {system: {measure: fn}} -> {system: {measure: median seconds per call}}: after 3
+    warm-up calls each, every round times each measure of each system in turn, a block of `steps`
+    calls."""
     for measures in systems.values():  # compile and warm up
         for fn in measures.values():
             for _ in range(3):
@@ -135,8 +141,9 @@ def print_ratios(medians: dict) -> None:
 
 
 def component_measures(config: GPTConfig, params, torch_model, batch: int, options) -> dict:
-    """The first block and its parts, forward + backward on a random [B, T, C] input against a random
-    cotangent, jitted with the train step's compiler `options`: {"flaxgpt": {part: fn}, "torch": {part: fn}}."""
+    """The first block and its parts, forward + backward on a random [B, T, C] input against a
+    random cotangent, jitted with the train step's compiler `options`: {"flaxgpt": {part: fn},
+    "torch": {part: fn}}."""
     import jax.numpy as jnp
     import torch
 
@@ -152,7 +159,8 @@ def component_measures(config: GPTConfig, params, torch_model, batch: int, optio
              "attention": (model_lib.CausalSelfAttention(config), params["h_0"]["attn"], block.attn),
              "MLP": (model_lib.MLP(config), params["h_0"]["mlp"], block.mlp),
              "LayerNorm": (model_lib.layer_norm(config, "ln_1"), params["h_0"]["ln_1"], block.ln_1)}
-    first = lambda y: y[0] if isinstance(y, tuple) else y  # block and attention also return their cache
+    # block and attention also return their cache
+    first = lambda y: y[0] if isinstance(y, tuple) else y
     measures = {"flaxgpt": {}, "torch": {}}
     for part, (module, part_params, torch_module) in parts.items():
         loss = lambda p, xs, cotangent, module=module: jnp.vdot(first(module.apply({"params": p}, xs)), cotangent)
