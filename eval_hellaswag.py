@@ -1,7 +1,9 @@
-"""HellaSwag accuracy of a model: python eval_hellaswag.py --init_from=gpt2 [--limit=N] [--batch_examples=16]
+"""HellaSwag accuracy of a model: python eval_hellaswag.py --init_from=gpt2 [--limit=N]
+[--batch_examples=16]
 
---init_from: a GPT-2 model (gpt2 ... gpt2-xl), a Hugging Face folder, a training run's out_dir or a nanoGPT
-ckpt.pt, as in sample.py; the model must read GPT-2 BPE. See flaxgpt/hellaswag.py for the scoring.
+--init_from: a GPT-2 model (gpt2 ... gpt2-xl), a Hugging Face folder, a training run's out_dir or a
+nanoGPT ckpt.pt, as in sample.py; the model must read GPT-2 BPE. See flaxgpt/hellaswag.py for the
+scoring.
 """
 
 import argparse
