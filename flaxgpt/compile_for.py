@@ -220,8 +220,8 @@ def _vocab_size(config) -> int:
 
 
 def batch_for_target(config, devices, print_fn=print):
-    """The config, with batch_size and gradient_accumulation_steps changed (and a line saying so) when
-    its batch does not divide over the target's data-parallel devices."""
+    """The config, with batch_size and gradient_accumulation_steps changed (and a line saying so)
+    when its batch does not divide over the target's data-parallel devices."""
     from flaxgpt import sharding
     mesh = sharding.make_mesh(config.mesh, devices=devices)
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -240,8 +240,9 @@ def batch_for_target(config, devices, print_fn=print):
 
 
 def host_rows(train_step, batch_size: int) -> str:
-    """The per-host row plan of the target's batch, as training reads it (`sharding.rows_by_process`),
-    checked: every row of the batch is read by some host. -> a line describing it."""
+    """The per-host row plan of the target's batch, as training reads it
+    (`sharding.rows_by_process`), checked: every row of the batch is read by some host. -> a line
+    describing it."""
     from flaxgpt import sharding
     rows = sharding.rows_by_process(train_step.batch_sharding, (1, batch_size, 1), batch_axis=1)
     read = np.concatenate(list(rows.values()))
