@@ -1,15 +1,18 @@
 """The training loop: nanoGPT's train.py as one function of a config (see flaxgpt/config.py).
 
-`train(config)` opens the dataset (`Dataset`), claims the out_dir for this run (`claim_out_dir`), builds
-the model's sharded steps and first state (`initial_state`), then evaluates, checkpoints and steps until
-max_iters, a stop request (`StopRequest`: SIGTERM, Ctrl-C, a Cloud TPU preemption) or a non-finite loss.
+`train(config)` opens the dataset (`Dataset`), claims the out_dir for this run (`claim_out_dir`),
+builds the model's sharded steps and first state (`initial_state`), then evaluates, checkpoints and
+steps until max_iters, a stop request (`StopRequest`: SIGTERM, Ctrl-C, a Cloud TPU preemption) or a
+non-finite loss.
 
-Every run has an id, written into its checkpoints and metrics: a new run never starts in an out_dir that
-holds another run's checkpoints, and `init_from="resume"` continues the run of the newest checkpoint.
+Every run has an id, written into its checkpoints and metrics: a new run never starts in an out_dir
+that holds another run's checkpoints, and `init_from="resume"` continues the run of the newest
+checkpoint.
 
-On several hosts (a pod slice) every process runs `train` with the same config. They check together that
-out_dir is one storage they all see and that they read the same dataset; process 0 decides what the run
-starts from and every process follows; an error on one process stops them all (distributed.py).
+On several hosts (a pod slice) every process runs `train` with the same config. They check together
+that out_dir is one storage they all see and that they read the same dataset; process 0 decides what
+the run starts from and every process follows; an error on one process stops them all
+(distributed.py).
 """
 
 import concurrent.futures
@@ -37,15 +40,18 @@ from flaxgpt.layer_stacking import convert_layers
 from flaxgpt.model import PRESETS, GPTConfig, count_params, crop_block_size, flops_per_token
 from flaxgpt.train_step import TrainState, TrainStep
 
-# Settings a resumed run must share with its checkpoint (the rest, e.g. dropout, may change on resume).
+# Settings a resumed run must share with its checkpoint (the rest, e.g. dropout, may change on
+# resume).
 MODEL_KEYS_TO_MATCH = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "gelu_approximate")
-# What a run writes into its out_dir; `overwrite` moves these aside, and nothing else in out_dir is touched.
+# What a run writes into its out_dir; `overwrite` moves these aside, and nothing else in out_dir is
+# touched.
 RUN_FILES = ("checkpoints", "metrics.jsonl", "meta.json", TENSORBOARD_DIR, "loss.png", PROFILE_DIR)
 
 
 @dataclasses.dataclass
 class Dataset:
-    """A prepared dataset: its folder, its vocabulary description (`tokenizer.read_meta`) and its splits."""
+    """A prepared dataset: its folder, its vocabulary description (`tokenizer.read_meta`) and its
+    splits."""
     directory: storage.Path
     meta: dict
     splits: dict[str, np.memmap | data.RemoteTokens]
@@ -57,8 +63,9 @@ class Dataset:
         return cls(directory, meta, {split: data.open_split(directory, split, meta) for split in ("train", "val")})
 
     def check_same_on_every_host(self) -> None:
-        """Every process must read the same tokens (batches are drawn from the file lengths): compare
-        the hosts' fingerprints (`data.fingerprint`) and stop every process in one line if they differ."""
+        """Every process must read the same tokens (batches are drawn from the file lengths):
+        compare the hosts' fingerprints (`data.fingerprint`) and stop every process in one line if
+        they differ."""
         prints = distributed.all_values("dataset", data.fingerprint(self.meta, self.splits))
         if len(set(prints)) > 1:
             groups = {}
@@ -79,9 +86,10 @@ class Dataset:
 
 
 class Batches:
-    """The global batch [n, B, T] (x and y) of (split, seed, step) as sharded arrays. This process reads
-    only the rows its devices hold (`sharding.process_rows`), and reads the next training batch in a
-    background thread while the current step runs. A context manager (the thread ends on exit)."""
+    """The global batch [n, B, T] (x and y) of (split, seed, step) as sharded arrays. This process
+    reads only the rows its devices hold (`sharding.process_rows`), and reads the next training
+    batch in a background thread while the current step runs. A context manager (the thread ends on
+    exit)."""
 
     def __init__(self, dataset: Dataset, train_step: TrainStep, seed: int, batch_size: int):
         self.dataset, self.sharding, self.seed = dataset, train_step.batch_sharding, seed
@@ -116,13 +124,14 @@ class Batches:
 
 
 class StopRequest:
-    """SIGTERM (a preempted VM, a cluster's time limit) or Ctrl-C: save at the next step, then stop; a second
-    Ctrl-C stops at once. Only the main thread may set signal handlers; elsewhere (a notebook's worker
-    thread) orbax's preemption check remains.
+    """SIGTERM (a preempted VM, a cluster's time limit) or Ctrl-C: save at the next step, then stop;
+    a second Ctrl-C stops at once. Only the main thread may set signal handlers; elsewhere (a
+    notebook's worker thread) orbax's preemption check remains.
 
-    With several processes, SIGTERM is left to JAX's preemption service, which makes every process stop at
-    the same step (orbax's `reached_preemption`): a Cloud TPU maintenance event or spot preemption signals
-    every host. Ctrl-C there sends this process a SIGTERM, so the run stops the same way."""
+    With several processes, SIGTERM is left to JAX's preemption service, which makes every process
+    stop at the same step (orbax's `reached_preemption`): a Cloud TPU maintenance event or spot
+    preemption signals every host. Ctrl-C there sends this process a SIGTERM, so the run stops the
+    same way."""
 
     def __init__(self):
         self.signal_name: str | None = None
@@ -164,9 +173,9 @@ def new_run_id() -> str:
 
 
 def claim_out_dir(out_dir: storage.Path, overwrite: bool) -> None:
-    """Make sure a new run does not mix with another in out_dir: with another run's checkpoints there, stop
-    with the choices, or (overwrite) move that run's files into out_dir/previous/<its id>/. Process 0
-    looks and moves; every process raises its error."""
+    """Make sure a new run does not mix with another in out_dir: with another run's checkpoints
+    there, stop with the choices, or (overwrite) move that run's files into out_dir/previous/<its
+    id>/. Process 0 looks and moves; every process raises its error."""
     distributed.decided_by_main("out_dir claimed", lambda: _claim(out_dir, overwrite))
 
 
@@ -203,8 +212,8 @@ def _check_same_model(saved: GPTConfig, wanted: GPTConfig, where: storage.Path) 
 
 
 def load_pretrained_once(init_from: str, dtype: str, param_dtype: str) -> tuple[GPTConfig, dict]:
-    """`pretrained.load_pretrained` on process 0 alone (one download per run, not one per host); the other
-    processes receive its config and weights, one array at a time."""
+    """`pretrained.load_pretrained` on process 0 alone (one download per run, not one per host); the
+    other processes receive its config and weights, one array at a time."""
     from flaxgpt.pretrained import load_pretrained
     loaded = {}
 
@@ -228,9 +237,10 @@ def load_pretrained_once(init_from: str, dtype: str, param_dtype: str) -> tuple[
 def initial_state(config, mesh, wanted: GPTConfig, ckpts: checkpoint.Checkpoints):
     """The TrainStep and its first state for config.init_from, with what a resumed run recorded.
 
-    -> (train_step, state, {"run_id", "best_val_loss", "model_source", ...}). The model's shape comes from the
-    config, or from the pretrained model a run started from (then also when that run resumes). Process 0
-    decides which checkpoint a resumed run continues; every process restores that one.
+    -> (train_step, state, {"run_id", "best_val_loss", "model_source", ...}). The model's shape
+    comes from the config, or from the pretrained model a run started from (then also when that run
+    resumes). Process 0 decides which checkpoint a resumed run continues; every process restores
+    that one.
     """
     optimizer = optim.make_optimizer(config)
     if config.init_from == "scratch":
@@ -246,7 +256,8 @@ def initial_state(config, mesh, wanted: GPTConfig, ckpts: checkpoint.Checkpoints
                                    scan_layers=wanted.scan_layers, remat=wanted.remat)
         train_step = TrainStep(wanted, optimizer, mesh, seed=config.seed)
         target = train_step.abstract_state
-        if saved.scan_layers != wanted.scan_layers:  # restore in the saved layer layout, then (un)stack
+        # restore in the saved layer layout, then (un)stack
+        if saved.scan_layers != wanted.scan_layers:
             target = TrainStep(wanted.replace(scan_layers=saved.scan_layers), optimizer, mesh).abstract_state
         params, opt_state, saved_meta = ckpts.restore(target.params, target.opt_state,
                                                       run_id=saved_meta.get("run_id"), newest=saved_meta["step"])
@@ -255,7 +266,8 @@ def initial_state(config, mesh, wanted: GPTConfig, ckpts: checkpoint.Checkpoints
                 lambda *tree: convert_layers(tree, wanted.scan_layers),
                 out_shardings=(train_step.state_sharding.params, train_step.state_sharding.opt_state))(
                     params, opt_state)
-        ckpts.set_aside([s for s in ckpts.steps() if s > saved_meta["step"]])  # newer, so unreadable
+        # newer, so unreadable
+        ckpts.set_aside([s for s in ckpts.steps() if s > saved_meta["step"]])
         step = jax.device_put(np.int32(saved_meta["step"]), target.step.sharding)
         return train_step, TrainState(step=step, params=params, opt_state=opt_state), saved_meta
     pretrained, params = load_pretrained_once(config.init_from, wanted.dtype, wanted.param_dtype)
@@ -301,8 +313,9 @@ def _check_backend(config) -> None:
 
 
 def compilation_cache_dir(config, out_dir: storage.Path) -> str | None:
-    """config.compilation_cache_dir; on several hosts by default `<out_dir>/compilation_cache`: JAX writes
-    compiled programs from process 0 only, so a cache on each host's own disk would serve only host 0."""
+    """config.compilation_cache_dir; on several hosts by default `<out_dir>/compilation_cache`: JAX
+    writes compiled programs from process 0 only, so a cache on each host's own disk would serve
+    only host 0."""
     if config.compilation_cache_dir is None and jax.process_count() > 1:
         return os.fspath(out_dir / "compilation_cache")
     return config.compilation_cache_dir
@@ -325,7 +338,8 @@ def train(config) -> dict:
             print(f"{dataset.directory} has no meta.json or meta.pkl: assuming GPT-2 BPE tokens (uint16), as "
                   "nanoGPT's openwebtext and shakespeare folders hold", flush=True)
         _check_backend(config)
-        if jax.default_backend() == "cpu":  # this process's malloc keeps what a step frees for the next step
+        # this process's malloc keeps what a step frees for the next step
+        if jax.default_backend() == "cpu":
             host_memory.keep_freed_memory()
         mesh = sharding.make_mesh(config.mesh)
         data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -375,12 +389,14 @@ def _plot(out_dir: storage.Path) -> None:
 def _train_until_done(config, train_step: TrainStep, state: TrainState, start: dict,
                       batches: Batches, ckpts: checkpoint.Checkpoints, log: MetricsLog,
                       stop: StopRequest, profiler: StepProfiler) -> dict:
-    """Evaluate, save and step until the run is over; -> the last losses {"train", "val", "step"}."""
+    """Evaluate, save and step until the run is over; -> the last losses {"train", "val",
+    "step"}."""
     model = train_step.model_config
     run_id, best_val_loss = start["run_id"], start.get("best_val_loss", math.inf)
     n_params = count_params(state.params)
     step = int(state.step)
-    resumed_at = step if config.init_from == "resume" else None  # evaluated and saved by the earlier run
+    # evaluated and saved by the earlier run
+    resumed_at = step if config.init_from == "resume" else None
     if resumed_at is None:
         log.print(f"run {run_id}: {n_params / 1e6:.2f}M parameters on mesh {dict(train_step.mesh.shape)}")
     else:
@@ -392,7 +408,8 @@ def _train_until_done(config, train_step: TrainStep, state: TrainState, start: d
             return {"step": step}
 
     def save(step: int, **extra) -> None:
-        if step in ckpts.steps():  # the step we resumed from, or a broken directory we never overwrite
+        # the step we resumed from, or a broken directory we never overwrite
+        if step in ckpts.steps():
             return
         ckpts.save(step, state.params, state.opt_state, {
             "step": step, "run_id": run_id, "best_val_loss": best_val_loss, "model": model.to_dict(),
@@ -430,7 +447,8 @@ def _train_until_done(config, train_step: TrainStep, state: TrainState, start: d
         steps_since += 1
         profiler.after_step(step, metrics)
         log.step_done(step)
-        first = not compiled  # the first step compiles: its time is reported apart, not as a step time
+        # the first step compiles: its time is reported apart, not as a step time
+        first = not compiled
         if first or step % config.log_interval == 0:
             loss = float(metrics["loss"])  # waits for the step
             lr = float(schedule(step - 1))
