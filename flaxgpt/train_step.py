@@ -26,11 +26,12 @@ class TrainState:
 
 class TrainStep:
     """The model, optimizer and mesh of a run, with its jitted, sharded functions: `init`,
-    `state_from_params`, `train_fn(state, x, y) -> (state, metrics)` and `eval_fn(params, x, y) -> loss`.
+    `state_from_params`, `train_fn(state, x, y) -> (state, metrics)` and `eval_fn(params, x, y) ->
+    loss`.
 
     Batches are [A, B, T] int32 (A gradient-accumulation micro-steps of B sequences), split over the
-    mesh's data-parallel axes on B. The RNG for dropout is derived from (seed, step), so a resumed run
-    draws the same masks.
+    mesh's data-parallel axes on B. The RNG for dropout is derived from (seed, step), so a resumed
+    run draws the same masks.
     """
 
     def __init__(self, model_config: GPTConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
@@ -67,7 +68,8 @@ class TrainStep:
             return self._init(rng)
 
     def state_from_params(self, params) -> TrainState:
-        """A state around given (e.g. pretrained) params, resharded to this mesh, with a fresh optimizer."""
+        """A state around given (e.g. pretrained) params, resharded to this mesh, with a fresh
+        optimizer."""
         params = jax.device_put(params, self.state_sharding.params)
         with self._rules():
             return self._from_params(params)
