@@ -50,7 +50,8 @@ def main(argv):
         distributed.exit_program(f"train.py: error: {e}")
     except KeyboardInterrupt:
         distributed.exit_program("train.py: interrupted (a second Ctrl-C): nothing was saved since the last checkpoint")
-    except Exception:  # a bug: its traceback; with several processes, no wait at JAX's shutdown barrier
+    # a bug: its traceback; with several processes, no wait at JAX's shutdown barrier
+    except Exception:
         traceback.print_exc()
         distributed.exit_program(None)
 
@@ -71,7 +72,8 @@ def _load_config(config_arg: str):
 
 
 def _config_file_error(config_arg: str) -> str | None:
-    """The file:line and message of a config file that does not load, as one line (None if it loads)."""
+    """The file:line and message of a config file that does not load, as one line (None if it
+    loads)."""
     config_file = config_arg.split(":")[0]
     try:
         _load_config(config_arg)
@@ -86,7 +88,8 @@ def _config_file_error(config_arg: str) -> str | None:
 
 
 def parse_flags(argv):
-    """absl's parser, with one line instead of a traceback for a bad config file or an unknown --config.key."""
+    """absl's parser, with one line instead of a traceback for a bad config file or an unknown
+    --config.key."""
     config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     config_file = config_arg.split(":")[0] if config_arg else None
     if config_file and not Path(config_file).is_file():
