@@ -32,7 +32,8 @@ import numpy as np
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from flaxgpt import checkpoint, data, distributed, faults, host_memory, mfu, optim, sharding, storage, tokenizer, xla_options
+from flaxgpt import (checkpoint, data, distributed, faults, host_memory, mfu, optim, sharding,
+                     storage, tokenizer, xla_options)
 from flaxgpt.config import model_config, validate
 from flaxgpt.metrics import TENSORBOARD_DIR, MetricsLog
 from flaxgpt.profiling import PROFILE_DIR, StepProfiler
@@ -42,7 +43,8 @@ from flaxgpt.train_step import TrainState, TrainStep
 
 # Settings a resumed run must share with its checkpoint (the rest, e.g. dropout, may change on
 # resume).
-MODEL_KEYS_TO_MATCH = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "gelu_approximate")
+MODEL_KEYS_TO_MATCH = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias",
+                       "gelu_approximate")
 # What a run writes into its out_dir; `overwrite` moves these aside, and nothing else in out_dir is
 # touched.
 RUN_FILES = ("checkpoints", "metrics.jsonl", "meta.json", TENSORBOARD_DIR, "loss.png", PROFILE_DIR)
@@ -60,7 +62,8 @@ class Dataset:
     def open(cls, config) -> "Dataset":
         directory = data.dataset_dir(config)
         meta = data.load_meta(directory)
-        return cls(directory, meta, {split: data.open_split(directory, split, meta) for split in ("train", "val")})
+        return cls(directory, meta, {split: data.open_split(directory, split, meta)
+                                     for split in ("train", "val")})
 
     def check_same_on_every_host(self) -> None:
         """Every process must read the same tokens (batches are drawn from the file lengths):
@@ -72,9 +75,10 @@ class Dataset:
             for process, fingerprint in enumerate(prints):
                 groups.setdefault(fingerprint, []).append(str(process))
             seen = "; ".join(f"process(es) {', '.join(p)} see {f}" for f, p in groups.items())
-            raise ValueError(f"the hosts read different datasets from {self.directory} ({seen}; a fingerprint "
-                             "hashes meta.json, the lengths and samples of the tokens): give every host the same "
-                             "copy, or prepare it once into a bucket: --config.data_dir=gs://BUCKET/data/NAME")
+            raise ValueError(f"the hosts read different datasets from {self.directory} ({seen}; a "
+                             "fingerprint hashes meta.json, the lengths and samples of the "
+                             "tokens): give every host the same copy, or prepare it once into a "
+                             "bucket: --config.data_dir=gs://BUCKET/data/NAME")
 
     @property
     def tokenizer(self) -> str:
@@ -95,7 +99,8 @@ class Batches:
         self.dataset, self.sharding, self.seed = dataset, train_step.batch_sharding, seed
         self.B, self.T = batch_size, train_step.model_config.block_size
         self.rows = sharding.process_rows(self.sharding, (1, self.B, self.T), batch_axis=1)
-        self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="flaxgpt-batches")
+        self._reader = concurrent.futures.ThreadPoolExecutor(1,
+                                                             thread_name_prefix="flaxgpt-batches")
         self._next = None  # ((split, step, n), the future of its local rows)
 
     def __enter__(self):
@@ -108,8 +113,8 @@ class Batches:
         """This process's rows of x and y: int32 [n, len(rows), T]."""
         B, T = self.B, self.T
         local_rows = (np.arange(n)[:, None] * B + self.rows[None]).ravel()
-        x, y = data.get_batch(self.dataset.splits[split], seed=self.seed, step=step, batch_size=n * B,
-                              block_size=T, split=split, rows=local_rows)
+        x, y = data.get_batch(self.dataset.splits[split], seed=self.seed, step=step,
+                              batch_size=n * B, block_size=T, split=split, rows=local_rows)
         return x.reshape(n, -1, T), y.reshape(n, -1, T)
 
     def __call__(self, split: str, step: int, n: int):
@@ -156,7 +161,8 @@ class StopRequest:
             os.kill(os.getpid(), signal.SIGTERM)
         if distributed.is_main_process():
             print(f"\n{self.signal_name}: saving a checkpoint after this step, then stopping"
-                  + (" (Ctrl-C again stops at once, without saving)" if signum == signal.SIGINT else ""),
+                  + (" (Ctrl-C again stops at once, without saving)"
+                     if signum == signal.SIGINT else ""),
                   flush=True)
 
     def reached(self, step: int, ckpts: checkpoint.Checkpoints) -> bool:
@@ -168,8 +174,9 @@ class StopRequest:
 
 def new_run_id() -> str:
     """A readable unique id, e.g. 20261122-093512-4f2a9c, the same on every process of the run."""
-    return distributed.decided_by_main("run id", lambda: datetime.datetime.now(datetime.timezone.utc).strftime(
-        "%Y%m%d-%H%M%S-") + secrets.token_hex(3))
+    return distributed.decided_by_main(
+        "run id", lambda: datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S-")
+        + secrets.token_hex(3))
 
 
 def claim_out_dir(out_dir: storage.Path, overwrite: bool) -> None:
@@ -181,16 +188,18 @@ def claim_out_dir(out_dir: storage.Path, overwrite: bool) -> None:
 
 def _claim(out_dir: storage.Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
-        raise NotADirectoryError(f"out_dir {out_dir} is a file: choose a directory with --config.out_dir")
+        raise NotADirectoryError(f"out_dir {out_dir} is a file: "
+                                 "choose a directory with --config.out_dir")
     steps = checkpoint.saved_steps(out_dir)
     if not steps:
         return
     owner = checkpoint.run_id_of(out_dir, steps[-1])
     if not overwrite:
         raise ValueError(
-            f"{out_dir} holds the checkpoints of {f'run {owner}' if owner else 'an earlier run'} (steps "
-            f"{', '.join(map(str, steps))}): continue it with --config.init_from=resume, choose another "
-            "--config.out_dir, or set --config.overwrite=True to move that run's files aside (nothing is deleted)")
+            f"{out_dir} holds the checkpoints of {f'run {owner}' if owner else 'an earlier run'} "
+            f"(steps {', '.join(map(str, steps))}): continue it with --config.init_from=resume, "
+            "choose another --config.out_dir, or set --config.overwrite=True to move that run's "
+            "files aside (nothing is deleted)")
     aside = out_dir / "previous" / (owner or f"run-before-{datetime.date.today():%Y%m%d}")
     for n in range(1, 1000):
         if not aside.exists():
@@ -220,7 +229,8 @@ def load_pretrained_once(init_from: str, dtype: str, param_dtype: str) -> tuple[
     def load() -> dict:
         config, loaded["params"] = load_pretrained(init_from, dtype=dtype, param_dtype=param_dtype)
         leaves = traverse_util.flatten_dict(loaded["params"], sep="/")
-        return {"config": config.to_dict(), "leaves": {k: [list(v.shape), str(v.dtype)] for k, v in leaves.items()}}
+        return {"config": config.to_dict(),
+                "leaves": {k: [list(v.shape), str(v.dtype)] for k, v in leaves.items()}}
 
     described = distributed.decided_by_main("pretrained model", load)
     config = GPTConfig(**described["config"])
@@ -247,25 +257,29 @@ def initial_state(config, mesh, wanted: GPTConfig, ckpts: checkpoint.Checkpoints
         train_step = TrainStep(wanted, optimizer, mesh, seed=config.seed)
         return train_step, train_step.init(jax.random.key(config.seed)), {"run_id": new_run_id()}
     if config.init_from == "resume":
-        saved_meta = distributed.decided_by_main("resume from", lambda: ckpts.newest_readable(ckpts.read_meta))
+        saved_meta = distributed.decided_by_main("resume from",
+                                                 lambda: ckpts.newest_readable(ckpts.read_meta))
         saved = checkpoint.model_config_from_meta(saved_meta)
         if saved_meta.get("model_source", "config") == "config":
             _check_same_model(saved, wanted, ckpts.directory.parent)
         else:
-            wanted = saved.replace(dropout=config.dropout, attention=wanted.attention, dtype=wanted.dtype,
-                                   scan_layers=wanted.scan_layers, remat=wanted.remat)
+            wanted = saved.replace(dropout=config.dropout, attention=wanted.attention,
+                                   dtype=wanted.dtype, scan_layers=wanted.scan_layers,
+                                   remat=wanted.remat)
         train_step = TrainStep(wanted, optimizer, mesh, seed=config.seed)
         target = train_step.abstract_state
         # restore in the saved layer layout, then (un)stack
         if saved.scan_layers != wanted.scan_layers:
-            target = TrainStep(wanted.replace(scan_layers=saved.scan_layers), optimizer, mesh).abstract_state
+            target = TrainStep(wanted.replace(scan_layers=saved.scan_layers), optimizer,
+                               mesh).abstract_state
         params, opt_state, saved_meta = ckpts.restore(target.params, target.opt_state,
-                                                      run_id=saved_meta.get("run_id"), newest=saved_meta["step"])
+                                                      run_id=saved_meta.get("run_id"),
+                                                      newest=saved_meta["step"])
         if saved.scan_layers != wanted.scan_layers:
             params, opt_state = jax.jit(
                 lambda *tree: convert_layers(tree, wanted.scan_layers),
-                out_shardings=(train_step.state_sharding.params, train_step.state_sharding.opt_state))(
-                    params, opt_state)
+                out_shardings=(train_step.state_sharding.params,
+                               train_step.state_sharding.opt_state))(params, opt_state)
         # newer, so unreadable
         ckpts.set_aside([s for s in ckpts.steps() if s > saved_meta["step"]])
         step = jax.device_put(np.int32(saved_meta["step"]), target.step.sharding)
@@ -284,31 +298,36 @@ def initial_state(config, mesh, wanted: GPTConfig, ckpts: checkpoint.Checkpoints
 def _check_vocabulary(dataset: Dataset, model: GPTConfig, init_from: str) -> None:
     """Tokens the model has no embedding for would train to NaN: say so before the first step."""
     if init_from in PRESETS and dataset.tokenizer != "gpt2":
-        raise ValueError(f"{dataset.directory} holds {dataset.tokenizer} tokens, but {init_from} reads GPT-2 "
-                         "BPE tokens: fine-tune on a GPT-2 BPE dataset (e.g. python prepare.py shakespeare)")
+        raise ValueError(f"{dataset.directory} holds {dataset.tokenizer} tokens, but {init_from} "
+                         "reads GPT-2 BPE tokens: fine-tune on a GPT-2 BPE dataset "
+                         "(e.g. python prepare.py shakespeare)")
     if dataset.meta["vocab_size"] > model.vocab_size:
         raise ValueError(f"{dataset.directory} holds {dataset.tokenizer} tokens (a vocabulary of "
-                         f"{dataset.meta['vocab_size']:,}), more than the model's {model.vocab_size:,}: train "
-                         "this model on the dataset it was made for, or start a new run in another out_dir")
+                         f"{dataset.meta['vocab_size']:,}), more than the model's "
+                         f"{model.vocab_size:,}: train this model on the dataset it was made for, "
+                         "or start a new run in another out_dir")
 
 
-def evaluate(train_step: TrainStep, params, batches: Batches, step: int, eval_iters: int) -> dict[str, float]:
+def evaluate(train_step: TrainStep, params, batches: Batches, step: int,
+             eval_iters: int) -> dict[str, float]:
     """Mean loss over eval_iters batches of each split: {"train": ..., "val": ...}."""
-    return {split: float(train_step.eval_fn(params, *batches(split, step, eval_iters))) for split in ("train", "val")}
+    return {split: float(train_step.eval_fn(params, *batches(split, step, eval_iters)))
+            for split in ("train", "val")}
 
 
 def _non_finite(what: str, value, step: int, ckpts: checkpoint.Checkpoints) -> FloatingPointError:
-    return FloatingPointError(f"the {what} is {value} at step {step}; nothing was saved over the checkpoints in "
-                              f"{ckpts.directory} (the learning rate may be too high: lower learning_rate, or "
-                              "raise warmup_iters, then resume)")
+    return FloatingPointError(f"the {what} is {value} at step {step}; nothing was saved over the "
+                              f"checkpoints in {ckpts.directory} (the learning rate may be too "
+                              "high: lower learning_rate, or raise warmup_iters, then resume)")
 
 
 def _check_backend(config) -> None:
     if config.attention == "cudnn" and jax.default_backend() != "gpu":
-        raise ValueError(f"attention='cudnn' needs an NVIDIA GPU (this backend is {jax.default_backend()}): "
-                         "use attention='xla'")
+        raise ValueError("attention='cudnn' needs an NVIDIA GPU "
+                         f"(this backend is {jax.default_backend()}): use attention='xla'")
     if config.attention == "splash" and jax.default_backend() != "tpu":
-        raise ValueError(f"attention='splash' needs a TPU (this backend is {jax.default_backend()}): "
+        raise ValueError("attention='splash' needs a TPU "
+                         f"(this backend is {jax.default_backend()}): "
                          "use attention='auto' or 'xla'")
 
 
@@ -335,8 +354,8 @@ def train(config) -> dict:
         dataset = Dataset.open(config)
         dataset.check_same_on_every_host()
         if dataset.meta.get("assumed") and distributed.is_main_process():
-            print(f"{dataset.directory} has no meta.json or meta.pkl: assuming GPT-2 BPE tokens (uint16), as "
-                  "nanoGPT's openwebtext and shakespeare folders hold", flush=True)
+            print(f"{dataset.directory} has no meta.json or meta.pkl: assuming GPT-2 BPE tokens "
+                  "(uint16), as nanoGPT's openwebtext and shakespeare folders hold", flush=True)
         _check_backend(config)
         # this process's malloc keeps what a step frees for the next step
         if jax.default_backend() == "cpu":
@@ -344,23 +363,28 @@ def train(config) -> dict:
         mesh = sharding.make_mesh(config.mesh)
         data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
         if config.batch_size % data_parallel:
-            batch, accumulation = sharding.divisible_batch(config.batch_size, config.gradient_accumulation_steps,
+            batch, accumulation = sharding.divisible_batch(config.batch_size,
+                                                           config.gradient_accumulation_steps,
                                                            data_parallel)
-            raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the {data_parallel} "
-                             f"data-parallel devices (mesh data x fsdp): e.g. --config.batch_size={batch} "
+            raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the "
+                             f"{data_parallel} data-parallel devices (mesh data x fsdp): e.g. "
+                             f"--config.batch_size={batch} "
                              f"--config.gradient_accumulation_steps={accumulation}")
         resuming = config.init_from == "resume"
         if not resuming and not config.eval_only:
             claim_out_dir(out_dir, config.overwrite)
         with contextlib.ExitStack() as stack:
             ckpts = stack.enter_context(checkpoint.Checkpoints(
-                out_dir, max_to_keep=config.max_to_keep, async_save=config.async_checkpointing, create=False))
-            train_step, state, start = initial_state(config, mesh, model_config(config, dataset.model_vocab_size),
+                out_dir, max_to_keep=config.max_to_keep, async_save=config.async_checkpointing,
+                create=False))
+            train_step, state, start = initial_state(config, mesh,
+                                                     model_config(config, dataset.model_vocab_size),
                                                      ckpts)
             _check_vocabulary(dataset, train_step.model_config, config.init_from)
             out_dir.mkdir(parents=True, exist_ok=True)
             start.setdefault("run_id", new_run_id())  # a checkpoint from before run ids
-            log = stack.enter_context(MetricsLog(config, out_dir, start["run_id"], start_step=int(state.step),
+            log = stack.enter_context(MetricsLog(config, out_dir, start["run_id"],
+                                                 start_step=int(state.step),
                                                  resumed_at=int(state.step) if resuming else None))
             stop = stack.enter_context(StopRequest())
             profiler = StepProfiler(config.profile_steps, out_dir, log.print)
@@ -368,7 +392,8 @@ def train(config) -> dict:
             if distributed.is_main_process():  # the tokenizer, for sample.py
                 storage.write_atomically(out_dir / "meta.json", json.dumps(
                     {k: v for k, v in dataset.meta.items() if k != "assumed"}))
-            batches = stack.enter_context(Batches(dataset, train_step, config.seed, config.batch_size))
+            batches = stack.enter_context(Batches(dataset, train_step, config.seed,
+                                                  config.batch_size))
             losses = _train_until_done(config, train_step, state, start, batches, ckpts, log, stop,
                                        profiler)
         _plot(out_dir)
@@ -398,7 +423,8 @@ def _train_until_done(config, train_step: TrainStep, state: TrainState, start: d
     # evaluated and saved by the earlier run
     resumed_at = step if config.init_from == "resume" else None
     if resumed_at is None:
-        log.print(f"run {run_id}: {n_params / 1e6:.2f}M parameters on mesh {dict(train_step.mesh.shape)}")
+        log.print(f"run {run_id}: {n_params / 1e6:.2f}M parameters "
+                  f"on mesh {dict(train_step.mesh.shape)}")
     else:
         log.print(f"resuming run {run_id} at step {step} ({ckpts.directory / str(step)}): "
                   f"{n_params / 1e6:.2f}M parameters on mesh {dict(train_step.mesh.shape)}")
@@ -412,8 +438,9 @@ def _train_until_done(config, train_step: TrainStep, state: TrainState, start: d
         if step in ckpts.steps():
             return
         ckpts.save(step, state.params, state.opt_state, {
-            "step": step, "run_id": run_id, "best_val_loss": best_val_loss, "model": model.to_dict(),
-            "model_source": start.get("model_source", "config"), "config": config.to_dict(), **extra})
+            "step": step, "run_id": run_id, "best_val_loss": best_val_loss,
+            "model": model.to_dict(), "model_source": start.get("model_source", "config"),
+            "config": config.to_dict(), **extra})
 
     A, B, T = config.gradient_accumulation_steps, config.batch_size, model.block_size
     schedule = optim.learning_rate_schedule(config)
@@ -425,8 +452,10 @@ def _train_until_done(config, train_step: TrainStep, state: TrainState, start: d
         eval_due = step % config.eval_interval == 0 or step == config.max_iters
         if config.eval_only or (eval_due and step != resumed_at):
             losses = evaluate(train_step, state.params, batches, step, config.eval_iters)
-            log.print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            log.write(step, **{"train/loss": losses["train"], "val/loss": losses["val"], "tokens": step * A * B * T})
+            log.print(f"step {step}: train loss {losses['train']:.4f}, "
+                      f"val loss {losses['val']:.4f}")
+            log.write(step, **{"train/loss": losses["train"], "val/loss": losses["val"],
+                               "tokens": step * A * B * T})
             if not all(map(math.isfinite, losses.values())):
                 raise _non_finite("loss", losses, step, ckpts)
             if losses["val"] < best_val_loss or config.always_save_checkpoint:
@@ -437,7 +466,8 @@ def _train_until_done(config, train_step: TrainStep, state: TrainState, start: d
         if config.eval_only or step >= config.max_iters:
             break
         if stop.reached(step, ckpts):
-            log.print(f"stopping at step {step} ({stop.signal_name or 'SIGTERM: preempted'}): saving a checkpoint")
+            log.print(f"stopping at step {step} ({stop.signal_name or 'SIGTERM: preempted'}): "
+                      "saving a checkpoint")
             save(step)
             break
         ckpts.check_for_errors()
@@ -457,19 +487,24 @@ def _train_until_done(config, train_step: TrainStep, state: TrainState, start: d
             now = time.perf_counter()
             dt = (now - t_last) / steps_since
             t_last, steps_since, compiled = now, 0, True
-            row = dict(loss=loss, lr=lr, grad_norm=float(metrics["grad_norm"]), tokens=step * A * B * T)
+            row = dict(loss=loss, lr=lr, grad_norm=float(metrics["grad_norm"]),
+                       tokens=step * A * B * T)
             log.step_done(step, loss)
             if first:
-                log.print(f"iter {step}: loss {loss:.4f}, lr {lr:.2e}, compiled and ran in {dt:.1f} s")
+                log.print(f"iter {step}: loss {loss:.4f}, lr {lr:.2e}, "
+                          f"compiled and ran in {dt:.1f} s")
                 log.write(step, **row, compile_s=dt)
                 continue
-            tokens_per_s, utilisation = mfu.throughput(A * B * T, dt, flops, jax.device_count(), peak)
+            tokens_per_s, utilisation = mfu.throughput(A * B * T, dt, flops, jax.device_count(),
+                                                       peak)
             log.print_step(f"iter {step}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms,"
                            f" {tokens_per_s:,.0f} tok/s, mfu {utilisation * 100:.2f}%", step)
-            log.write(step, **row, ms_per_step=dt * 1000, tokens_per_s=tokens_per_s, mfu=utilisation)
+            log.write(step, **row, ms_per_step=dt * 1000, tokens_per_s=tokens_per_s,
+                      mfu=utilisation)
     ckpts.wait()
     saved = ckpts.steps()
     if saved and not config.eval_only:
-        log.print(f"run {run_id}: newest checkpoint {ckpts.directory / str(saved[-1])}; sample from it with "
+        log.print(f"run {run_id}: newest checkpoint {ckpts.directory / str(saved[-1])}; "
+                  "sample from it with "
                   f"python sample.py --out_dir={config.out_dir}")
     return {**losses, "step": step}
