@@ -73,7 +73,8 @@ def _checksums(tree):
         else:
             unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
             bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
-        weights = jnp.arange(x.size, dtype=jnp.uint32).reshape(x.shape) * jnp.uint32(2654435761) + jnp.uint32(1)
+        weights = (jnp.arange(x.size, dtype=jnp.uint32).reshape(x.shape) * jnp.uint32(2654435761)
+                   + jnp.uint32(1))
         return jnp.sum(bits * weights, dtype=jnp.uint32)
     return jax.tree.map(checksum, tree)
 
@@ -87,21 +88,23 @@ def tree_checksums(tree) -> dict[str, int]:
 
 def verify_checksums(tree, expected: dict[str, int], where: storage.Path) -> None:
     """Raise CorruptCheckpointError naming the arrays whose checksum differs from the saved one."""
-    bad = [path for path, value in tree_checksums(tree).items() if path in expected and expected[path] != value]
+    bad = [path for path, value in tree_checksums(tree).items()
+           if path in expected and expected[path] != value]
     if bad:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        raise CorruptCheckpointError(f"{where}: {', '.join(bad[:3])}{more} differ from the checksums saved with "
-                                     "them (the files changed on disk)")
+        raise CorruptCheckpointError(f"{where}: {', '.join(bad[:3])}{more} differ from the "
+                                     "checksums saved with them (the files changed on disk)")
 
 
 class Checkpoints:
     """Saves and restores training checkpoints in `<out_dir>/checkpoints`; a context manager that
     waits for the last save and closes on exit."""
 
-    def __init__(self, out_dir: str | os.PathLike, *, max_to_keep: int | None = 3, async_save: bool = True,
-                 create: bool = True):
+    def __init__(self, out_dir: str | os.PathLike, *, max_to_keep: int | None = 3,
+                 async_save: bool = True, create: bool = True):
         out_dir = storage.path(out_dir)
-        self.directory = (out_dir if storage.is_remote(out_dir) else out_dir.absolute()) / "checkpoints"
+        self.directory = ((out_dir if storage.is_remote(out_dir) else out_dir.absolute())
+                          / "checkpoints")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=create,
             enable_async_checkpointing=async_save)
@@ -144,7 +147,8 @@ class Checkpoints:
         """Start writing step `step` (in the background when async); `wait()` before reading it
         back."""
         self.check_for_errors()  # an earlier background save that failed is reported as such
-        meta = {**meta, "checksums": {"params": tree_checksums(params), "opt_state": tree_checksums(opt_state)}}
+        meta = {**meta, "checksums": {"params": tree_checksums(params),
+                                      "opt_state": tree_checksums(opt_state)}}
         # here, not before: a run that fails early leaves nothing
         self.directory.mkdir(parents=True, exist_ok=True)
         self._saving = (step, sum(x.nbytes for x in jax.tree.leaves((params, opt_state))))
@@ -180,14 +184,16 @@ class Checkpoints:
         step, n_bytes = getattr(self, "_saving", (None, 0))
         where = self.directory / str(step)
         if faults.is_disk_full(error):
-            free = 0 if storage.is_remote(self.directory) else shutil.disk_usage(self.directory).free
+            free = (0 if storage.is_remote(self.directory)
+                    else shutil.disk_usage(self.directory).free)
             what = (f"disk full: saving checkpoint {where} needs about {n_bytes / 2**20:,.1f} MiB, "
                     f"{max(n_bytes - free, 0) / 2**20:,.1f} MiB more than is free")
         else:
             what = f"saving checkpoint {where} failed ({faults.describe(error)}); it needs about " \
                    f"{n_bytes / 2**20:,.1f} MiB free"
-        failure = OSError(f"{what}. Nothing was lost: the earlier checkpoints in {self.directory} are untouched; "
-                          "free some space, then resume from the newest with --config.init_from=resume")
+        failure = OSError(f"{what}. Nothing was lost: the earlier checkpoints in {self.directory} "
+                          "are untouched; free some space, then resume from the newest with "
+                          "--config.init_from=resume")
         failure.errno = getattr(faults.innermost(error), "errno", None)
         return failure
 
@@ -226,7 +232,8 @@ class Checkpoints:
                         for name, target in targets.items()}
             return restored, meta
 
-        candidates = [step] if step is not None else distributed.decided_by_main("checkpoint steps", self.steps)[::-1]
+        candidates = ([step] if step is not None
+                      else distributed.decided_by_main("checkpoint steps", self.steps)[::-1])
         candidates = [s for s in candidates if newest is None or s <= newest]
         if not candidates:
             raise CheckpointNotFoundError(f"no checkpoint in {self.directory}: train first, or use "
@@ -246,9 +253,11 @@ class Checkpoints:
                 # the checksums are computed by all processes together: every one gets the same
                 # verdict
                 for name, tree in restored.items():
-                    verify_checksums(tree, meta.get("checksums", {}).get(name, {}), self.directory / str(s))
+                    verify_checksums(tree, meta.get("checksums", {}).get(name, {}),
+                                     self.directory / str(s))
             except CorruptCheckpointError as e:
-                error = UnreadableCheckpointError(self.directory / str(s), str(e).split(": ", 1)[-1])
+                error = UnreadableCheckpointError(self.directory / str(s),
+                                                  str(e).split(": ", 1)[-1])
             except UnreadableCheckpointError as e:
                 error = e
             else:
@@ -288,7 +297,8 @@ def model_config_from_meta(meta: dict[str, Any], **overrides) -> GPTConfig:
     return GPTConfig(**{"scan_layers": False, **meta["model"], **overrides})
 
 
-def load_run(out_dir: str | os.PathLike, *, dtype: str | None = None) -> tuple[GPTConfig, Any, dict[str, Any]]:
+def load_run(out_dir: str | os.PathLike, *,
+             dtype: str | None = None) -> tuple[GPTConfig, Any, dict[str, Any]]:
     """(model config, params, meta) of the newest readable checkpoint of a training run, on the
     default device.
 
@@ -308,14 +318,16 @@ def load_run(out_dir: str | os.PathLike, *, dtype: str | None = None) -> tuple[G
             config = model_config_from_meta(checkpoints.read_meta(step), attention="auto",
                                             **({"dtype": dtype} if dtype else {}))
             shapes = jax.eval_shape(lambda rng: init_params(config, rng), jax.random.key(0))
-            target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
+            target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                                  shapes)
             params, _, meta = checkpoints.restore(target, step=step)
             return config, params, {"step": step, **meta}
 
         try:
             return checkpoints.newest_readable(read)
         except CheckpointNotFoundError:
-            raise CheckpointNotFoundError(f"no checkpoint in {checkpoints.directory}: train a model with "
+            raise CheckpointNotFoundError(f"no checkpoint in {checkpoints.directory}: "
+                                          "train a model with "
                                           f"train.py --config.out_dir={out_dir} first") from None
 
 
