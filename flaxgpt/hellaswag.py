@@ -24,7 +24,8 @@ import numpy as np
 from flaxgpt.model import GPT, GPTConfig
 from flaxgpt.tokenizer import GPT2Tokenizer, local_data_file, user_cache_dir
 
-HELLASWAG_VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+HELLASWAG_VAL_URL = ("https://raw.githubusercontent.com/rowanz/hellaswag/master/data/"
+                     "hellaswag_val.jsonl")
 VAL_FILE = "hellaswag/hellaswag_val.jsonl"
 
 
@@ -41,7 +42,8 @@ def validation_file() -> Path:
         try:
             urllib.request.urlretrieve(HELLASWAG_VAL_URL, tmp)
         except OSError as e:
-            raise ConnectionError(f"could not download {HELLASWAG_VAL_URL} ({e}): offline, put the file at "
+            raise ConnectionError(f"could not download {HELLASWAG_VAL_URL} ({e}): "
+                                  "offline, put the file at "
                                   f"$FLAXGPT_DATA/{VAL_FILE}") from None
         tmp.rename(cache)
     return cache
@@ -72,7 +74,8 @@ class Rows(NamedTuple):
     labels: np.ndarray
 
 
-def render(examples: Iterable[dict], tokenizer: GPT2Tokenizer, block_size: int, multiple: int = 32) -> Rows:
+def render(examples: Iterable[dict], tokenizer: GPT2Tokenizer, block_size: int,
+           multiple: int = 32) -> Rows:
     """Token rows of context + " " + ending; L is the longest row rounded up to `multiple`, at most
     block_size (a longer row keeps its last block_size tokens, as nanoGPT crops a context)."""
     rows, endings, labels = [], [], []
@@ -105,8 +108,8 @@ def ending_losses(params, config: GPTConfig, tokens, ending):
     return total, total / jnp.maximum(jnp.sum(targets, axis=1), 1)
 
 
-def evaluate(params, config: GPTConfig, examples: list[dict], tokenizer: GPT2Tokenizer, *, batch_examples: int = 16,
-             progress: bool = True) -> dict:
+def evaluate(params, config: GPTConfig, examples: list[dict], tokenizer: GPT2Tokenizer, *,
+             batch_examples: int = 16, progress: bool = True) -> dict:
     """{"examples", "acc", "acc_norm", "total_loss" [N, 4], "mean_loss" [N, 4]} of the model on
     `examples`.
 
