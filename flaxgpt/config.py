@@ -99,24 +99,28 @@ def resolve_dtype(name: str) -> str:
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
-def model_config(config: ml_collections.ConfigDict, vocab_size: int, *, dtype: str | None = None) -> GPTConfig:
+def model_config(config: ml_collections.ConfigDict, vocab_size: int, *,
+                 dtype: str | None = None) -> GPTConfig:
     """The GPTConfig a training config describes: each GPTConfig field is the config key of the same
     name, except vocab_size (the dataset's) and dtype ("auto" resolved, or `dtype` when given)."""
     fields = {f.name: config[f.name] for f in dataclasses.fields(GPTConfig) if f.name in config}
-    return GPTConfig(**{**fields, "vocab_size": vocab_size, "dtype": dtype or resolve_dtype(config.dtype)})
+    return GPTConfig(**{**fields, "vocab_size": vocab_size,
+                        "dtype": dtype or resolve_dtype(config.dtype)})
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Errors for settings that parse but cannot work, each naming the key. Touches no device, so it
     can run before `distributed.initialize`; the model's own settings are checked by GPTConfig."""
-    for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
+    for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
+                "log_interval"):
         if config[key] <= 0:
             raise ValueError(f"config.{key} must be positive, got {config[key]}")
     if config.max_iters < 0:
         raise ValueError(f"config.max_iters must be >= 0, got {config.max_iters}")
     if config.dtype == "float16":
-        raise ValueError("config.dtype='float16' would train without loss scaling, so small gradients underflow "
-                         "to zero: use dtype='bfloat16' (float32's range, the same speed on GPUs and TPUs)")
+        raise ValueError("config.dtype='float16' would train without loss scaling, so small "
+                         "gradients underflow to zero: use dtype='bfloat16' (float32's range, the "
+                         "same speed on GPUs and TPUs)")
     if config.dtype not in ("auto", "float32", "bfloat16"):
         raise ValueError(f"config.dtype={config.dtype!r}: use auto, float32 or bfloat16")
     if config.param_dtype not in ("float32", "bfloat16"):
@@ -124,7 +128,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.max_to_keep < 1:
         raise ValueError(f"config.max_to_keep must be at least 1, got {config.max_to_keep}")
     if config.attention == "cudnn" and config.dropout > 0:
-        raise ValueError("attention='cudnn' has no attention dropout: set config.dropout=0, or use attention='xla' "
+        raise ValueError("attention='cudnn' has no attention dropout: set config.dropout=0, "
+                         "or use attention='xla' "
                          "(dropout then runs through a masked-softmax attention)")
     parse_profile_steps(config.profile_steps)
     # The model's own checks (heads divide the width, known attention, ...), with any vocabulary.
