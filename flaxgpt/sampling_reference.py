@@ -12,7 +12,8 @@ from flaxgpt.model import GPT, GPTConfig
 
 
 @functools.partial(jax.jit, static_argnames="config", donate_argnames="tokens")
-def _naive_step(params, config: GPTConfig, sampler: Sampler, tokens, valid, start, length, step, rng):
+def _naive_step(params, config: GPTConfig, sampler: Sampler, tokens, valid, start, length, step,
+                rng):
     """tokens [B, W] holds `length` columns; append new token `step` after a full forward over its
     context, columns [start, length). One shape for every step: the forward covers the S columns
     from `start`; causal attention never looks past the last one, so the columns after it do not
@@ -31,8 +32,8 @@ def _naive_step(params, config: GPTConfig, sampler: Sampler, tokens, valid, star
 
 
 def generate_naive(params, config: GPTConfig, prompt, *, max_new_tokens: int, rng: jax.Array,
-                   temperature=1.0, top_k: int | None = None, top_p: float | None = None, prompt_mask=None,
-                   window_shift: int = 1) -> jax.Array:
+                   temperature=1.0, top_k: int | None = None, top_p: float | None = None,
+                   prompt_mask=None, window_shift: int = 1) -> jax.Array:
     """nanoGPT's GPT.generate, the reference: for every new token a full causal forward over its
     context (compiled once, as a forward of block_size tokens). prompt [B, T0] -> new tokens [B, N],
     sampled with the same random keys as `generate`, under its window_shift policy: the context runs
