@@ -48,7 +48,8 @@ def time_steps(step: Callable[[Any], Any], state, *, steps: int, repeats: int = 
     return state, per_step
 
 
-def median_seconds_in_turns(runs: dict[Any, Callable[[], Any]], repeats: int, calls: int = 1) -> dict:
+def median_seconds_in_turns(runs: dict[Any, Callable[[], Any]], repeats: int,
+                            calls: int = 1) -> dict:
     """{key: fn} -> {key: median seconds per call of fn}, over `repeats` rounds in which each fn in
     turn is called `calls` times back to back (fn returns once its work is done). Taking turns, the
     runs see the same machine: on a shared one whose speed drifts, they slow alike and their ratio
