@@ -1,10 +1,11 @@
-"""Training speed: ms/step, tokens/s and MFU of a config's model and batch, measured after compilation.
+"""Training speed: ms/step, tokens/s and MFU of a config's model and batch, measured after
+compilation.
 
     python bench.py --config=configs/shakespeare_char.py:cpu [--steps=20] [--config.key=value ...]
 
-Batches are random tokens (the speed does not depend on the data); the model's vocabulary is the prepared
-dataset's, as in train.py (or --vocab_size). MFU is against the device's peak (flaxgpt/mfu.py: a table for
-TPUs and NVIDIA GPUs, a measured float32 matmul on CPU).
+Batches are random tokens (the speed does not depend on the data); the model's vocabulary is the
+prepared dataset's, as in train.py (or --vocab_size). MFU is against the device's peak
+(flaxgpt/mfu.py: a table for TPUs and NVIDIA GPUs, a measured float32 matmul on CPU).
 """
 
 import sys
@@ -20,9 +21,11 @@ from flaxgpt.config import validate
 from flaxgpt.model import count_params, flops_per_token
 from flaxgpt.train_step import TrainStep
 
-CONFIG = config_flags.DEFINE_config_file("config", "configs/shakespeare_char.py:cpu", "the config to time")
+CONFIG = config_flags.DEFINE_config_file("config", "configs/shakespeare_char.py:cpu",
+                                         "the config to time")
 STEPS = flags.DEFINE_integer("steps", 20, "timed steps, after 2 warm-up steps (compilation)")
-VOCAB = flags.DEFINE_integer("vocab_size", None, "vocabulary size (default: the prepared dataset's, as train.py)")
+VOCAB = flags.DEFINE_integer("vocab_size", None,
+                             "vocabulary size (default: the prepared dataset's, as train.py)")
 
 
 def main(_):
@@ -49,8 +52,9 @@ def main(_):
     peak = mfu.device_peak_flops()
     tokens_per_s, utilisation = mfu.throughput(A * B * T, dt, flops_per_token(model, n_params, T),
                                                jax.device_count(), peak)
-    print(f"device: {jax.device_count()} x {jax.devices()[0].device_kind} (peak {peak / 1e12:.2f} TFLOP/s each), "
-          f"mesh {dict(mesh.shape)}, dtype {model.dtype}, attention {model.attention or 'default'}")
+    print(f"device: {jax.device_count()} x {jax.devices()[0].device_kind} "
+          f"(peak {peak / 1e12:.2f} TFLOP/s each), mesh {dict(mesh.shape)}, dtype {model.dtype}, "
+          f"attention {model.attention or 'default'}")
     print(f"model: {n_params / 1e6:.2f}M params, batch {A} x {B} x {T} = {A * B * T:,} tokens/step")
     print(f"{dt * 1000:.1f} ms/step, {tokens_per_s:,.0f} tokens/s, MFU {utilisation * 100:.1f}%")
 

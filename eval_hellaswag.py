@@ -1,7 +1,9 @@
-"""HellaSwag accuracy of a model: python eval_hellaswag.py --init_from=gpt2 [--limit=N] [--batch_examples=16]
+"""HellaSwag accuracy of a model: python eval_hellaswag.py --init_from=gpt2 [--limit=N]
+[--batch_examples=16]
 
---init_from: a GPT-2 model (gpt2 ... gpt2-xl), a Hugging Face folder, a training run's out_dir or a nanoGPT
-ckpt.pt, as in sample.py; the model must read GPT-2 BPE. See flaxgpt/hellaswag.py for the scoring.
+--init_from: a GPT-2 model (gpt2 ... gpt2-xl), a Hugging Face folder, a training run's out_dir or a
+nanoGPT ckpt.pt, as in sample.py; the model must read GPT-2 BPE. See flaxgpt/hellaswag.py for the
+scoring.
 """
 
 import argparse
@@ -14,23 +16,27 @@ from flaxgpt.tokenizer import GPT2Tokenizer
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--init_from", default="gpt2", help="gpt2 ... gpt2-xl, a Hugging Face folder, an out_dir or a ckpt.pt")
-    p.add_argument("--file", help="a HellaSwag jsonl (default: the validation set, downloaded once)")
+    p.add_argument("--init_from", default="gpt2",
+                   help="gpt2 ... gpt2-xl, a Hugging Face folder, an out_dir or a ckpt.pt")
+    p.add_argument("--file",
+                   help="a HellaSwag jsonl (default: the validation set, downloaded once)")
     p.add_argument("--limit", type=int, default=None, help="only the first N examples")
-    p.add_argument("--batch_examples", type=int, default=16, help="examples per batch (4 rows each)")
+    p.add_argument("--batch_examples", type=int, default=16,
+                   help="examples per batch (4 rows each)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = p.parse_args(argv)
     distributed.use_cpu_without_accelerators()
     try:
         config, params, tokenizer, loaded = load(args.init_from, dtype=args.dtype)
         if not isinstance(tokenizer, GPT2Tokenizer):
-            raise ValueError(f"{args.init_from} reads {type(tokenizer).__name__} tokens: HellaSwag needs a "
-                             "GPT-2 BPE model")
+            raise ValueError(f"{args.init_from} reads {type(tokenizer).__name__} tokens: "
+                             "HellaSwag needs a GPT-2 BPE model")
         examples = hellaswag.read_examples(args.file or hellaswag.validation_file(), args.limit)
     except (OSError, ValueError, RuntimeError, ImportError) as e:
         sys.exit(f"eval_hellaswag.py: error: {str(e).strip().splitlines()[0]}")
     print(f"hellaswag: {len(examples):,} examples, {loaded}", file=sys.stderr)
-    result = hellaswag.evaluate(params, config, examples, tokenizer, batch_examples=args.batch_examples)
+    result = hellaswag.evaluate(params, config, examples, tokenizer,
+                                batch_examples=args.batch_examples)
     print(f"hellaswag {args.init_from}: {result['examples']:,} examples, acc {result['acc']:.4f}, "
           f"acc_norm {result['acc_norm']:.4f}")
     return result

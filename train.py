@@ -20,20 +20,23 @@ from ml_collections import config_flags
 from flaxgpt import compile_for, distributed, faults
 from flaxgpt.loop import train
 
-CONFIG = config_flags.DEFINE_config_file("config", None, "a config file in configs/, e.g. configs/owt.py",
+CONFIG = config_flags.DEFINE_config_file("config", None,
+                                         "a config file in configs/, e.g. configs/owt.py",
                                          lock_config=True)
 COMPILE_FOR = flags.DEFINE_string(
     "compile_for", None, "compile the train step for a Cloud TPU slice (e.g. v5e-8, v4-32) or "
     "NVIDIA GPUs (h100-8, a100-1, h200-16) on this machine, report memory per device, and exit")
 
 
-VERBOSE = flags.DEFINE_boolean("verbose", False, "print the libraries' own reports of a failure (orbax's "
-                                "tracebacks from its threads) too; the same as FLAXGPT_VERBOSE=1")
+VERBOSE = flags.DEFINE_boolean("verbose", False,
+                               "print the libraries' own reports of a failure (orbax's "
+                               "tracebacks from its threads) too; the same as FLAXGPT_VERBOSE=1")
 
 
 def main(argv):
     if len(argv) > 1:
-        sys.exit(f"train.py: error: unexpected arguments {' '.join(argv[1:])}: settings are --config.key=value")
+        sys.exit(f"train.py: error: unexpected arguments {' '.join(argv[1:])}: "
+                 "settings are --config.key=value")
     logging.set_verbosity(logging.WARNING)  # orbax and jax log every checkpoint write at INFO
     if VERBOSE.value:
         os.environ[faults.VERBOSE_VARIABLE] = "1"
@@ -49,8 +52,10 @@ def main(argv):
     except (OSError, ValueError, FloatingPointError, RuntimeError) as e:  # what a user can fix
         distributed.exit_program(f"train.py: error: {e}")
     except KeyboardInterrupt:
-        distributed.exit_program("train.py: interrupted (a second Ctrl-C): nothing was saved since the last checkpoint")
-    except Exception:  # a bug: its traceback; with several processes, no wait at JAX's shutdown barrier
+        distributed.exit_program("train.py: interrupted (a second Ctrl-C): "
+                                 "nothing was saved since the last checkpoint")
+    # a bug: its traceback; with several processes, no wait at JAX's shutdown barrier
+    except Exception:
         traceback.print_exc()
         distributed.exit_program(None)
 
@@ -71,7 +76,8 @@ def _load_config(config_arg: str):
 
 
 def _config_file_error(config_arg: str) -> str | None:
-    """The file:line and message of a config file that does not load, as one line (None if it loads)."""
+    """The file:line and message of a config file that does not load, as one line (None if it
+    loads)."""
     config_file = config_arg.split(":")[0]
     try:
         _load_config(config_arg)
@@ -86,12 +92,14 @@ def _config_file_error(config_arg: str) -> str | None:
 
 
 def parse_flags(argv):
-    """absl's parser, with one line instead of a traceback for a bad config file or an unknown --config.key."""
+    """absl's parser, with one line instead of a traceback for a bad config file or an unknown
+    --config.key."""
     config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     config_file = config_arg.split(":")[0] if config_arg else None
     if config_file and not Path(config_file).is_file():
         choices = ", ".join(sorted(str(p) for p in Path("configs").glob("*.py")))
-        sys.exit(f"train.py: error: no config file {config_file} (configs here: {choices or 'none'})")
+        sys.exit(f"train.py: error: no config file {config_file} "
+                 f"(configs here: {choices or 'none'})")
     if config_file and (error := _config_file_error(config_arg)):
         sys.exit(f"train.py: error: the config file does not load: {error}")
     try:
@@ -100,7 +108,8 @@ def parse_flags(argv):
         match = re.search(r"'([^'\\]+)", str(e))
         key = match.group(1) if match else str(e)
         arg = next((a.split("=")[0] for a in argv if a.startswith("--config.") and key in a), key)
-        sys.exit(f"train.py: error: {arg}: the config has no key {key!r}{_closest_keys(config_arg, arg)}")
+        sys.exit(f"train.py: error: {arg}: the config has no key "
+                 f"{key!r}{_closest_keys(config_arg, arg)}")
     except flags.Error as e:
         reason = str(e).strip().splitlines()[-1]  # a config file's own exception comes last
         sys.exit(f"train.py: error: {reason}")

@@ -1,22 +1,25 @@
-"""Sampling speed: flaxgpt's `generate` against Hugging Face transformers' cached `generate` on the same
-weights, on the same machine, in one run; and against the memory-bandwidth floor.
+"""Sampling speed: flaxgpt's `generate` against Hugging Face transformers' cached `generate` on the
+same weights, on the same machine, in one run; and against the memory-bandwidth floor.
 
-    python benchmarks/bench_sampling.py                          # GPT-2 124M and the CPU shakespeare_char model
+    # GPT-2 124M and the CPU shakespeare_char model
+    python benchmarks/bench_sampling.py
     python benchmarks/bench_sampling.py --models gpt2 --batch_size 1 8 --dtype bfloat16
-    python benchmarks/bench_sampling.py --out_dir=out-shakespeare-char-cpu   # a trained run instead of random init
+    # a trained run instead of random init
+    python benchmarks/bench_sampling.py --out_dir=out-shakespeare-char-cpu
 
-Each case: an 8-token random prompt per row, --max_new_tokens greedy tokens (both systems must emit the same
-ones, so min_new_tokens keeps transformers from stopping early; at most block_size - 8, as transformers
-cannot crop its context), the two systems taking turns, medians of
---repeats runs after a warm-up. tokens/s count all rows. GPT-2 124M gets random weights (seed 0); the
-shakespeare_char model is the CPU config's size with the prepared dataset's vocabulary (65), or --out_dir's
-run. transformers' GPT-2 always has biases: a bias-free model is handed to it with zero biases (the same
-function). The floor is batch 1's: every weight read once per new token (wte as the tied head, the KV cache
-of the tokens so far), at the bandwidth of the faster of two reads of 512 MB (a sum, a matrix-vector
-product; see MemoryRead) taking turns with the two systems; flaxgpt/floor is how far above it a token
-takes. flaxgpt samples through a Decoder made once per model and batch size, as sample.py does (the
-time to lay its weights out is printed). Prefill: the time to the first new token of a 512-token
-prompt (GPT-2, batch 1). Needs torch and transformers (pip install torch transformers).
+Each case: an 8-token random prompt per row, --max_new_tokens greedy tokens (both systems must emit
+the same ones, so min_new_tokens keeps transformers from stopping early; at most block_size - 8, as
+transformers cannot crop its context), the two systems taking turns, medians of
+--repeats runs after a warm-up. tokens/s count all rows. GPT-2 124M gets random weights (seed 0);
+the shakespeare_char model is the CPU config's size with the prepared dataset's vocabulary (65), or
+--out_dir's run. transformers' GPT-2 always has biases: a bias-free model is handed to it with zero
+biases (the same function). The floor is batch 1's: every weight read once per new token (wte as the
+tied head, the KV cache of the tokens so far), at the bandwidth of the faster of two reads of 512 MB
+(a sum, a matrix-vector product; see MemoryRead) taking turns with the two systems; flaxgpt/floor is
+how far above it a token takes. flaxgpt samples through a Decoder made once per model and batch
+size, as sample.py does (the time to lay its weights out is printed). Prefill: the time to the first
+new token of a 512-token prompt (GPT-2, batch 1). Needs torch and transformers (pip install torch
+transformers).
 """
 
 import argparse
@@ -25,7 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+# run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -40,16 +44,18 @@ from flaxgpt.pretrained import save_pretrained  # noqa: E402
 
 
 class MemoryRead:
-    """Reads of one large float32 array by two kernels: what reading memory costs on this machine, timed in
-    turns with the runs it bounds (this shared machine's bandwidth moved between 24 and 36 GB/s from one run
-    to the next). Decoding at batch 1 reads its weights; the floor takes the faster of a sum (XLA's own
-    reduction: YNNPACK's read 7% slower) and a matrix-vector product over the array as [768, N] (XLA:CPU's
-    product reads a wide matrix faster still: 32.4 against 28.7 GB/s for the sum, the same hour)."""
+    """Reads of one large float32 array by two kernels: what reading memory costs on this machine,
+    timed in turns with the runs it bounds (this shared machine's bandwidth moved between 24 and 36
+    GB/s from one run to the next). Decoding at batch 1 reads its weights; the floor takes the
+    faster of a sum (XLA's own reduction: YNNPACK's read 7% slower) and a matrix-vector product over
+    the array as [768, N] (XLA:CPU's product reads a wide matrix faster still: 32.4 against 28.7
+    GB/s for the sum, the same hour)."""
 
     def __init__(self, n_bytes: int = 512 * 2**20, width: int = 768):
         self.array = jnp.ones(n_bytes // 4 // width * width, jnp.float32)
         vector = jnp.ones((1, width), jnp.float32)
-        sum_ = jax.jit(jnp.sum, compiler_options=xla_options.compiler_options(jax.default_backend()))
+        sum_ = jax.jit(jnp.sum,
+                       compiler_options=xla_options.compiler_options(jax.default_backend()))
         matvec = jax.jit(lambda a: vector @ a.reshape(width, -1))
         self.kernels = {"sum": lambda: sum_(self.array), "matvec": lambda: matvec(self.array)}
         for read in self.kernels.values():
@@ -57,11 +63,13 @@ class MemoryRead:
 
     def runs(self, reads: int) -> dict:
         """{"memory sum": fn, "memory matvec": fn}, each reading the array `reads` times."""
-        return {f"memory {name}": lambda read=read: [jax.block_until_ready(read()) for _ in range(reads)]
+        return {f"memory {name}":
+                lambda read=read: [jax.block_until_ready(read()) for _ in range(reads)]
                 for name, read in self.kernels.items()}
 
     def bandwidth(self, seconds: dict, reads: int) -> float:
-        """Bytes/s of the faster kernel, from median_seconds_in_turns' result (whose memory entries it removes)."""
+        """Bytes/s of the faster kernel, from median_seconds_in_turns' result (whose memory entries
+        it removes)."""
         fastest = min(seconds.pop(name) for name in [k for k in seconds if k.startswith("memory ")])
         return reads * self.array.size * 4 / fastest
 
@@ -87,11 +95,13 @@ def _fill(with_bias: dict, params: dict) -> dict:
     return params
 
 
-def floor_tokens_per_s(params, config: GPTConfig, dtype: str, context: float, bandwidth: float) -> float:
+def floor_tokens_per_s(params, config: GPTConfig, dtype: str, context: float,
+                       bandwidth: float) -> float:
     """Batch 1: every weight once per token (wpe: one row; wte as the head) plus the KV cache of
     `context` tokens."""
     itemsize = jnp.dtype(dtype).itemsize
-    n_weights = sum(x.size for x in jax.tree.leaves(params)) - params["wpe"]["embedding"].size + config.n_embd
+    n_weights = (sum(x.size for x in jax.tree.leaves(params)) - params["wpe"]["embedding"].size
+                 + config.n_embd)
     cache = 2 * config.n_layer * context * config.n_embd
     return bandwidth / ((n_weights + cache) * itemsize)
 
@@ -112,14 +122,17 @@ def compare(name, params, config, decoder: Decoder, hf, batch_size, args, memory
                                min_new_tokens=n, do_sample=False, pad_token_id=0)[:, 8:].numpy()
 
     same = np.mean(ours() == theirs())  # warm-up (compiles) and the check
-    runs, reads = {"flaxgpt": ours, "transformers": theirs}, 5  # memory: 5 reads per turn, one takes ~20 ms
+    # memory: 5 reads per turn, one takes ~20 ms
+    runs, reads = {"flaxgpt": ours, "transformers": theirs}, 5
     if batch_size == 1:  # the floor's bandwidth
         runs.update(memory.runs(reads))
     seconds = median_seconds_in_turns(runs, args.repeats)
     bandwidth = memory.bandwidth(seconds, reads) if batch_size == 1 else None
     rate = {k: batch_size * n / v for k, v in seconds.items()}
-    line = (f"{name:16s} batch {batch_size:2d}, {n:3d} tokens: flaxgpt {rate['flaxgpt']:8.1f} tok/s   transformers "
-            f"{rate['transformers']:8.1f} tok/s   flaxgpt/transformers {rate['flaxgpt'] / rate['transformers']:5.2f}x")
+    line = (f"{name:16s} batch {batch_size:2d}, {n:3d} tokens: "
+            f"flaxgpt {rate['flaxgpt']:8.1f} tok/s   transformers "
+            f"{rate['transformers']:8.1f} tok/s   flaxgpt/transformers "
+            f"{rate['flaxgpt'] / rate['transformers']:5.2f}x")
     if batch_size == 1:
         floor = floor_tokens_per_s(params, config, args.dtype, 8 + n / 2, bandwidth)
         line += (f"   floor {floor:6.1f} tok/s at {bandwidth / 1e9:.1f} GB/s, flaxgpt takes "
@@ -143,28 +156,33 @@ def prefill(config, decoder: Decoder, hf, args):
     ours(), theirs()
     seconds = median_seconds_in_turns({"flaxgpt": ours, "transformers": theirs}, args.repeats)
     ms = {k: 1e3 * v for k, v in seconds.items()}
-    print(f"gpt2 prefill of a 512-token prompt (batch 1, to the first new token): flaxgpt {ms['flaxgpt']:.0f} ms, "
-          f"transformers {ms['transformers']:.0f} ms, flaxgpt/transformers time {ms['flaxgpt'] / ms['transformers']:.2f}x")
+    print("gpt2 prefill of a 512-token prompt (batch 1, to the first new token): "
+          f"flaxgpt {ms['flaxgpt']:.0f} ms, transformers {ms['transformers']:.0f} ms, "
+          f"flaxgpt/transformers time {ms['flaxgpt'] / ms['transformers']:.2f}x")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["gpt2", "shakespeare_char"], choices=["gpt2", "shakespeare_char"])
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["gpt2", "shakespeare_char"],
+                   choices=["gpt2", "shakespeare_char"])
     p.add_argument("--batch_size", type=int, nargs="+", default=[1, 8])
     p.add_argument("--max_new_tokens", type=int, default=100)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="compute dtype and weights of both systems")
-    p.add_argument("--out_dir", help="the shakespeare_char model: a training run instead of random init")
+    p.add_argument("--out_dir",
+                   help="the shakespeare_char model: a training run instead of random init")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's own choice)")
     args = p.parse_args(argv)
 
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)
     memory = MemoryRead()
-    print(f"{jax.devices()[0].device_kind}, {torch.get_num_threads()} torch threads, jax {jax.__version__}, "
-          f"torch {torch.__version__}; {args.dtype}; "
+    print(f"{jax.devices()[0].device_kind}, {torch.get_num_threads()} torch threads, "
+          f"jax {jax.__version__}, torch {torch.__version__}; {args.dtype}; "
           f"{args.max_new_tokens} greedy new tokens after an 8-token prompt", flush=True)
     for model in args.models:
         if model == "gpt2":

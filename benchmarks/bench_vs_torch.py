@@ -1,20 +1,26 @@
 """flaxgpt's jitted train step against the same step in PyTorch, on the same CPU, in one run.
 
-    python benchmarks/bench_vs_torch.py                                  # configs/shakespeare_char.py:cpu
-    python benchmarks/bench_vs_torch.py --config.bias=True --rounds 7   # any --config.key=value override
-    python benchmarks/bench_vs_torch.py --system=jax                    # one system only (its peak memory)
-    python benchmarks/bench_vs_torch.py --components                    # block, MLP, attention, LayerNorm alone
+    # configs/shakespeare_char.py:cpu
+    python benchmarks/bench_vs_torch.py
+    # any --config.key=value override
+    python benchmarks/bench_vs_torch.py --config.bias=True --rounds 7
+    # one system only (its peak memory)
+    python benchmarks/bench_vs_torch.py --system=jax
+    # block, MLP, attention, LayerNorm alone
+    python benchmarks/bench_vs_torch.py --components
 
-The PyTorch model is nanoGPT's GPT (nanoGPT's parameter names and nn.Linear layout, SDPA causal attention,
-exact or tanh GELU as the config says, tied head) holding the very weights flaxgpt starts from (exported
-with flaxgpt.pretrained's nanoGPT mapping), trained with torch.optim.AdamW (decay on matrices only, as
-nanoGPT's configure_optimizers) and global-norm clipping: the same math as flaxgpt's step with a constant
-learning rate. Before timing, both compute the loss of one batch and must agree.
+The PyTorch model is nanoGPT's GPT (nanoGPT's parameter names and nn.Linear layout, SDPA causal
+attention, exact or tanh GELU as the config says, tied head) holding the very weights flaxgpt starts
+from (exported with flaxgpt.pretrained's nanoGPT mapping), trained with torch.optim.AdamW (decay on
+matrices only, as nanoGPT's configure_optimizers) and global-norm clipping: the same math as
+flaxgpt's step with a constant learning rate. Before timing, both compute the loss of one batch and
+must agree.
 
-The two systems take turns in blocks of --steps steps (--rounds rounds), so that a machine whose speed
-drifts slows both alike; medians are printed with the ratio flaxgpt / torch (below 1: flaxgpt faster) for
-the whole optimizer step, forward + backward, and forward alone (eval mode, no gradients). --components
-times the first block and its parts instead (forward + backward into the params and the input).
+The two systems take turns in blocks of --steps steps (--rounds rounds), so that a machine whose
+speed drifts slows both alike; medians are printed with the ratio flaxgpt / torch (below 1: flaxgpt
+faster) for the whole optimizer step, forward + backward, and forward alone (eval mode, no
+gradients). --components times the first block and its parts instead (forward + backward into the
+params and the input).
 """
 
 import argparse
@@ -23,7 +29,8 @@ import resource
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+# run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -35,11 +42,13 @@ from flaxgpt import host_memory, optim, sharding, xla_options  # noqa: E402
 from flaxgpt.model import GPTConfig  # noqa: E402
 from flaxgpt.train_step import TrainStep  # noqa: E402
 
-CONFIG = config_flags.DEFINE_config_file("config", "configs/shakespeare_char.py:cpu", "the config to compare")
+CONFIG = config_flags.DEFINE_config_file("config", "configs/shakespeare_char.py:cpu",
+                                         "the config to compare")
 
 
 def torch_gpt(config: GPTConfig, params):
-    """nanoGPT's GPT in PyTorch (float32) with flaxgpt's params -> torch.nn.Module; forward(idx, targets) -> loss."""
+    """nanoGPT's GPT in PyTorch (float32) with flaxgpt's params -> torch.nn.Module; forward(idx,
+    targets) -> loss."""
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -86,7 +95,8 @@ def torch_gpt(config: GPTConfig, params):
             super().__init__()
             self.transformer = nn.ModuleDict(dict(
                 wte=nn.Embedding(V, C), wpe=nn.Embedding(config.block_size, C),
-                h=nn.ModuleList([Block() for _ in range(config.n_layer)]), ln_f=nn.LayerNorm(C, bias=config.bias)))
+                h=nn.ModuleList([Block() for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(C, bias=config.bias)))
             self.lm_head = nn.Linear(C, V, bias=False)
             self.lm_head.weight = self.transformer.wte.weight  # tied
 
@@ -99,31 +109,37 @@ def torch_gpt(config: GPTConfig, params):
             return F.cross_entropy(logits.view(-1, V), targets.view(-1))
 
     model = GPT()
-    state = {f"transformer.{k}": torch.from_numpy(v) for k, v in _to_torch(params, config, linear=True).items()}
+    state = {f"transformer.{k}": torch.from_numpy(v)
+             for k, v in _to_torch(params, config, linear=True).items()}
     state["lm_head.weight"] = state["transformer.wte.weight"]
     model.load_state_dict(state, strict=True)
     return model
 
 
 def torch_optimizer(model, config):
-    """nanoGPT's configure_optimizers on a CPU: AdamW, weight decay on the >= 2-D parameters only."""
+    """nanoGPT's configure_optimizers on a CPU: AdamW, weight decay on the >= 2-D parameters
+    only."""
     import torch
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2), eps=1e-8)
+    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2),
+                             eps=1e-8)
 
 
 def compare(systems: dict, steps: int, rounds: int) -> dict:
-    """systems: {system: {measure: fn}} -> {system: {measure: median seconds per call}}: after 3 warm-up
-    calls each, every round times each measure of each system in turn, a block of `steps` calls."""
+    """systems: {system: {measure: fn}} -> {system: {measure: median seconds per call}}: after 3
+    warm-up calls each, every round times each measure of each system in turn, a block of `steps`
+    calls."""
     for measures in systems.values():  # compile and warm up
         for fn in measures.values():
             for _ in range(3):
                 fn()
-    runs = {(name, measure): systems[name][measure] for measure in next(iter(systems.values())) for name in systems}
+    runs = {(name, measure): systems[name][measure]
+            for measure in next(iter(systems.values())) for name in systems}
     seconds = benchmarking.median_seconds_in_turns(runs, rounds, calls=steps)
-    return {name: {measure: seconds[name, measure] for measure in measures} for name, measures in systems.items()}
+    return {name: {measure: seconds[name, measure] for measure in measures}
+            for name, measures in systems.items()}
 
 
 def print_ratios(medians: dict) -> None:
@@ -135,29 +151,35 @@ def print_ratios(medians: dict) -> None:
 
 
 def component_measures(config: GPTConfig, params, torch_model, batch: int, options) -> dict:
-    """The first block and its parts, forward + backward on a random [B, T, C] input against a random
-    cotangent, jitted with the train step's compiler `options`: {"flaxgpt": {part: fn}, "torch": {part: fn}}."""
+    """The first block and its parts, forward + backward on a random [B, T, C] input against a
+    random cotangent, jitted with the train step's compiler `options`: {"flaxgpt": {part: fn},
+    "torch": {part: fn}}."""
     import jax.numpy as jnp
     import torch
 
     from flaxgpt import model as model_lib
     from flaxgpt.layer_stacking import convert_layers
 
-    x_np, g_np = np.random.default_rng(0).standard_normal((2, batch, config.block_size, config.n_embd), np.float32)
+    x_np, g_np = np.random.default_rng(0).standard_normal(
+        (2, batch, config.block_size, config.n_embd), np.float32)
     x, g = jnp.asarray(x_np), jnp.asarray(g_np)
     tx, tg = torch.from_numpy(x_np).requires_grad_(True), torch.from_numpy(g_np)
     params = convert_layers(params, scan_layers=False)  # h_0 ... also when the config scans
     block = torch_model.transformer.h[0]
     parts = {"block": (model_lib.Block(config), params["h_0"], block),
-             "attention": (model_lib.CausalSelfAttention(config), params["h_0"]["attn"], block.attn),
+             "attention": (model_lib.CausalSelfAttention(config), params["h_0"]["attn"],
+                           block.attn),
              "MLP": (model_lib.MLP(config), params["h_0"]["mlp"], block.mlp),
              "LayerNorm": (model_lib.layer_norm(config, "ln_1"), params["h_0"]["ln_1"], block.ln_1)}
-    first = lambda y: y[0] if isinstance(y, tuple) else y  # block and attention also return their cache
+    # block and attention also return their cache
+    first = lambda y: y[0] if isinstance(y, tuple) else y
     measures = {"flaxgpt": {}, "torch": {}}
     for part, (module, part_params, torch_module) in parts.items():
-        loss = lambda p, xs, cotangent, module=module: jnp.vdot(first(module.apply({"params": p}, xs)), cotangent)
+        loss = lambda p, xs, cotangent, module=module: jnp.vdot(
+            first(module.apply({"params": p}, xs)), cotangent)
         grad = jax.jit(jax.grad(loss, argnums=(0, 1)), compiler_options=options)
-        measures["flaxgpt"][part] = lambda grad=grad, p=part_params: jax.block_until_ready(grad(p, x, g))
+        measures["flaxgpt"][part] = lambda grad=grad, p=part_params: jax.block_until_ready(
+            grad(p, x, g))
 
         def torch_grad(module=torch_module):
             module.zero_grad(set_to_none=True)
@@ -171,10 +193,12 @@ def component_measures(config: GPTConfig, params, torch_model, batch: int, optio
 def main(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=20, help="steps per timed block")
-    p.add_argument("--rounds", type=int, default=5, help="alternating blocks per system and measure")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="alternating blocks per system and measure")
     p.add_argument("--system", choices=("both", "jax", "torch"), default="both")
     p.add_argument("--vocab_size", type=int, default=None, help="default: the prepared dataset's")
-    p.add_argument("--components", action="store_true", help="time the first block and its parts instead")
+    p.add_argument("--components", action="store_true",
+                   help="time the first block and its parts instead")
     args, absl_argv = p.parse_known_args(argv[1:])
     flags.FLAGS([argv[0], *absl_argv])
     if args.components and args.system != "both":
@@ -183,7 +207,8 @@ def main(argv):
     config.decay_lr = False  # a constant learning rate in both systems
     model = benchmarking.benchmark_model(config, args.vocab_size)
     if model.dropout:
-        sys.exit("bench_vs_torch.py: set --config.dropout=0 (the two systems draw different dropout masks)")
+        sys.exit("bench_vs_torch.py: set --config.dropout=0 "
+                 "(the two systems draw different dropout masks)")
     A, B, T = config.gradient_accumulation_steps, config.batch_size, model.block_size
     if A != 1:
         sys.exit("bench_vs_torch.py: set --config.gradient_accumulation_steps=1")
@@ -225,7 +250,8 @@ def main(argv):
                 torch_loss = float(tmodel(tx, ty))
             jax_loss = float(loss_fn(host_params_dev, x[0], y[0]))
             if not math.isclose(torch_loss, jax_loss, rel_tol=1e-4):
-                sys.exit(f"the two models disagree: loss {jax_loss} (flaxgpt) vs {torch_loss} (torch)")
+                sys.exit(f"the two models disagree: loss {jax_loss} (flaxgpt) "
+                         f"vs {torch_loss} (torch)")
             print(f"same loss on one batch: flaxgpt {jax_loss:.6f}, torch {torch_loss:.6f}")
 
         def torch_step():
@@ -243,17 +269,20 @@ def main(argv):
             with torch.no_grad():
                 tmodel(tx, ty)
 
-        systems["torch"] = {"train step": torch_step, "forward + backward": torch_fwd_bwd, "forward": torch_forward}
+        systems["torch"] = {"train step": torch_step, "forward + backward": torch_fwd_bwd,
+                            "forward": torch_forward}
         print(f"torch {torch.__version__} on {torch.get_num_threads()} threads")
 
-    print(f"jax {jax.__version__}; model {model.n_layer} layers x {model.n_embd} wide, {model.n_head} heads, "
-          f"vocab {model.vocab_size}, bias {model.bias}, gelu {'tanh' if model.gelu_approximate else 'erf'}; "
+    print(f"jax {jax.__version__}; model {model.n_layer} layers x {model.n_embd} wide, "
+          f"{model.n_head} heads, vocab {model.vocab_size}, bias {model.bias}, "
+          f"gelu {'tanh' if model.gelu_approximate else 'erf'}; "
           f"batch {B} x {T}; {args.rounds} rounds of {args.steps} steps, medians", flush=True)
     if args.components:
         systems = component_measures(model, host_params, tmodel, B, options)
         print("forward + backward (params and input gradients) of the first block and its parts:")
     print_ratios(compare(systems, args.steps, args.rounds))
-    print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    print("peak RSS of this process: "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 
 
 if __name__ == "__main__":

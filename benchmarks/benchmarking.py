@@ -24,12 +24,14 @@ def dataset_vocab_size(config) -> int:
 
 
 def benchmark_model(config, vocab_size: int | None = None) -> GPTConfig:
-    """The GPTConfig that training with `config` builds (vocab_size: given, or the prepared dataset's)."""
+    """The GPTConfig that training with `config` builds (vocab_size: given, or the prepared
+    dataset's)."""
     return model_config(config, vocab_size or dataset_vocab_size(config))
 
 
 def time_steps(step: Callable[[Any], Any], state, *, steps: int, repeats: int = 1, warmup: int = 2):
-    """Run `state = step(state)` warmup times, then `repeats` blocks of `steps` calls dispatched back to back.
+    """Run `state = step(state)` warmup times, then `repeats` blocks of `steps` calls dispatched
+    back to back.
 
     -> (the last state, [seconds per step of each block]).
     """
@@ -46,10 +48,12 @@ def time_steps(step: Callable[[Any], Any], state, *, steps: int, repeats: int = 
     return state, per_step
 
 
-def median_seconds_in_turns(runs: dict[Any, Callable[[], Any]], repeats: int, calls: int = 1) -> dict:
-    """{key: fn} -> {key: median seconds per call of fn}, over `repeats` rounds in which each fn in turn is
-    called `calls` times back to back (fn returns once its work is done). Taking turns, the runs see the
-    same machine: on a shared one whose speed drifts, they slow alike and their ratio holds."""
+def median_seconds_in_turns(runs: dict[Any, Callable[[], Any]], repeats: int,
+                            calls: int = 1) -> dict:
+    """{key: fn} -> {key: median seconds per call of fn}, over `repeats` rounds in which each fn in
+    turn is called `calls` times back to back (fn returns once its work is done). Taking turns, the
+    runs see the same machine: on a shared one whose speed drifts, they slow alike and their ratio
+    holds."""
     times = {key: [] for key in runs}
     for _ in range(repeats):
         for key, fn in runs.items():

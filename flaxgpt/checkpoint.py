@@ -1,12 +1,13 @@
-"""Checkpoints with orbax: params, optimizer state and a JSON record (step, run id, best val loss, configs,
-a checksum of every array).
+"""Checkpoints with orbax: params, optimizer state and a JSON record (step, run id, best val loss,
+configs, a checksum of every array).
 
-Layout: `<out_dir>/checkpoints/<step>/{params,opt_state,meta}`, in a local folder or a bucket (gs://).
-Every process writes its own shards, so a checkpoint saved on one mesh restores onto any other (the
-restore target carries the shardings). With several processes, process 0 lists the steps and every
-process tries the same step; a step that one of them cannot read is passed over by all of them.
-The checksums are computed on the devices when a step is saved and checked when it is restored, so a file
-that changed on disk (bit rot, a bad copy) makes that step unreadable instead of loading wrong weights.
+Layout: `<out_dir>/checkpoints/<step>/{params,opt_state,meta}`, in a local folder or a bucket
+(gs://). Every process writes its own shards, so a checkpoint saved on one mesh restores onto any
+other (the restore target carries the shardings). With several processes, process 0 lists the steps
+and every process tries the same step; a step that one of them cannot read is passed over by all of
+them. The checksums are computed on the devices when a step is saved and checked when it is
+restored, so a file that changed on disk (bit rot, a bad copy) makes that step unreadable instead of
+loading wrong weights.
 """
 
 import logging
@@ -45,7 +46,8 @@ class CorruptCheckpointError(ValueError):
 
 
 def saved_steps(out_dir: str | os.PathLike) -> list[int]:
-    """The step directories in `<out_dir>/checkpoints` (readable or not), oldest first, without orbax."""
+    """The step directories in `<out_dir>/checkpoints` (readable or not), oldest first, without
+    orbax."""
     directory = storage.path(out_dir) / "checkpoints"
     if not directory.is_dir():
         return []
@@ -71,7 +73,8 @@ def _checksums(tree):
         else:
             unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
             bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
-        weights = jnp.arange(x.size, dtype=jnp.uint32).reshape(x.shape) * jnp.uint32(2654435761) + jnp.uint32(1)
+        weights = (jnp.arange(x.size, dtype=jnp.uint32).reshape(x.shape) * jnp.uint32(2654435761)
+                   + jnp.uint32(1))
         return jnp.sum(bits * weights, dtype=jnp.uint32)
     return jax.tree.map(checksum, tree)
 
@@ -85,28 +88,30 @@ def tree_checksums(tree) -> dict[str, int]:
 
 def verify_checksums(tree, expected: dict[str, int], where: storage.Path) -> None:
     """Raise CorruptCheckpointError naming the arrays whose checksum differs from the saved one."""
-    bad = [path for path, value in tree_checksums(tree).items() if path in expected and expected[path] != value]
+    bad = [path for path, value in tree_checksums(tree).items()
+           if path in expected and expected[path] != value]
     if bad:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        raise CorruptCheckpointError(f"{where}: {', '.join(bad[:3])}{more} differ from the checksums saved with "
-                                     "them (the files changed on disk)")
+        raise CorruptCheckpointError(f"{where}: {', '.join(bad[:3])}{more} differ from the "
+                                     "checksums saved with them (the files changed on disk)")
 
 
 class Checkpoints:
-    """Saves and restores training checkpoints in `<out_dir>/checkpoints`; a context manager that waits for
-    the last save and closes on exit."""
+    """Saves and restores training checkpoints in `<out_dir>/checkpoints`; a context manager that
+    waits for the last save and closes on exit."""
 
-    def __init__(self, out_dir: str | os.PathLike, *, max_to_keep: int | None = 3, async_save: bool = True,
-                 create: bool = True):
+    def __init__(self, out_dir: str | os.PathLike, *, max_to_keep: int | None = 3,
+                 async_save: bool = True, create: bool = True):
         out_dir = storage.path(out_dir)
-        self.directory = (out_dir if storage.is_remote(out_dir) else out_dir.absolute()) / "checkpoints"
+        self.directory = ((out_dir if storage.is_remote(out_dir) else out_dir.absolute())
+                          / "checkpoints")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=create,
             enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("params", "opt_state", "meta"))
-        # Reads go through the handlers, without the barrier orbax's restore ends with: a process that
-        # fails to read must not leave the others waiting there (see `restore`).
+        # Reads go through the handlers, without the barrier orbax's restore ends with: a process
+        # that fails to read must not leave the others waiting there (see `restore`).
         self._arrays = ocp.StandardCheckpointHandler()
 
     def __enter__(self):
@@ -122,8 +127,9 @@ class Checkpoints:
         return sorted(self.manager.all_steps()) if self.directory.is_dir() else []
 
     def set_aside(self, steps: list[int]) -> None:
-        """Rename unreadable step directories to `<step>.unreadable`: kept on disk, but no longer counted
-        as checkpoints (so a resumed run can write that step again and max_to_keep counts good ones)."""
+        """Rename unreadable step directories to `<step>.unreadable`: kept on disk, but no longer
+        counted as checkpoints (so a resumed run can write that step again and max_to_keep counts
+        good ones)."""
         if distributed.is_main_process():
             for step in steps:
                 path = self.directory / str(step)
@@ -138,16 +144,20 @@ class Checkpoints:
         self.manager.reload()
 
     def save(self, step: int, params, opt_state, meta: dict[str, Any]) -> None:
-        """Start writing step `step` (in the background when async); `wait()` before reading it back."""
+        """Start writing step `step` (in the background when async); `wait()` before reading it
+        back."""
         self.check_for_errors()  # an earlier background save that failed is reported as such
-        meta = {**meta, "checksums": {"params": tree_checksums(params), "opt_state": tree_checksums(opt_state)}}
-        self.directory.mkdir(parents=True, exist_ok=True)  # here, not before: a run that fails early leaves nothing
+        meta = {**meta, "checksums": {"params": tree_checksums(params),
+                                      "opt_state": tree_checksums(opt_state)}}
+        # here, not before: a run that fails early leaves nothing
+        self.directory.mkdir(parents=True, exist_ok=True)
         self._saving = (step, sum(x.nbytes for x in jax.tree.leaves((params, opt_state))))
         try:
             self.manager.save(step, args=ocp.args.Composite(
                 params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
                 meta=ocp.args.JsonSave(meta)), force=True)
-        except Exception as e:  # a synchronous save fails here, with the writer's error inside orbax's
+        # a synchronous save fails here, with the writer's error inside orbax's
+        except Exception as e:
             raise self._save_error(e) from None
 
     def wait(self) -> None:
@@ -160,28 +170,30 @@ class Checkpoints:
         """Raise an OSError of one line if a background save failed (e.g. the disk is full)."""
         try:
             self.manager.check_for_errors()
-            # orbax's finalize thread keeps the writer's error for itself (check_for_errors alone never sees
-            # it); once no save is in progress, waiting returns at once and raises it
+            # orbax's finalize thread keeps the writer's error for itself (check_for_errors alone
+            # never sees it); once no save is in progress, waiting returns at once and raises it
             if not self.manager.is_saving_in_progress():
                 self.manager.wait_until_finished()
         except Exception as e:
             raise self._save_error(e) from None
 
     def _save_error(self, error: Exception) -> OSError:
-        """One line for a failed save: the root cause first (a full disk: the space it needs), which step,
-        and that nothing was lost (orbax writes a step under a temporary name and renames it only once it
-        is complete)."""
+        """One line for a failed save: the root cause first (a full disk: the space it needs), which
+        step, and that nothing was lost (orbax writes a step under a temporary name and renames it
+        only once it is complete)."""
         step, n_bytes = getattr(self, "_saving", (None, 0))
         where = self.directory / str(step)
         if faults.is_disk_full(error):
-            free = 0 if storage.is_remote(self.directory) else shutil.disk_usage(self.directory).free
+            free = (0 if storage.is_remote(self.directory)
+                    else shutil.disk_usage(self.directory).free)
             what = (f"disk full: saving checkpoint {where} needs about {n_bytes / 2**20:,.1f} MiB, "
                     f"{max(n_bytes - free, 0) / 2**20:,.1f} MiB more than is free")
         else:
             what = f"saving checkpoint {where} failed ({faults.describe(error)}); it needs about " \
                    f"{n_bytes / 2**20:,.1f} MiB free"
-        failure = OSError(f"{what}. Nothing was lost: the earlier checkpoints in {self.directory} are untouched; "
-                          "free some space, then resume from the newest with --config.init_from=resume")
+        failure = OSError(f"{what}. Nothing was lost: the earlier checkpoints in {self.directory} "
+                          "are untouched; free some space, then resume from the newest with "
+                          "--config.init_from=resume")
         failure.errno = getattr(faults.innermost(error), "errno", None)
         return failure
 
@@ -194,21 +206,24 @@ class Checkpoints:
 
     def restore(self, abstract_params, abstract_opt_state=None, *, step: int | None = None,
                 run_id: str | None = None, newest: int | None = None):
-        """Restore the newest readable step (or `step`; or the newest from `newest` down) -> (params,
-        opt_state or None, meta).
+        """Restore the newest readable step (or `step`; or the newest from `newest` down) ->
+        (params, opt_state or None, meta).
 
-        The abstract trees (jax.ShapeDtypeStruct with shardings) say where every shard goes. With run_id,
-        steps that another run saved are passed over. Arrays are checked against their saved checksums.
+        The abstract trees (jax.ShapeDtypeStruct with shardings) say where every shard goes. With
+        run_id, steps that another run saved are passed over. Arrays are checked against their saved
+        checksums.
 
-        Several processes try the steps process 0 lists, in the same order: each reads its own shards,
-        then they compare; a step that any of them could not read is passed over by all (the warning
-        names the process and its reason), and the checksums, computed by all together, decide alike.
+        Several processes try the steps process 0 lists, in the same order: each reads its own
+        shards, then they compare; a step that any of them could not read is passed over by all (the
+        warning names the process and its reason), and the checksums, computed by all together,
+        decide alike.
         """
         targets = {"params": abstract_params}
         if abstract_opt_state is not None:
             targets["opt_state"] = abstract_opt_state
 
-        def read(s):  # this process's shards only: no collective, so a failure here cannot strand a peer
+        # this process's shards only: no collective, so a failure here cannot strand a peer
+        def read(s):
             meta = self.read_meta(s)
             if run_id is not None and meta.get("run_id") != run_id:
                 raise ValueError(f"saved by run {meta.get('run_id')}, not by run {run_id}")
@@ -217,7 +232,8 @@ class Checkpoints:
                         for name, target in targets.items()}
             return restored, meta
 
-        candidates = [step] if step is not None else distributed.decided_by_main("checkpoint steps", self.steps)[::-1]
+        candidates = ([step] if step is not None
+                      else distributed.decided_by_main("checkpoint steps", self.steps)[::-1])
         candidates = [s for s in candidates if newest is None or s <= newest]
         if not candidates:
             raise CheckpointNotFoundError(f"no checkpoint in {self.directory}: train first, or use "
@@ -234,11 +250,14 @@ class Checkpoints:
                     process, reason = bad[0]
                     where = f" on process {process}" if len(failures) > 1 else ""
                     raise UnreadableCheckpointError(f"{self.directory / str(s)}{where}", reason)
-                # the checksums are computed by all processes together: every one gets the same verdict
+                # the checksums are computed by all processes together: every one gets the same
+                # verdict
                 for name, tree in restored.items():
-                    verify_checksums(tree, meta.get("checksums", {}).get(name, {}), self.directory / str(s))
+                    verify_checksums(tree, meta.get("checksums", {}).get(name, {}),
+                                     self.directory / str(s))
             except CorruptCheckpointError as e:
-                error = UnreadableCheckpointError(self.directory / str(s), str(e).split(": ", 1)[-1])
+                error = UnreadableCheckpointError(self.directory / str(s),
+                                                  str(e).split(": ", 1)[-1])
             except UnreadableCheckpointError as e:
                 error = e
             else:
@@ -252,8 +271,8 @@ class Checkpoints:
     def newest_readable(self, read, *, step: int | None = None):
         """`read(step)` of the newest step it succeeds on (or of `step` alone).
 
-        A step that cannot be read (half written, foreign, corrupt) is skipped with a warning and left
-        on disk: it is never deleted here.
+        A step that cannot be read (half written, foreign, corrupt) is skipped with a warning and
+        left on disk: it is never deleted here.
         """
         candidates = [step] if step is not None else self.steps()[::-1]
         if not candidates:
@@ -274,10 +293,12 @@ class Checkpoints:
 
 
 def model_config_from_meta(meta: dict[str, Any], **overrides) -> GPTConfig:
-    return GPTConfig(**{"scan_layers": False, **meta["model"], **overrides})  # older runs had no scan
+    # older runs had no scan
+    return GPTConfig(**{"scan_layers": False, **meta["model"], **overrides})
 
 
-def load_run(out_dir: str | os.PathLike, *, dtype: str | None = None) -> tuple[GPTConfig, Any, dict[str, Any]]:
+def load_run(out_dir: str | os.PathLike, *,
+             dtype: str | None = None) -> tuple[GPTConfig, Any, dict[str, Any]]:
     """(model config, params, meta) of the newest readable checkpoint of a training run, on the
     default device.
 
@@ -292,22 +313,26 @@ def load_run(out_dir: str | os.PathLike, *, dtype: str | None = None) -> tuple[G
     with Checkpoints(out_dir, create=False) as checkpoints:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
-        def read(step):  # the model's shape is stored in the checkpoint; the params' target follows from it
+        # the model's shape is stored in the checkpoint; the params' target follows from it
+        def read(step):
             config = model_config_from_meta(checkpoints.read_meta(step), attention="auto",
                                             **({"dtype": dtype} if dtype else {}))
             shapes = jax.eval_shape(lambda rng: init_params(config, rng), jax.random.key(0))
-            target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
+            target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                                  shapes)
             params, _, meta = checkpoints.restore(target, step=step)
             return config, params, {"step": step, **meta}
 
         try:
             return checkpoints.newest_readable(read)
         except CheckpointNotFoundError:
-            raise CheckpointNotFoundError(f"no checkpoint in {checkpoints.directory}: train a model with "
+            raise CheckpointNotFoundError(f"no checkpoint in {checkpoints.directory}: "
+                                          "train a model with "
                                           f"train.py --config.out_dir={out_dir} first") from None
 
 
 def load_params(out_dir: str | os.PathLike, *, dtype: str | None = None) -> tuple[GPTConfig, Any]:
-    """The model config and params of the newest readable checkpoint of a training run (see `load_run`)."""
+    """The model config and params of the newest readable checkpoint of a training run (see
+    `load_run`)."""
     config, params, _ = load_run(out_dir, dtype=dtype)
     return config, params

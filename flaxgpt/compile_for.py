@@ -220,8 +220,8 @@ def _vocab_size(config) -> int:
 
 
 def batch_for_target(config, devices, print_fn=print):
-    """The config, with batch_size and gradient_accumulation_steps changed (and a line saying so) when
-    its batch does not divide over the target's data-parallel devices."""
+    """The config, with batch_size and gradient_accumulation_steps changed (and a line saying so)
+    when its batch does not divide over the target's data-parallel devices."""
     from flaxgpt import sharding
     mesh = sharding.make_mesh(config.mesh, devices=devices)
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -231,8 +231,9 @@ def batch_for_target(config, devices, print_fn=print):
     batch, accumulation = sharding.divisible_batch(B, A, data_parallel)
     sequences = (f"the same {A * B} sequences per step" if batch * accumulation == A * B else
                  f"{batch * accumulation} sequences per step instead of {A * B}")
-    print_fn(f"batch: batch_size={B} does not divide over the {data_parallel} data-parallel devices, so this "
-             f"compiles --config.batch_size={batch} --config.gradient_accumulation_steps={accumulation} "
+    print_fn(f"batch: batch_size={B} does not divide over the {data_parallel} data-parallel "
+             f"devices, so this compiles --config.batch_size={batch} "
+             f"--config.gradient_accumulation_steps={accumulation} "
              f"({sequences}); set both to choose another split")
     config = config.copy_and_resolve_references()
     config.batch_size, config.gradient_accumulation_steps = batch, accumulation
@@ -240,8 +241,9 @@ def batch_for_target(config, devices, print_fn=print):
 
 
 def host_rows(train_step, batch_size: int) -> str:
-    """The per-host row plan of the target's batch, as training reads it (`sharding.rows_by_process`),
-    checked: every row of the batch is read by some host. -> a line describing it."""
+    """The per-host row plan of the target's batch, as training reads it
+    (`sharding.rows_by_process`), checked: every row of the batch is read by some host. -> a line
+    describing it."""
     from flaxgpt import sharding
     rows = sharding.rows_by_process(train_step.batch_sharding, (1, batch_size, 1), batch_axis=1)
     read = np.concatenate(list(rows.values()))
@@ -251,10 +253,11 @@ def host_rows(train_step, batch_size: int) -> str:
     blocks = np.split(first, np.flatnonzero(np.diff(first) != 1) + 1)
     shown = ", ".join(f"{b[0]}-{b[-1]}" if len(b) > 1 else f"{b[0]}" for b in blocks[:4])
     shown += ", ..." if len(blocks) > 4 else ""
-    shared = "; rows read by several hosts (a mesh axis that does not split the batch spans hosts)" \
-        if len(read) > batch_size else ""
-    return (f"per-host rows: {len(rows)} host{'s' * (len(rows) > 1)}, each reads {len(first)} of the {batch_size} "
-            f"rows of a micro-batch ({'one block' if len(blocks) == 1 else 'interleaved'}; host {min(rows)}: "
+    shared = ("; rows read by several hosts (a mesh axis that does not split the batch spans hosts)"
+              if len(read) > batch_size else "")
+    return (f"per-host rows: {len(rows)} host{'s' * (len(rows) > 1)}, each reads {len(first)} of "
+            f"the {batch_size} rows of a micro-batch "
+            f"({'one block' if len(blocks) == 1 else 'interleaved'}; host {min(rows)}: "
             f"rows {shown}){shared}: ok")
 
 

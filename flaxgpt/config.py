@@ -25,13 +25,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.always_save_checkpoint = True  # else save only when val loss improves
     c.max_to_keep = 3  # checkpoints kept in out_dir/checkpoints
     c.async_checkpointing = True
-    c.init_from = "scratch"  # "scratch", "resume" (from out_dir), or a GPT-2 name / Hugging Face folder
-    c.overwrite = False  # a new run in an out_dir holding another run's checkpoints moves them to out_dir/previous/
+    # "scratch", "resume" (from out_dir), or a GPT-2 name / Hugging Face folder
+    c.init_from = "scratch"
+    # a new run in an out_dir holding another run's checkpoints moves them to out_dir/previous/
+    c.overwrite = False
     # logging
     c.progress = True  # a progress bar with ETA on a terminal (plain lines elsewhere)
     c.tensorboard = True  # TensorBoard scalars in out_dir/tensorboard
     c.profile_steps = ""  # "START:STOP": a jax.profiler trace of those steps in out_dir/profile
-    # Compiled steps kept for the next run: default $FLAXGPT_CACHE/xla or ~/.cache/flaxgpt/xla; "" = none.
+    # Compiled steps kept for the next run: default $FLAXGPT_CACHE/xla or ~/.cache/flaxgpt/xla; "" =
+    # none.
     c.compilation_cache_dir = config_dict.placeholder(str)
     c.wandb_log = False
     c.wandb_project = "owt"
@@ -48,13 +51,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.n_embd = 768
     c.dropout = 0.0  # 0 for pretraining, 0.1+ for finetuning
     c.bias = False  # as nanoGPT trains from scratch; GPT-2 checkpoints bring their own biases
-    c.gelu_approximate = False  # exact erf GELU, as nanoGPT trains; GPT-2 checkpoints bring their tanh GELU
-    # attention: auto (splash on TPU, cuDNN on NVIDIA GPUs in bfloat16/float16, else xla), xla, cudnn, splash
+    # exact erf GELU, as nanoGPT trains; GPT-2 checkpoints bring their tanh GELU
+    c.gelu_approximate = False
+    # attention: auto (splash on TPU, cuDNN on NVIDIA GPUs in bfloat16/float16, else xla), xla,
+    # cudnn, splash
     c.attention = "auto"
     c.scan_layers = True  # the blocks as one nn.scan: compile time stays flat as n_layer grows
     # rematerialisation per block, what the backward pass keeps (flaxgpt/model.py REMAT_POLICIES):
     # none (everything), full (only block inputs: least memory, ~1/3 more compute), dots_saveable
-    # (matmul outputs), dots_with_no_batch_dims_saveable (projections, not attention's [T, T] products)
+    # (matmul outputs), dots_with_no_batch_dims_saveable (projections, not attention's [T, T]
+    # products)
     c.remat = "none"
     # AdamW
     c.learning_rate = 6e-4
@@ -93,24 +99,28 @@ def resolve_dtype(name: str) -> str:
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
-def model_config(config: ml_collections.ConfigDict, vocab_size: int, *, dtype: str | None = None) -> GPTConfig:
-    """The GPTConfig a training config describes: each GPTConfig field is the config key of the same name,
-    except vocab_size (the dataset's) and dtype ("auto" resolved, or `dtype` when given)."""
+def model_config(config: ml_collections.ConfigDict, vocab_size: int, *,
+                 dtype: str | None = None) -> GPTConfig:
+    """The GPTConfig a training config describes: each GPTConfig field is the config key of the same
+    name, except vocab_size (the dataset's) and dtype ("auto" resolved, or `dtype` when given)."""
     fields = {f.name: config[f.name] for f in dataclasses.fields(GPTConfig) if f.name in config}
-    return GPTConfig(**{**fields, "vocab_size": vocab_size, "dtype": dtype or resolve_dtype(config.dtype)})
+    return GPTConfig(**{**fields, "vocab_size": vocab_size,
+                        "dtype": dtype or resolve_dtype(config.dtype)})
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Errors for settings that parse but cannot work, each naming the key. Touches no device, so it can
-    run before `distributed.initialize`; the model's own settings are checked by GPTConfig."""
-    for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
+    """Errors for settings that parse but cannot work, each naming the key. Touches no device, so it
+    can run before `distributed.initialize`; the model's own settings are checked by GPTConfig."""
+    for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
+                "log_interval"):
         if config[key] <= 0:
             raise ValueError(f"config.{key} must be positive, got {config[key]}")
     if config.max_iters < 0:
         raise ValueError(f"config.max_iters must be >= 0, got {config.max_iters}")
     if config.dtype == "float16":
-        raise ValueError("config.dtype='float16' would train without loss scaling, so small gradients underflow "
-                         "to zero: use dtype='bfloat16' (float32's range, the same speed on GPUs and TPUs)")
+        raise ValueError("config.dtype='float16' would train without loss scaling, so small "
+                         "gradients underflow to zero: use dtype='bfloat16' (float32's range, the "
+                         "same speed on GPUs and TPUs)")
     if config.dtype not in ("auto", "float32", "bfloat16"):
         raise ValueError(f"config.dtype={config.dtype!r}: use auto, float32 or bfloat16")
     if config.param_dtype not in ("float32", "bfloat16"):
@@ -118,7 +128,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.max_to_keep < 1:
         raise ValueError(f"config.max_to_keep must be at least 1, got {config.max_to_keep}")
     if config.attention == "cudnn" and config.dropout > 0:
-        raise ValueError("attention='cudnn' has no attention dropout: set config.dropout=0, or use attention='xla' "
+        raise ValueError("attention='cudnn' has no attention dropout: set config.dropout=0, "
+                         "or use attention='xla' "
                          "(dropout then runs through a masked-softmax attention)")
     parse_profile_steps(config.profile_steps)
     # The model's own checks (heads divide the width, known attention, ...), with any vocabulary.

@@ -1,5 +1,6 @@
-"""nanoGPT's sampling algorithm, the reference that `generate` is tested and benchmarked against: for every
-new token, a full causal forward over the context cropped to its last block_size tokens (no cache)."""
+"""nanoGPT's sampling algorithm, the reference that `generate` is tested and benchmarked against:
+for every new token, a full causal forward over the context cropped to its last block_size tokens
+(no cache)."""
 
 import functools
 
@@ -11,11 +12,13 @@ from flaxgpt.model import GPT, GPTConfig
 
 
 @functools.partial(jax.jit, static_argnames="config", donate_argnames="tokens")
-def _naive_step(params, config: GPTConfig, sampler: Sampler, tokens, valid, start, length, step, rng):
-    """tokens [B, W] holds `length` columns; append new token `step` after a full forward over its context,
-    columns [start, length). One shape for every step: the forward covers the S columns from `start`; causal
-    attention never looks past the last one, so the columns after it do not matter. valid [B, W] marks the
-    real columns (left padding is not), or is None for nanoGPT's plain causal forward."""
+def _naive_step(params, config: GPTConfig, sampler: Sampler, tokens, valid, start, length, step,
+                rng):
+    """tokens [B, W] holds `length` columns; append new token `step` after a full forward over its
+    context, columns [start, length). One shape for every step: the forward covers the S columns
+    from `start`; causal attention never looks past the last one, so the columns after it do not
+    matter. valid [B, W] marks the real columns (left padding is not), or is None for nanoGPT's
+    plain causal forward."""
     S = config.block_size
     context = jax.lax.dynamic_slice_in_dim(tokens, start, S, axis=1)
     padding = {}
@@ -29,13 +32,14 @@ def _naive_step(params, config: GPTConfig, sampler: Sampler, tokens, valid, star
 
 
 def generate_naive(params, config: GPTConfig, prompt, *, max_new_tokens: int, rng: jax.Array,
-                   temperature=1.0, top_k: int | None = None, top_p: float | None = None, prompt_mask=None,
-                   window_shift: int = 1) -> jax.Array:
-    """nanoGPT's GPT.generate, the reference: for every new token a full causal forward over its context
-    (compiled once, as a forward of block_size tokens). prompt [B, T0] -> new tokens [B, N], sampled with
-    the same random keys as `generate`, under its window_shift policy: the context runs from a window start
-    that jumps window_shift columns ahead whenever the context would exceed block_size (1: nanoGPT's crop).
-    prompt_mask: as in `generate` (the window counts the padding columns too); None runs nanoGPT's forward."""
+                   temperature=1.0, top_k: int | None = None, top_p: float | None = None,
+                   prompt_mask=None, window_shift: int = 1) -> jax.Array:
+    """nanoGPT's GPT.generate, the reference: for every new token a full causal forward over its
+    context (compiled once, as a forward of block_size tokens). prompt [B, T0] -> new tokens [B, N],
+    sampled with the same random keys as `generate`, under its window_shift policy: the context runs
+    from a window start that jumps window_shift columns ahead whenever the context would exceed
+    block_size (1: nanoGPT's crop). prompt_mask: as in `generate` (the window counts the padding
+    columns too); None runs nanoGPT's forward."""
     sampler = make_sampler(temperature, top_k, top_p)
     padded = prompt_mask is not None
     prompt, prompt_mask = checked_prompt(config, prompt, prompt_mask, window_shift)

@@ -26,16 +26,18 @@ class TrainState:
 
 class TrainStep:
     """The model, optimizer and mesh of a run, with its jitted, sharded functions: `init`,
-    `state_from_params`, `train_fn(state, x, y) -> (state, metrics)` and `eval_fn(params, x, y) -> loss`.
+    `state_from_params`, `train_fn(state, x, y) -> (state, metrics)` and `eval_fn(params, x, y) ->
+    loss`.
 
     Batches are [A, B, T] int32 (A gradient-accumulation micro-steps of B sequences), split over the
-    mesh's data-parallel axes on B. The RNG for dropout is derived from (seed, step), so a resumed run
-    draws the same masks.
+    mesh's data-parallel axes on B. The RNG for dropout is derived from (seed, step), so a resumed
+    run draws the same masks.
     """
 
     def __init__(self, model_config: GPTConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
                  seed: int = 0, rules=sharding.LOGICAL_AXIS_RULES):
-        self.model_config, self.optimizer, self.mesh, self.rules = model_config, optimizer, mesh, rules
+        self.model_config, self.optimizer, self.mesh, self.rules = (model_config, optimizer, mesh,
+                                                                    rules)
         self.model = GPT(model_config)
         self.seed = seed
         abstract = jax.eval_shape(self._boxed_state, jax.random.key(0))
@@ -49,11 +51,14 @@ class TrainStep:
                              out_shardings=self.state_sharding)
         self._from_params = jax.jit(self._state_from_params, out_shardings=self.state_sharding)
         self.train_fn = jax.jit(self._train_step, donate_argnums=0,
-                                  in_shardings=(self.state_sharding, self.batch_sharding, self.batch_sharding),
-                                  out_shardings=(self.state_sharding, replicated), compiler_options=options)
-        self.eval_fn = jax.jit(self._eval_step, in_shardings=(self.state_sharding.params, self.batch_sharding,
-                                                              self.batch_sharding), out_shardings=replicated,
-                               compiler_options=options)
+                                in_shardings=(self.state_sharding, self.batch_sharding,
+                                              self.batch_sharding),
+                                out_shardings=(self.state_sharding, replicated),
+                                compiler_options=options)
+        self.eval_fn = jax.jit(self._eval_step,
+                               in_shardings=(self.state_sharding.params, self.batch_sharding,
+                                             self.batch_sharding),
+                               out_shardings=replicated, compiler_options=options)
 
     @property
     def abstract_state(self) -> TrainState:
@@ -67,7 +72,8 @@ class TrainStep:
             return self._init(rng)
 
     def state_from_params(self, params) -> TrainState:
-        """A state around given (e.g. pretrained) params, resharded to this mesh, with a fresh optimizer."""
+        """A state around given (e.g. pretrained) params, resharded to this mesh, with a fresh
+        optimizer."""
         params = jax.device_put(params, self.state_sharding.params)
         with self._rules():
             return self._from_params(params)
@@ -77,7 +83,8 @@ class TrainStep:
         return self._state_from_params(self.model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"])
 
     def _state_from_params(self, params) -> TrainState:
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=self.optimizer.init(params))
 
     def _rules(self):
         return nn.logical_axis_rules(self.rules)
