@@ -207,11 +207,9 @@ def test_a_multi_host_slice_checks_each_hosts_rows_and_splits_a_batch_anew(tmp_p
                          "v5e-16")
     assert fits, lines
     assert lines[0] == ("batch: batch_size=12 does not divide over the 16 data-parallel devices, "
-                        "so this compiles "
-                        "--config.batch_size=16 --config.gradient_accumulation_steps=3 "
-                        "(the same 48 sequences per "
-                        "step); set both to choose another split")
+                        "so this compiles --config.batch_size=16 "
+                        "--config.gradient_accumulation_steps=3 (the same 48 sequences per step); "
+                        "set both to choose another split")
     rows = next(line for line in lines if line.startswith("per-host rows: "))
     assert rows.startswith("per-host rows: 4 hosts, each reads 4 of the 16 rows of a micro-batch "
-                           "(interleaved; "
-                           "host 0: rows ") and rows.endswith(": ok"), rows
+                           "(interleaved; host 0: rows ") and rows.endswith(": ok"), rows
