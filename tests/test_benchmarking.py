@@ -28,8 +28,9 @@ def test_benchmark_model_is_the_config_model_with_the_dataset_vocabulary(tmp_pat
     with pytest.raises(FileNotFoundError, match="prepare.py shakespeare_char"):
         benchmarking.benchmark_model(config)
     (tmp_path / "shakespeare_char").mkdir()
-    (tmp_path / "shakespeare_char" / "meta.json").write_text(json.dumps({"tokenizer": "char", "vocab_size": 65, "dtype": "uint16",
-                                                    "chars": [chr(i) for i in range(65)]}))
+    (tmp_path / "shakespeare_char" / "meta.json").write_text(
+        json.dumps({"tokenizer": "char", "vocab_size": 65, "dtype": "uint16",
+                    "chars": [chr(i) for i in range(65)]}))
     model = benchmarking.benchmark_model(config)
     assert (model.n_layer, model.n_head, model.n_embd, model.block_size) == (4, 4, 128, 64)
     assert model.vocab_size == 65 and model.gelu_approximate is False
@@ -38,7 +39,8 @@ def test_benchmark_model_is_the_config_model_with_the_dataset_vocabulary(tmp_pat
 
 def test_median_seconds_in_turns_takes_turns_and_times_per_call():
     order = []
-    runs = {"slow": lambda: (order.append("slow"), time.sleep(0.01)), "fast": lambda: order.append("fast")}
+    runs = {"slow": lambda: (order.append("slow"), time.sleep(0.01)),
+            "fast": lambda: order.append("fast")}
     seconds = benchmarking.median_seconds_in_turns(runs, repeats=2, calls=3)
     assert order == ["slow"] * 3 + ["fast"] * 3 + ["slow"] * 3 + ["fast"] * 3
     assert set(seconds) == {"slow", "fast"}

@@ -1,4 +1,5 @@
-"""Checkpoints (flaxgpt/checkpoint.py): checksums, fallback past corrupt steps, run ids, failed saves."""
+"""Checkpoints (flaxgpt/checkpoint.py): checksums, fallback past corrupt steps, run ids, failed
+saves."""
 
 import logging
 import shutil
@@ -50,8 +51,10 @@ def test_checksums_are_the_same_on_any_mesh_and_catch_one_changed_value():
     sharded = jax.tree.map(split_last_axis, params)
     assert checkpoint.tree_checksums(sharded) == one
     changed = jax.tree.map(lambda x: x, params)
-    changed["h"]["mlp"]["c_fc"]["kernel"] = changed["h"]["mlp"]["c_fc"]["kernel"].at[1, 3, 5].add(1e-7)
-    with pytest.raises(checkpoint.CorruptCheckpointError, match=r"\['h'\]\['mlp'\]\['c_fc'\]\['kernel'\]"):
+    changed["h"]["mlp"]["c_fc"]["kernel"] = (
+        changed["h"]["mlp"]["c_fc"]["kernel"].at[1, 3, 5].add(1e-7))
+    with pytest.raises(checkpoint.CorruptCheckpointError,
+                       match=r"\['h'\]\['mlp'\]\['c_fc'\]\['kernel'\]"):
         checkpoint.verify_checksums(changed, one, Path("somewhere"))
     checkpoint.verify_checksums(params, one, Path("somewhere"))  # unchanged: passes
 
@@ -68,8 +71,9 @@ def test_flipped_bytes_make_a_step_unreadable_and_the_previous_one_is_used(tmp_p
     with caplog.at_level(logging.WARNING), checkpoint.Checkpoints(tmp_path, create=False) as ckpts:
         params, _, meta = ckpts.restore(target)
     assert meta["step"] == 1 and "checkpoints/2" in caplog.text
-    # Whether the flipped bytes land in a compressed chunk's header (zstd refuses it) or in its payload (it
-    # decodes to other numbers, which only the checksums catch) depends on how orbax laid out the file.
+    # Whether the flipped bytes land in a compressed chunk's header (zstd refuses it) or in its
+    # payload (it decodes to other numbers, which only the checksums catch) depends on how orbax
+    # laid out the file.
     assert "differ from the checksums" in caplog.text or "Data corruption detected" in caplog.text
     assert "TensorStore(" not in caplog.text  # one line, without tensorstore's spec
     jax.tree.map(np.testing.assert_array_equal, params, saved[1])
@@ -81,11 +85,13 @@ def test_arrays_that_decode_but_changed_on_disk_are_caught_by_the_checksums(tmp_
     saved = save_steps(tmp_path, [1, 2, 3])
     steps = tmp_path / "checkpoints"
     shutil.rmtree(steps / "2" / "params")
-    shutil.copytree(steps / "3" / "params", steps / "2" / "params")  # a bad copy: valid files, other values
+    # a bad copy: valid files, other values
+    shutil.copytree(steps / "3" / "params", steps / "2" / "params")
     shutil.rmtree(steps / "3")
     with caplog.at_level(logging.WARNING), checkpoint.Checkpoints(tmp_path, create=False) as ckpts:
         params, _, meta = ckpts.restore(jax.eval_shape(lambda: saved[1]))
-    assert meta["step"] == 1 and "checkpoints/2" in caplog.text and "differ from the checksums" in caplog.text
+    assert (meta["step"] == 1 and "checkpoints/2" in caplog.text
+            and "differ from the checksums" in caplog.text)
     jax.tree.map(np.testing.assert_array_equal, params, saved[1])
 
 
@@ -93,7 +99,8 @@ def test_restore_passes_over_another_runs_steps(tmp_path, caplog):
     save_steps(tmp_path, [1], run_id="run-a")
     save_steps(tmp_path, [2], run_id="run-b")
     assert checkpoint.saved_steps(tmp_path) == [1, 2]
-    assert checkpoint.run_id_of(tmp_path, 2) == "run-b" and checkpoint.run_id_of(tmp_path, 7) is None
+    assert (checkpoint.run_id_of(tmp_path, 2) == "run-b"
+            and checkpoint.run_id_of(tmp_path, 7) is None)
     target = jax.eval_shape(lambda: init_params(TINY, jax.random.key(0)))
     with caplog.at_level(logging.WARNING), checkpoint.Checkpoints(tmp_path, create=False) as ckpts:
         assert ckpts.restore(target, run_id="run-a")[2]["step"] == 1
@@ -102,7 +109,8 @@ def test_restore_passes_over_another_runs_steps(tmp_path, caplog):
 
 
 def random_state(abstract, seed=0):
-    """Host arrays of the abstract state's shapes with distinct random values (zeros prove little)."""
+    """Host arrays of the abstract state's shapes with distinct random values (zeros prove
+    little)."""
     rng = np.random.default_rng(seed)
     return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype) if s.ndim else
                         np.asarray(rng.integers(1, 100), s.dtype), abstract)
@@ -113,7 +121,8 @@ def test_checkpoint_restores_onto_another_mesh(source, targets, tmp_path):
     optimizer = optim.make_optimizer(base_config())
 
     def train_step_on(name):
-        mesh = one_device_mesh() if name == "one" else sharding.make_mesh({'fsdp8': {'fsdp': 8}, 'tp2_dp4': {'data': 4, 'tensor': 2}}[name])
+        mesh = one_device_mesh() if name == "one" else sharding.make_mesh(
+            {'fsdp8': {'fsdp': 8}, 'tp2_dp4': {'data': 4, 'tensor': 2}}[name])
         return TrainStep(TINY, optimizer, mesh)
 
     saver = train_step_on(source)
@@ -128,7 +137,8 @@ def test_checkpoint_restores_onto_another_mesh(source, targets, tmp_path):
         assert meta["step"] == 7 and set(meta["checksums"]) == {"params", "opt_state"}
         restored = {"params": params, "opt_state": opt_state}
         expected = {"params": target.params, "opt_state": target.opt_state}
-        assert_trees_close(to_host(restored), {"params": values.params, "opt_state": values.opt_state},
+        assert_trees_close(to_host(restored),
+                           {"params": values.params, "opt_state": values.opt_state},
                            rtol=0, atol=0)
         for leaf, want in zip(jax.tree.leaves(restored), jax.tree.leaves(expected)):
             assert leaf.sharding.is_equivalent_to(want.sharding, leaf.ndim), name
@@ -136,8 +146,9 @@ def test_checkpoint_restores_onto_another_mesh(source, targets, tmp_path):
 
 
 def test_a_full_disk_during_a_background_save_fails_the_next_check(tmp_path, monkeypatch):
-    """orbax's writer hits ENOSPC while saving step 2 in the background: the next check (the loop makes one
-    before every step) raises one line naming the step; step 1 is untouched and still the newest."""
+    """orbax's writer hits ENOSPC while saving step 2 in the background: the next check (the loop
+    makes one before every step) raises one line naming the step; step 1 is untouched and still the
+    newest."""
     import errno
     import time
 
@@ -153,7 +164,8 @@ def test_a_full_disk_during_a_background_save_fails_the_next_check(tmp_path, mon
 
     monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, "_save_fn", full_disk)
     ckpts = checkpoint.Checkpoints(tmp_path, async_save=True)
-    ckpts.save(2, saved[1], {"count": jnp.int32(2)}, {"step": 2, "run_id": "run-a", "model": TINY.to_dict()})
+    ckpts.save(2, saved[1], {"count": jnp.int32(2)},
+               {"step": 2, "run_id": "run-a", "model": TINY.to_dict()})
     with pytest.raises(OSError) as e:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -178,12 +190,16 @@ def test_checkpoints_in_a_bucket_fall_back_and_set_aside_like_local_ones(gcs_dir
     newest = storage.path(gcs_dir) / "checkpoints" / "2" / "params"
     for data_file in [*newest.glob("d/*"), *newest.glob("*/d/*")]:  # OCDBT's data files
         storage.write_atomically(data_file, b"\0" * 16)
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                         sharding=NamedSharding(one_device_mesh(), P())), saved[1])
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                       sharding=NamedSharding(one_device_mesh(), P())),
+        saved[1])
     with checkpoint.Checkpoints(gcs_dir) as ckpts, caplog.at_level(logging.WARNING):
         params, _, meta = ckpts.restore(target)
-        assert meta["step"] == 1 and "is unreadable (" in caplog.text and "using the one before" in caplog.text
+        assert (meta["step"] == 1 and "is unreadable (" in caplog.text
+                and "using the one before" in caplog.text)
         assert_trees_close(to_host(params), to_host(saved[1]), rtol=0, atol=0)
         ckpts.set_aside([2])
         assert ckpts.steps() == [1]
-    assert sorted(p.name for p in (storage.path(gcs_dir) / "checkpoints").iterdir()) == ["1", "2.unreadable"]
+    assert (sorted(p.name for p in (storage.path(gcs_dir) / "checkpoints").iterdir())
+            == ["1", "2.unreadable"])

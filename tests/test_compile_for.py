@@ -200,13 +200,16 @@ def test_the_gpu_memory_a_step_may_use_follows_jax_allocator_settings(monkeypatc
 
 @needs_libtpu
 def test_a_multi_host_slice_checks_each_hosts_rows_and_splits_a_batch_anew(tmp_path):
-    """v5e-16 is 4 hosts of 4 chips: a batch of 12 does not divide over 16 chips, so the compile takes the
-    nearest split and says so; the hosts' rows are interleaved along the data axis, and every row is read."""
-    fits, lines = report(small_config(tmp_path, batch_size=12, gradient_accumulation_steps=4), "v5e-16")
+    """v5e-16 is 4 hosts of 4 chips: a batch of 12 does not divide over 16 chips, so the compile
+    takes the nearest split and says so; the hosts' rows are interleaved along the data axis, and
+    every row is read."""
+    fits, lines = report(small_config(tmp_path, batch_size=12, gradient_accumulation_steps=4),
+                         "v5e-16")
     assert fits, lines
-    assert lines[0] == ("batch: batch_size=12 does not divide over the 16 data-parallel devices, so this compiles "
-                        "--config.batch_size=16 --config.gradient_accumulation_steps=3 (the same 48 sequences per "
-                        "step); set both to choose another split")
+    assert lines[0] == ("batch: batch_size=12 does not divide over the 16 data-parallel devices, "
+                        "so this compiles --config.batch_size=16 "
+                        "--config.gradient_accumulation_steps=3 (the same 48 sequences per step); "
+                        "set both to choose another split")
     rows = next(line for line in lines if line.startswith("per-host rows: "))
-    assert rows.startswith("per-host rows: 4 hosts, each reads 4 of the 16 rows of a micro-batch (interleaved; "
-                           "host 0: rows ") and rows.endswith(": ok"), rows
+    assert rows.startswith("per-host rows: 4 hosts, each reads 4 of the 16 rows of a micro-batch "
+                           "(interleaved; host 0: rows ") and rows.endswith(": ok"), rows

@@ -1,5 +1,6 @@
 """Sampling (flaxgpt/generate.py): the KV cache against full forwards, the compiled loop against
-nanoGPT's reference loop (for every window_shift), the sampling filters, stop tokens and streaming."""
+nanoGPT's reference loop (for every window_shift), the sampling filters, stop tokens and
+streaming."""
 
 import importlib
 import re
@@ -20,8 +21,8 @@ S = CONFIG.block_size
 
 @pytest.fixture(scope="module")
 def params():
-    """Weights ~25x larger than GPT-2's init, so greedy decoding wanders over the vocabulary instead of
-    repeating one token, and the outputs actually exercise the context."""
+    """Weights ~25x larger than GPT-2's init, so greedy decoding wanders over the vocabulary instead
+    of repeating one token, and the outputs actually exercise the context."""
     rng = np.random.default_rng(2)
     params = init_params(CONFIG, jax.random.key(0))
     return jax.tree.map(lambda x: x + rng.normal(0, 0.5, x.shape).astype(np.float32), params)
@@ -42,13 +43,15 @@ def run(params, config, *args):
 
 
 forward = jax.jit(lambda params, tokens: GPT(CONFIG).apply({"params": params}, tokens))
-N = 2 * S + 3  # new tokens: well past block_size; most tests share it, and so their compiled programs
+# new tokens: well past block_size; most tests share it, and so their compiled programs
+N = 2 * S + 3
 
 
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_cache_matches_full_forward(params, scan_layers):
-    """Prefill 5 tokens, then decode the rest one by one: every step's logits equal a full forward's, with
-    the stacked [L, ...] cache of scanned blocks and the per-layer list of unscanned ones."""
+    """Prefill 5 tokens, then decode the rest one by one: every step's logits equal a full
+    forward's, with the stacked [L, ...] cache of scanned blocks and the per-layer list of unscanned
+    ones."""
     from flaxgpt.layer_stacking import convert_layers
     config = CONFIG.replace(scan_layers=scan_layers)
     layer_params = convert_layers(params, scan_layers)
@@ -90,7 +93,8 @@ def test_greedy_matches_naive_past_block_size(params, prompt_length, window_shif
 
 
 def test_window_shift_only_changes_tokens_past_block_size(params):
-    """The first S - T0 + 1 new tokens fit in the block whatever the shift; after that the context differs."""
+    """The first S - T0 + 1 new tokens fit in the block whatever the shift; after that the context
+    differs."""
     prompt = random_tokens(20, (2, 5))
     kw = dict(max_new_tokens=N, rng=jax.random.key(0), temperature=0.0)
     exact = np.asarray(generate(params, CONFIG, prompt, **kw))
@@ -101,12 +105,14 @@ def test_window_shift_only_changes_tokens_past_block_size(params):
 
 
 def test_left_padded_batch_with_a_window_shift_matches_naive(params):
-    """The window counts columns, padding included, in both loops; the unpadded row is an ordinary prompt."""
+    """The window counts columns, padding included, in both loops; the unpadded row is an ordinary
+    prompt."""
     prompt, mask = random_tokens(12, (3, 6)), np.ones((3, 6), bool)
     mask[1, :2] = mask[2, :5] = False
     kw = dict(max_new_tokens=N, rng=jax.random.key(0), temperature=0.0, window_shift=S // 2)
     cached = np.asarray(generate(params, CONFIG, prompt, prompt_mask=mask, **kw))
-    np.testing.assert_array_equal(cached, generate_naive(params, CONFIG, prompt, prompt_mask=mask, **kw))
+    np.testing.assert_array_equal(cached,
+                                  generate_naive(params, CONFIG, prompt, prompt_mask=mask, **kw))
     np.testing.assert_array_equal(cached[:1], generate_naive(params, CONFIG, prompt[:1], **kw))
 
 
@@ -118,7 +124,8 @@ def test_left_padded_rows_match_naive_on_their_own_prompts(params):
     kw = dict(max_new_tokens=N, rng=jax.random.key(0), temperature=0.0)
     cached = np.asarray(generate(params, CONFIG, prompt, prompt_mask=mask, **kw))
     for b, n in enumerate(lengths):
-        np.testing.assert_array_equal(cached[b], generate_naive(params, CONFIG, prompt[b:b + 1, 3 - n:], **kw)[0])
+        np.testing.assert_array_equal(
+            cached[b], generate_naive(params, CONFIG, prompt[b:b + 1, 3 - n:], **kw)[0])
 
 
 SAMPLING = dict(temperature=0.9, top_k=6, top_p=0.95)
@@ -130,7 +137,8 @@ def test_sampling_matches_naive_and_depends_on_seed(params, window_shift):
     kw = dict(max_new_tokens=N, window_shift=window_shift, **SAMPLING)
     a = np.asarray(generate(params, CONFIG, prompt, rng=jax.random.key(7), **kw))
     np.testing.assert_array_equal(a, generate(params, CONFIG, prompt, rng=jax.random.key(7), **kw))
-    np.testing.assert_array_equal(a, generate_naive(params, CONFIG, prompt, rng=jax.random.key(7), **kw))
+    np.testing.assert_array_equal(a, generate_naive(params, CONFIG, prompt, rng=jax.random.key(7),
+                                                    **kw))
     assert not np.array_equal(a, generate(params, CONFIG, prompt, rng=jax.random.key(8), **kw))
 
 
@@ -138,19 +146,21 @@ def test_top_k_1_is_greedy(params):
     prompt = random_tokens(3, (2, 3))
     kw = dict(max_new_tokens=N, rng=jax.random.key(1))
     greedy = np.asarray(generate(params, CONFIG, prompt, temperature=0.0, **kw))
-    np.testing.assert_array_equal(greedy, generate(params, CONFIG, prompt, temperature=2.0, top_k=1, **kw))
+    np.testing.assert_array_equal(greedy, generate(params, CONFIG, prompt, temperature=2.0, top_k=1,
+                                                   **kw))
 
 
 def sample_many(logits, n=4096, **kw):
     """Token counts [V] of n samples from one row of logits."""
-    tokens = Sampler(jnp.float32(kw.pop("temperature", 1.0)), **kw)(jnp.tile(jnp.asarray(logits), (n, 1)),
-                                                                     jax.random.key(0))
+    tokens = Sampler(jnp.float32(kw.pop("temperature", 1.0)), **kw)(
+        jnp.tile(jnp.asarray(logits), (n, 1)), jax.random.key(0))
     return np.bincount(np.asarray(tokens), minlength=len(logits))
 
 
 def test_top_k_never_emits_an_excluded_token():
     logits = np.array([0.5, 3.0, -1.0, 2.9, 0.0, 2.8, 1.0, -2.0, 0.2, 0.1, 0.3], np.float32)
-    counts = sample_many(logits, top_k=3, temperature=3.0)  # hot: without the filter all would show up
+    # hot: without the filter all would show up
+    counts = sample_many(logits, top_k=3, temperature=3.0)
     assert set(np.flatnonzero(counts)) == {1, 3, 5}
     assert np.count_nonzero(sample_many(logits, temperature=3.0)) == len(logits)
 
@@ -160,7 +170,8 @@ def test_top_k_of_the_whole_vocabulary_filters_nothing():
     logits = jnp.asarray(np.random.default_rng(0).normal(size=(3, CONFIG.vocab_size)), jnp.float32)
     plain = Sampler(jnp.float32(1.5))(logits, jax.random.key(1))
     for top_k in (CONFIG.vocab_size, CONFIG.vocab_size + 5):
-        np.testing.assert_array_equal(Sampler(jnp.float32(1.5), top_k=top_k)(logits, jax.random.key(1)), plain)
+        np.testing.assert_array_equal(
+            Sampler(jnp.float32(1.5), top_k=top_k)(logits, jax.random.key(1)), plain)
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
@@ -177,7 +188,8 @@ def test_stop_token_pads_the_rest_of_the_row(params):
     prompt = random_tokens(4, (2, 3))
     kw = dict(max_new_tokens=N, rng=jax.random.key(0), temperature=0.0)
     free = np.asarray(generate(params, CONFIG, prompt, **kw))
-    stop = int(free[0, 3])  # row 0 stops on its 4th token at the latest; row 1 maybe later, maybe never
+    # row 0 stops on its 4th token at the latest; row 1 maybe later, maybe never
+    stop = int(free[0, 3])
     stopped = np.asarray(generate(params, CONFIG, prompt, stop_token=stop, **kw))
     ends = []
     for row_free, row in zip(free, stopped):
@@ -185,7 +197,8 @@ def test_stop_token_pads_the_rest_of_the_row(params):
         ends.append(hits[0] + 1 if len(hits) else N)
         np.testing.assert_array_equal(row[:ends[-1]], row_free[:ends[-1]])
         assert (row[ends[-1]:] == stop).all()
-    streamed = np.stack(list(generate_stream(params, CONFIG, prompt, stop_token=stop, **kw)), axis=1)
+    streamed = np.stack(list(generate_stream(params, CONFIG, prompt, stop_token=stop, **kw)),
+                        axis=1)
     assert streamed.shape[1] == max(ends)  # the stream ends once every row has stopped
     np.testing.assert_array_equal(streamed, stopped[:, :max(ends)])
 
@@ -193,7 +206,8 @@ def test_stop_token_pads_the_rest_of_the_row(params):
 @pytest.mark.parametrize("window_shift", [1, S // 2])
 def test_stream_yields_the_tokens_of_generate(params, window_shift):
     prompt, mask = random_tokens(5, (2, 3)), np.array([[True] * 3, [False, False, True]])
-    kw = dict(max_new_tokens=N, rng=jax.random.key(3), prompt_mask=mask, window_shift=window_shift, **SAMPLING)
+    kw = dict(max_new_tokens=N, rng=jax.random.key(3), prompt_mask=mask, window_shift=window_shift,
+              **SAMPLING)
     steps = list(generate_stream(params, CONFIG, prompt, **kw))
     assert len(steps) == N and steps[0].shape == (2,) and steps[0].dtype == np.int32
     np.testing.assert_array_equal(np.stack(steps, axis=1), generate(params, CONFIG, prompt, **kw))
@@ -206,7 +220,8 @@ def test_changing_the_temperature_does_not_recompile(params):
     generate(params, CONFIG, prompt, max_new_tokens=N, rng=jax.random.key(0), temperature=0.5)
     compiled = _generate._cache_size()
     for temperature in (0.0, 1.3):
-        generate(params, CONFIG, prompt, max_new_tokens=N, rng=jax.random.key(0), temperature=temperature)
+        generate(params, CONFIG, prompt, max_new_tokens=N, rng=jax.random.key(0),
+                 temperature=temperature)
     assert _generate._cache_size() == compiled
 
 
@@ -217,7 +232,8 @@ def test_changing_the_temperature_does_not_recompile(params):
 ])
 def test_invalid_arguments(params, kw, message):
     with pytest.raises(ValueError, match=message):
-        generate(params, CONFIG, np.ones((2, 2), np.int32), **{"max_new_tokens": 3, "rng": jax.random.key(0), **kw})
+        generate(params, CONFIG, np.ones((2, 2), np.int32),
+                 **{"max_new_tokens": 3, "rng": jax.random.key(0), **kw})
 
 
 @pytest.mark.parametrize("window_shift", [0, -1, S, S + 1])
@@ -240,9 +256,9 @@ def test_unscanned_generate_matches_scanned(params):
 
 
 def test_the_cache_grows_through_its_sizes_and_restarts_small_after_a_slide():
-    """With block_size 512 `generate` keeps a cache of 64, 128, 256, then 512 slots, and a slide restarts it
-    at the smallest size that holds what it keeps: the tokens equal nanoGPT's loop (greedy) and the stream's,
-    which always uses the full cache (sampling)."""
+    """With block_size 512 `generate` keeps a cache of 64, 128, 256, then 512 slots, and a slide
+    restarts it at the smallest size that holds what it keeps: the tokens equal nanoGPT's loop
+    (greedy) and the stream's, which always uses the full cache (sampling)."""
     from flaxgpt.generate import _cache_sizes
 
     config = CONFIG.replace(block_size=512)
@@ -251,17 +267,19 @@ def test_the_cache_grows_through_its_sizes_and_restarts_small_after_a_slide():
     params = jax.tree.map(lambda x: x + rng.normal(0, 0.5, x.shape).astype(np.float32),
                           init_params(config, jax.random.key(1)))
     prompt = random_tokens(7, (2, 40))
-    kw = dict(max_new_tokens=600, rng=jax.random.key(0), window_shift=400)  # a slide keeps 113: 128 slots
+    # a slide keeps 113: 128 slots
+    kw = dict(max_new_tokens=600, rng=jax.random.key(0), window_shift=400)
     greedy = np.asarray(generate(params, config, prompt, temperature=0.0, **kw))
-    np.testing.assert_array_equal(greedy, generate_naive(params, config, prompt, temperature=0.0, **kw))
+    np.testing.assert_array_equal(greedy,
+                                  generate_naive(params, config, prompt, temperature=0.0, **kw))
     sampled = np.asarray(generate(params, config, prompt, **kw, **SAMPLING))
     streamed = np.stack(list(generate_stream(params, config, prompt, **kw, **SAMPLING)), axis=1)
     np.testing.assert_array_equal(sampled, streamed)
 
 
 def test_bfloat16_decoding_reads_bfloat16_weights_and_cache(params):
-    """dtype=bfloat16 decodes with the weights and the cache in bfloat16 (half the bytes per token); its
-    step-by-step logits stay within bfloat16's precision of float32's full forward."""
+    """dtype=bfloat16 decodes with the weights and the cache in bfloat16 (half the bytes per token);
+    its step-by-step logits stay within bfloat16's precision of float32's full forward."""
     decoder = Decoder(params, CONFIG.replace(dtype="bfloat16"), batch_size=2)
     layout, config = decoder._weights, decoder.config
     assert {x.dtype for x in jax.tree.leaves(layout)} == {jnp.dtype(jnp.bfloat16)}
@@ -286,7 +304,8 @@ def test_a_decoder_lays_the_weights_out_once(params, monkeypatch, batch_size):
     runs once, in the constructor, and the arrays sampled from are the same objects every time. The
     tokens are the one-shot `generate`'s."""
     calls = []
-    generate_module = importlib.import_module("flaxgpt.generate")  # flaxgpt.generate is the function
+    # flaxgpt.generate is the function
+    generate_module = importlib.import_module("flaxgpt.generate")
     lay_out = generate_module._lay_out
     monkeypatch.setattr(generate_module, "_lay_out", lambda *a: calls.append(1) or lay_out(*a))
     decoder = Decoder(params, CONFIG, batch_size=batch_size)
@@ -318,29 +337,32 @@ def _computations(hlo: str) -> dict[str, list[str]]:
 
 
 def _reachable(computations, root: str) -> set[str]:
-    """root and every computation it calls (fusions, loop bodies and conditions, branches), recursively."""
+    """root and every computation it calls (fusions, loop bodies and conditions, branches),
+    recursively."""
     seen, todo = {root}, [root]
     while todo:
         for line in computations[todo.pop()]:
-            for callee in re.findall(r"(?:calls|body|condition|to_apply|branch_computations)=\{?%([\w.\-]+)", line):
+            for callee in re.findall(r"(?:calls|body|condition|to_apply|branch_computations)"
+                                     r"=\{?%([\w.\-]+)", line):
                 if callee not in seen:
                     seen.add(callee)
                     todo.append(callee)
     return seen
 
 
-# What an append loop may do with a cache- or weight-sized array: take it in and pass it on (parameter,
-# get-tuple-element, bitcast, tuple), write a token into it in place (dynamic-update-slice) or call a fusion,
-# whose own instructions are checked as well. Anything else that large (a copy, a select, a multiply, ...)
-# would rewrite a cache or a weight every token.
-IN_PLACE_OPCODES = {"parameter", "get-tuple-element", "bitcast", "tuple", "dynamic-update-slice", "fusion"}
+# What an append loop may do with a cache- or weight-sized array: take it in and pass it on
+# (parameter, get-tuple-element, bitcast, tuple), write a token into it in place
+# (dynamic-update-slice) or call a fusion, whose own instructions are checked as well. Anything else
+# that large (a copy, a select, a multiply, ...) would rewrite a cache or a weight every token.
+IN_PLACE_OPCODES = {"parameter", "get-tuple-element", "bitcast", "tuple", "dynamic-update-slice",
+                    "fusion"}
 
 
 @pytest.mark.parametrize("batch_size", [1, 2])  # 1: the kernels stored [out, in] (on CPU)
 def test_appending_a_token_rewrites_no_cache_and_no_weight(batch_size):
-    """In the compiled `generate` of a scanned model, the loops that append one token per step (those with
-    matmuls and no such loop inside them) compute nothing as large as a weight matrix or a layer's cache:
-    the cache is updated in place and the weights are read where they lie."""
+    """In the compiled `generate` of a scanned model, the loops that append one token per step
+    (those with matmuls and no such loop inside them) compute nothing as large as a weight matrix or
+    a layer's cache: the cache is updated in place and the weights are read where they lie."""
     from flaxgpt.generate import _generate, checked_prompt, make_sampler
 
     config = CONFIG.replace(block_size=128, n_embd=32)
@@ -353,8 +375,10 @@ def test_appending_a_token_rewrites_no_cache_and_no_weight(batch_size):
     bodies = [re.search(r"body=%([\w.\-]+)", line).group(1)
               for lines in computations.values() for line in lines if " while(" in line]
     with_dots = {b: _reachable(computations, b) for b in bodies
-                 if any(" dot(" in line for c in _reachable(computations, b) for line in computations[c])}
-    appends = [b for b, inside in with_dots.items() if not any(other in inside for other in with_dots if other != b)]
+                 if any(" dot(" in line
+                        for c in _reachable(computations, b) for line in computations[c])}
+    appends = [b for b, inside in with_dots.items()
+               if not any(other in inside for other in with_dots if other != b)]
     assert len(appends) >= 2  # one per cache size (64 and 128 slots) at least
     smallest = config.n_embd ** 2  # a layer's cache (B x 2 heads x 16 x 64 slots) is larger
     for body in appends:
@@ -372,8 +396,10 @@ def test_batch_1_on_cpu_decodes_with_kernels_stored_out_in(params):
     assert (rows._weights.out_in, columns._weights.out_in) == (True, False)
     kernels = rows._weights.params["h_0"]
     assert kernels["mlp"]["c_fc"]["kernel"].shape == (4 * CONFIG.n_embd, CONFIG.n_embd)
-    assert kernels["attn"]["c_proj"]["kernel"].shape == (CONFIG.n_embd, CONFIG.n_head, CONFIG.head_dim)
-    assert kernels["attn"]["c_attn"]["kernel"].shape == (3, CONFIG.n_head, CONFIG.head_dim, CONFIG.n_embd)
+    assert kernels["attn"]["c_proj"]["kernel"].shape == (CONFIG.n_embd, CONFIG.n_head,
+                                                         CONFIG.head_dim)
+    assert kernels["attn"]["c_attn"]["kernel"].shape == (3, CONFIG.n_head, CONFIG.head_dim,
+                                                         CONFIG.n_embd)
     rows, config_1 = rows._weights, rows.config
     columns, config_2 = columns._weights, columns.config
     tokens = jnp.asarray(random_tokens(5, (1, S)))

@@ -1,4 +1,5 @@
-"""HellaSwag scoring (flaxgpt/hellaswag.py, eval_hellaswag.py) against transformers on the same weights."""
+"""HellaSwag scoring (flaxgpt/hellaswag.py, eval_hellaswag.py) against transformers on the same
+weights."""
 
 import json
 
@@ -14,12 +15,15 @@ EXAMPLES = [
                  "is holding a rubik's cube.", "starts pulling up roofing on a roof."]},
     {"ctx": "A woman is outside with a bucket and a dog. The dog", "label": 1,
      "endings": ["runs around trying to avoid a bath.", "gets into the bath tub.", "barks.",
-                 "is wet and then the woman dries it off with a long towel that she took from the house."]},
+                 "is wet and then the woman dries it off with a long towel that she took "
+                 "from the house."]},
     {"ctx": "Kids are playing in a park.", "label": 0,
-     "endings": ["They slide down.", "A car drives by the park slowly.", "Birds.", "The kids go home for dinner."]},
+     "endings": ["They slide down.", "A car drives by the park slowly.", "Birds.",
+                 "The kids go home for dinner."]},
     {"ctx": "He", "label": 2, "endings": ["a", "b c", "d e f", "g"]},
     {"ctx": "The chef chops the onions and", "label": 0,
-     "endings": ["adds them to the pan.", "sings.", "the onion is a vegetable that grows underground.", "x"]},
+     "endings": ["adds them to the pan.", "sings.",
+                 "the onion is a vegetable that grows underground.", "x"]},
 ]
 
 
@@ -48,7 +52,9 @@ def test_scores_equal_transformers_on_the_same_weights(tiny_hf_gpt2):
     from flaxgpt import load
 
     config, params, tokenizer, _ = load(tiny_hf_gpt2)
-    result = hellaswag.evaluate(params, config, EXAMPLES, tokenizer, batch_examples=2, progress=False)  # 3 batches
+    # 3 batches
+    result = hellaswag.evaluate(params, config, EXAMPLES, tokenizer, batch_examples=2,
+                                progress=False)
     total, mean = reference_losses(tiny_hf_gpt2, EXAMPLES)
     np.testing.assert_allclose(result["total_loss"], total, rtol=1e-4)
     np.testing.assert_allclose(result["mean_loss"], mean, rtol=1e-4)
@@ -60,7 +66,8 @@ def test_scores_equal_transformers_on_the_same_weights(tiny_hf_gpt2):
 
 def test_render_pads_to_one_length_and_marks_the_endings():
     tok = GPT2Tokenizer()
-    longest = max(len(tok.encode_ordinary(e["ctx"] + " " + end)) for e in EXAMPLES for end in e["endings"])
+    longest = max(len(tok.encode_ordinary(e["ctx"] + " " + end))
+                  for e in EXAMPLES for end in e["endings"])
     rows = hellaswag.render(EXAMPLES, tok, block_size=1024)
     assert rows.tokens.shape == rows.ending.shape == (20, -(-longest // 32) * 32)
     for i, example in enumerate(EXAMPLES):
@@ -74,7 +81,8 @@ def test_cli_reads_a_local_file_and_prints_both_accuracies(tiny_hf_gpt2, tmp_pat
 
     path = tmp_path / "hellaswag_val.jsonl"
     path.write_text("".join(json.dumps(e) + "\n" for e in EXAMPLES))
-    result = eval_hellaswag.main(["--init_from", str(tiny_hf_gpt2), "--file", str(path), "--limit", "4"])
+    result = eval_hellaswag.main(["--init_from", str(tiny_hf_gpt2), "--file", str(path),
+                                  "--limit", "4"])
     out = capsys.readouterr().out
     assert result["examples"] == 4 and f"acc_norm {result['acc_norm']:.4f}" in out
 
@@ -88,6 +96,7 @@ def test_validation_file_comes_from_flaxgpt_data_offline(tmp_path, monkeypatch):
 
 def test_bad_lines_name_the_line(tmp_path):
     path = tmp_path / "bad.jsonl"
-    path.write_text(json.dumps(EXAMPLES[0]) + "\n" + json.dumps({"ctx": "x", "endings": ["a"], "label": 0}) + "\n")
+    path.write_text(json.dumps(EXAMPLES[0]) + "\n"
+                    + json.dumps({"ctx": "x", "endings": ["a"], "label": 0}) + "\n")
     with pytest.raises(ValueError, match="bad.jsonl:2 is not a HellaSwag example"):
         hellaswag.read_examples(path)

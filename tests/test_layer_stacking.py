@@ -1,4 +1,5 @@
-"""The blocks' two parameter layouts (flaxgpt/layer_stacking.py): scanned [L, ...] and h_0 ... h_{L-1}."""
+"""The blocks' two parameter layouts (flaxgpt/layer_stacking.py): scanned [L, ...] and
+h_0 ... h_{L-1}."""
 
 import chex
 import jax

@@ -19,7 +19,8 @@ TINY = GPTConfig(block_size=16, vocab_size=37, n_layer=2, n_head=4, n_embd=32)
 
 
 def forward(config, params, x, **kwargs):
-    """Jitted GPT(config).apply (eager linen is slow); kwargs: deterministic, rngs, cache, mask, ..."""
+    """Jitted GPT(config).apply (eager linen is slow); kwargs: deterministic, rngs, cache, mask,
+    ..."""
     return _forward(config, params, x, **kwargs)
 
 
@@ -82,7 +83,8 @@ def test_dropout_is_random_in_training_and_off_in_eval():
     config = TINY.replace(dropout=0.2)
     p = init_params(config, jax.random.key(1))
     x = tokens((2, 12))
-    run = lambda seed: forward(config, p, x, deterministic=False, rngs={"dropout": jax.random.key(seed)})
+    run = lambda seed: forward(config, p, x, deterministic=False,
+                               rngs={"dropout": jax.random.key(seed)})
     assert not np.allclose(run(0), run(1))
     chex.assert_trees_all_close(run(3), run(3))
     chex.assert_trees_all_close(forward(config, p, x), forward(TINY, p, x))
@@ -90,43 +92,49 @@ def test_dropout_is_random_in_training_and_off_in_eval():
 
 @functools.partial(jax.jit, static_argnums=0)
 def decode(config, params, x, cache, positions, mask, cache_index):
-    return GPT(config).apply({"params": params}, x, cache, positions=positions, mask=mask, cache_index=cache_index,
-                             method=GPT.decode)
+    return GPT(config).apply({"params": params}, x, cache, positions=positions, mask=mask,
+                             cache_index=cache_index, method=GPT.decode)
 
 
 def test_exact_gelu_is_jax_and_torch_gelu_and_so_is_its_gradient():
-    """The erf form (PyTorch's) agrees with jax.nn.gelu's erfc form, value and gradient, far into both tails
-    (absolutely: far below 0 erf rounds to -1 in float32 and the erf form gives 0 where the erfc form keeps
-    values under 6e-7), and PyTorch's nn.GELU to the same tolerance."""
+    """The erf form (PyTorch's) agrees with jax.nn.gelu's erfc form, value and gradient, far into
+    both tails (absolutely: far below 0 erf rounds to -1 in float32 and the erf form gives 0 where
+    the erfc form keeps values under 6e-7), and PyTorch's nn.GELU to the same tolerance."""
     x = jnp.linspace(-12.0, 12.0, 4001, dtype=jnp.float32)
     reference = functools.partial(jax.nn.gelu, approximate=False)
     np.testing.assert_allclose(gelu(x, approximate=False), reference(x), rtol=1e-6, atol=1e-6)
     grad = jax.vmap(jax.grad(lambda v: gelu(v, approximate=False)))
     np.testing.assert_allclose(grad(x), jax.vmap(jax.grad(reference))(x), rtol=1e-6, atol=1e-6)
     exact_bf16 = gelu(x.astype(jnp.bfloat16), approximate=False).astype(jnp.float32)
-    np.testing.assert_allclose(exact_bf16, reference(x), atol=2e-3, rtol=1e-2)  # no cancellation in the tail
+    # no cancellation in the tail
+    np.testing.assert_allclose(exact_bf16, reference(x), atol=2e-3, rtol=1e-2)
     torch = pytest.importorskip("torch")
-    np.testing.assert_allclose(gelu(x, approximate=False), torch.nn.functional.gelu(torch.from_numpy(np.array(x))),
+    np.testing.assert_allclose(gelu(x, approximate=False),
+                               torch.nn.functional.gelu(torch.from_numpy(np.array(x))),
                                rtol=1e-6, atol=1e-6)
 
 
 def test_cached_forward_matches_full_forward(params):
-    """Prefill 5 tokens, then one token at a time through the cache: same logits as one full pass."""
+    """Prefill 5 tokens, then one token at a time through the cache: same logits as one full
+    pass."""
     x = tokens((2, 9))
     full = forward(TINY, params, x)
     cache = init_cache(TINY, 2)
     slots = jnp.arange(TINY.block_size)
     mask = lambda start, n: (slots[None, :] <= start + jnp.arange(n)[:, None])[None].repeat(2, 0)
-    logits, cache = decode(TINY, params, x[:, :5], cache, jnp.arange(5)[None].repeat(2, 0), mask(0, 5), 0)
+    logits, cache = decode(TINY, params, x[:, :5], cache, jnp.arange(5)[None].repeat(2, 0),
+                           mask(0, 5), 0)
     pieces = [logits]  # decode returns the last position's logits
     for t in range(5, 9):
-        logits, cache = decode(TINY, params, x[:, t:t + 1], cache, jnp.full((2, 1), t), mask(t, 1), t)
+        logits, cache = decode(TINY, params, x[:, t:t + 1], cache, jnp.full((2, 1), t),
+                               mask(t, 1), t)
         pieces.append(logits)
     chex.assert_trees_all_close(jnp.concatenate(pieces, axis=1), full[:, 4:], atol=1e-5)
 
 
 def test_gpt2_parameter_count():
-    """GPT-2 124M at its vocabulary of 50257: 124,439,808 parameters, the tied lm_head counted once."""
+    """GPT-2 124M at its vocabulary of 50257: 124,439,808 parameters, the tied lm_head counted
+    once."""
     config = GPTConfig.from_preset("gpt2")
     shapes = jax.eval_shape(lambda rng: init_params(config, rng), jax.random.key(0))
     assert count_params(shapes, non_embedding=False) == 124_439_808
@@ -148,8 +156,10 @@ def test_presets_and_config_errors():
 
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_nanogpt_initialisation(scan_layers):
-    """normal(0.02) weights, zero biases, unit LayerNorm scales, residual projections 0.02/sqrt(2L)."""
-    config = GPTConfig(block_size=64, vocab_size=512, n_layer=4, n_head=4, n_embd=128, scan_layers=scan_layers)
+    """normal(0.02) weights, zero biases, unit LayerNorm scales, residual projections
+    0.02/sqrt(2L)."""
+    config = GPTConfig(block_size=64, vocab_size=512, n_layer=4, n_head=4, n_embd=128,
+                       scan_layers=scan_layers)
     p = convert_layers(init_params(config, jax.random.key(0)), scan_layers=False)
     std = lambda a: float(np.std(np.asarray(a)))
     assert std(p["wte"]["embedding"]) == pytest.approx(0.02, rel=0.05)
@@ -190,7 +200,8 @@ def test_cross_entropy_ignores_minus_one():
 
 def test_uniform_logits_give_log_vocab_loss():
     logits = jnp.zeros((1, 4, 50))
-    assert float(cross_entropy_loss(logits, jnp.array([[1, 2, 3, 4]]))) == pytest.approx(np.log(50), rel=1e-6)
+    assert (float(cross_entropy_loss(logits, jnp.array([[1, 2, 3, 4]])))
+            == pytest.approx(np.log(50), rel=1e-6))
 
 
 def test_crop_block_size(params):
@@ -256,8 +267,10 @@ def test_remat_policies_give_the_same_gradients_as_none(remat, scan_layers):
     config = TINY.replace(scan_layers=scan_layers)
     params = convert_layers(init_params(TINY, jax.random.key(0)), scan_layers)
     x = tokens((2, TINY.block_size))
-    grad = lambda c: jax.jit(jax.grad(lambda p: cross_entropy_loss(GPT(c).apply({"params": p}, x), x)))(params)
-    chex.assert_trees_all_close(grad(config.replace(remat=remat)), grad(config), atol=1e-6, rtol=1e-5)
+    grad = lambda c: jax.jit(jax.grad(
+        lambda p: cross_entropy_loss(GPT(c).apply({"params": p}, x), x)))(params)
+    chex.assert_trees_all_close(grad(config.replace(remat=remat)), grad(config),
+                                atol=1e-6, rtol=1e-5)
 
 
 def test_unknown_remat_and_unsupported_splash_shapes_are_errors():
@@ -270,7 +283,8 @@ def test_unknown_remat_and_unsupported_splash_shapes_are_errors():
 def test_auto_attention_resolves_per_platform():
     config = GPTConfig(n_head=12, n_embd=768, block_size=1024)
     assert resolve_attention(config, "tpu") == "splash"
-    assert resolve_attention(config.replace(block_size=100), "tpu") == "xla"  # the kernel's 128-token tiles
+    # the kernel's 128-token tiles
+    assert resolve_attention(config.replace(block_size=100), "tpu") == "xla"
     assert resolve_attention(config, "gpu") == "xla"  # float32: cuDNN needs bfloat16/float16
     assert resolve_attention(config.replace(dtype="bfloat16"), "gpu") == "cudnn"
     assert resolve_attention(config, "cpu") == "xla"
@@ -286,7 +300,8 @@ def test_splash_attention_matches_xla_in_interpret_mode():
     loss = lambda c: lambda p: cross_entropy_loss(GPT(c).apply({"params": p}, x), x)
     token = splash.INTERPRET.set(True)
     try:
-        splash_loss, splash_grads = jax.value_and_grad(loss(config.replace(attention="splash")))(params)
+        splash_loss, splash_grads = jax.value_and_grad(
+            loss(config.replace(attention="splash")))(params)
     finally:
         splash.INTERPRET.reset(token)
     xla_loss, xla_grads = jax.value_and_grad(loss(config.replace(attention="xla")))(params)
@@ -295,6 +310,8 @@ def test_splash_attention_matches_xla_in_interpret_mode():
 
 
 def test_config_is_the_model_alone_and_round_trips_through_its_dict():
-    config = GPTConfig(block_size=16, vocab_size=11, n_layer=2, n_head=2, n_embd=32, dtype="bfloat16")
-    assert config.to_dict() == dataclasses.asdict(config) and GPTConfig(**config.to_dict()) == config
+    config = GPTConfig(block_size=16, vocab_size=11, n_layer=2, n_head=2, n_embd=32,
+                       dtype="bfloat16")
+    assert (config.to_dict() == dataclasses.asdict(config)
+            and GPTConfig(**config.to_dict()) == config)
     assert not {"kernel_layout", "decoding"} & config.to_dict().keys()

@@ -1,4 +1,5 @@
-"""Import/export of GPT-2 weights against PyTorch: transformers' GPT2LMHeadModel and nanoGPT checkpoints."""
+"""Import/export of GPT-2 weights against PyTorch: transformers' GPT2LMHeadModel and nanoGPT
+checkpoints."""
 
 import functools
 import json
@@ -24,11 +25,13 @@ from flaxgpt import pretrained  # noqa: E402
 from flaxgpt.loss import cross_entropy_loss  # noqa: E402
 from flaxgpt.model import GPT, GPTConfig, init_params  # noqa: E402
 
-# Small GPT-2s with awkward sizes: vocab not a multiple of 64, 3 heads, block not a power of two, erf GELU.
+# Small GPT-2s with awkward sizes: vocab not a multiple of 64, 3 heads, block not a power of two,
+# erf GELU.
 HF_CONFIGS = {
     "tiny": dict(n_layer=2, n_head=4, n_embd=32, n_positions=64, vocab_size=128),
     "odd": dict(n_layer=3, n_head=3, n_embd=24, n_positions=48, vocab_size=101),
-    "erf_gelu": dict(n_layer=1, n_head=2, n_embd=16, n_positions=40, vocab_size=77, activation_function="gelu"),
+    "erf_gelu": dict(n_layer=1, n_head=2, n_embd=16, n_positions=40, vocab_size=77,
+                     activation_function="gelu"),
 }
 ODD = GPTConfig(block_size=48, vocab_size=101, n_layer=3, n_head=3, n_embd=24)  # HF_CONFIGS["odd"]
 NANO_CHAR = GPTConfig(block_size=32, vocab_size=65, n_layer=2, n_head=4, n_embd=32, bias=False,
@@ -36,9 +39,11 @@ NANO_CHAR = GPTConfig(block_size=32, vocab_size=65, n_layer=2, n_head=4, n_embd=
 
 
 def hf_model(**kwargs) -> "transformers.GPT2LMHeadModel":
-    """A random GPT2LMHeadModel in eval mode, every parameter perturbed (so biases and LayerNorms matter)."""
+    """A random GPT2LMHeadModel in eval mode, every parameter perturbed (so biases and LayerNorms
+    matter)."""
     torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**kwargs, bos_token_id=0, eos_token_id=0))
+    model = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(**kwargs, bos_token_id=0, eos_token_id=0))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -64,8 +69,10 @@ def torch_logits(model, tokens):
 
 
 def openai_bin_state(model):
-    """The state dict as OpenAI's original pytorch_model.bin: no `transformer.` prefix, mask buffers, no lm_head."""
-    state = {k.removeprefix("transformer."): v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    """The state dict as OpenAI's original pytorch_model.bin: no `transformer.` prefix, mask
+    buffers, no lm_head."""
+    state = {k.removeprefix("transformer."): v for k, v in model.state_dict().items()
+             if k != "lm_head.weight"}
     T = model.config.n_positions
     for i in range(model.config.n_layer):
         state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(T, T, dtype=torch.uint8)).view(1, 1, T, T)
@@ -85,16 +92,19 @@ def test_logits_and_loss_match_transformers(tmp_path, name, weights):
     config, params = pretrained.load_pretrained(tmp_path)
 
     hf = HF_CONFIGS[name]
-    assert config == GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                               n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True,
-                               gelu_approximate=hf.get("activation_function", "gelu_new") == "gelu_new")
+    assert config == GPTConfig(
+        block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+        n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True,
+        gelu_approximate=hf.get("activation_function", "gelu_new") == "gelu_new")
     tokens, targets = batch(config)
     expected = torch_logits(model, tokens)
     logits = flax_logits(config, params, tokens)
     np.testing.assert_allclose(logits, expected, rtol=0, atol=2e-5)
     expected_loss = torch.nn.functional.cross_entropy(
-        torch.as_tensor(expected).flatten(0, 1), torch.as_tensor(targets).flatten(), ignore_index=-1)
-    np.testing.assert_allclose(cross_entropy_loss(logits, jnp.asarray(targets)), expected_loss, rtol=1e-5)
+        torch.as_tensor(expected).flatten(0, 1), torch.as_tensor(targets).flatten(),
+        ignore_index=-1)
+    np.testing.assert_allclose(cross_entropy_loss(logits, jnp.asarray(targets)), expected_loss,
+                               rtol=1e-5)
 
 
 def test_dtypes(tmp_path):
@@ -105,11 +115,14 @@ def test_dtypes(tmp_path):
 
 
 def random_params(config, seed=0):
-    """Random params of the model's shapes (noisy LayerNorm scales around 1, nonzero biases), drawn by numpy."""
+    """Random params of the model's shapes (noisy LayerNorm scales around 1, nonzero biases), drawn
+    by numpy."""
     rng = np.random.default_rng(seed)
     shapes = jax.eval_shape(lambda key: init_params(config, key), jax.random.key(0))
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: jnp.asarray((path[-1].key == "scale") + rng.normal(0, 0.1, x.shape), x.dtype), shapes)
+        lambda path, x: jnp.asarray((path[-1].key == "scale") + rng.normal(0, 0.1, x.shape),
+                                    x.dtype),
+        shapes)
 
 
 @pytest.mark.parametrize("gelu_approximate", [True, False])
@@ -118,16 +131,19 @@ def test_save_pretrained_loads_in_transformers(tmp_path, gelu_approximate, caplo
     params = random_params(config)
     pretrained.save_pretrained(params, config, tmp_path)
 
-    monkeypatch.setattr(logging.getLogger("transformers"), "propagate", True)  # let caplog see its warnings
+    # let caplog see its warnings
+    monkeypatch.setattr(logging.getLogger("transformers"), "propagate", True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        model, info = transformers.GPT2LMHeadModel.from_pretrained(tmp_path, output_loading_info=True)
+        model, info = transformers.GPT2LMHeadModel.from_pretrained(tmp_path,
+                                                                   output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched weights
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     model.eval()
     assert model.config.activation_function == ("gelu_new" if gelu_approximate else "gelu")
     tokens, _ = batch(config)
-    np.testing.assert_allclose(torch_logits(model, tokens), flax_logits(config, params, tokens), rtol=0, atol=2e-5)
+    np.testing.assert_allclose(torch_logits(model, tokens), flax_logits(config, params, tokens),
+                               rtol=0, atol=2e-5)
 
     loaded_config, loaded = pretrained.load_pretrained(tmp_path)
     assert loaded_config == config
@@ -141,7 +157,8 @@ def test_save_pretrained_cuts_padded_vocab(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["vocab_size"] == 50257
     loaded_config, loaded = pretrained.load_pretrained(tmp_path)
     assert loaded_config == config.replace(vocab_size=50257)
-    chex.assert_trees_all_equal(loaded, {**params, "wte": {"embedding": params["wte"]["embedding"][:50257]}})
+    chex.assert_trees_all_equal(
+        loaded, {**params, "wte": {"embedding": params["wte"]["embedding"][:50257]}})
 
 
 def test_save_pretrained_refuses_bias_free_models(tmp_path):
@@ -149,7 +166,8 @@ def test_save_pretrained_refuses_bias_free_models(tmp_path):
         pretrained.save_pretrained(random_params(NANO_CHAR), NANO_CHAR, tmp_path)
 
 
-@pytest.mark.parametrize("config", [NANO_CHAR, ODD.replace(gelu_approximate=False)], ids=["bias_free", "bias"])
+@pytest.mark.parametrize("config", [NANO_CHAR, ODD.replace(gelu_approximate=False)],
+                         ids=["bias_free", "bias"])
 def test_nanogpt_round_trip(tmp_path, config):
     params = random_params(config)
     pretrained.save_nanogpt(params, config, tmp_path / "out" / "ckpt.pt")
@@ -159,19 +177,24 @@ def test_nanogpt_round_trip(tmp_path, config):
 
 
 def test_nanogpt_checkpoint_of_compiled_model(tmp_path):
-    """A nanoGPT ckpt.pt as train.py writes it after torch.compile: `_orig_mod.` keys, (out, in) Linear weights."""
+    """A nanoGPT ckpt.pt as train.py writes it after torch.compile: `_orig_mod.` keys, (out, in)
+    Linear weights."""
     model = hf_model(**HF_CONFIGS["odd"], activation_function="gelu")
     model.save_pretrained(tmp_path / "hf")
     conv1d = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # HF's Conv1D stores (in, out)
     state = {f"_orig_mod.{k}": v.t().contiguous() if k.endswith(conv1d) else v
              for k, v in model.state_dict().items()}
     hf = HF_CONFIGS["odd"]
-    for i in range(hf["n_layer"]):  # the causal mask nanoGPT registers when it has no flash attention
-        state[f"_orig_mod.transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(48, 48)).view(1, 1, 48, 48)
-    model_args = dict(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], block_size=hf["n_positions"],
-                      bias=True, vocab_size=hf["vocab_size"], dropout=0.0)
-    torch.save({"model": state, "model_args": model_args, "iter_num": 5000, "best_val_loss": torch.tensor(1.47),
-                "config": {"dataset": "shakespeare_char"}}, tmp_path / "ckpt.pt")
+    # the causal mask nanoGPT registers when it has no flash attention
+    for i in range(hf["n_layer"]):
+        state[f"_orig_mod.transformer.h.{i}.attn.bias"] = (
+            torch.tril(torch.ones(48, 48)).view(1, 1, 48, 48))
+    model_args = dict(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                      block_size=hf["n_positions"], bias=True, vocab_size=hf["vocab_size"],
+                      dropout=0.0)
+    torch.save({"model": state, "model_args": model_args, "iter_num": 5000,
+                "best_val_loss": torch.tensor(1.47), "config": {"dataset": "shakespeare_char"}},
+               tmp_path / "ckpt.pt")
 
     config, params = pretrained.load_nanogpt(tmp_path / "ckpt.pt")
     assert not config.gelu_approximate
@@ -191,7 +214,8 @@ def test_folder_without_weights(tmp_path):
     with pytest.raises(FileNotFoundError, match="lacks config.json and model.safetensors"):
         pretrained.load_pretrained(tmp_path)
     hf_model(**HF_CONFIGS["tiny"]).config.to_json_file(tmp_path / "config.json")
-    with pytest.raises(FileNotFoundError, match="lacks model.safetensors \\(or pytorch_model.bin\\)"):
+    with pytest.raises(FileNotFoundError,
+                       match="lacks model.safetensors \\(or pytorch_model.bin\\)"):
         pretrained.load_pretrained(tmp_path)
 
 
@@ -208,9 +232,11 @@ def edit_weights(folder, edit):
 
 
 def test_wrong_shape_names_key_and_shapes(hf_folder):
-    edit_weights(hf_folder, lambda s: s.update({"transformer.h.1.mlp.c_fc.weight": np.zeros((32, 100), np.float32)}))
-    with pytest.raises(pretrained.CheckpointError, match=r"h\.1\.mlp\.c_fc\.weight has shape \[32, 100\], "
-                                                         r"the model expects \[32, 128\]"):
+    edit_weights(hf_folder, lambda s: s.update(
+        {"transformer.h.1.mlp.c_fc.weight": np.zeros((32, 100), np.float32)}))
+    with pytest.raises(pretrained.CheckpointError,
+                       match=r"h\.1\.mlp\.c_fc\.weight has shape \[32, 100\], "
+                             r"the model expects \[32, 128\]"):
         pretrained.load_pretrained(hf_folder)
 
 
@@ -220,8 +246,9 @@ def test_missing_and_unexpected_keys(hf_folder):
         state["transformer.h.0.attn.q_proj.weight"] = np.zeros((32, 32), np.float32)
 
     edit_weights(hf_folder, edit)
-    with pytest.raises(pretrained.CheckpointError, match=r"missing ln_f\.bias \[32\].*"
-                                                         r"unexpected h\.0\.attn\.q_proj\.weight \[32, 32\]"):
+    with pytest.raises(pretrained.CheckpointError,
+                       match=r"missing ln_f\.bias \[32\].*"
+                             r"unexpected h\.0\.attn\.q_proj\.weight \[32, 32\]"):
         pretrained.load_pretrained(hf_folder)
 
 
@@ -248,8 +275,10 @@ def no_hub(tmp_path, monkeypatch):
     constants = huggingface_hub.constants
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # refused at once, even with a network
-    monkeypatch.setattr(time, "sleep", lambda seconds: None)  # skip huggingface_hub's retry back-off
+    # refused at once, even with a network
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    # skip huggingface_hub's retry back-off
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)
     return tmp_path / "hub"
 
 
@@ -259,7 +288,8 @@ def test_no_network_says_how_to_work_offline(no_hub, monkeypatch, offline):
     with pytest.raises(RuntimeError) as error:
         pretrained.load_pretrained("gpt2")
     message = str(error.value)
-    assert ("HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub is unreachable") in message
+    assert ("HF_HUB_OFFLINE is set" if offline
+            else "the Hugging Face Hub is unreachable") in message
     assert "pass that folder's path" in message and "HF cache" in message and "\n" not in message
     assert error.value.__cause__ is None and error.value.__suppress_context__
 
@@ -289,7 +319,8 @@ def test_optional_dependencies_are_imported_lazily(monkeypatch):
     optional = "{'torch', 'transformers', 'huggingface_hub', 'safetensors'}"
     code = f"import sys, flaxgpt; print(sorted({optional} & set(sys.modules)))"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    run = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                         check=True)
     assert run.stdout == "[]\n"
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if it were not installed
     with pytest.raises(ImportError, match=r"pip install 'flaxgpt\[hf\]'"):

@@ -1,5 +1,5 @@
-"""sample.py end to end, in process: a tiny Hugging Face folder, a tiny character-level training run,
-streaming, and the one-line errors (exit code 2)."""
+"""sample.py end to end, in process: a tiny Hugging Face folder, a tiny character-level training
+run, streaming, and the one-line errors (exit code 2)."""
 
 import importlib
 import json
@@ -25,9 +25,11 @@ def char_run(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("out-char")
     checkpoints = Checkpoints(out_dir, async_save=False)
     params = init_params(CHAR_CONFIG, jax.random.key(0))
-    checkpoints.save(100, params, {"count": np.zeros((), np.int32)}, {"model": CHAR_CONFIG.to_dict()})
+    checkpoints.save(100, params, {"count": np.zeros((), np.int32)},
+                     {"model": CHAR_CONFIG.to_dict()})
     checkpoints.close()
-    (out_dir / "meta.json").write_text(json.dumps({"tokenizer": "char", "chars": CHARS, "vocab_size": len(CHARS)}))
+    (out_dir / "meta.json").write_text(json.dumps({"tokenizer": "char", "chars": CHARS,
+                                                   "vocab_size": len(CHARS)}))
     return out_dir
 
 
@@ -43,7 +45,8 @@ def samples(stdout):
 
 
 def test_hf_folder_streams_the_same_text_it_prints_whole(capsys, tiny_hf_gpt2):
-    argv = ["--init_from", tiny_hf_gpt2, "--start", "Hello", "--num_samples", 2, "--max_new_tokens", 8, "--top_p", 0.9]
+    argv = ["--init_from", tiny_hf_gpt2, "--start", "Hello", "--num_samples", 2,
+            "--max_new_tokens", 8, "--top_p", 0.9]
     streamed = run_cli(capsys, *argv).out
     texts = samples(streamed)
     assert len(texts) == 2 and all(t.startswith("Hello") for t in texts)
@@ -66,10 +69,12 @@ def test_training_run_with_a_character_vocabulary(capsys, char_run, tmp_path):
 
 def test_the_weights_are_laid_out_once_for_all_samples(capsys, char_run, monkeypatch):
     """The checkpoint's scanned layers are unstacked for decoding once, not once per sample."""
-    decoding = importlib.import_module("flaxgpt.generate")  # the module (flaxgpt.generate is the function)
+    # the module (flaxgpt.generate is the function)
+    decoding = importlib.import_module("flaxgpt.generate")
     calls = []
     convert = decoding.convert_layers
-    monkeypatch.setattr(decoding, "convert_layers", lambda *a, **k: calls.append(1) or convert(*a, **k))
+    monkeypatch.setattr(decoding, "convert_layers",
+                        lambda *a, **k: calls.append(1) or convert(*a, **k))
     for stream in ("--stream", "--no-stream"):
         calls.clear()
         texts = samples(run_cli(capsys, "--out_dir", char_run, "--start", "ab", "--num_samples", 3,
@@ -78,7 +83,8 @@ def test_the_weights_are_laid_out_once_for_all_samples(capsys, char_run, monkeyp
 
 
 def test_window_shift_reaches_the_decoder_streamed_and_whole(capsys, char_run, monkeypatch):
-    """--window_shift past block_size (16): streamed and whole, the same text, sampled with that shift."""
+    """--window_shift past block_size (16): streamed and whole, the same text, sampled with that
+    shift."""
     shifts = []
     stream = sample.Decoder.stream
 
@@ -99,8 +105,10 @@ def test_window_shift_reaches_the_decoder_streamed_and_whole(capsys, char_run, m
 @pytest.mark.parametrize("stream", ["--stream", "--no-stream"])
 def test_says_how_much_it_will_generate_and_shows_progress(capsys, char_run, monkeypatch, stream):
     """Up front, one line with samples x tokens; then a progress bar on stderr (tokens, tok/s) for a
-    sample that takes longer than PROGRESS_DELAY_S (here 0), streamed or not; stdout holds only text."""
-    argv = ["--out_dir", char_run, "--start", "ab", "--num_samples", 2, "--max_new_tokens", 30, stream]
+    sample that takes longer than PROGRESS_DELAY_S (here 0), streamed or not; stdout holds only
+    text."""
+    argv = ["--out_dir", char_run, "--start", "ab", "--num_samples", 2, "--max_new_tokens", 30,
+            stream]
     quiet = run_cli(capsys, *argv)  # a short sample: no bar
     assert "generating 2 samples x 30 tokens = 60 new tokens" in quiet.err
     assert "tok/s" not in quiet.err
@@ -118,14 +126,16 @@ def test_nanogpt_checkpoint_with_its_meta_pkl(capsys, tmp_path):
     pytest.importorskip("torch")
     from flaxgpt.pretrained import save_nanogpt
 
-    save_nanogpt(init_params(nanogpt_config, jax.random.key(1)), nanogpt_config, tmp_path / "ckpt.pt")
+    save_nanogpt(init_params(nanogpt_config, jax.random.key(1)), nanogpt_config,
+                 tmp_path / "ckpt.pt")
     with open(tmp_path / "meta.pkl", "wb") as f:
         pickle.dump({"vocab_size": len(CHARS), "itos": dict(enumerate(CHARS)),
                      "stoi": {c: i for i, c in enumerate(CHARS)}}, f)
     argv = ["--start", "abc", "--num_samples", 1, "--max_new_tokens", 10, "--temperature", 0]
     out = run_cli(capsys, "--init_from", tmp_path / "ckpt.pt", *argv).out
     assert out.startswith("abc") and set(samples(out)[0]) <= set(CHARS)
-    assert run_cli(capsys, "--out_dir", tmp_path, *argv).out == out  # nanoGPT's out_dir holding ckpt.pt
+    # nanoGPT's out_dir holding ckpt.pt
+    assert run_cli(capsys, "--out_dir", tmp_path, *argv).out == out
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -154,7 +164,8 @@ def test_missing_models(capsys, tmp_path):
 def test_prompt_outside_the_vocabulary(capsys, char_run, tmp_path):
     """A character model whose run lacks meta.json falls back to GPT-2 BPE, whose ids do not fit."""
     (tmp_path / "checkpoints").symlink_to(char_run / "checkpoints")
-    assert_usage_error(capsys, ["--out_dir", tmp_path, "--start", "hello"], "outside the model's vocabulary")
+    assert_usage_error(capsys, ["--out_dir", tmp_path, "--start", "hello"],
+                       "outside the model's vocabulary")
 
 
 def assert_usage_error(capsys, argv, message):
@@ -181,8 +192,8 @@ def test_damaged_or_malicious_files_are_one_line(capsys, char_run, tmp_path):
     torch = pytest.importorskip("torch")
     hf = tmp_path / "hf"
     hf.mkdir()
-    (hf / "config.json").write_text(json.dumps({"n_positions": 16, "vocab_size": 50257, "n_layer": 1, "n_head": 2,
-                                                "n_embd": 16}))
+    (hf / "config.json").write_text(json.dumps({"n_positions": 16, "vocab_size": 50257,
+                                                "n_layer": 1, "n_head": 2, "n_embd": 16}))
     (hf / "model.safetensors").write_bytes(b"garbage, not a safetensors header")
     assert_usage_error(capsys, ["--init_from", hf], "not a readable safetensors file")
 
@@ -203,11 +214,14 @@ def test_damaged_or_malicious_files_are_one_line(capsys, char_run, tmp_path):
     (tmp_path / "a_file").write_text("")
     assert_usage_error(capsys, ["--out_dir", tmp_path / "a_file"], "is a file")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
-    assert_usage_error(capsys, ["--out_dir", char_run, "--start", f"FILE:{tmp_path / 'latin1.txt'}"], "not UTF-8")
+    assert_usage_error(capsys,
+                       ["--out_dir", char_run, "--start", f"FILE:{tmp_path / 'latin1.txt'}"],
+                       "not UTF-8")
 
 
 def test_all_checkpoints_unreadable_says_what_to_do_and_no_event_loop_noise(char_run, tmp_path):
-    """A run whose only checkpoint lost its manifest: one error line, no asyncio tracebacks at exit."""
+    """A run whose only checkpoint lost its manifest: one error line, no asyncio tracebacks at
+    exit."""
     import shutil
     import subprocess
     import sys
@@ -217,13 +231,16 @@ def test_all_checkpoints_unreadable_says_what_to_do_and_no_event_loop_noise(char
     shutil.copytree(char_run, out_dir)
     for manifest in out_dir.rglob("manifest.ocdbt"):
         manifest.unlink()
-    result = subprocess.run([sys.executable, "sample.py", "--out_dir", str(out_dir), "--num_samples", "1",
-                             "--max_new_tokens", "2"], cwd=Path(sample.__file__).parent, capture_output=True,
-                            text=True, timeout=120, env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+    result = subprocess.run([sys.executable, "sample.py", "--out_dir", str(out_dir),
+                             "--num_samples", "1", "--max_new_tokens", "2"],
+                            cwd=Path(sample.__file__).parent, capture_output=True, text=True,
+                            timeout=120,
+                            env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "is unreadable (" in errors[0] and "scratch" not in errors[0]
-    assert "Traceback" not in result.stderr and "Event loop is closed" not in result.stderr, result.stderr
+    assert ("Traceback" not in result.stderr
+            and "Event loop is closed" not in result.stderr), result.stderr
 
 
 def test_dtype_auto_samples_in_float32_on_a_cpu_and_bfloat16_is_a_choice(capsys, char_run):

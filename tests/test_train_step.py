@@ -1,4 +1,5 @@
-"""The jitted train and eval steps (flaxgpt/train_step.py) on one device: accumulation, dropout, eval.
+"""The jitted train and eval steps (flaxgpt/train_step.py) on one device: accumulation, dropout,
+eval.
 
 Mesh-by-mesh equivalence of the same steps lives in tests/test_sharding.py.
 """
@@ -21,7 +22,8 @@ def one_device_mesh():
 
 
 def tokens(shape, seed=0):
-    t = np.random.default_rng(seed).integers(0, TINY.vocab_size, (*shape[:-1], shape[-1] + 1)).astype(np.int32)
+    t = np.random.default_rng(seed).integers(0, TINY.vocab_size,
+                                             (*shape[:-1], shape[-1] + 1)).astype(np.int32)
     return t[..., :-1], t[..., 1:]
 
 
@@ -30,13 +32,15 @@ def adamw():
 
 
 def sgd():
-    # Adam divides by the gradient's own magnitude, so float32 summation-order noise on near-zero gradients
-    # becomes a full-size update; SGD keeps parameter differences proportional to gradient differences.
+    # Adam divides by the gradient's own magnitude, so float32 summation-order noise on near-zero
+    # gradients becomes a full-size update; SGD keeps parameter differences proportional to gradient
+    # differences.
     return optax.chain(optax.clip_by_global_norm(0.2), optax.sgd(0.5, momentum=0.9))
 
 
 def test_a_micro_batches_of_b_equal_one_batch_of_a_times_b():
-    """Gradient accumulation: A micro-batches of B sequences give the step of one batch of A*B (mean loss)."""
+    """Gradient accumulation: A micro-batches of B sequences give the step of one batch of A*B
+    (mean loss)."""
     A, B, T = 4, 2, TINY.block_size
     x, y = tokens((A, B, T))
     accumulated = TrainStep(TINY, sgd(), one_device_mesh(), seed=0)
@@ -44,7 +48,8 @@ def test_a_micro_batches_of_b_equal_one_batch_of_a_times_b():
     init = jax.tree.map(np.asarray, state)
     state_acc, metrics_acc = accumulated.train_fn(state, x, y)
     whole = TrainStep(TINY, sgd(), one_device_mesh(), seed=0)
-    state_whole, metrics_whole = whole.train_fn(jax.device_put(init), x.reshape(1, A * B, T), y.reshape(1, A * B, T))
+    state_whole, metrics_whole = whole.train_fn(jax.device_put(init), x.reshape(1, A * B, T),
+                                                y.reshape(1, A * B, T))
     np.testing.assert_allclose(metrics_acc["loss"], metrics_whole["loss"], rtol=1e-6)
     np.testing.assert_allclose(metrics_acc["grad_norm"], metrics_whole["grad_norm"], rtol=1e-5)
     for a, w in zip(jax.tree.leaves(state_acc.params), jax.tree.leaves(state_whole.params)):
@@ -83,4 +88,5 @@ def test_abstract_state_matches_the_real_state():
     state = train_step.init(jax.random.key(0))
     abstract = train_step.abstract_state
     for real, shape in zip(jax.tree.leaves(state), jax.tree.leaves(abstract)):
-        assert (real.shape, real.dtype) == (shape.shape, shape.dtype) and real.sharding == shape.sharding
+        assert ((real.shape, real.dtype) == (shape.shape, shape.dtype)
+                and real.sharding == shape.sharding)
