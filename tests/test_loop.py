@@ -289,7 +289,7 @@ def test_training_loop_on_fsdp4_tp2_matches_one_device(alphabet64_dir, tmp_path,
         np.testing.assert_allclose(*zip(*pairs), err_msg=key, rtol=2e-6, atol=0)
 
     params = {k: to_host(load_params(tmp_path / k)[1]) for k in results}
-    assert_trees_close(params["2d"], params["one"], rtol=1e-5, atol=1e-7)  # float32 reduction order only
+    assert_trees_close(params["2d"], params["one"], rtol=1e-5, atol=1e-7)  # reduction order
 
 
 def test_an_unscanned_checkpoint_resumes_into_scanned_layers(data_dir, tmp_path):
