@@ -18,12 +18,16 @@ CHUNK_LOGITS = 2**23
 
 def cross_entropy_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """Mean next-token cross-entropy in float32. logits: [B, T, V]; targets: [B, T], -1 ignored."""
-    logits = logits.astype(jnp.float32)
+    return _nll_sum(logits, targets) / jnp.maximum(jnp.sum(targets >= 0), 1)
+
+
+def _nll_sum(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """logits: [..., V] (log-softmax in float32); targets: [...], -1 ignored -> the summed negative
+    log-likelihood of the valid targets, a float32 scalar."""
     valid = targets >= 0
-    safe_targets = jnp.where(valid, targets, 0)
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logprobs, safe_targets[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logprobs, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(valid, nll, 0.0))
 
 
 def chunk_length(T: int, V: int, max_logits: int = CHUNK_LOGITS) -> int:
@@ -58,9 +62,7 @@ def _chunk_logprobs(x, w, targets):
 
 
 def _chunk_nll(x, w, targets):
-    logprobs, valid = _chunk_logprobs(x, w, targets)
-    nll = -jnp.take_along_axis(logprobs, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(valid, nll, 0.0))
+    return _nll_sum(jnp.einsum("btc,vc->btv", x, w), targets)
 
 
 @jax.custom_vjp
