@@ -4,7 +4,7 @@ what the train step consumes.
     python benchmarks/bench_feed.py --config=configs/owt.py [--bucket=gs://BUCKET/tmp] [--steps=20]
     python benchmarks/bench_feed.py --config=configs/shakespeare_char.py:cpu --time_step
 
-The feed is what `loop.Batches` does on one host for every step: draw the step's window offsets and
+The feed is what `data.Batches` does on one host for every step: draw the step's window offsets and
 read this host's rows (a memmap of a local file, or concurrent byte-range reads of a bucket), then
 place them on the devices. The dataset is --tokens random tokens written to a temporary folder and
 copied to the bucket. Without --bucket a Cloud Storage emulator (fake-gcs-server, from the test
@@ -33,7 +33,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from flaxgpt import data, mfu, optim, sharding, storage  # noqa: E402
-from flaxgpt.loop import Batches, Dataset  # noqa: E402
+from flaxgpt.data import Batches, Dataset  # noqa: E402
 from flaxgpt.model import count_params, flops_per_token  # noqa: E402
 from flaxgpt.train_step import TrainStep  # noqa: E402
 from flaxgpt.config import model_config  # noqa: E402
@@ -84,7 +84,8 @@ def feed_tokens_per_s(config, train_step: TrainStep, data_dir,
     of the whole feed as the loop runs it: reading ahead, placing on the devices)."""
     config.data_dir = os.fspath(data_dir)
     A, B, T = config.gradient_accumulation_steps, config.batch_size, config.block_size
-    with Batches(Dataset.open(config), train_step, config.seed, B) as batches:
+    with Batches(Dataset.open(config), train_step.batch_sharding, config.seed, B,
+                 config.block_size) as batches:
         batches.read("train", 0, A)  # first contact: connections, page cache
         start, cpu = time.perf_counter(), time.process_time()
         for step in range(1, steps + 1):
@@ -93,6 +94,7 @@ def feed_tokens_per_s(config, train_step: TrainStep, data_dir,
         start = time.perf_counter()
         for step in range(steps + 1, 2 * steps + 1):
             jax.block_until_ready(batches("train", step, A))
+            batches.prefetch("train", step + 1, A)
         fed = A * B * T * steps / (time.perf_counter() - start)
     return read, cpu / (A * B * T * steps), fed
 

@@ -34,6 +34,7 @@ class UnreadableCheckpointError(ValueError):
     """A checkpoint step that cannot be restored (half written, foreign, damaged)."""
 
     def __init__(self, path, reason: str):
+        self.reason = reason
         super().__init__(f"checkpoint {path} is unreadable ({reason})")
 
 
@@ -45,10 +46,10 @@ class CorruptCheckpointError(ValueError):
     """A checkpoint whose arrays do not match the checksums it was saved with."""
 
 
-def saved_steps(out_dir: str | os.PathLike) -> list[int]:
-    """The step directories in `<out_dir>/checkpoints` (readable or not), oldest first, without
-    orbax."""
-    directory = storage.path(out_dir) / "checkpoints"
+def saved_steps(directory: str | os.PathLike) -> list[int]:
+    """The step folders in a checkpoints folder (readable or not), oldest first; orbax writes a
+    step under a temporary name, so a half-written one is not listed."""
+    directory = storage.path(directory)
     if not directory.is_dir():
         return []
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
@@ -124,7 +125,7 @@ class Checkpoints:
             self.close()
 
     def steps(self) -> list[int]:
-        return sorted(self.manager.all_steps()) if self.directory.is_dir() else []
+        return saved_steps(self.directory)
 
     def set_aside(self, steps: list[int]) -> None:
         """Rename unreadable step directories to `<step>.unreadable`: kept on disk, but no longer
@@ -211,27 +212,38 @@ class Checkpoints:
 
         The abstract trees (jax.ShapeDtypeStruct with shardings) say where every shard goes. With
         run_id, steps that another run saved are passed over. Arrays are checked against their saved
-        checksums.
-
-        Several processes try the steps process 0 lists, in the same order: each reads its own
-        shards, then they compare; a step that any of them could not read is passed over by all (the
-        warning names the process and its reason), and the checksums, computed by all together,
-        decide alike.
+        checksums, which all processes compute together, so every one gets the same verdict.
         """
         targets = {"params": abstract_params}
         if abstract_opt_state is not None:
             targets["opt_state"] = abstract_opt_state
 
-        # this process's shards only: no collective, so a failure here cannot strand a peer
-        def read(s):
+        def read(s):  # this process's shards only: no collective, so no peer is left waiting
             meta = self.read_meta(s)
             if run_id is not None and meta.get("run_id") != run_id:
                 raise ValueError(f"saved by run {meta.get('run_id')}, not by run {run_id}")
-            restored = {name: self._arrays.restore(self.directory / str(s) / name,
-                                                   args=ocp.args.StandardRestore(target))
-                        for name, target in targets.items()}
-            return restored, meta
+            return meta, {name: self._arrays.restore(self.directory / str(s) / name,
+                                                     args=ocp.args.StandardRestore(target))
+                          for name, target in targets.items()}
 
+        def verify(s, read_back):
+            meta, restored = read_back
+            for name, tree in restored.items():
+                verify_checksums(tree, meta.get("checksums", {}).get(name, {}),
+                                 self.directory / str(s))
+
+        meta, restored = self.newest_readable(read, step=step, newest=newest, verify=verify)
+        return restored["params"], restored.get("opt_state"), meta
+
+    def newest_readable(self, read, *, step: int | None = None, newest: int | None = None,
+                        verify=None):
+        """`read(step)` of the newest step every process can read (or of `step` alone; or the
+        newest from `newest` down), then `verify(step, result)` on all processes together.
+
+        Every process tries the steps process 0 lists, in the same order; a step that any of them
+        cannot read (half written, foreign, corrupt) is passed over by all, with a warning naming
+        the process and its reason, and left on disk: it is never deleted here.
+        """
         candidates = ([step] if step is not None
                       else distributed.decided_by_main("checkpoint steps", self.steps)[::-1])
         candidates = [s for s in candidates if newest is None or s <= newest]
@@ -240,51 +252,26 @@ class Checkpoints:
                                           "init_from='scratch'")
         for s in candidates:
             try:
-                (restored, meta), failure = read(s), ""
+                result, failure = read(s), ""
+            except UnreadableCheckpointError as e:  # from a nested read of the same step
+                result, failure = None, e.reason
             except Exception as e:  # orbax raises many kinds of errors for a broken step directory
-                failure = faults.describe(e)
+                result, failure = None, faults.describe(e)
             failures = distributed.all_values(f"read checkpoint {s}", failure)
             bad = [(i, reason) for i, reason in enumerate(failures) if reason]
+            where = self.directory / str(s)
             try:
                 if bad:
                     process, reason = bad[0]
-                    where = f" on process {process}" if len(failures) > 1 else ""
-                    raise UnreadableCheckpointError(f"{self.directory / str(s)}{where}", reason)
-                # the checksums are computed by all processes together: every one gets the same
-                # verdict
-                for name, tree in restored.items():
-                    verify_checksums(tree, meta.get("checksums", {}).get(name, {}),
-                                     self.directory / str(s))
+                    raise UnreadableCheckpointError(
+                        f"{where}{f' on process {process}' if len(failures) > 1 else ''}", reason)
+                if verify is not None:
+                    verify(s, result)
+                return result
             except CorruptCheckpointError as e:
-                error = UnreadableCheckpointError(self.directory / str(s),
-                                                  str(e).split(": ", 1)[-1])
+                error = UnreadableCheckpointError(where, str(e).split(": ", 1)[-1])
             except UnreadableCheckpointError as e:
                 error = e
-            else:
-                return restored["params"], restored.get("opt_state"), meta
-            if len(candidates) == 1:
-                raise error
-            _passed_over(error)
-        raise ValueError(f"none of the checkpoints {candidates} in {self.directory} could be read; "
-                         "restore an earlier copy of them, or train a new run in another out_dir")
-
-    def newest_readable(self, read, *, step: int | None = None):
-        """`read(step)` of the newest step it succeeds on (or of `step` alone).
-
-        A step that cannot be read (half written, foreign, corrupt) is skipped with a warning and
-        left on disk: it is never deleted here.
-        """
-        candidates = [step] if step is not None else self.steps()[::-1]
-        if not candidates:
-            raise CheckpointNotFoundError(f"no checkpoint in {self.directory}: train first, or use "
-                                          "init_from='scratch'")
-        for s in candidates:
-            try:
-                return read(s)
-            except UnreadableCheckpointError as e:  # from a nested read of the same step
-                error = e
-            except Exception as e:  # orbax raises many kinds of errors for a broken step directory
-                error = UnreadableCheckpointError(self.directory / str(s), faults.describe(e))
             if len(candidates) == 1:
                 raise error
             _passed_over(error)

@@ -12,13 +12,15 @@ windows a batch needs are fetched, as concurrent byte-range reads (`RemoteTokens
 copied to the host's disk.
 """
 
+import concurrent.futures
+import dataclasses
 import hashlib
 import json
 import os
 
 import numpy as np
 
-from flaxgpt import storage, tokenizer
+from flaxgpt import distributed, sharding, storage, tokenizer
 
 SPLIT_CODES = {"train": 0, "val": 1}
 FINGERPRINT_SAMPLES = 16  # windows of each split read into a dataset's fingerprint
@@ -157,3 +159,71 @@ def get_batch(tokens: np.ndarray | RemoteTokens, *, seed: int, step: int, batch_
         offsets = offsets[rows]
     windows = read_windows(tokens, offsets, block_size + 1).astype(np.int32)
     return np.ascontiguousarray(windows[:, :-1]), np.ascontiguousarray(windows[:, 1:])
+
+
+@dataclasses.dataclass
+class Dataset:
+    """A prepared dataset: its folder, its vocabulary description (`tokenizer.read_meta`) and its
+    splits."""
+    directory: storage.Path
+    meta: dict
+    splits: dict[str, np.memmap | RemoteTokens]
+
+    @classmethod
+    def open(cls, config) -> "Dataset":
+        directory = dataset_dir(config)
+        meta = load_meta(directory)
+        return cls(directory, meta, {s: open_split(directory, s, meta) for s in SPLIT_CODES})
+
+    def check_same_on_every_host(self) -> None:
+        """Every process must read the same tokens (batches are drawn from the file lengths):
+        compare the hosts' fingerprints and stop every process in one line if they differ."""
+        prints = distributed.all_values("dataset", fingerprint(self.meta, self.splits))
+        if len(set(prints)) > 1:
+            groups = {}
+            for process, print_ in enumerate(prints):
+                groups.setdefault(print_, []).append(str(process))
+            seen = "; ".join(f"process(es) {', '.join(p)} see {f}" for f, p in groups.items())
+            raise ValueError(f"the hosts read different datasets from {self.directory} ({seen}; a "
+                             "fingerprint hashes meta.json, the lengths and samples of the "
+                             "tokens): give every host the same copy, or prepare it once into a "
+                             "bucket: --config.data_dir=gs://BUCKET/data/NAME")
+
+
+class Batches:
+    """The global batch [n, B, T] (x and y) of (split, seed, step) as sharded arrays. This process
+    reads only the rows its devices hold (`sharding.process_rows`); `prefetch` reads a batch in a
+    background thread while the current step runs. A context manager (the thread ends on exit)."""
+
+    def __init__(self, dataset: Dataset, batch_sharding, seed: int, batch_size: int,
+                 block_size: int):
+        self.dataset, self.sharding, self.seed = dataset, batch_sharding, seed
+        self.B, self.T = batch_size, block_size
+        self.rows = sharding.process_rows(self.sharding, (1, self.B, self.T), batch_axis=1)
+        self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="flaxgpt-data")
+        self._pending = {}  # (split, step, n) -> the future of this process's rows
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        self._reader.shutdown(cancel_futures=True)
+
+    def read(self, split: str, step: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """This process's rows of x and y: int32 [n, len(rows), T]."""
+        local_rows = (np.arange(n)[:, None] * self.B + self.rows[None]).ravel()
+        x, y = get_batch(self.dataset.splits[split], seed=self.seed, step=step,
+                         batch_size=n * self.B, block_size=self.T, split=split, rows=local_rows)
+        return x.reshape(n, -1, self.T), y.reshape(n, -1, self.T)
+
+    def prefetch(self, split: str, step: int, n: int) -> None:
+        """Start reading the batch a later call will ask for."""
+        self._pending[(split, step, n)] = self._reader.submit(self.read, split, step, n)
+
+    def __call__(self, split: str, step: int, n: int) -> tuple:
+        """x, y: int32 [n, B, T] global arrays; all processes call this together."""
+        pending = self._pending.pop((split, step, n), None)
+        x, y = pending.result() if pending else self.read(split, step, n)
+        shape = (n, self.B, self.T)
+        return tuple(sharding.global_batch(a, self.rows, self.sharding, shape, batch_axis=1)
+                     for a in (x, y))

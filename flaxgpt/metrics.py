@@ -11,10 +11,9 @@ event file (written to a local temporary folder) are uploaded whole at most ever
 seconds and when the run ends.
 """
 
+import contextlib
 import json
-import shutil
 import sys
-import tempfile
 import time
 
 from flaxgpt import distributed, storage
@@ -85,6 +84,7 @@ class MetricsLog:
         self.file = self.tensorboard = self.wandb = self.bar = None
         self._start = (start_step, time.perf_counter())
         self.out_dir, self._remote_text, self._tensorboard_dir = out_dir, None, None
+        self._folders = contextlib.ExitStack()
         self._uploaded_at = time.monotonic()
         if not self.active:
             return
@@ -97,11 +97,11 @@ class MetricsLog:
             self.file = open(path, "a")
         if config.tensorboard:
             SummaryWriter = _tensorboardx_writer()
-            self._tensorboard_dir = (tempfile.mkdtemp(prefix="flaxgpt-tensorboard-")
-                                     if self.remote else None)
+            self._tensorboard_dir = self._folders.enter_context(
+                storage.local_folder(out_dir / TENSORBOARD_DIR))
             # purge_step: TensorBoard hides what an earlier attempt logged past the resumed step.
             self.tensorboard = SummaryWriter(
-                self._tensorboard_dir or str(out_dir / TENSORBOARD_DIR),
+                self._tensorboard_dir,
                 filename_suffix=f".{time.time_ns()}",
                 purge_step=None if resumed_at is None else resumed_at + 1)
         if config.wandb_log:
@@ -121,15 +121,14 @@ class MetricsLog:
             if closable is not None:
                 closable.close()
         if self.active and self.remote:
-            self._upload()
-            if self._tensorboard_dir:
-                shutil.rmtree(self._tensorboard_dir, ignore_errors=True)
+            storage.write_atomically(self.out_dir / "metrics.jsonl", self._remote_text)
+        self._folders.close()  # uploads the TensorBoard files from a bucket's local folder
 
     def _upload(self) -> None:
         """metrics.jsonl and the TensorBoard event files, whole, into the bucket."""
         storage.write_atomically(self.out_dir / "metrics.jsonl", self._remote_text)
         if self._tensorboard_dir:
-            storage.upload_folder(self._tensorboard_dir, self.out_dir / TENSORBOARD_DIR)
+            storage.upload(self._tensorboard_dir, self.out_dir / TENSORBOARD_DIR)
         self._uploaded_at = time.monotonic()
 
     def print(self, text: str) -> None:

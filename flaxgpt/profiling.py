@@ -7,8 +7,7 @@ https://ui.perfetto.dev. With out_dir in a bucket, the trace is written to a loc
 and uploaded when it stops.
 """
 
-import shutil
-import tempfile
+import contextlib
 
 import jax
 
@@ -32,31 +31,37 @@ def parse_profile_steps(text: str) -> tuple[int, int] | None:
 
 
 class StepProfiler:
-    """Starts the trace before step START and stops it once step STOP - 1 has finished."""
+    """Starts the trace before step START and stops it once step STOP - 1 has finished; a context
+    manager that stops it on exit."""
 
     def __init__(self, profile_steps: str, out_dir: storage.Path, log=print):
         self.steps = parse_profile_steps(profile_steps)
-        self.directory, self.log, self.tracing = storage.path(out_dir) / PROFILE_DIR, log, False
-        self._local = None  # the temporary folder of a trace bound for a bucket
+        self.directory, self.log = storage.path(out_dir) / PROFILE_DIR, log
+        self._folder = None  # the trace's local folder (storage.local_folder) while tracing
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        self.stop()
+
+    @property
+    def tracing(self) -> bool:
+        return self._folder is not None
 
     def before_step(self, step: int) -> None:
-        if self.steps and step == self.steps[0] and not self.tracing:
-            if storage.is_remote(self.directory):
-                self._local = tempfile.mkdtemp(prefix="flaxgpt-profile-")
-            jax.profiler.start_trace(self._local or str(self.directory))
-            self.tracing = True
+        if self.steps and step == self.steps[0] and self._folder is None:
+            self._folder = contextlib.ExitStack()
+            jax.profiler.start_trace(self._folder.enter_context(storage.local_folder(self.directory)))
 
     def after_step(self, step: int, result) -> None:
-        if self.tracing and step >= self.steps[1]:
+        if self._folder is not None and step >= self.steps[1]:
             jax.block_until_ready(result)
             self.stop()
             self.log(f"profiled steps {self.steps[0]} to {self.steps[1] - 1} into {self.directory}")
 
     def stop(self) -> None:
-        if self.tracing:
+        if self._folder is not None:
             jax.profiler.stop_trace()
-            self.tracing = False
-            if self._local:
-                storage.upload_folder(self._local, self.directory)
-                shutil.rmtree(self._local, ignore_errors=True)
-                self._local = None
+            self._folder.close()
+            self._folder = None

@@ -19,6 +19,7 @@ import contextlib
 import functools
 import os
 import re
+import shutil
 import tempfile
 from typing import IO, Iterator
 
@@ -99,23 +100,43 @@ def atomic_output(destination: Path) -> Iterator[IO[bytes]]:
     at the end in one piece, which the object store publishes only when it is complete. On failure
     the temporary file is removed and `destination` is untouched."""
     destination = path(destination)
-    remote = is_remote(destination)
-    if remote:
-        handle, tmp = tempfile.mkstemp(prefix=f"{destination.name}.", suffix=".tmp")
-        os.close(handle)
-    else:
-        tmp = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
+    if is_remote(destination):
+        with local_folder(destination.parent, upload_on_error=False) as folder:
+            with open(os.path.join(folder, destination.name), "wb") as f:
+                yield f
+        return
+    tmp = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
             yield f
-        if remote:
-            fs, name = _remote_fs(destination)
-            fs.put_file(tmp, name)
-        else:
-            os.replace(tmp, destination)
+        os.replace(tmp, destination)
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def local_folder(destination: Path, *, upload_on_error: bool = True) -> Iterator[str]:
+    """The one way flaxgpt writes into a bucket: a local folder to write `destination`'s files in.
+
+    Local destination: the folder itself (created). Remote: a temporary folder whose files are
+    uploaded under `destination` when the block ends (each object appears whole), then removed;
+    `upload(folder, destination)` uploads what is there so far in the meantime."""
+    destination = path(destination)
+    if not is_remote(destination):
+        destination.mkdir(parents=True, exist_ok=True)
+        yield os.fspath(destination)
+        return
+    folder = tempfile.mkdtemp(prefix=f"flaxgpt-{destination.name}-")
+    try:
+        yield folder
+        upload(folder, destination)
+    except BaseException:
+        if upload_on_error:
+            upload(folder, destination)
+        raise
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def write_atomically(destination: Path, data: str | bytes) -> None:
@@ -136,7 +157,7 @@ def move(source: Path, destination: Path) -> None:
         source.rename(destination)
 
 
-def upload_folder(local: str | os.PathLike, destination: Path) -> None:
+def upload(local: str | os.PathLike, destination: Path) -> None:
     """Copy a local folder's files under `destination` (a URL), keeping their relative paths."""
     fs, target = _remote_fs(destination)
     fs.put(os.fspath(local).rstrip("/") + "/", target, recursive=True)

@@ -41,15 +41,15 @@ if args.get("host_order"):
     sharding.make_mesh = make_mesh_in_slice_order
 if args.get("fail"):
     import jax
-    from flaxgpt import loop
-    read = loop.Batches.read
+    from flaxgpt import data
+    read = data.Batches.read
 
     def failing_read(self, split, step, n):
         fail = args["fail"]
         if jax.process_index() == fail["process"] and split == "train" and step == fail["step"]:
             raise OSError(f"injected failure at step {step}")
         return read(self, split, step, n)
-    loop.Batches.read = failing_read
+    data.Batches.read = failing_read
 sys.argv = [args["script"], *args["argv"]]
 runpy.run_path(args["script"], run_name="__main__")
 """

@@ -98,7 +98,7 @@ def test_arrays_that_decode_but_changed_on_disk_are_caught_by_the_checksums(tmp_
 def test_restore_passes_over_another_runs_steps(tmp_path, caplog):
     save_steps(tmp_path, [1], run_id="run-a")
     save_steps(tmp_path, [2], run_id="run-b")
-    assert checkpoint.saved_steps(tmp_path) == [1, 2]
+    assert checkpoint.saved_steps(tmp_path / "checkpoints") == [1, 2]
     assert (checkpoint.run_id_of(tmp_path, 2) == "run-b"
             and checkpoint.run_id_of(tmp_path, 7) is None)
     target = jax.eval_shape(lambda: init_params(TINY, jax.random.key(0)))
@@ -180,7 +180,7 @@ def test_a_full_disk_during_a_background_save_fails_the_next_check(tmp_path, mon
         ckpts.close()
     except OSError:
         pass
-    assert checkpoint.saved_steps(tmp_path) == [1]
+    assert checkpoint.saved_steps(tmp_path / "checkpoints") == [1]
     jax.tree.map(np.testing.assert_array_equal, checkpoint.load_params(tmp_path)[1], saved[1])
 
 

@@ -212,10 +212,10 @@ def read_splits(folder) -> dict[str, list[str]]:
 
 
 def accepted_by_train(folder) -> bool:
-    """Whether train.py would open `folder` as a dataset (loop.Dataset.open: its meta, both splits
+    """Whether train.py would open `folder` as a dataset (data.Dataset.open: its meta, both splits
     and their lengths)."""
     import ml_collections
-    from flaxgpt.loop import Dataset
+    from flaxgpt.data import Dataset
     try:
         Dataset.open(ml_collections.ConfigDict({"data_dir": str(folder), "dataset": "x"}))
         return True

@@ -67,7 +67,7 @@ def publish(staged: str | os.PathLike, out_dir: storage.Path, meta: dict) -> Non
     for name in (*(f"{split}.bin" for split in SPLITS), "meta.json"):
         (out_dir / name).unlink(missing_ok=True)
     if storage.is_remote(out_dir):
-        storage.upload_folder(staged, out_dir)  # each object appears whole once uploaded
+        storage.upload(staged, out_dir)  # each object appears whole once uploaded
     else:
         for split in SPLITS:
             os.replace(os.path.join(staged, f"{split}.bin"), out_dir / f"{split}.bin")
