@@ -18,7 +18,8 @@ import flax.linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
 from flaxgpt.kv_cache import cached_attention
-from flaxgpt.splash import splash_supports, traced_mesh
+from flaxgpt.sharding import traced_mesh
+from flaxgpt.splash import splash_supports
 from flaxgpt.tokenizer import GPT2_PADDED_VOCAB_SIZE, GPT2_VOCAB_SIZE
 
 PRESETS = {  # nanoGPT's sizes for the OpenAI checkpoints (vocab 50257, block 1024, with biases).
@@ -228,7 +229,7 @@ def gelu(x, approximate: bool):
 
 def _constrain(x, names: tuple[str | None, ...]):
     """x constrained to the sharding its logical axis names give on the mesh a TrainStep traces
-    under (splash.traced_mesh); elsewhere x as it is. linen's own constraint needs a global mesh,
+    under (sharding.traced_mesh); elsewhere x as it is. linen's own constraint needs a global mesh,
     which would also constrain every param as it is unboxed."""
     return nn.with_logical_constraint(x, names, mesh=traced_mesh())
 

@@ -9,6 +9,8 @@ axis ("batch", "length", ...). One table below maps those names onto the mesh ax
 The scanned blocks' leading "layers" axis is never split.
 """
 
+import contextlib
+import contextvars
 import math
 from typing import Mapping
 
@@ -58,6 +60,25 @@ def make_mesh(shape: Mapping[str, int], devices=None) -> Mesh:
     axis_shapes = tuple(sizes[axis] for axis in MESH_AXES)
     return jax.make_mesh(axis_shapes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                          devices=devices)
+
+
+_TRACED_MESH = contextvars.ContextVar("flaxgpt_traced_mesh", default=None)
+
+
+@contextlib.contextmanager
+def tracing_under(mesh: Mesh):
+    """The mesh a model traced inside this context constrains its activations to and splash
+    attention shard_maps over (TrainStep traces its steps so)."""
+    token = _TRACED_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _TRACED_MESH.reset(token)
+
+
+def traced_mesh() -> Mesh | None:
+    """The mesh set by `tracing_under`, else None."""
+    return _TRACED_MESH.get()
 
 
 def logical_shardings(abstract_tree, mesh: Mesh, rules=LOGICAL_AXIS_RULES):

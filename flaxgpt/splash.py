@@ -6,7 +6,6 @@ heads divide by it, its heads (mesh tensor), as MaxText does; a sequence is neve
 Shapes: B batch, T length, H heads, D head size.
 """
 
-import contextlib
 import contextvars
 import functools
 import math
@@ -17,26 +16,11 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 from jax.sharding import PartitionSpec as P
 
+from flaxgpt.sharding import traced_mesh
+
 BLOCK = 128  # the kernel's tiles are multiples of the TPU's 128 lanes
 # Run the kernel in Pallas interpret mode (any backend, slowly): for numerics checks on CPU.
 INTERPRET = contextvars.ContextVar("flaxgpt_splash_interpret", default=False)
-_MESH = contextvars.ContextVar("flaxgpt_splash_mesh", default=None)
-
-
-@contextlib.contextmanager
-def kernel_mesh(mesh: jax.sharding.Mesh):
-    """The mesh that splash attention shard_maps over while a model is traced inside this
-    context."""
-    token = _MESH.set(mesh)
-    try:
-        yield
-    finally:
-        _MESH.reset(token)
-
-
-def traced_mesh() -> jax.sharding.Mesh | None:
-    """The mesh set by `kernel_mesh` (a TrainStep tracing its step), else None."""
-    return _MESH.get()
 
 
 def splash_supports(seq_len: int, head_dim: int) -> bool:
@@ -68,7 +52,7 @@ def _local_attention(q, k, v, interpret: bool):
 def splash_causal_attention(q, k, v):
     """Causal softmax attention. q, k, v: [B, T, H, D] -> [B, T, H, D].
 
-    Under a mesh (`kernel_mesh`, which TrainStep sets, else jax's abstract mesh) the batch is split
+    Under a mesh (`sharding.traced_mesh`, which TrainStep sets, else jax's abstract mesh) the batch is split
     over the data-parallel axes and the heads over tensor when it divides them; else the kernel sees
     everything.
     """
@@ -79,7 +63,7 @@ def splash_causal_attention(q, k, v):
                          "which falls back to it")
     k, v = k.astype(q.dtype), v.astype(q.dtype)
     attend = functools.partial(_local_attention, interpret=INTERPRET.get())
-    mesh = _MESH.get() or jax.sharding.get_abstract_mesh()
+    mesh = traced_mesh() or jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return attend(q, k, v)
     batch_axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from flaxgpt import sharding, splash, xla_options
+from flaxgpt import sharding, xla_options
 from flaxgpt.loss import head_cross_entropy
 from flaxgpt.model import GPT, GPTConfig
 
@@ -92,7 +92,7 @@ class TrainStep:
     def loss_fn(self, params, x, y, rng=None):
         """x, y: [B, T] -> scalar mean loss; dropout is on when an rng is given. The logits are
         never whole: the head and cross-entropy run a chunk of the sequence at a time (loss.py)."""
-        with splash.kernel_mesh(self.mesh):  # splash attention runs under shard_map over this mesh
+        with sharding.tracing_under(self.mesh):
             hidden = self.model.apply({"params": params}, x, deterministic=rng is None,
                                       rngs=None if rng is None else {"dropout": rng},
                                       method=GPT.hidden_states)
