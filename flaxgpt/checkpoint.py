@@ -1,13 +1,9 @@
-"""Checkpoints with orbax: params, optimizer state and a JSON record (step, run id, best val loss,
-configs, a checksum of every array).
+"""Checkpoints with orbax: `<out_dir>/checkpoints/<step>/{params,opt_state,meta}` (local or gs://),
+meta a JSON record (step, run id, best val loss, configs, a checksum of every array).
 
-Layout: `<out_dir>/checkpoints/<step>/{params,opt_state,meta}`, in a local folder or a bucket
-(gs://). Every process writes its own shards, so a checkpoint saved on one mesh restores onto any
-other (the restore target carries the shardings). With several processes, process 0 lists the steps
-and every process tries the same step; a step that one of them cannot read is passed over by all of
-them. The checksums are computed on the devices when a step is saved and checked when it is
-restored, so a file that changed on disk (bit rot, a bad copy) makes that step unreadable instead of
-loading wrong weights.
+Every process writes its own shards, so a checkpoint saved on one mesh restores onto any other. A
+step that any process cannot read, or whose arrays differ from their checksums (bit rot, a bad
+copy), is passed over by every process for the one before; it is never deleted.
 """
 
 import logging
@@ -36,14 +32,6 @@ class UnreadableCheckpointError(ValueError):
     def __init__(self, path, reason: str):
         self.reason = reason
         super().__init__(f"checkpoint {path} is unreadable ({reason})")
-
-
-def _passed_over(error: UnreadableCheckpointError) -> None:
-    log.warning("%s: using the one before", error)
-
-
-class CorruptCheckpointError(ValueError):
-    """A checkpoint whose arrays do not match the checksums it was saved with."""
 
 
 def saved_steps(directory: str | os.PathLike) -> list[int]:
@@ -88,13 +76,14 @@ def tree_checksums(tree) -> dict[str, int]:
 
 
 def verify_checksums(tree, expected: dict[str, int], where: storage.Path) -> None:
-    """Raise CorruptCheckpointError naming the arrays whose checksum differs from the saved one."""
+    """Raise UnreadableCheckpointError naming the arrays whose checksum differs from the saved
+    one."""
     bad = [path for path, value in tree_checksums(tree).items()
            if path in expected and expected[path] != value]
     if bad:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        raise CorruptCheckpointError(f"{where}: {', '.join(bad[:3])}{more} differ from the "
-                                     "checksums saved with them (the files changed on disk)")
+        raise UnreadableCheckpointError(where, f"{', '.join(bad[:3])}{more} differ from the "
+                                        "checksums saved with them (the files changed on disk)")
 
 
 class Checkpoints:
@@ -259,22 +248,18 @@ class Checkpoints:
                 result, failure = None, faults.describe(e)
             failures = distributed.all_values(f"read checkpoint {s}", failure)
             bad = [(i, reason) for i, reason in enumerate(failures) if reason]
-            where = self.directory / str(s)
             try:
                 if bad:
                     process, reason = bad[0]
-                    raise UnreadableCheckpointError(
-                        f"{where}{f' on process {process}' if len(failures) > 1 else ''}", reason)
+                    where = f" on process {process}" if len(failures) > 1 else ""
+                    raise UnreadableCheckpointError(f"{self.directory / str(s)}{where}", reason)
                 if verify is not None:
                     verify(s, result)
                 return result
-            except CorruptCheckpointError as e:
-                error = UnreadableCheckpointError(where, str(e).split(": ", 1)[-1])
             except UnreadableCheckpointError as e:
-                error = e
-            if len(candidates) == 1:
-                raise error
-            _passed_over(error)
+                if len(candidates) == 1:
+                    raise
+                log.warning("%s: using the one before", e)
         raise ValueError(f"none of the checkpoints {candidates} in {self.directory} could be read; "
                          "restore an earlier copy of them, or train a new run in another out_dir")
 

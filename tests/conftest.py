@@ -17,6 +17,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _SESSION_CACHE = tempfile.mkdtemp(prefix="flaxgpt-test-xla-cache-")
 atexit.register(shutil.rmtree, _SESSION_CACHE, ignore_errors=True)
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_CACHE
+# every program, not only those that took over a second to compile: tests compile many small ones
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 # gcsfs reads this when it is imported (test modules import it at collection): its experimental
 # bucket-type probe stalls 60 s a call against the GCS emulator (see gcs_bucket).
