@@ -231,10 +231,12 @@ def test_a_stopped_sample_says_so_in_one_line(trained):
     assert len(lines) <= MAX_LINES and "Traceback" not in stderr and "Fatal" not in stderr, stderr
 
 
-@pytest.mark.parametrize("argv, last", [
-    ([CONFIG, "extra"], "train.py: error: unexpected arguments extra: settings are "
-                        "--config.key=value"),
-    ([CONFIG, "--config.dataset=nosuch"], "train.py: error: data/nosuch not found: no dataset "
+@pytest.mark.parametrize("argv, code, last", [
+    ([CONFIG, "extra"], 2, "train.py: error: unexpected arguments extra: settings are "
+                           "--config.key=value"),
+    ([], 2, "train.py: error: give a config: --config=configs/shakespeare_char.py:cpu (or "
+            "configs/*.py)"),
+    ([CONFIG, "--config.dataset=nosuch"], 1, "train.py: error: data/nosuch not found: no dataset "
                                           "'nosuch' was prepared there. prepare.py makes "
                                           "shakespeare_char, shakespeare, openwebtext, fineweb_edu "
                                           "(python prepare.py NAME), or your own text as this "
@@ -242,9 +244,9 @@ def test_a_stopped_sample_says_so_in_one_line(trained):
                                           "nosuch); or point --config.data_dir at a prepared "
                                           "folder"),
 ])
-def test_bad_arguments_are_one_line(argv, last, tmp_path):
+def test_bad_arguments_are_one_line(argv, code, last, tmp_path):
     rc, out, err = run(REPO / "train.py", *argv, cwd=tmp_path)
-    assert rc == 1 and err == [last], err
+    assert rc == code and err == [last], err
 
 
 def test_importing_flaxgpt_and_building_a_train_step_change_no_process_state():
