@@ -555,7 +555,7 @@ def test_a_failure_while_publishing_leaves_no_dataset_train_py_accepts(tmp_path,
     write_jsonl(tmp_path / "old.jsonl", corpus_docs[:100])
     write_jsonl(tmp_path / "new.jsonl", corpus_docs[100:300])
     out = tmp_path / "out"
-    old = prep.prepare("text", out, tmp_path / "old.jsonl", val_fraction=0.1)
+    old = prep.prepare("text", out, tmp_path / "old.jsonl", val_fraction=0.5)
     replace = os.replace
 
     def fail_on_val(source, destination):
@@ -565,11 +565,11 @@ def test_a_failure_while_publishing_leaves_no_dataset_train_py_accepts(tmp_path,
 
     monkeypatch.setattr(dataset_folder.os, "replace", fail_on_val)
     with pytest.raises(OSError, match="disk full"):
-        prep.prepare("text", out, tmp_path / "new.jsonl", val_fraction=0.1)
+        prep.prepare("text", out, tmp_path / "new.jsonl", val_fraction=0.5)
     assert not accepted_by_train(out)  # not the old dataset's val with the new train, nor a half
     assert {"train.bin", "val.bin", "meta.json"} - set(os.listdir(out)) == {"val.bin", "meta.json"}
     monkeypatch.setattr(dataset_folder.os, "replace", replace)
-    new = prep.prepare("text", out, tmp_path / "new.jsonl", val_fraction=0.1)
+    new = prep.prepare("text", out, tmp_path / "new.jsonl", val_fraction=0.5)
     assert new["train_documents"] + new["val_documents"] == 200
     assert old["train_documents"] + old["val_documents"] == 100 and accepted_by_train(out)
 

@@ -117,8 +117,8 @@ def _prepare(dataset, out_dir, input_path, source, num_proc, *, name, subset, va
     document_fraction = val_fraction or VAL_FRACTION[dataset]
     enough = math.ceil(MIN_VAL_DOCUMENTS / document_fraction)  # documents to split by document
     texts = None if dataset == "fineweb_edu" else documents.read_all(
-        source, text_field, limit=None if tokenizer == "char" else enough)
-    if texts is None:  # more than `enough`: streamed
+        source, text_field, limit=None if tokenizer == "char" else enough - 1)
+    if texts is None:  # GPT-2 BPE of `enough` documents or more: streamed
         return tokenize_to_folder(source, out_dir, dataset=name, text_field=text_field, seed=seed,
                                   val_fraction=document_fraction,
                                   num_threads=num_proc or os.cpu_count() or 1)
