@@ -36,7 +36,11 @@ def parse_flags(argv):
     """absl's parser, a mistake in one line."""
     try:
         return flags.FLAGS(argv)
-    except (flags.Error, AttributeError) as e:  # AttributeError: ml_collections' unknown key
+    except AttributeError as e:  # ml_collections' error for a key the config does not have
+        key = str(e).strip("\"'")
+        faults.exit_with(f"bench.py: error: --config.{key}: the config has no key {key!r} (the "
+                         "keys are in flaxgpt/config.py)")
+    except flags.Error as e:
         faults.exit_with(f"bench.py: error: {str(e).strip().splitlines()[-1]}")
 
 

@@ -38,6 +38,8 @@ VERBOSE_VARIABLE = "FLAXGPT_VERBOSE"
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 LIBRARIES = ("orbax", "tensorstore", "gcsfs", "fsspec")  # whose background reports are dropped
 _LOGGERS = ("absl", "asyncio", "gcsfs", "fsspec", "orbax", "tensorstore")
+# orbax's warnings about a checkpoint that flaxgpt reports as unreadable itself
+_LIBRARY_NOISE = ("Metadata file does not exist",)
 _TENSORSTORE_NOISE = (" [tensorstore_spec", " See full TensorStore details", " [source locations=")
 # orbax's reads left behind when a checkpoint cannot be read: Python warns at exit
 _ORBAX_COROUTINES = r"coroutine '(_read_array_index_and_device_put|_read_and_device_put)'"
@@ -160,17 +162,18 @@ def _from_libraries(text: str) -> bool:
 
 
 class _LibraryReports(logging.Filter):
-    """Drops ERROR records raised inside LIBRARIES (and asyncio's reports of their leftover
-    tasks); warnings pass."""
+    """Drops ERROR records raised inside LIBRARIES, their warnings known as noise (_LIBRARY_NOISE),
+    and asyncio's reports of their leftover tasks; other warnings pass."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.ERROR:
+        if record.levelno < logging.WARNING:
             return True
         if _from_libraries(record.pathname):
-            return False
+            return record.levelno < logging.ERROR and not record.getMessage().startswith(
+                _LIBRARY_NOISE)
         if record.name != "asyncio":
             return True
-        # "Task exception was never retrieved": a read orbax gave up on, its TensorStore error inside
+        # "Task exception was never retrieved": a read orbax gave up on, TensorStore's error inside
         error = record.exc_info[1] if record.exc_info else None
         return not _from_libraries(record.getMessage() + _where(None, error))
 

@@ -279,7 +279,8 @@ def test_a_users_mistake_is_one_line_and_anything_else_keeps_its_traceback(capsy
     from flaxgpt.tokenizer import CharTokenizer
     monkeypatch.delenv(faults.VERBOSE_VARIABLE, raising=False)
     assert faults.report("x.py", faults.UserError("do this")) == ("x.py: error: do this", 1)
-    assert faults.report("x.py", faults.UsageError("--n: give 1")) == ("x.py: error: --n: give 1", 2)
+    usage = faults.UsageError("--n: give 1")
+    assert faults.report("x.py", usage) == ("x.py: error: --n: give 1", 2)
     try:
         CharTokenizer(["a"]).encode("b")  # a check of flaxgpt's: a ValueError raised there
     except ValueError as e:
@@ -334,8 +335,9 @@ def test_importing_flaxgpt_prints_nothing_from_plugins_that_cannot_start():
                            capture_output=True, text=True, timeout=300)
     if not plain.stderr.strip():
         pytest.skip("no plugin prints anything here")
-    code = ("import flaxgpt, jax, logging; print(jax.config.jax_platforms, jax.devices()[0].platform)"
-            "; logging.getLogger('mine').warning('a warning of my own')")
+    code = ("import flaxgpt, jax, logging; "
+            "print(jax.config.jax_platforms, jax.devices()[0].platform); "
+            "logging.getLogger('mine').warning('a warning of my own')")
     quiet = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                            timeout=300, cwd=REPO)
     assert quiet.returncode == 0 and quiet.stdout.split() == ["None", "cpu"], quiet.stderr

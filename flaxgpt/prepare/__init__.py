@@ -154,11 +154,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         f"{fineweb.DEFAULT_SUBSET}; sample-100BT, CC-MAIN-2024-10, ...)")
     parser.add_argument("--text_field", default="text", help="text: the JSON field or parquet "
                         "column holding the documents (default: text)")
+    fractions = f"{VAL_FRACTION['text']} for text, {VAL_FRACTION['fineweb_edu']} for fineweb_edu"
     parser.add_argument("--val_fraction", type=float, help="fineweb_edu, text: the fraction of "
-                        f"the text held out for val: whole documents (default {VAL_FRACTION['text']}"
-                        f" for text, {VAL_FRACTION['fineweb_edu']} for fineweb_edu), or the last "
-                        f"part of text with fewer than {MIN_VAL_DOCUMENTS} / val_fraction documents"
-                        f" (default {POSITION_VAL_FRACTION})")
+                        f"the text held out for val: whole documents (default {fractions}), or "
+                        f"the last part of text with fewer than {MIN_VAL_DOCUMENTS} / val_fraction "
+                        f"documents (default {POSITION_VAL_FRACTION})")
     parser.add_argument("--seed", type=int, default=SPLIT_SEED,
                         help=f"fineweb_edu, text: the val split's seed (default: {SPLIT_SEED})")
     parser.add_argument("--num_proc", type=int, help="openwebtext: processes (default: "
