@@ -72,10 +72,12 @@ def verbose() -> bool:
 
 def is_users_mistake(error: BaseException) -> bool:
     """A UserError, any OSError (a path, a permission, a full disk), or one of CHECK_ERRORS (of the
-    built-in types) raised by flaxgpt's own code; not an error of jax, XLA or a library."""
+    built-in types or flaxgpt's) raised by flaxgpt's own code; not an error of jax, XLA or a
+    library."""
     if isinstance(error, (UserError, OSError)):
         return True
-    if not isinstance(error, CHECK_ERRORS) or type(error).__module__ != "builtins":
+    if not isinstance(error, CHECK_ERRORS) or type(error).__module__.split(".")[0] not in (
+            "builtins", "flaxgpt"):  # not jax's JaxRuntimeError, for one
         return False
     frames = traceback.extract_tb(error.__traceback__)
     if not frames:
@@ -110,7 +112,7 @@ def report(program: str, error: BaseException, verbose_: bool | None = None) -> 
     if is_users_mistake(error):
         code = EXIT_USAGE if isinstance(error, UsageError) else EXIT_ERROR
         return f"{program}: error: {explain(error)}", code
-    line = f"{program}: error: unexpected {type(error).__name__}: {describe(error, 160)}"
+    line = f"{program}: error: unexpected {describe(error, 160)}"  # "TypeError: ..."
     if verbose_:
         return line, EXIT_ERROR
     try:
