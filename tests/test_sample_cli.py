@@ -141,7 +141,6 @@ def test_nanogpt_checkpoint_with_its_meta_pkl(capsys, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--start", "abz"], "'z'"),  # with --out_dir=char_run
     (["--start", ""], "--start is empty"),
-    (["--start", "FILE:/nonexistent/prompt.txt"], "No such file"),
     (["--temperature", "-0.5"], "--temperature"),
     (["--top_k", "0"], "--top_k"),
     (["--top_p", "0"], "--top_p"),
@@ -159,6 +158,8 @@ def test_missing_models(capsys, tmp_path):
     assert_usage_error(capsys, ["--out_dir", tmp_path / "missing"], "no such directory", 1)
     assert_usage_error(capsys, ["--init_from", tmp_path / "missing"], "--init_from", 1)
     assert_usage_error(capsys, ["--init_from", "gpt3"], "--init_from", 1)
+    assert_usage_error(capsys, ["--out_dir", tmp_path, "--start", "FILE:/nonexistent/prompt.txt"],
+                       "/nonexistent/prompt.txt: no such file or folder", 1)
 
 
 def test_prompt_outside_the_vocabulary(capsys, char_run, tmp_path):
