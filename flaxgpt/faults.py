@@ -46,9 +46,12 @@ _ORBAX_COROUTINES = r"coroutine '(_read_array_index_and_device_put|_read_and_dev
 # Checks raise these; raised by flaxgpt's own code they are a user's mistake, elsewhere unexpected.
 CHECK_ERRORS = (ValueError, RuntimeError, FloatingPointError, ImportError)
 _PACKAGE = Path(__file__).resolve().parent
-# A native (absl or glog) log line, and absl's notice before its first one.
-_NATIVE_LINE = re.compile(rb"^[IWEF]\d{4} [\d:. ]+\d+ [\w.-]+:\d+\] ")
-_ABSL_NOTICE = b"WARNING: All log messages before absl::InitializeLog() is called"
+# What plugins print as they fail to start: native (absl, glog) log lines, the loggers' notices
+# before their first line, libtpu's lines without TPUs and its source location trace.
+_START_UP_LINE = re.compile(
+    rb"^([IWEF]\d{4} [\d:. ]+\d+ [\w.-]+:\d+\] |WARNING: All log messages before absl::"
+    rb"|WARNING: Logging before InitGoogle\(\)|Failed to find host bounds for accelerator type"
+    rb"|=== Source Location Trace: ===|[\w/.-]+\.cc:\d+\s*$)")
 
 
 class UserError(Exception):
@@ -251,10 +254,10 @@ def _frames(tb) -> Iterator[str]:
 
 @contextlib.contextmanager
 def quiet_plugin_start_up() -> Iterator[None]:
-    """Import jax within this block: on a machine without accelerators, the native log lines that
-    jax's plugins print while it imports them and while it first starts its backends are dropped
-    (and "Jax plugin configuration error" records of the CUDA plugin); every other line comes
-    through, after the block. With accelerators, or FLAXGPT_VERBOSE, nothing is dropped."""
+    """Import jax within this block: on a machine without accelerators, the lines that jax's
+    plugins print while it imports them and while it first starts its backends (_START_UP_LINE)
+    are dropped, and "Jax plugin configuration error" records of the CUDA plugin; every other line
+    comes through, after the block. With accelerators, or FLAXGPT_VERBOSE, nothing is dropped."""
     with _native_lines_dropped(lambda: not _accelerators_attached()):
         yield
         from jax._src import xla_bridge  # noqa: PLC0415 - jax is imported within the block
@@ -284,8 +287,8 @@ def _cuda_plugin_error(record: logging.LogRecord) -> bool:
 
 @contextlib.contextmanager
 def _native_lines_dropped(drop: Callable[[], bool]) -> Iterator[None]:
-    """Capture file descriptor 2 during the block; then write back every line, less the native log
-    lines when drop() says so (or all of them under FLAXGPT_VERBOSE)."""
+    """Capture file descriptor 2 during the block; then write back every line, less the plugins'
+    start-up lines when drop() says so (all of them under FLAXGPT_VERBOSE)."""
     try:
         sys.stderr.flush()
         saved = os.dup(2)
@@ -303,8 +306,7 @@ def _native_lines_dropped(drop: Callable[[], bool]) -> Iterator[None]:
             capture.seek(0)
             lines = capture.read().splitlines(keepends=True)
             if not verbose() and drop():
-                lines = [line for line in lines
-                         if not (_NATIVE_LINE.match(line) or line.startswith(_ABSL_NOTICE))]
+                lines = [line for line in lines if not _START_UP_LINE.match(line)]
             os.write(2, b"".join(lines))
 
 
