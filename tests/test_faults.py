@@ -346,3 +346,14 @@ def test_importing_flaxgpt_prints_nothing_from_plugins_that_cannot_start():
                            timeout=300, cwd=REPO)
     assert quiet.returncode == 0 and quiet.stdout.split() == ["None", "cpu"], quiet.stderr
     assert quiet.stderr == "a warning of my own\n", quiet.stderr
+
+
+@pytest.mark.parametrize("argv", [["train.py"], ["sample.py", "--nosuch"], ["prepare.py", "nosuch"],
+                                  ["bench.py", "--steps=x"], ["eval_hellaswag.py", "--limit=x"]])
+def test_every_cli_ends_a_command_line_mistake_in_one_line_with_code_2(argv):
+    """Nothing else on stderr: no usage block, and no plugin lines (raw stderr, unfiltered)."""
+    result = subprocess.run([sys.executable, *argv], cwd=REPO, env=one_device_env(),
+                            capture_output=True, text=True, timeout=300)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"{argv[0]}: error: "), result.stderr
