@@ -1,8 +1,8 @@
 """flaxgpt: nanoGPT in JAX and Flax."""
 
-from flaxgpt import faults
+from flaxgpt.quiet_import import quiet_plugin_start_up
 
-with faults.quiet_plugin_start_up():  # jax's first import, without unstartable plugins' lines
+with quiet_plugin_start_up():  # jax's first import, without unstartable plugins' lines
     import jax  # noqa: F401
 
 from flaxgpt.generate import Decoder, generate, generate_stream
