@@ -5,10 +5,13 @@ compilation.
 
 Batches are random tokens (the speed does not depend on the data); the model's vocabulary is the
 prepared dataset's, as in train.py (or --vocab_size). MFU is against the device's peak
-(flaxgpt/mfu.py: a table for TPUs and NVIDIA GPUs, a measured float32 matmul on CPU).
+(flaxgpt/mfu.py: a table for TPUs and NVIDIA GPUs; none on CPUs).
 """
 
-import sys
+from flaxgpt import distributed, faults, host_memory, mfu, optim, sharding  # first: quiet jax
+from flaxgpt.config import validate
+from flaxgpt.model import count_params, flops_per_token
+from flaxgpt.train_step import TrainStep
 
 import jax
 import numpy as np
@@ -16,10 +19,6 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from benchmarks import benchmarking
-from flaxgpt import distributed, host_memory, mfu, optim, sharding
-from flaxgpt.config import validate
-from flaxgpt.model import count_params, flops_per_token
-from flaxgpt.train_step import TrainStep
 
 CONFIG = config_flags.DEFINE_config_file("config", "configs/shakespeare_char.py:cpu",
                                          "the config to time")
@@ -29,13 +28,26 @@ VOCAB = flags.DEFINE_integer("vocab_size", None,
 
 
 def main(_):
-    config = CONFIG.value
-    distributed.use_cpu_without_accelerators()
+    with faults.errors_reported("bench.py"):
+        run(CONFIG.value)
+
+
+def parse_flags(argv):
+    """absl's parser, a mistake in one line."""
     try:
-        validate(config)
-        model = benchmarking.benchmark_model(config, VOCAB.value)
-    except (OSError, ValueError) as e:
-        sys.exit(f"bench.py: error: {e}")
+        return flags.FLAGS(argv)
+    except AttributeError as e:  # ml_collections' error for a key the config does not have
+        key = str(e).strip("\"'")
+        faults.exit_with(f"bench.py: error: --config.{key}: the config has no key {key!r} (the "
+                         "keys are in flaxgpt/config.py)")
+    except flags.Error as e:
+        faults.exit_with(f"bench.py: error: {str(e).strip().splitlines()[-1]}")
+
+
+def run(config):
+    distributed.use_cpu_without_accelerators()
+    validate(config)
+    model = benchmarking.benchmark_model(config, VOCAB.value)
     mesh = sharding.make_mesh(config.mesh)
     if jax.default_backend() == "cpu":  # as train() does
         host_memory.keep_freed_memory()
@@ -52,12 +64,12 @@ def main(_):
     peak = mfu.device_peak_flops()
     tokens_per_s, utilisation = mfu.throughput(A * B * T, dt, flops_per_token(model, n_params, T),
                                                jax.device_count(), peak)
-    print(f"device: {jax.device_count()} x {jax.devices()[0].device_kind} "
-          f"(peak {peak / 1e12:.2f} TFLOP/s each), mesh {dict(mesh.shape)}, dtype {model.dtype}, "
-          f"attention {model.attention or 'default'}")
+    peak_text = f"peak {peak / 1e12:.2f} TFLOP/s each" if peak else "no listed peak: no MFU"
+    print(f"device: {jax.device_count()} x {jax.devices()[0].device_kind} ({peak_text}), "
+          f"mesh {dict(mesh.shape)}, dtype {model.dtype}, attention {model.attention or 'default'}")
     print(f"model: {n_params / 1e6:.2f}M params, batch {A} x {B} x {T} = {A * B * T:,} tokens/step")
-    print(f"{dt * 1000:.1f} ms/step, {tokens_per_s:,.0f} tokens/s, MFU {utilisation * 100:.1f}%")
+    print(f"{dt * 1000:.1f} ms/step, {tokens_per_s:,.0f} tokens/s{mfu.shown(utilisation)}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

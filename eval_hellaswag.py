@@ -6,16 +6,15 @@ nanoGPT ckpt.pt, as in sample.py; the model must read GPT-2 BPE. See flaxgpt/hel
 scoring.
 """
 
-import argparse
 import sys
 
-from flaxgpt import distributed, hellaswag
+from flaxgpt import distributed, faults, hellaswag  # first: jax without plugin noise
 from flaxgpt.loader import load
 from flaxgpt.tokenizer import GPT2Tokenizer
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = faults.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--init_from", default="gpt2",
                    help="gpt2 ... gpt2-xl, a Hugging Face folder, an out_dir or a ckpt.pt")
     p.add_argument("--file",
@@ -24,19 +23,17 @@ def main(argv=None) -> dict:
     p.add_argument("--batch_examples", type=int, default=16,
                    help="examples per batch (4 rows each)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    args = p.parse_args(argv)
-    distributed.use_cpu_without_accelerators()
-    try:
+    with faults.errors_reported("eval_hellaswag.py"):
+        args = p.parse_args(argv)
+        distributed.use_cpu_without_accelerators()
         config, params, tokenizer, loaded = load(args.init_from, dtype=args.dtype)
         if not isinstance(tokenizer, GPT2Tokenizer):
-            raise ValueError(f"{args.init_from} reads {type(tokenizer).__name__} tokens: "
-                             "HellaSwag needs a GPT-2 BPE model")
+            raise faults.UserError(f"{args.init_from} reads {type(tokenizer).__name__} tokens: "
+                                   "HellaSwag needs a GPT-2 BPE model")
         examples = hellaswag.read_examples(args.file or hellaswag.validation_file(), args.limit)
-    except (OSError, ValueError, RuntimeError, ImportError) as e:
-        sys.exit(f"eval_hellaswag.py: error: {str(e).strip().splitlines()[0]}")
-    print(f"hellaswag: {len(examples):,} examples, {loaded}", file=sys.stderr)
-    result = hellaswag.evaluate(params, config, examples, tokenizer,
-                                batch_examples=args.batch_examples)
+        print(f"hellaswag: {len(examples):,} examples, {loaded}", file=sys.stderr)
+        result = hellaswag.evaluate(params, config, examples, tokenizer,
+                                    batch_examples=args.batch_examples)
     print(f"hellaswag {args.init_from}: {result['examples']:,} examples, acc {result['acc']:.4f}, "
           f"acc_norm {result['acc_norm']:.4f}")
     return result

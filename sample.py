@@ -22,16 +22,17 @@ import os
 import sys
 from pathlib import Path
 
-import jax
-import numpy as np
-from tqdm import tqdm
-
+from flaxgpt import distributed, faults, storage, xla_options  # first: jax without plugin noise
 from flaxgpt.config import resolve_dtype
+from flaxgpt.faults import UsageError, UserError
 from flaxgpt.generate import Decoder, check_max_new_tokens, checked_prompt, make_sampler
 from flaxgpt.loader import LoadedModel, load as load_model
 from flaxgpt.model import crop_vocab_size
 from flaxgpt.tokenizer import StreamDecoder
-from flaxgpt import distributed, faults, storage, xla_options
+
+import jax
+import numpy as np
+from tqdm import tqdm
 
 SEPARATOR = "---------------"
 PROGRESS_DELAY_S = 2.0  # a sample that takes longer shows a progress bar on stderr
@@ -39,12 +40,8 @@ PROGRESS_DELAY_S = 2.0  # a sample that takes longer shows a progress bar on std
 LOG_PROGRESS_DELAY_S = 60.0
 
 
-class UsageError(Exception):
-    """A mistake in the command line or its files: reported in one line, exit code 2."""
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__,
+    p = faults.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init_from", default="resume", help="resume (from --out_dir), an out_dir, a "
                    "GPT-2 name, a Hugging Face folder or a nanoGPT ckpt.pt")
@@ -94,12 +91,14 @@ def library_checks():
 
 
 def load(init_from: str, out_dir: str, dtype: str) -> LoadedModel:
-    """The model --init_from names (--out_dir's run for "resume"), or a UsageError of one line."""
+    """The model --init_from names (--out_dir's run for "resume"), or a UserError of one line."""
     source = out_dir if init_from == "resume" else init_from
     try:
         return load_model(source, dtype=dtype)
-    except (OSError, ValueError, RuntimeError, ImportError) as e:  # the messages say what is wrong
-        message = str(e).strip().splitlines()[0]
+    except Exception as e:  # noqa: BLE001 - flaxgpt's checks say what is wrong; others go on
+        if not faults.is_users_mistake(e):
+            raise
+        message = faults.explain(e)
         local = not storage.is_remote(source)  # a bucket's own message is already about the bucket
         if init_from == "resume" and local and not Path(out_dir).exists():
             message = (f"--out_dir={out_dir}: no such directory (train a model there first, or "
@@ -109,7 +108,7 @@ def load(init_from: str, out_dir: str, dtype: str) -> LoadedModel:
         elif (isinstance(e, FileNotFoundError) and init_from != "resume" and local
               and not Path(init_from).exists()):
             message = f"--init_from={init_from}: {message.split(': ', 1)[-1]}"
-        raise UsageError(message) from None
+        raise UserError(message) from None
 
 
 def read_prompt(start: str) -> str:
@@ -117,9 +116,9 @@ def read_prompt(start: str) -> str:
         try:
             start = Path(start[len("FILE:"):]).read_text(encoding="utf-8")
         except OSError as e:
-            raise UsageError(f"--start={start}: {e.strerror}") from None
+            raise UserError(f"--start={start}: {faults.explain(e)}") from None
         except UnicodeDecodeError as e:
-            raise UsageError(f"--start={start}: not UTF-8 text ({e.reason} at byte "
+            raise UserError(f"--start={start}: not UTF-8 text ({e.reason} at byte "
                              f"{e.start})") from None
     if not start:
         raise UsageError("--start is empty: the model needs at least one token to continue")
@@ -177,18 +176,12 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv=None) -> None:
     distributed.use_cpu_without_accelerators()  # parse_args builds the sampler's arrays
-    try:
+    with faults.errors_reported("sample.py"):
         args = parse_args(argv)
         if args.verbose:
             os.environ[faults.VERBOSE_VARIABLE] = "1"
         faults.quiet_until_exit()
         run(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        print("\nsample.py: interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -13,12 +13,12 @@ import sys
 import traceback
 from pathlib import Path
 
+from flaxgpt import compile_for, distributed, faults  # first: jax's import without plugin noise
+from flaxgpt.loop import train
+
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
-
-from flaxgpt import compile_for, distributed, faults
-from flaxgpt.loop import train
 
 CONFIG = config_flags.DEFINE_config_file("config", None,
                                          "a config file in configs/, e.g. configs/owt.py",
@@ -33,15 +33,23 @@ VERBOSE = flags.DEFINE_boolean("verbose", False,
                                "tracebacks from its threads) too; the same as FLAXGPT_VERBOSE=1")
 
 
+def _exit_program(message: str, code: int) -> None:
+    """With several processes, no wait at JAX's shutdown barrier (`distributed.exit_program`)."""
+    print(message, file=sys.stderr, flush=True)
+    distributed.exit_program(None, code)
+
+
 def main(argv):
     if len(argv) > 1:
-        sys.exit(f"train.py: error: unexpected arguments {' '.join(argv[1:])}: "
-                 "settings are --config.key=value")
+        faults.exit_with(f"train.py: error: unexpected arguments {' '.join(argv[1:])}: "
+                         "settings are --config.key=value")
     logging.set_verbosity(logging.WARNING)  # orbax and jax log every checkpoint write at INFO
     if VERBOSE.value:
         os.environ[faults.VERBOSE_VARIABLE] = "1"
     faults.quiet_until_exit()
-    try:
+    with faults.errors_reported("train.py", exit_program=_exit_program,
+                                interrupted="interrupted (a second Ctrl-C): nothing was saved "
+                                "since the last checkpoint"):
         config = CONFIG.value
         if COMPILE_FOR.value:
             from flaxgpt.config import validate
@@ -49,15 +57,6 @@ def main(argv):
             jax.config.update("jax_platforms", "cpu")  # the target's devices only compile
             sys.exit(0 if compile_for.plan(config, COMPILE_FOR.value).fits else 1)
         train(config)
-    except (OSError, ValueError, FloatingPointError, RuntimeError) as e:  # what a user can fix
-        distributed.exit_program(f"train.py: error: {e}")
-    except KeyboardInterrupt:
-        distributed.exit_program("train.py: interrupted (a second Ctrl-C): "
-                                 "nothing was saved since the last checkpoint")
-    # a bug: its traceback; with several processes, no wait at JAX's shutdown barrier
-    except Exception:
-        traceback.print_exc()
-        distributed.exit_program(None)
 
 
 def _config_keys(config, prefix="") -> list[str]:
@@ -98,21 +97,23 @@ def parse_flags(argv):
     config_file = config_arg.split(":")[0] if config_arg else None
     if config_file and not Path(config_file).is_file():
         choices = ", ".join(sorted(str(p) for p in Path("configs").glob("*.py")))
-        sys.exit(f"train.py: error: no config file {config_file} "
+        faults.exit_with(f"train.py: error: no config file {config_file} "
                  f"(configs here: {choices or 'none'})")
     if config_file and (error := _config_file_error(config_arg)):
-        sys.exit(f"train.py: error: the config file does not load: {error}")
+        faults.exit_with(f"train.py: error: the config file does not load: {error}")
     try:
         return flags.FLAGS(argv)
     except AttributeError as e:  # ml_collections' error for a key the config does not have
         match = re.search(r"'([^'\\]+)", str(e))
         key = match.group(1) if match else str(e)
         arg = next((a.split("=")[0] for a in argv if a.startswith("--config.") and key in a), key)
-        sys.exit(f"train.py: error: {arg}: the config has no key "
-                 f"{key!r}{_closest_keys(config_arg, arg)}")
+        faults.exit_with(f"train.py: error: {arg}: the config has no key "
+                         f"{key!r}{_closest_keys(config_arg, arg)}")
     except flags.Error as e:
         reason = str(e).strip().splitlines()[-1]  # a config file's own exception comes last
-        sys.exit(f"train.py: error: {reason}")
+        if "--config must have a value" in reason:
+            reason = "give a config: --config=configs/shakespeare_char.py:cpu (or configs/*.py)"
+        faults.exit_with(f"train.py: error: {reason}")
 
 
 def _closest_keys(config_arg: str, arg: str) -> str:

@@ -1,5 +1,10 @@
 """flaxgpt: nanoGPT in JAX and Flax."""
 
+from flaxgpt.quiet_import import quiet_plugin_start_up
+
+with quiet_plugin_start_up():  # jax's first import, without unstartable plugins' lines
+    import jax  # noqa: F401
+
 from flaxgpt.generate import Decoder, generate, generate_stream
 from flaxgpt.loader import LoadedModel, load
 from flaxgpt.loss import cross_entropy_loss

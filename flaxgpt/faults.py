@@ -1,32 +1,150 @@
-"""What a person sees when something fails: the root cause in one line, and one line per decision
-taken.
+"""What a person sees when something fails.
 
-orbax and TensorStore write and read checkpoints in background threads and coroutines, and report a
-failure there as well as to their caller: absl ERROR logs with tracebacks, "Exception ignored in
-<coroutine ...>", "Task exception was never retrieved", gcsfs's retry tracebacks. One full disk
-printed over 300 lines that way. Within `quiet_library_reports()` (which `train()` enters; the
-command-line tools call `quiet_until_exit()` where they start) those reports are dropped; the error
-itself still reaches flaxgpt's code, which reports it with `describe`. FLAXGPT_VERBOSE=1 (or
---verbose on the command line) keeps them all.
+Errors: a user's mistake (`UserError`, or an OSError, ValueError, RuntimeError, ... raised by
+flaxgpt's own checks) ends a command-line tool in ONE line, `<program>: error: ...`, that says what
+to do; exit code 2 for a mistake in the command line (as argparse's), 1 for any other. Anything else
+is unexpected (a bug, an XLA error): one line that points to the file holding its full traceback,
+or with --verbose (FLAXGPT_VERBOSE=1) the traceback itself (`errors_reported`).
+
+Library reports: orbax and TensorStore write and read checkpoints in background threads and
+coroutines, and report a failure there as well as to their caller (absl ERROR logs with tracebacks,
+"Exception ignored in <coroutine ...>", "coroutine ... was never awaited"). One full disk printed
+over 300 lines that way. `quiet_library_reports()` (which `train()` enters) drops their ERROR
+records; the command-line tools also drop, for the rest of the program (`quiet_until_exit`), their
+threads' and coroutines' leftover reports. Warnings (a gcsfs retry) always show. --verbose keeps
+everything.
 """
 
+import argparse
 import contextlib
 import errno
 import logging
 import os
 import re
 import sys
+import tempfile
 import threading
+import traceback
+import warnings
+from pathlib import Path
 from typing import Callable, Iterator
 
 VERBOSE_VARIABLE = "FLAXGPT_VERBOSE"
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 LIBRARIES = ("orbax", "tensorstore", "gcsfs", "fsspec")  # whose background reports are dropped
 _LOGGERS = ("absl", "asyncio", "gcsfs", "fsspec", "orbax", "tensorstore")
+# orbax's warnings about a checkpoint that flaxgpt reports as unreadable itself
+_LIBRARY_NOISE = ("Metadata file does not exist",)
 _TENSORSTORE_NOISE = (" [tensorstore_spec", " See full TensorStore details", " [source locations=")
+# orbax's reads left behind when a checkpoint cannot be read: Python warns at exit
+_ORBAX_COROUTINES = r"coroutine '(_read_array_index_and_device_put|_read_and_device_put)'"
+# Checks raise these; raised by flaxgpt's own code they are a user's mistake, elsewhere unexpected.
+CHECK_ERRORS = (ValueError, RuntimeError, FloatingPointError, ImportError)
+_PACKAGE = Path(__file__).resolve().parent
+
+
+class UserError(Exception):
+    """A mistake the user can fix; the message says what to do."""
+
+
+class UsageError(UserError):
+    """A mistake in the command line: exit code 2, as argparse's."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes are `UsageError`s (one line, no usage block)."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (--help lists the options)")
 
 
 def verbose() -> bool:
     return os.environ.get(VERBOSE_VARIABLE, "") not in ("", "0")
+
+
+def is_users_mistake(error: BaseException) -> bool:
+    """A UserError, any OSError (a path, a permission, a full disk), or one of CHECK_ERRORS (of the
+    built-in types or flaxgpt's) raised by flaxgpt's own code; not an error of jax, XLA or a
+    library."""
+    if isinstance(error, (UserError, OSError)):
+        return True
+    if not isinstance(error, CHECK_ERRORS) or type(error).__module__.split(".")[0] not in (
+            "builtins", "flaxgpt"):  # not jax's JaxRuntimeError, for one
+        return False
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames:
+        return True  # raised where no frame was kept: by us (tests) or re-raised bare
+    where = Path(frames[-1].filename).resolve()
+    return where.is_relative_to(_PACKAGE) or where.parent == _PACKAGE.parent  # or the CLIs
+
+
+def explain(error: BaseException) -> str:
+    """A user's mistake as one line; an OSError with what to do instead of its raw errno."""
+    if not isinstance(error, OSError) or error.errno is None or not error.strerror:
+        return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    where = error.filename or ""
+    advice = {errno.EEXIST: "a file is in the way: remove it or choose another path",
+              errno.ENOTDIR: "a file is in the way of a folder: remove it or choose another path",
+              errno.EACCES: "no permission: choose a folder you can write to",
+              errno.EPERM: "no permission: choose a folder you can write to",
+              errno.EROFS: "a read-only file system: choose a folder you can write to",
+              errno.ENOENT: "no such file or folder: check the path",
+              errno.ENOSPC: "the disk is full: free some space or choose another disk",
+              errno.EISDIR: "a folder, where a file is needed: give the file"}
+    return f"{where}: {advice.get(error.errno, error.strerror)}" if where else \
+        advice.get(error.errno, error.strerror)
+
+
+def report(program: str, error: BaseException, verbose_: bool | None = None) -> tuple[str, int]:
+    """(the last line to print, the exit code) for `error` ending `program`; the traceback goes to
+    stderr (verbose) or to a file that the line names (unexpected errors)."""
+    verbose_ = verbose() if verbose_ is None else verbose_
+    if verbose_:
+        traceback.print_exception(error)
+    if is_users_mistake(error):
+        code = EXIT_USAGE if isinstance(error, UsageError) else EXIT_ERROR
+        return f"{program}: error: {explain(error)}", code
+    line = f"{program}: error: unexpected {describe(error, 160)}"  # "TypeError: ..."
+    if verbose_:
+        return line, EXIT_ERROR
+    try:
+        fd, path = tempfile.mkstemp(prefix=f"{Path(program).stem}-traceback-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            traceback.print_exception(error, file=f)
+        return f"{line} (its traceback: {path}; --verbose prints it)", EXIT_ERROR
+    except OSError:
+        traceback.print_exception(error)
+        return line, EXIT_ERROR
+
+
+class Exit(SystemExit):
+    """The end of a program with exit code `code`, its last line (already printed) kept."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(code)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def exit_with(message: str, code: int = EXIT_USAGE):
+    """End the program with `message` on stderr and exit code `code`."""
+    print(message, file=sys.stderr, flush=True)
+    raise Exit(message, code)
+
+
+@contextlib.contextmanager
+def errors_reported(program: str, verbose_: bool | None = None, interrupted: str = "interrupted",
+                    exit_program: Callable[[str, int], None] = exit_with) -> Iterator[None]:
+    """Run a command-line tool's body: an exception ends it as `report` says; Ctrl-C with
+    `<program>: <interrupted>` and exit code 130. exit_program(message, code) ends the program."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        exit_program(f"\n{program}: {interrupted}", EXIT_INTERRUPTED)
+    except Exception as e:  # noqa: BLE001 - every exception is reported, the unexpected ones whole
+        exit_program(*report(program, e, verbose_))
 
 
 def _from_libraries(text: str) -> bool:
@@ -38,27 +156,27 @@ def _from_libraries(text: str) -> bool:
 
 
 class _LibraryReports(logging.Filter):
-    """Drops log records of warnings and errors raised inside LIBRARIES (and asyncio's reports of
-    their leftover tasks)."""
+    """Drops ERROR records raised inside LIBRARIES, their warnings known as noise (_LIBRARY_NOISE),
+    and asyncio's reports of their leftover tasks; other warnings pass."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING:
             return True
         if _from_libraries(record.pathname):
-            return False
+            return record.levelno < logging.ERROR and not record.getMessage().startswith(
+                _LIBRARY_NOISE)
         if record.name != "asyncio":
             return True
-        # "Task/Future exception was never retrieved": a read orbax gave up on, its TensorStore
-        # error inside
+        # "Task exception was never retrieved": a read orbax gave up on, TensorStore's error inside
         error = record.exc_info[1] if record.exc_info else None
         return not _from_libraries(record.getMessage() + _where(None, error))
 
 
 @contextlib.contextmanager
-def quiet_library_reports() -> Iterator[None]:
-    """Drop the libraries' own reports of failures (see the module docstring) while the block runs,
-    unless FLAXGPT_VERBOSE is set."""
-    undo = _drop_library_reports()
+def quiet_library_reports(hooks: bool = False) -> Iterator[None]:
+    """Drop the libraries' ERROR records (see the module docstring) while the block runs, unless
+    FLAXGPT_VERBOSE is set; hooks: their threads' and coroutines' reports too."""
+    undo = _drop_library_reports(hooks)
     try:
         yield
     finally:
@@ -66,22 +184,23 @@ def quiet_library_reports() -> Iterator[None]:
 
 
 def quiet_until_exit() -> None:
-    """`quiet_library_reports` for the rest of the program, for the command-line tools: the
-    libraries' threads and coroutines may still report a failure while the interpreter shuts
+    """`quiet_library_reports(hooks=True)` for the rest of the program, for the command-line tools:
+    the libraries' threads and coroutines may still report a failure while the interpreter shuts
     down."""
-    _drop_library_reports()
+    _drop_library_reports(hooks=True)
 
 
-def _drop_library_reports() -> Callable[[], None]:
-    """Install the log filter, the unraisable hook and the thread exception hook; -> what removes
-    them again."""
+def _drop_library_reports(hooks: bool) -> Callable[[], None]:
+    """Install the log filter (and the unraisable and thread hooks and a warnings filter);
+    -> what removes them again."""
     if verbose():
         return lambda: None
     reports = _LibraryReports()
     loggers = [logging.getLogger(name) for name in _LOGGERS]
     for logger in loggers:
         logger.addFilter(reports)
-    previous_hook = sys.unraisablehook
+    previous_hook, previous_thread_hook = sys.unraisablehook, threading.excepthook
+    caught = warnings.catch_warnings()
 
     # e.g. a TensorStore read still in flight when orbax closed its event loop
     def hook(unraisable):
@@ -89,19 +208,20 @@ def _drop_library_reports() -> Callable[[], None]:
         if not _from_libraries(where) and str(unraisable.exc_value) != "Event loop is closed":
             previous_hook(unraisable)
 
-    sys.unraisablehook = hook
-    previous_thread_hook = threading.excepthook
-
     # a library's own worker thread that died with the error its caller also gets
     def thread_hook(args):
         if not _from_libraries(_where(args.thread, args.exc_value, args.exc_traceback)):
             previous_thread_hook(args)
 
-    threading.excepthook = thread_hook
+    if hooks:
+        sys.unraisablehook, threading.excepthook = hook, thread_hook
+        caught.__enter__()
+        warnings.filterwarnings("ignore", _ORBAX_COROUTINES, RuntimeWarning)
 
     def undo():
-        sys.unraisablehook = previous_hook
-        threading.excepthook = previous_thread_hook
+        if hooks:
+            sys.unraisablehook, threading.excepthook = previous_hook, previous_thread_hook
+            caught.__exit__(None, None, None)
         for logger in loggers:
             logger.removeFilter(reports)
     return undo

@@ -161,9 +161,9 @@ class Loop:
             tokens_per_s, utilisation = mfu.throughput(tokens_per_step, dt, flops,
                                                        jax.device_count(), peak)
             log.print_step(f"iter {step}: loss {loss:.4f}, lr {row['lr']:.2e}, {dt * 1000:.1f} ms,"
-                           f" {tokens_per_s:,.0f} tok/s, mfu {utilisation * 100:.2f}%", step)
+                           f" {tokens_per_s:,.0f} tok/s{mfu.shown(utilisation)}", step)
             log.write(step, **row, ms_per_step=dt * 1000, tokens_per_s=tokens_per_s,
-                      mfu=utilisation)
+                      **({} if utilisation is None else {"mfu": utilisation}))
         self.ckpts.wait()
         saved = self.ckpts.steps()
         if saved and not config.eval_only:

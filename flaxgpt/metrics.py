@@ -24,6 +24,9 @@ TENSORBOARD_TAGS = {"loss": "train/step_loss", "train/loss": "train/loss", "val/
                     "lr": "lr", "grad_norm": "grad_norm", "tokens_per_s": "tokens_per_s",
                     "mfu": "mfu"}
 REMOTE_UPLOAD_S = 30
+MAX_STEP_LINES = 250  # printed step lines of a run without a terminal, at most about
+ETA_SETTLE_S = 60.0  # the ETA shows once the rate is measured over this long or over
+ETA_SETTLE_FRACTION = 0.1  # this fraction of the steps left
 
 
 def drop_rows_after(path: storage.Path, run_id: str, step: int) -> None:
@@ -71,8 +74,9 @@ class MetricsLog:
 
     On a terminal (and with config.progress) a tqdm bar shows step/max_iters, rate, ETA and the
     latest loss, and replaces the per-step lines; elsewhere (CI, nohup, a SLURM log) the per-step
-    lines stay and carry the ETA. resumed_at: the step a resumed run continues from (None for a new
-    run).
+    lines stay, at most about MAX_STEP_LINES of them (every log_interval-th step, or a multiple),
+    with the ETA once it has settled (`eta`). resumed_at: the step a resumed run continues from
+    (None for a new run).
     """
 
     def __init__(self, config, out_dir: storage.Path, run_id: str, *, start_step: int = 0,
@@ -82,7 +86,9 @@ class MetricsLog:
         self.remote = storage.is_remote(out_dir)
         self.run_id, self.max_iters = run_id, config.max_iters
         self.file = self.tensorboard = self.wandb = self.bar = None
-        self._start = (start_step, time.perf_counter())
+        self._rate_from = None  # (step, time) of the first step line: after compilation
+        interval = max(config.log_interval, 1)
+        self.print_every = interval * -(-config.max_iters // (interval * MAX_STEP_LINES))
         self.out_dir, self._remote_text, self._tensorboard_dir = out_dir, None, None
         self._folders = contextlib.ExitStack()
         self._uploaded_at = time.monotonic()
@@ -137,17 +143,30 @@ class MetricsLog:
             sys.stdout.flush()
 
     def print_step(self, text: str, step: int) -> None:
-        """A per-step line: on the bar's terminal the bar itself; elsewhere printed with the ETA."""
-        if self.active and not self.bar:
-            print(f"{text}, eta {format_seconds(self.eta(step))}", flush=True)
+        """A per-step line: on the bar's terminal the bar itself; elsewhere every print_every-th
+        step's, with the ETA once it has settled."""
+        if not self.active or self.bar:
+            return
+        if self._rate_from is None:
+            self._rate_from = (step, time.perf_counter())
+        if step % self.print_every and step != self.max_iters:
+            return
+        eta = self.eta(step)
+        print(text if eta is None else f"{text}, eta {format_seconds(eta)}", flush=True)
 
-    def eta(self, step: int) -> float:
-        """Seconds to max_iters at the average rate since this process started training."""
-        start_step, start_time = self._start
-        done = step - start_step
-        if done <= 0:
-            return 0.0
-        return (time.perf_counter() - start_time) / done * (self.max_iters - step)
+    def eta(self, step: int) -> float | None:
+        """Seconds to max_iters at the average rate since the first step line (evaluations
+        included), or None until that rate is measured over ETA_SETTLE_S seconds or
+        ETA_SETTLE_FRACTION of the steps left."""
+        if self._rate_from is None:
+            return None
+        start_step, start_time = self._rate_from
+        done, elapsed = step - start_step, time.perf_counter() - start_time
+        settled = elapsed >= ETA_SETTLE_S or done >= ETA_SETTLE_FRACTION * (
+            self.max_iters - start_step)
+        if done <= 0 or not settled:
+            return None
+        return elapsed / done * (self.max_iters - step)
 
     def step_done(self, step: int, loss: float | None = None) -> None:
         if self.bar:

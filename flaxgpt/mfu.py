@@ -1,14 +1,11 @@
 """Model FLOPs utilisation: achieved training FLOP/s over the devices' peak.
 
 nanoGPT divides by an A100's 312 TFLOP/s whatever the device; we look the peak up per device kind
-(dense bfloat16, per chip) and, on CPU, measure it with a large float32 matmul.
+(dense bfloat16, per chip). A CPU has no such figure (its float32 matmul rate depends on the cores
+the run shares), so on CPUs, and on unlisted kinds, a run shows tokens/s and no MFU.
 """
 
-import functools
-import time
-
 import jax
-import jax.numpy as jnp
 
 # Dense bf16 peak FLOP/s per device, by a substring of jax.Device.device_kind (first match wins).
 PEAK_FLOPS = (
@@ -25,11 +22,10 @@ PEAK_FLOPS = (
 )
 
 
-def device_peak_flops(device: jax.Device | None = None) -> float:
-    """Peak FLOP/s of one device: the table above, or measured on the spot for CPUs and unknown
-    kinds."""
+def device_peak_flops(device: jax.Device | None = None) -> float | None:
+    """Peak FLOP/s of one device from the table above; None for CPUs and unlisted kinds."""
     device = device or jax.local_devices()[0]
-    return listed_peak_flops(device.device_kind) or measured_matmul_flops(device)
+    return listed_peak_flops(device.device_kind)
 
 
 def listed_peak_flops(device_kind: str) -> float | None:
@@ -37,27 +33,20 @@ def listed_peak_flops(device_kind: str) -> float | None:
     return next((flops for kind, flops in PEAK_FLOPS if kind.lower() in device_kind.lower()), None)
 
 
-@functools.lru_cache(maxsize=None)
-def measured_matmul_flops(device: jax.Device, n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of the best of a few float32 n x n matmuls on `device`."""
-    a = jax.device_put(jnp.ones((n, n), jnp.float32), device)
-    matmul = jax.jit(jnp.matmul)
-    matmul(a, a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul(a, a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
-
-
 def mfu(flops_per_token: float, tokens_per_second: float, num_devices: int, peak: float) -> float:
     return flops_per_token * tokens_per_second / (num_devices * peak)
 
 
 def throughput(tokens_per_step: int, seconds_per_step: float, flops_per_token: float,
-               num_devices: int, peak: float) -> tuple[float, float]:
-    """(tokens/s, MFU) of training steps of `tokens_per_step` tokens taking `seconds_per_step`
-    each."""
+               num_devices: int, peak: float | None) -> tuple[float, float | None]:
+    """(tokens/s, MFU or None without a peak) of training steps of `tokens_per_step` tokens taking
+    `seconds_per_step` each."""
     tokens_per_second = tokens_per_step / seconds_per_step
+    if peak is None:
+        return tokens_per_second, None
     return tokens_per_second, mfu(flops_per_token, tokens_per_second, num_devices, peak)
+
+
+def shown(utilisation: float | None) -> str:
+    """", mfu 41.20%" for a log line, or nothing without a peak."""
+    return "" if utilisation is None else f", mfu {utilisation * 100:.2f}%"

@@ -66,11 +66,19 @@ def test_library_reports_are_dropped_and_flaxgpts_own_kept(caplog, monkeypatch):
         logging.getLogger(logger).handle(record)
 
     monkeypatch.delenv(faults.VERBOSE_VARIABLE, raising=False)
+    for name in ("absl", "gcsfs"):  # filters a CLI's main() run in this process left for good
+        logger = logging.getLogger(name)
+        monkeypatch.setattr(logger, "filters", [f for f in logger.filters
+                                                if not isinstance(f, faults._LibraryReports)])
+    gcsfs_file = os.path.join(os.sep, "site-packages", "gcsfs", "retry.py")
     with caplog.at_level(logging.WARNING), faults.quiet_library_reports():
         report("absl", orbax_file, "_SignalingThread.run() raised an exception")
         logging.getLogger("flaxgpt.checkpoint").warning(
             "checkpoint 3 is unreadable: using the one before")
+        logging.getLogger("gcsfs").handle(logging.LogRecord(
+            "gcsfs", logging.WARNING, gcsfs_file, 1, "retrying after 503", None, None))
     assert "SignalingThread" not in caplog.text and "checkpoint 3 is unreadable" in caplog.text
+    assert "retrying after 503" in caplog.text  # a library's warning always shows
     report("absl", orbax_file, "after the block: shown")
     assert "after the block: shown" in caplog.text
     monkeypatch.setenv(faults.VERBOSE_VARIABLE, "1")
@@ -94,7 +102,7 @@ def test_a_read_error_left_in_a_coroutine_is_dropped(monkeypatch, capsys):
                            'database at local file "/r/6/params/": Requested byte range [7, 9) is '
                            'not valid')
     ours = RuntimeError("flaxgpt's own")
-    with faults.quiet_library_reports():
+    with faults.quiet_library_reports(hooks=True):
         for error in (truncated, ours):
             sys.unraisablehook(types.SimpleNamespace(exc_type=type(error), exc_value=error,
                                                      exc_traceback=None, err_msg=None,
@@ -109,7 +117,7 @@ def test_a_library_thread_that_dies_is_dropped(monkeypatch):
     monkeypatch.setattr(threading, "excepthook", seen.append)
     full = ValueError('RESOURCE_EXHAUSTED: Error writing "wte/0" in OCDBT database: No space left '
                       'on device')
-    with faults.quiet_library_reports():
+    with faults.quiet_library_reports(hooks=True):
         for error in (full, KeyError("ours")):
             thread = threading.Thread(target=lambda e=error: (_ for _ in ()).throw(e))
             thread.start()
@@ -231,10 +239,12 @@ def test_a_stopped_sample_says_so_in_one_line(trained):
     assert len(lines) <= MAX_LINES and "Traceback" not in stderr and "Fatal" not in stderr, stderr
 
 
-@pytest.mark.parametrize("argv, last", [
-    ([CONFIG, "extra"], "train.py: error: unexpected arguments extra: settings are "
-                        "--config.key=value"),
-    ([CONFIG, "--config.dataset=nosuch"], "train.py: error: data/nosuch not found: no dataset "
+@pytest.mark.parametrize("argv, code, last", [
+    ([CONFIG, "extra"], 2, "train.py: error: unexpected arguments extra: settings are "
+                           "--config.key=value"),
+    ([], 2, "train.py: error: give a config: --config=configs/shakespeare_char.py:cpu (or "
+            "configs/*.py)"),
+    ([CONFIG, "--config.dataset=nosuch"], 1, "train.py: error: data/nosuch not found: no dataset "
                                           "'nosuch' was prepared there. prepare.py makes "
                                           "shakespeare_char, shakespeare, openwebtext, fineweb_edu "
                                           "(python prepare.py NAME), or your own text as this "
@@ -242,9 +252,9 @@ def test_a_stopped_sample_says_so_in_one_line(trained):
                                           "nosuch); or point --config.data_dir at a prepared "
                                           "folder"),
 ])
-def test_bad_arguments_are_one_line(argv, last, tmp_path):
+def test_bad_arguments_are_one_line(argv, code, last, tmp_path):
     rc, out, err = run(REPO / "train.py", *argv, cwd=tmp_path)
-    assert rc == 1 and err == [last], err
+    assert rc == code and err == [last], err
 
 
 def test_importing_flaxgpt_and_building_a_train_step_change_no_process_state():
@@ -267,3 +277,83 @@ print("untouched")
 """
     rc, out, err = run("-c", code)
     assert rc == 0 and out == ["untouched"], err
+
+
+def test_a_users_mistake_is_one_line_and_anything_else_keeps_its_traceback(capsys, monkeypatch):
+    from flaxgpt.tokenizer import CharTokenizer
+    monkeypatch.delenv(faults.VERBOSE_VARIABLE, raising=False)
+    assert faults.report("x.py", faults.UserError("do this")) == ("x.py: error: do this", 1)
+    usage = faults.UsageError("--n: give 1")
+    assert faults.report("x.py", usage) == ("x.py: error: --n: give 1", 2)
+    try:
+        CharTokenizer(["a"]).encode("b")  # a check of flaxgpt's: a ValueError raised there
+    except ValueError as e:
+        assert faults.report("x.py", e)[0].startswith("x.py: error: characters not in this model")
+
+    def buggy():
+        return {}["key"] + int("not a number")
+
+    for error_type in (KeyError, ValueError):  # a bug's, a library's: not flaxgpt's checks
+        try:
+            buggy() if error_type is KeyError else int("not a number")
+        except error_type as e:
+            line, code, unexpected = *faults.report("x.py", e), e
+        where = line.split("its traceback: ")[1].split(";")[0]
+        assert code == 1 and line.startswith(f"x.py: error: unexpected {error_type.__name__}")
+        assert "Traceback" in Path(where).read_text() and "--verbose prints it" in line
+        Path(where).unlink()
+    assert capsys.readouterr().err == ""
+    line, _ = faults.report("x.py", unexpected, verbose_=True)
+    assert "Traceback" in capsys.readouterr().err and "its traceback" not in line
+
+
+def test_an_os_error_says_what_to_do_instead_of_its_errno():
+    import errno
+    read_only = PermissionError(errno.EPERM, "Operation not permitted", "/ro/meta.json")
+    assert faults.explain(read_only) == "/ro/meta.json: no permission: choose a folder you can " \
+                                        "write to"
+    in_the_way = FileExistsError(errno.EEXIST, "File exists", "fx/outfile")
+    assert "a file is in the way" in faults.explain(in_the_way)
+    assert "Errno" not in faults.report("prepare.py", in_the_way)[0]
+
+
+def test_errors_reported_ends_the_program_with_one_line_and_its_code(capsys):
+    with pytest.raises(SystemExit) as e, faults.errors_reported("x.py"):
+        raise faults.UsageError("--steps: give a positive number")
+    assert e.value.code == 2 and capsys.readouterr().err == \
+        "x.py: error: --steps: give a positive number\n"
+    with pytest.raises(SystemExit) as e, faults.errors_reported("x.py", interrupted="stopped"):
+        raise KeyboardInterrupt
+    assert e.value.code == 130 and capsys.readouterr().err.strip() == "x.py: stopped"
+
+
+def test_importing_flaxgpt_prints_nothing_from_plugins_that_cannot_start():
+    """CPU-only machines with the CUDA plugin and libtpu installed (the test extras): plain jax
+    prints their failed start-ups; after `import flaxgpt` they print nothing, and jax still
+    chooses its platforms itself."""
+    from flaxgpt.distributed import accelerators_attached
+    if accelerators_attached():
+        pytest.skip("accelerators attached: their plugins start")
+    env = {k: v for k, v in one_device_env().items() if k != "JAX_PLATFORMS"}
+    plain = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env,
+                           capture_output=True, text=True, timeout=300)
+    if not plain.stderr.strip():
+        pytest.skip("no plugin prints anything here")
+    code = ("import flaxgpt, jax, logging; "
+            "print(jax.config.jax_platforms, jax.devices()[0].platform); "
+            "logging.getLogger('mine').warning('a warning of my own')")
+    quiet = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                           timeout=300, cwd=REPO)
+    assert quiet.returncode == 0 and quiet.stdout.split() == ["None", "cpu"], quiet.stderr
+    assert quiet.stderr == "a warning of my own\n", quiet.stderr
+
+
+@pytest.mark.parametrize("argv", [["train.py"], ["sample.py", "--nosuch"], ["prepare.py", "nosuch"],
+                                  ["bench.py", "--steps=x"], ["eval_hellaswag.py", "--limit=x"]])
+def test_every_cli_ends_a_command_line_mistake_in_one_line_with_code_2(argv):
+    """Nothing else on stderr: no usage block, and no plugin lines (raw stderr, unfiltered)."""
+    result = subprocess.run([sys.executable, *argv], cwd=REPO, env=one_device_env(),
+                            capture_output=True, text=True, timeout=300)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"{argv[0]}: error: "), result.stderr

@@ -48,8 +48,8 @@ def test_train_cli_loss_falls_well_below_unigram_baseline(data_dir, tmp_path):
     assert val_loss < unigram - 0.6, (val_loss, unigram)
     logged = [line for line in lines if "loss" in line]
     assert logged[0]["step"] == 1 and "compile_s" in logged[0] and "ms_per_step" not in logged[0]
-    assert len(logged) > 1 and all({"lr", "ms_per_step", "tokens_per_s", "mfu"} <= line.keys()
-                                   for line in logged[1:])
+    assert len(logged) > 1 and all({"lr", "ms_per_step", "tokens_per_s"} <= line.keys()
+                                   and "mfu" not in line for line in logged[1:])  # no CPU peak
     assert load_params(out)[0].n_layer == 4
 
 

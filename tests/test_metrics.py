@@ -4,10 +4,12 @@ import json
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from flaxgpt import metrics
 from flaxgpt.config import base_config
 from flaxgpt.metrics import MetricsLog, drop_rows_after, format_seconds
 
@@ -78,12 +80,28 @@ def test_drop_rows_after_keeps_other_runs_and_skips_cut_lines(tmp_path):
     assert rows == [{"step": 5, "run": "old"}, {"step": 2, "run": "new"}]
 
 
-def test_without_a_terminal_step_lines_are_printed_with_an_eta(tmp_path, capsys):
-    with MetricsLog(config(), tmp_path, "run-a") as log:  # pytest's stdout is not a TTY
-        assert log.bar is None
-        log.print_step("iter 5: loss 1.0", 5)
-    out = capsys.readouterr().out
-    assert out.startswith("iter 5: loss 1.0, eta ") and out.count("\n") == 1
+def test_without_a_terminal_step_lines_show_the_eta_once_it_has_settled(tmp_path, capsys,
+                                                                         monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    with MetricsLog(config(max_iters=1000, log_interval=10), tmp_path, "run-a") as log:
+        assert log.bar is None  # pytest's stdout is not a TTY
+        for step in range(10, 120, 10):  # 0.1 s a step, the first line after compilation
+            clock[0] += 1
+            log.print_step(f"iter {step}: loss 1.0", step)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "iter 10: loss 1.0" and "eta" not in lines[-2]  # 90 steps: not yet 10%
+    assert lines[-1] == "iter 110: loss 1.0, eta 1m29s"  # 890 steps left at 0.1 s each
+
+
+def test_without_a_terminal_a_run_prints_a_bounded_number_of_step_lines(tmp_path, capsys):
+    with MetricsLog(config(max_iters=600_000, log_interval=10), tmp_path, "run-a") as log:
+        for step in range(10, 600_001, 10):
+            log.print_step(f"iter {step}", step)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) <= metrics.MAX_STEP_LINES and lines[-1].startswith("iter 600000")
+    with MetricsLog(config(max_iters=2000, log_interval=10), tmp_path, "run-b") as log:
+        assert log.print_every == 10  # the CPU config: every log_interval, as nanoGPT
 
 
 def test_on_a_terminal_a_progress_bar_replaces_step_lines(tmp_path, capsys, monkeypatch):

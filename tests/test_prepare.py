@@ -13,7 +13,7 @@ import pytest
 
 import flaxgpt.prepare as prep
 from flaxgpt.data import load_meta, open_split
-from flaxgpt.prepare import dataset_folder, openwebtext, shakespeare
+from flaxgpt.prepare import dataset_folder, openwebtext, whole_text
 from flaxgpt.tokenizer import GPT2_EOT, GPT2Tokenizer, from_meta
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def test_text_from_flaxgpt_data(tmp_path, monkeypatch):
     (mirror / "tinyshakespeare/input.txt").write_text(text)
     monkeypatch.setenv("FLAXGPT_DATA", str(mirror))
     # must not be used:
-    monkeypatch.setattr(shakespeare, "TINYSHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")
+    monkeypatch.setattr(whole_text, "TINYSHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")
     meta = prep.prepare("shakespeare_char", out_dir=tmp_path / "out")
     assert meta["train_tokens"] + meta["val_tokens"] == len(text)
     assert not (tmp_path / "out/input.txt").exists()
@@ -125,14 +125,14 @@ def test_token_files_are_written_whole_or_not_at_all(tmp_path):
 def test_failed_download_says_what_to_do(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("FLAXGPT_DATA", raising=False)
     # nothing listens there:
-    monkeypatch.setattr(shakespeare, "TINYSHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")
+    monkeypatch.setattr(whole_text, "TINYSHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")
     with pytest.raises(ConnectionError,
                        match=r"could not download .*pass --input PATH.*set FLAXGPT_DATA"):
         prep.prepare("shakespeare_char", out_dir=tmp_path / "out")
     with pytest.raises(SystemExit) as e:
         prep.main(["shakespeare_char", "--out_dir", str(tmp_path / "out")])
     assert "--input" in str(e.value) and "\n" not in str(e.value)
-    assert os.listdir(tmp_path / "out") == []  # no partial input.txt or token files
+    assert not (tmp_path / "out").exists()  # no partial input.txt or token files, no folder
     with pytest.raises(SystemExit, match="no such file"):
         prep.main(["shakespeare_char", "--input", str(tmp_path / "missing.txt"), "--out_dir",
                    str(tmp_path)])
@@ -140,7 +140,7 @@ def test_failed_download_says_what_to_do(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("make_input, message", [
     (lambda d: d, "is a directory"),
-    (lambda d: (d / "empty.txt", (d / "empty.txt").write_text(""))[0], "holds 0 characters"),
+    (lambda d: (d / "empty.txt", (d / "empty.txt").write_text(""))[0], "(of 0 characters)"),
     (lambda d: (d / "data.bin", (d / "data.bin").write_bytes(bytes(range(256)) * 4))[0],
      "is not UTF-8 text"),
     (lambda d: (d / "fifo", os.mkfifo(d / "fifo"))[0], "not a regular file"),
@@ -335,15 +335,86 @@ def test_a_missing_column_or_input_says_what_to_do(tmp_path):
             prep.main(["text", *argv])
 
 
+def book_in_files(tmp_path: Path, n_files: int) -> tuple[Path, str]:
+    """A folder holding the first 40,000 characters of tinyshakespeare in n_files .txt files."""
+    text = shakespeare_text(tmp_path).read_text(encoding="utf-8")[:40_000]
+    folder, size = tmp_path / "book", len(text) // n_files
+    folder.mkdir()
+    for i in range(n_files):
+        (folder / f"{i}.txt").write_text(text[i * size:(i + 1) * size if i < n_files - 1 else None])
+    return folder, text
+
+
 @needs_ranks
-def test_a_val_split_without_documents_is_an_error_that_says_what_to_do(tmp_path, gpt2_ranks):
-    (tmp_path / "book.txt").write_text("One long book.\n" * 100)
+@pytest.mark.parametrize("n_files, val_fraction", [(1, None), (1, 0.5), (4, 0.5)])
+def test_a_book_in_a_few_files_is_split_by_position(tmp_path, gpt2_ranks, capsys, n_files,
+                                                    val_fraction):
+    folder, text = book_in_files(tmp_path, n_files)
+    argv = ["text", "--input", str(folder), "--out_dir", str(tmp_path / "out")]
+    meta = prep.main(argv + (["--val_fraction", str(val_fraction)] if val_fraction else []))
+    lines = capsys.readouterr().out.splitlines()
+    assert f"{n_files} document" in lines[0] and "splitting by position, the last" in lines[0]
+    fraction = val_fraction or 0.1
+    assert meta["split"] == {"val_fraction": fraction, "by": "position"}
+    tokenizer, eot = GPT2Tokenizer(), "<|endoftext|>"
+    train, val = (tokenizer.decode(open_split(tmp_path / "out", s)) for s in ("train", "val"))
+    assert (train + val).count(eot) == n_files and val.endswith(eot)
+    n_val, n_all = len(val.replace(eot, "")), len((train + val).replace(eot, ""))
+    assert abs(n_val / n_all - fraction) < 0.001  # of the text, not of the documents
+
+
+def test_text_by_characters_as_shakespeare_char(tmp_path, capsys):
+    book = tmp_path / "book.txt"
+    book.write_text("To be, or not to be: that is the question.\n" * 50)
+    meta = prep.main(["text", "--input", str(book), "--tokenizer", "char", "--out_dir",
+                      str(tmp_path / "out")])
+    text = book.read_text()
+    assert meta["tokenizer"] == "char" and meta["chars"] == sorted(set(text))
+    tokens = np.concatenate([open_split(tmp_path / "out", s) for s in ("train", "val")])
+    assert from_meta(meta).decode(tokens) == text
+    assert abs(meta["val_tokens"] / len(text) - 0.1) < 0.001
+    assert "--config.dataset" not in capsys.readouterr().out  # out_dir is not data/<name>
+
+
+def test_char_text_with_many_documents_is_split_by_document(tmp_path, corpus_docs):
+    write_jsonl(tmp_path / "docs.jsonl", corpus_docs)
+    meta = prep.prepare("text", tmp_path / "out", tmp_path / "docs.jsonl", tokenizer="char",
+                        val_fraction=0.1)
+    assert meta["split"]["by"] == "document" and meta["tokenizer"] == "char"
+    from flaxgpt.prepare.tokenize_documents import in_val_split, split_keys
+    keys = split_keys(0.1, prep.SPLIT_SEED)  # the same documents as the streamed BPE split takes
+    val = [d for d in corpus_docs if in_val_split(d, **keys)[1]]
+    assert 30 <= len(val) <= 100
+    assert from_meta(meta).decode(open_split(tmp_path / "out", "val")) == "".join(
+        d + "\n" for d in val)
+
+
+def prepare_fails(capsys, argv) -> tuple[int, str]:
+    """(exit code, the one line of stderr) of a prepare.py that fails."""
     with pytest.raises(SystemExit) as e:
-        prep.main(["text", "--input", str(tmp_path / "book.txt"), "--out_dir",
-                   str(tmp_path / "out")])
-    assert "the val split got none of the 1 documents" in str(e.value)
-    assert "'<|endoftext|>' lines" in str(e.value)
-    assert os.listdir(tmp_path / "out") == []
+        prep.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("prepare.py: error: "), err
+    return e.value.code, err.strip()
+
+
+def test_a_failed_prepare_leaves_no_folder_and_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "afile").write_text("")
+    for argv, code, message in [
+            (["text", "--input", "missing.txt", "--name", "mine"], 1, "no such file"),
+            (["text", "--input", "empty.txt", "--name", "mine", "--tokenizer", "char"], 1,
+             "no text"),
+            (["nosuch"], 2, "invalid choice: 'nosuch'"),
+            (["text", "--input", "empty.txt", "--name", "m", "--val_fraction", "1.5"], 2,
+             "give a fraction between 0 and 1"),
+            (["shakespeare", "--tokenizer", "char"], 2, "--tokenizer char: text takes"),
+            (["shakespeare_char", "--out_dir", "afile"], 1, "--out_dir afile is a file: remove"),
+            (["shakespeare_char", "--out_dir", "afile/sub"], 1, "a file is in the way")]:
+        assert prepare_fails(capsys, argv)[0] == code
+        assert message in prepare_fails(capsys, argv)[1]
+    assert not (tmp_path / "data").exists()
 
 
 def test_fineweb_edu_subsets_come_from_its_dataset_card():
@@ -484,7 +555,7 @@ def test_a_failure_while_publishing_leaves_no_dataset_train_py_accepts(tmp_path,
     write_jsonl(tmp_path / "old.jsonl", corpus_docs[:100])
     write_jsonl(tmp_path / "new.jsonl", corpus_docs[100:300])
     out = tmp_path / "out"
-    old = prep.prepare("text", out, tmp_path / "old.jsonl", val_fraction=0.1)
+    old = prep.prepare("text", out, tmp_path / "old.jsonl", val_fraction=0.5)
     replace = os.replace
 
     def fail_on_val(source, destination):
@@ -494,11 +565,11 @@ def test_a_failure_while_publishing_leaves_no_dataset_train_py_accepts(tmp_path,
 
     monkeypatch.setattr(dataset_folder.os, "replace", fail_on_val)
     with pytest.raises(OSError, match="disk full"):
-        prep.prepare("text", out, tmp_path / "new.jsonl", val_fraction=0.1)
+        prep.prepare("text", out, tmp_path / "new.jsonl", val_fraction=0.5)
     assert not accepted_by_train(out)  # not the old dataset's val with the new train, nor a half
     assert {"train.bin", "val.bin", "meta.json"} - set(os.listdir(out)) == {"val.bin", "meta.json"}
     monkeypatch.setattr(dataset_folder.os, "replace", replace)
-    new = prep.prepare("text", out, tmp_path / "new.jsonl", val_fraction=0.1)
+    new = prep.prepare("text", out, tmp_path / "new.jsonl", val_fraction=0.5)
     assert new["train_documents"] + new["val_documents"] == 200
     assert old["train_documents"] + old["val_documents"] == 100 and accepted_by_train(out)
 

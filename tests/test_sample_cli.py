@@ -141,7 +141,6 @@ def test_nanogpt_checkpoint_with_its_meta_pkl(capsys, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--start", "abz"], "'z'"),  # with --out_dir=char_run
     (["--start", ""], "--start is empty"),
-    (["--start", "FILE:/nonexistent/prompt.txt"], "No such file"),
     (["--temperature", "-0.5"], "--temperature"),
     (["--top_k", "0"], "--top_k"),
     (["--top_p", "0"], "--top_p"),
@@ -155,10 +154,12 @@ def test_bad_arguments(capsys, char_run, argv, message):
 
 
 def test_missing_models(capsys, tmp_path):
-    assert_usage_error(capsys, ["--out_dir", tmp_path], "no checkpoint in")
-    assert_usage_error(capsys, ["--out_dir", tmp_path / "missing"], "no such directory")
-    assert_usage_error(capsys, ["--init_from", tmp_path / "missing"], "--init_from")
-    assert_usage_error(capsys, ["--init_from", "gpt3"], "--init_from")
+    assert_usage_error(capsys, ["--out_dir", tmp_path], "no checkpoint in", 1)
+    assert_usage_error(capsys, ["--out_dir", tmp_path / "missing"], "no such directory", 1)
+    assert_usage_error(capsys, ["--init_from", tmp_path / "missing"], "--init_from", 1)
+    assert_usage_error(capsys, ["--init_from", "gpt3"], "--init_from", 1)
+    assert_usage_error(capsys, ["--out_dir", tmp_path, "--start", "FILE:/nonexistent/prompt.txt"],
+                       "/nonexistent/prompt.txt: no such file or folder", 1)
 
 
 def test_prompt_outside_the_vocabulary(capsys, char_run, tmp_path):
@@ -168,12 +169,17 @@ def test_prompt_outside_the_vocabulary(capsys, char_run, tmp_path):
                        "outside the model's vocabulary")
 
 
-def assert_usage_error(capsys, argv, message):
+def assert_usage_error(capsys, argv, message, code=2):
+    """One line `sample.py: error: ...`; exit code 2 for the command line, 1 for its files."""
     with pytest.raises(SystemExit) as exit_info:
         sample.main([str(a) for a in argv])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2
-    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert exit_info.value.code == code
+    assert err.startswith("sample.py: error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_an_unknown_option_is_one_line_without_the_usage_block(capsys):
+    assert_usage_error(capsys, ["--temprature", "0.5"], "unrecognized arguments: --temprature")
 
 
 class _RunsCode:
@@ -195,11 +201,11 @@ def test_damaged_or_malicious_files_are_one_line(capsys, char_run, tmp_path):
     (hf / "config.json").write_text(json.dumps({"n_positions": 16, "vocab_size": 50257,
                                                 "n_layer": 1, "n_head": 2, "n_embd": 16}))
     (hf / "model.safetensors").write_bytes(b"garbage, not a safetensors header")
-    assert_usage_error(capsys, ["--init_from", hf], "not a readable safetensors file")
+    assert_usage_error(capsys, ["--init_from", hf], "not a readable safetensors file", 1)
 
     marker = tmp_path / "pwned"
     torch.save({"model_args": {}, "model": {}, "payload": _RunsCode(marker)}, tmp_path / "ckpt.pt")
-    assert_usage_error(capsys, ["--init_from", tmp_path / "ckpt.pt"], "could run code")
+    assert_usage_error(capsys, ["--init_from", tmp_path / "ckpt.pt"], "could run code", 1)
     assert not marker.exists()
     with open(tmp_path / "meta.pkl", "wb") as f:  # beside a real nanoGPT ckpt.pt
         pickle.dump({"vocab_size": 1, "itos": {0: _RunsCode(marker)}}, f)
@@ -208,15 +214,15 @@ def test_damaged_or_malicious_files_are_one_line(capsys, char_run, tmp_path):
     from flaxgpt.pretrained import save_nanogpt
     save_nanogpt(init_params(CHAR_CONFIG, jax.random.key(0)), CHAR_CONFIG, nanogpt / "ckpt.pt")
     shutil.copy(tmp_path / "meta.pkl", nanogpt / "meta.pkl")
-    assert_usage_error(capsys, ["--init_from", nanogpt / "ckpt.pt"], "refusing to load")
+    assert_usage_error(capsys, ["--init_from", nanogpt / "ckpt.pt"], "refusing to load", 1)
     assert not marker.exists()
 
     (tmp_path / "a_file").write_text("")
-    assert_usage_error(capsys, ["--out_dir", tmp_path / "a_file"], "is a file")
+    assert_usage_error(capsys, ["--out_dir", tmp_path / "a_file"], "is a file", 1)
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     assert_usage_error(capsys,
                        ["--out_dir", char_run, "--start", f"FILE:{tmp_path / 'latin1.txt'}"],
-                       "not UTF-8")
+                       "not UTF-8", 1)
 
 
 def test_all_checkpoints_unreadable_says_what_to_do_and_no_event_loop_noise(char_run, tmp_path):
@@ -236,10 +242,11 @@ def test_all_checkpoints_unreadable_says_what_to_do_and_no_event_loop_noise(char
                             cwd=Path(sample.__file__).parent, capture_output=True, text=True,
                             timeout=120,
                             env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
-    assert result.returncode == 2
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "is unreadable (" in errors[0] and "scratch" not in errors[0]
-    assert ("Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == errors[0] and errors[0].startswith("sample.py: error:")
+    assert ("Traceback" not in result.stderr and "never awaited" not in result.stderr
             and "Event loop is closed" not in result.stderr), result.stderr
 
 

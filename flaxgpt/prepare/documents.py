@@ -201,3 +201,15 @@ def _parquet_documents(f: IO[bytes], name: str, field: str) -> Iterator[tuple[st
         for i, text in enumerate(texts, rows + 1):
             yield text or "", size * i // total  # a null is an empty document
         rows += len(texts)
+
+
+def read_all(source: Files, text_field: str = "text", limit: int | None = None) -> list[str] | None:
+    """Every document of `source`'s files, in order; None once there are more than `limit`."""
+    texts = []
+    for index, file in enumerate(source.files):
+        with source.open(index) as path:
+            for text, _ in read_documents(path, file.name, text_field):
+                texts.append(text)
+                if limit is not None and len(texts) > limit:
+                    return None
+    return texts

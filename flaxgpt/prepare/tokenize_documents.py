@@ -74,17 +74,28 @@ def tokenize_chunk(texts: Sequence[str], val_below: int,
     encoding = gpt2().encoding
     parts, n_val = ([], []), 0
     for text in texts:
-        try:
-            data = text.encode("utf-8")
-        except UnicodeEncodeError:  # lone surrogates, which JSON can hold: each becomes U+FFFD
-            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-            data = text.encode("utf-8")
-        digest = hashlib.blake2b(data, digest_size=8, key=key).digest()
-        in_val = int.from_bytes(digest, "little") < val_below
+        text, in_val = in_val_split(text, val_below, key)
         n_val += in_val
         parts[in_val].extend((encoding.encode_to_numpy(text, disallowed_special=()), _EOT))
     train, val = (np.concatenate(p).astype(DTYPE) if p else np.empty(0, DTYPE) for p in parts)
     return train, val, n_val
+
+
+def in_val_split(text: str, val_below: int, key: bytes) -> tuple[str, bool]:
+    """(text, whether it goes to val): its 64-bit hash keyed by `key` is below `val_below`. Lone
+    surrogates, which JSON can hold, become U+FFFD."""
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        data = text.encode("utf-8")
+    digest = hashlib.blake2b(data, digest_size=8, key=key).digest()
+    return text, int.from_bytes(digest, "little") < val_below
+
+
+def split_keys(val_fraction: float, seed: int) -> dict:
+    """`in_val_split`'s val_below and key for a val fraction and a seed."""
+    return {"val_below": int(val_fraction * 2**64), "key": seed.to_bytes(8, "little")}
 
 
 @dataclasses.dataclass
@@ -188,8 +199,6 @@ def tokenize_to_folder(source: Source, out_dir: str | os.PathLike, *, dataset: s
     """Tokenize the documents of `source` into out_dir's train.bin, val.bin and meta.json (see the
     module docstring) and return meta.json's content. Progress is saved every `checkpoint_seconds`
     (default CHECKPOINT_SECONDS) and after each file."""
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"--val_fraction {val_fraction}: give a fraction between 0 and 1")
     if num_threads < 1:
         raise ValueError(f"--num_proc {num_threads}: give at least 1 thread")
     gpt2()  # the BPE ranks, before any thread needs them
@@ -211,8 +220,7 @@ def tokenize_to_folder(source: Source, out_dir: str | os.PathLike, *, dataset: s
         appender = _Appender({"train": train, "val": val}, progress, staging, source,
                              checkpoint_seconds)
         _tokenize_in_threads(chunks(source, text_field, progress.next_file, progress.skip),
-                             appender, val_below=int(val_fraction * 2**64),
-                             key=seed.to_bytes(8, "little"), num_threads=num_threads)
+                             appender, **split_keys(val_fraction, seed), num_threads=num_threads)
     n_documents = progress.train_documents + progress.val_documents
     for split in SPLITS:
         if getattr(progress, f"{split}_documents") == 0:
