@@ -166,8 +166,10 @@ class Watchdog:
         if waits:
             process, call = waits[0]
             return (f"process {process} waits for the storage: {call} has not returned", True)
-        return ("every process reports and none waits for the storage: a collective or a device "
-                "hangs (see the stacks)", False)
+        if self.many:
+            return ("every process reports and none waits for the storage: a collective or a "
+                    "device hangs (see the stacks)", False)
+        return "no bucket call is waiting: the devices or the program hang (see the stacks)", False
 
     def _stop(self, now: float):
         cause, storage_suspect = self._cause(now)
