@@ -141,8 +141,10 @@ class Loop:
             self.profiler.before_step(step)
             x, y = self.batches("train", step, A)
             self.batches.prefetch("train", step + 1, A)
-            with self.watchdog.first_call("train step"):
+            with self.watchdog.first_call("train step"):  # compiles; its first run connects hosts
                 state, metrics = self.train_step.train_fn(state, x, y)
+                if not compiled:
+                    jax.block_until_ready(metrics)
             step, steps_since = step + 1, steps_since + 1
             self.watchdog.progress(f"step {step}")  # dispatched: jax runs few steps ahead
             self.profiler.after_step(step, metrics)

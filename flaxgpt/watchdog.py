@@ -130,9 +130,11 @@ class Watchdog:
         failed = sorted((i, m) for i, m in distributed.published("failed").items() if i != self.me)
         if failed:
             process, message = failed[0]
-            code = STALL_EXIT_CODE if message.startswith("stalled:") else 1
-            distributed.exit_program(f"flaxgpt: stopping: process {process} failed: {message}",
-                                     code)
+            line, code = f"flaxgpt: stopping: process {process} failed: {message}", 1
+            if message.startswith("stalled:"):
+                where = self._dump_stacks(" waits for the storage: " in message)
+                line, code = f"{line}; this host's stacks in {where}", STALL_EXIT_CODE
+            distributed.exit_program(line, code)
 
     def _beat(self, beats: int, now: float):
         stalled = self._stalled_for(now) > 2 * self.beat_s
