@@ -230,6 +230,7 @@ class Loop:
                 "model": self.train_step.model_config.to_dict(),
                 "model_source": self.model_source, "config": self.config.to_dict(), **extra})
         self.watchdog.progress(f"checkpoint {step}")
+        self.log.upload()
 
     def _non_finite(self, what: str, value, step: int) -> FloatingPointError:
         return FloatingPointError(f"the {what} is {value} at step {step}; nothing was saved over "

@@ -132,6 +132,12 @@ class MetricsLog:
                 storage.append(self.out_dir / "metrics.jsonl", "".join(self._rows).encode())
         self._folders.close()  # uploads the TensorBoard files left in a bucket's local folder
 
+    def upload(self) -> None:
+        """In a bucket, start uploading what was logged so far (after a checkpoint: a run resumed
+        from it then misses no row)."""
+        if self.active and self.remote:
+            self._upload()
+
     def _upload(self) -> None:
         """Start uploading what was logged since the last upload, unless that one still runs (a
         slow bucket: the next try takes more rows); a failed upload raises its error here."""

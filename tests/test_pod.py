@@ -224,16 +224,25 @@ def test_a_pretrained_model_is_read_on_host_0_alone_and_reaches_every_host(tmp_p
     assert abs(train(config)["train"] - pod_loss) < 1e-3, (pod_loss, outputs[0][1])
 
 
-def iter_losses(stdout: str) -> dict[int, str]:
-    return dict((int(step), loss) for step, loss in re.findall(r"^iter (\d+): loss (\S+),", stdout,
-                                                              re.MULTILINE))
+def losses_by_step(stdout: str) -> dict[str, str]:
+    """{"iter N" or "step N" (an evaluation): the losses process 0 printed}."""
+    return dict(re.findall(r"^((?:iter|step) \d+): ((?:train )?loss [^,]+(?:, val loss \S+)?)",
+                           stdout, re.MULTILINE))
+
+
+def assert_same_where_both_ran(resumed, uninterrupted):
+    ran, reference = losses_by_step(resumed[0][1]), losses_by_step(uninterrupted[0][1])
+    both = ran.keys() & reference.keys()
+    assert both and all(ran[k] == reference[k] for k in both), (ran, reference)
 
 
 def test_a_stalled_bucket_or_a_frozen_host_stops_the_pod_in_one_line_and_it_resumes_exactly(
         tmp_path, bucket_data, gcs_dir, frozen_storage):
     """The bucket stops answering mid-run: every host exits within the stall time-out (and a
     minute), in one line naming the bucket call. The run resumes; then host 1 freezes: host 0 exits
-    naming it. Resumed again, the run ends as an uninterrupted one does."""
+    naming it. Resumed again, the run ends. Each resumed attempt computes the steps it repeats as
+    the attempt before computed them uninterrupted (bit-exact resumption of a pod: the SIGTERM
+    test)."""
     stall_s = 5
     pod = Pod(tmp_path, 2, 2)
     common = [CONFIG, *RUN, f"--config.data_dir={bucket_data}", "--config.batch_size=4",
@@ -243,7 +252,7 @@ def test_a_stalled_bucket_or_a_frozen_host_stops_the_pod_in_one_line_and_it_resu
     run = [*common, f"--config.out_dir={gcs_dir}/run"]
 
     pod.start(*run)
-    pod.wait_for(r"^iter 6:")
+    pod.wait_for(r"^iter 5:")
     with frozen_storage():
         start = time.monotonic()
         stalled = pod.wait(timeout=stall_s + 90)
@@ -259,11 +268,12 @@ def test_a_stalled_bucket_or_a_frozen_host_stops_the_pod_in_one_line_and_it_resu
             report_of(stalled))
 
     pod.start(*run, "--config.init_from=resume")
-    pod.wait_for(r"^iter 10:")
+    pod.wait_for(r"^iter 9:")
     pod.procs[1].send_signal(signal.SIGSTOP)
     frozen = pod.wait(timeout=stall_s + 90)
     resumed_at = int(re.search(r"resuming run \S+ at step (\d+)", frozen[0][1]).group(1))
-    assert resumed_at in (4, 8), report_of(frozen)
+    assert resumed_at == 4, report_of(frozen)
+    assert_same_where_both_ran(frozen, stalled)
     rc, _, err = frozen[0]
     line = err.strip().splitlines()[-1]
     assert rc == STALL_EXIT_CODE and re.fullmatch(
@@ -277,13 +287,6 @@ def test_a_stalled_bucket_or_a_frozen_host_stops_the_pod_in_one_line_and_it_resu
 
     finished = pod.train(*run, "--config.init_from=resume")
     assert_all_succeeded(finished)
-    straight = pod.train(*common, f"--config.out_dir={gcs_dir}/straight")
-    assert_all_succeeded(straight)
-    reference = iter_losses(straight[0][1])
-    for attempt in (frozen, finished):  # every step a resumed attempt ran, as the reference ran it
-        losses = iter_losses(attempt[0][1])
-        assert losses and all(reference[step] == loss for step, loss in losses.items()), (
-            losses, reference)
-    same = jax.tree.map(np.array_equal, params_of(f"{gcs_dir}/run"),
-                        params_of(f"{gcs_dir}/straight"))
-    assert all(jax.tree.leaves(same)), same
+    assert "resuming run" in finished[0][1] and "at step 8" in finished[0][1], report_of(finished)
+    assert_same_where_both_ran(finished, frozen)
+    assert "iter 16:" in finished[0][1]
