@@ -17,13 +17,13 @@ import jax
 
 from flaxgpt import (checkpoint, data, distributed, faults, host_memory, mfu, optim, run, storage,
                      tokenizer, xla_options)
-from flaxgpt.watchdog import Watchdog, coordination_heartbeat_s
 from flaxgpt.config import model_config, validate
 from flaxgpt.metrics import MetricsLog
 from flaxgpt.model import count_params, flops_per_token
 from flaxgpt.preemption import StopRequest
 from flaxgpt.profiling import StepProfiler
 from flaxgpt.train_step import TrainState, TrainStep
+from flaxgpt.watchdog import Watchdog, coordination_heartbeat_s
 
 
 def train(config) -> dict:

@@ -216,10 +216,12 @@ def append(destination: Path, data: bytes) -> None:
             f.write(data)
         return
     fs, name = _remote_fs(destination)
-    info = fs.info(name) if fs.exists(name) else None
-    if info is None:
+    try:
+        info = fs.info(name)
+    except FileNotFoundError:
         fs.pipe_file(name, data)
-    elif not hasattr(fs, "merge") or int(info.get("componentCount") or 1) >= COMPOSE_LIMIT:
+        return
+    if not hasattr(fs, "merge") or int(info.get("componentCount") or 1) >= COMPOSE_LIMIT:
         fs.pipe_file(name, fs.cat_file(name) + data)
     else:
         part = f"{name}.part-{os.getpid()}"
