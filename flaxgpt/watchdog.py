@@ -151,13 +151,14 @@ class Watchdog:
         suspect)."""
         silent = now - self._answered
         if self.many and silent > self.beat_s + distributed.KV_TIMEOUT_S:
-            return (f"the coordinator (process 0) has not answered for {silent:.0f} s: it is "
-                    "frozen, or its host is gone", False)
+            last = f" after {self._peers[0][0]['done']}" if 0 in self._peers else ""
+            return (f"process 0 (the coordinator) stopped answering{last} (silent for "
+                    f"{silent:.0f} s): it is frozen, or its host is gone", False)
         quiet = [(now - seen, p, beat["done"]) for p, (beat, seen) in self._peers.items()
                  if now - seen > max(3 * self.beat_s, self.timeout_s / 2)]
         if quiet:
             age, process, done = max(quiet)
-            return (f"process {process} stopped reporting after {done} (no heartbeat for "
+            return (f"process {process} stopped reporting after {done} (silent for "
                     f"{age:.0f} s): it is frozen, or its host is gone", False)
         never = sorted(set(range(jax.process_count())) - {self.me} - self._peers.keys())
         if self.many and never:
