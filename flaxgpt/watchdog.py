@@ -93,10 +93,10 @@ class Watchdog:
         self._compiling += 1
         try:
             yield
-        finally:
-            self._compiling -= 1
+        finally:  # the clock first, so that the watching thread never sees an old one
             if self._last is not None:
                 self._last = time.monotonic()
+            self._compiling -= 1
 
     def _stalled_for(self, now: float) -> float:
         return 0.0 if self._last is None or self._compiling else now - self._last

@@ -21,6 +21,8 @@ with Watchdog(1.0, storage.path(sys.argv[1])) as watchdog:
     with watchdog.first_call("train step"):
         time.sleep(3)  # as long as a compilation takes
     print("compiled", flush=True)
+    if sys.argv[2] == "bucket":
+        storage._remote_fs(sys.argv[3])  # imports gcsfs, which takes a while on a busy machine
     watchdog.progress("step 4")
     if sys.argv[2] == "bucket":
         storage.size(sys.argv[3])
