@@ -25,6 +25,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.always_save_checkpoint = True  # else save only when val loss improves
     c.max_to_keep = 3  # checkpoints kept in out_dir/checkpoints
     c.async_checkpointing = True
+    # seconds without a completed step, evaluation or checkpoint after which every host prints
+    # why and exits (75) rather than hang; 0 turns it off (flaxgpt/watchdog.py)
+    c.stall_timeout_s = 600.0
     # "scratch", "resume" (from out_dir), or a GPT-2 name / Hugging Face folder
     c.init_from = "scratch"
     # a new run in an out_dir holding another run's checkpoints moves them to out_dir/previous/
@@ -125,6 +128,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.dtype={config.dtype!r}: use auto, float32 or bfloat16")
     if config.param_dtype not in ("float32", "bfloat16"):
         raise ValueError(f"config.param_dtype={config.param_dtype!r}: use float32 or bfloat16")
+    if config.stall_timeout_s < 0:
+        raise ValueError(f"config.stall_timeout_s must be >= 0 (0 turns it off), got "
+                         f"{config.stall_timeout_s}")
     if config.max_to_keep < 1:
         raise ValueError(f"config.max_to_keep must be at least 1, got {config.max_to_keep}")
     if config.attention == "cudnn" and config.dropout > 0:

@@ -7,13 +7,17 @@ resume, whether the out_dir and dataset are usable), or they would run different
 wait for each other forever. Two kinds of agreement, both through the key-value store of JAX's
 coordination service (no device collectives, each with a time-out): `decided_by_main` (process 0
 decides, every process uses its answer or raises its error) and `all_values` (every process's
-answer, e.g. "I can read this"). `stop_together` makes an exception on one process stop every
-process within a second instead of leaving them waiting in the next collective.
+answer, e.g. "I can read this"), each under a key named by what is agreed. `publish` and
+`published` are each process's entries that a watcher thread reads (heartbeats, failures: see
+watchdog.py), with a time-out; `exit_program` ends a process without waiting for its peers.
 """
 
 import builtins
+import collections
+import concurrent.futures
+import contextlib
+import functools
 import glob
-import itertools
 import json
 import os
 from pathlib import Path
@@ -85,8 +89,11 @@ def use_cpu_without_accelerators() -> None:
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, timeout: int = 300) -> None:
+               process_id: int | None = None, timeout: int = 300,
+               heartbeat_timeout_s: int = 100) -> None:
     """Join the other processes of the run (no-op for one process). Call before touching devices.
+    heartbeat_timeout_s: how long jax's coordination service waits for a silent process before it
+    aborts every process (jax's default: 100).
 
     Unset values come from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or jax's
     cluster auto-detection (Cloud TPU, SLURM, Open MPI, Kubernetes).
@@ -110,7 +117,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
           "then aborts with DEADLINE_EXCEEDED, a peer never joined). "
           f"{advice}", file=sys.stderr, flush=True)
     jax.distributed.initialize(coordinator_address, num_processes, process_id,
-                               initialization_timeout=timeout)
+                               initialization_timeout=timeout,
+                               heartbeat_timeout_seconds=heartbeat_timeout_s)
 
 
 def _reachable(address: str, timeout: float) -> bool:
@@ -132,20 +140,24 @@ def is_main_process() -> bool:
 
 
 AGREEMENT_TIMEOUT_S = 30 * 60  # process 0 may download a model or list a bucket meanwhile
-_FAILED = "flaxgpt/failed/"
-_EXITING = "flaxgpt/exiting/"
+KV_TIMEOUT_S = 5  # for a watcher's call: a frozen coordinator (process 0) must not freeze it
 PEER_EXIT_WAIT_S = 10  # how long process 0 waits for the others to exit after a failure
-_agreements = itertools.count()  # every process makes the same agreements in the same order
+_made = collections.Counter()  # agreements made so far, by name
 
 
 def _client():
-    """The coordination service's client (jax has no public accessor; orbax reads it so too)."""
+    """The coordination service's client: the one use of jax's private API (jax has no public
+    accessor; orbax reads it so too). None for a single process."""
     from jax._src import distributed as jax_distributed
     return jax_distributed.global_state.client
 
 
 def _key(name: str) -> str:
-    return f"flaxgpt/{next(_agreements)}/{name}"
+    """The agreement's key: its name (which says what is agreed and, in the loop, at which step),
+    and how many agreements of that name came before. Every process makes the same agreement under
+    the same key, whatever else it agreed on alone."""
+    _made[name] += 1
+    return f"flaxgpt/agree/{name.replace('/', '|')}/{_made[name]}"
 
 
 def all_values(name: str, value: str, timeout_s: float = AGREEMENT_TIMEOUT_S) -> list[str]:
@@ -183,6 +195,28 @@ def decided_by_main(name: str, decide: Callable[[], Any],
     return answer["value"]
 
 
+_kv_worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="flaxgpt-kv")
+
+
+def _within(seconds: float, call: Callable, *args):
+    """call(*args) on another thread; TimeoutError if it has not returned within `seconds` (a call
+    to a frozen coordination service would wait forever)."""
+    return _kv_worker.submit(call, *args).result(timeout=seconds)
+
+
+def publish(kind: str, value: str) -> None:
+    """Set this process's entry of `kind` (e.g. "heartbeat") for the others to read; TimeoutError
+    if the coordination service does not answer within KV_TIMEOUT_S."""
+    _within(KV_TIMEOUT_S, functools.partial(_client().key_value_set, allow_overwrite=True),
+            f"flaxgpt/{kind}/{jax.process_index()}", value)
+
+
+def published(kind: str) -> dict[int, str]:
+    """{process: value} of every process's entry of `kind`; TimeoutError as in `publish`."""
+    entries = _within(KV_TIMEOUT_S, _client().key_value_dir_get, f"flaxgpt/{kind}/")
+    return {int(key.rsplit("/", 1)[1]): value for key, value in entries}
+
+
 def check_shared_directory(directory, what: str) -> None:
     """Raise the same one-line OSError on every process unless `directory` is the same storage for
     all of them (a bucket, or a folder every host mounts): process 0 writes a file there, the others
@@ -217,68 +251,31 @@ def _readable(probe) -> bool:
         return False
 
 
-class stop_together:
-    """A context for the body of a multi-process run: an exception in one process is published to
-    the others, whose watcher thread prints it and ends them at once (`exit_program`) rather than
-    letting them wait in a collective for a peer that will never come; the coordinator going away
-    ends them too. A single process runs the body as it is."""
-
-    def __enter__(self):
-        self._done = threading.Event()
-        if jax.process_count() > 1:
-            self._thread = threading.Thread(target=self._watch, daemon=True,
-                                            name="flaxgpt-peer-watch")
-            self._thread.start()
-        return self
-
-    def __exit__(self, kind, error, _tb):
-        self._done.set()
-        if jax.process_count() == 1:
-            return
-        self._thread.join()
-        if error is not None:
-            message = str(error).strip().splitlines()[0] if str(error).strip() else kind.__name__
-            _client().key_value_set(f"{_FAILED}{jax.process_index()}", message)
-
-    def _watch(self):
-        client, me = _client(), jax.process_index()
-        while not self._done.wait(0.5):
-            try:
-                failed = [(int(k.rsplit("/", 1)[1]), v)
-                          for k, v in client.key_value_dir_get(_FAILED)]
-            except Exception:  # the coordination service (process 0) is gone
-                if not self._done.is_set():
-                    _exit_now("flaxgpt: lost the coordinator (process 0): stopping this process", 1)
-                return
-            failed = [(i, message) for i, message in failed if i != me]
-            if failed:
-                exit_program(f"flaxgpt: stopping: process {failed[0][0]} failed: {failed[0][1]}")
+_exit_lock = threading.Lock()
 
 
 def exit_program(message: str | None, code: int = 1) -> None:
-    """End the program with `message` on stderr. With several processes it exits at once (os._exit),
-    without JAX's shutdown barrier, at which peers that stopped would never arrive. Process 0 holds
-    the coordination service, whose end aborts every process still attached: it exits last."""
+    """End the program with `message` on stderr, from any thread; the first caller alone (another
+    one waits here for the end). With several processes it exits at once (os._exit), without JAX's
+    shutdown barrier, at which peers that stopped would never arrive. Process 0 holds the
+    coordination service, whose end aborts every process still attached: it exits last, after the
+    others or PEER_EXIT_WAIT_S."""
+    _exit_lock.acquire()
     client = _client()
-    if client is None:  # a single process
+    if client is None and threading.current_thread() is threading.main_thread():
+        _exit_lock.release()
         sys.exit(message if message else code)
     if message:
         print(message, file=sys.stderr, flush=True)
-    if is_main_process():
-        deadline = time.monotonic() + PEER_EXIT_WAIT_S
-        peers = jax.process_count() - 1
-        while time.monotonic() < deadline and len(_keys(client, _EXITING)) < peers:
-            time.sleep(0.1)
-    else:
-        client.key_value_set(f"{_EXITING}{jax.process_index()}", "1")
+    with contextlib.suppress(Exception):  # a coordination service that does not answer
+        if client is not None and is_main_process():
+            deadline = time.monotonic() + PEER_EXIT_WAIT_S
+            while (time.monotonic() < deadline
+                   and len(published("exiting")) < jax.process_count() - 1):
+                time.sleep(0.1)
+        elif client is not None:
+            publish("exiting", "1")
     _exit_now(None, code)
-
-
-def _keys(client, prefix: str) -> list:
-    try:
-        return client.key_value_dir_get(prefix)
-    except Exception:
-        return []
 
 
 def _exit_now(message: str | None, code: int) -> None:

@@ -23,6 +23,7 @@ from flaxgpt.model import count_params, flops_per_token
 from flaxgpt.preemption import StopRequest
 from flaxgpt.profiling import StepProfiler
 from flaxgpt.train_step import TrainState, TrainStep
+from flaxgpt.watchdog import Watchdog, coordination_heartbeat_s
 
 
 def train(config) -> dict:
@@ -32,8 +33,9 @@ def train(config) -> dict:
     storage.check_reachable(out_dir, "out_dir")
     distributed.use_cpu_without_accelerators()
     distributed.initialize(config.distributed.coordinator_address, config.distributed.num_processes,
-                           config.distributed.process_id)
-    with (faults.quiet_library_reports(), distributed.stop_together(),
+                           config.distributed.process_id,
+                           heartbeat_timeout_s=coordination_heartbeat_s(config.stall_timeout_s))
+    with (faults.quiet_library_reports(), Watchdog(config.stall_timeout_s, out_dir) as watchdog,
           contextlib.ExitStack() as stack):
         xla_options.use_compilation_cache(compilation_cache_dir(config, out_dir))
         distributed.check_shared_directory(out_dir, "out_dir")
@@ -65,7 +67,7 @@ def train(config) -> dict:
         if distributed.is_main_process():  # the tokenizer, for sample.py
             storage.write_atomically(out_dir / "meta.json", json.dumps(
                 {k: v for k, v in dataset.meta.items() if k != "assumed"}))
-        loop = Loop(config, train_step, start, ckpts, log,
+        loop = Loop(config, train_step, start, ckpts, log, watchdog,
                     batches=stack.enter_context(data.Batches(
                         dataset, train_step.batch_sharding, config.seed, config.batch_size,
                         train_step.model_config.block_size)),
@@ -101,9 +103,10 @@ class Loop:
     """Evaluate, save, step and log, from a first state until the run is over."""
 
     def __init__(self, config, train_step: TrainStep, start: dict, ckpts: checkpoint.Checkpoints,
-                 log: MetricsLog, batches: data.Batches, stop: StopRequest,
+                 log: MetricsLog, watchdog: Watchdog, batches: data.Batches, stop: StopRequest,
                  profiler: StepProfiler):
         self.config, self.train_step, self.ckpts, self.log = config, train_step, ckpts, log
+        self.watchdog = watchdog
         self.batches, self.stop, self.profiler = batches, stop, profiler
         self.run_id, self.model_source = start["run_id"], start.get("model_source", "config")
         self.best_val_loss = start.get("best_val_loss", math.inf)
@@ -121,6 +124,7 @@ class Loop:
         flops = flops_per_token(self.train_step.model_config, count_params(state.params), T)
         peak = mfu.device_peak_flops()
         t_last, steps_since, compiled = time.perf_counter(), 0, False
+        self.watchdog.progress(f"the start at step {step}")
         while True:
             eval_due = step % config.eval_interval == 0 or step == config.max_iters
             if config.eval_only or (eval_due and step != resumed_at):
@@ -137,8 +141,12 @@ class Loop:
             self.profiler.before_step(step)
             x, y = self.batches("train", step, A)
             self.batches.prefetch("train", step + 1, A)
-            state, metrics = self.train_step.train_fn(state, x, y)
+            with self.watchdog.first_call("train step"):  # compiles; its first run connects hosts
+                state, metrics = self.train_step.train_fn(state, x, y)
+                if not compiled:
+                    jax.block_until_ready(metrics)
             step, steps_since = step + 1, steps_since + 1
+            self.watchdog.progress(f"step {step}")  # dispatched: jax runs few steps ahead
             self.profiler.after_step(step, metrics)
             log.step_done(step)
             if compiled and step % config.log_interval:
@@ -191,9 +199,11 @@ class Loop:
         """Mean loss over eval_iters batches of each split, logged; saves a checkpoint when the val
         loss improved (or always_save_checkpoint)."""
         config = self.config
-        losses = {split: float(self.train_step.eval_fn(
-            state.params, *self.batches(split, step, config.eval_iters))) for split in ("train",
-                                                                                       "val")}
+        with self.watchdog.first_call("evaluation"):
+            losses = {split: float(self.train_step.eval_fn(
+                state.params, *self.batches(split, step, config.eval_iters)))
+                for split in ("train", "val")}
+        self.watchdog.progress(f"the evaluation at step {step}")
         self.log.print(f"step {step}: train loss {losses['train']:.4f}, "
                        f"val loss {losses['val']:.4f}")
         tokens = step * config.gradient_accumulation_steps * config.batch_size * (
@@ -210,13 +220,17 @@ class Loop:
 
     def save(self, state: TrainState, step: int, **extra) -> None:
         """Save `step` unless it is there already (the step a run resumed from, or a broken folder
-        that is never overwritten)."""
-        if step in self.ckpts.steps():
+        that is never overwritten). Process 0's listing decides for all: every process enters the
+        save, or none."""
+        if distributed.decided_by_main(f"save {step}", lambda: step in self.ckpts.steps()):
             return
-        self.ckpts.save(step, state.params, state.opt_state, {
-            "step": step, "run_id": self.run_id, "best_val_loss": self.best_val_loss,
-            "model": self.train_step.model_config.to_dict(), "model_source": self.model_source,
-            "config": self.config.to_dict(), **extra})
+        with self.watchdog.first_call("checkpoint"):
+            self.ckpts.save(step, state.params, state.opt_state, {
+                "step": step, "run_id": self.run_id, "best_val_loss": self.best_val_loss,
+                "model": self.train_step.model_config.to_dict(),
+                "model_source": self.model_source, "config": self.config.to_dict(), **extra})
+        self.watchdog.progress(f"checkpoint {step}")
+        self.log.upload()
 
     def _non_finite(self, what: str, value, step: int) -> FloatingPointError:
         return FloatingPointError(f"the {what} is {value} at step {step}; nothing was saved over "

@@ -6,13 +6,16 @@ TensorBoard event files go to `out_dir/tensorboard` (open with `tensorboard --lo
 resumed run first drops what an earlier attempt of the same run logged after the step it resumes
 from, so that every step appears once per run in both.
 
-In a bucket (out_dir=gs://...), where objects cannot be appended to, metrics.jsonl and TensorBoard's
-event file (written to a local temporary folder) are uploaded whole at most every REMOTE_UPLOAD_S
-seconds and when the run ends.
+In a bucket (out_dir=gs://...), the rows and TensorBoard's events (written to a local temporary
+folder) go up every REMOTE_UPLOAD_S seconds and when the run ends, in a background thread, each
+once: the new rows appended to metrics.jsonl (`storage.append`), and the event file closed then (a
+new one takes over).
 """
 
+import concurrent.futures
 import contextlib
 import json
+import os
 import sys
 import time
 
@@ -23,7 +26,7 @@ TENSORBOARD_DIR = "tensorboard"
 TENSORBOARD_TAGS = {"loss": "train/step_loss", "train/loss": "train/loss", "val/loss": "val/loss",
                     "lr": "lr", "grad_norm": "grad_norm", "tokens_per_s": "tokens_per_s",
                     "mfu": "mfu"}
-REMOTE_UPLOAD_S = 30
+REMOTE_UPLOAD_S = 60
 MAX_STEP_LINES = 250  # printed step lines of a run without a terminal, at most about
 ETA_SETTLE_S = 60.0  # the ETA shows once the rate is measured over this long or over
 ETA_SETTLE_FRACTION = 0.1  # this fraction of the steps left
@@ -89,8 +92,9 @@ class MetricsLog:
         self._rate_from = None  # (step, time) of the first step line: after compilation
         interval = max(config.log_interval, 1)
         self.print_every = interval * -(-config.max_iters // (interval * MAX_STEP_LINES))
-        self.out_dir, self._remote_text, self._tensorboard_dir = out_dir, None, None
+        self.out_dir, self._rows, self._tensorboard_dir = out_dir, [], None
         self._folders = contextlib.ExitStack()
+        self._uploader = self._upload_job = None
         self._uploaded_at = time.monotonic()
         if not self.active:
             return
@@ -98,18 +102,18 @@ class MetricsLog:
             drop_rows_after(out_dir / "metrics.jsonl", run_id, resumed_at)
         path = out_dir / "metrics.jsonl"
         if self.remote:
-            self._remote_text = path.read_text() if path.is_file() else ""
+            self._uploader = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="flaxgpt-upload")
         else:
             self.file = open(path, "a")
         if config.tensorboard:
             SummaryWriter = _tensorboardx_writer()
             self._tensorboard_dir = self._folders.enter_context(
                 storage.local_folder(out_dir / TENSORBOARD_DIR))
+            self._new_events = lambda purge_step=None: SummaryWriter(
+                self._tensorboard_dir, filename_suffix=f".{time.time_ns()}", purge_step=purge_step)
             # purge_step: TensorBoard hides what an earlier attempt logged past the resumed step.
-            self.tensorboard = SummaryWriter(
-                self._tensorboard_dir,
-                filename_suffix=f".{time.time_ns()}",
-                purge_step=None if resumed_at is None else resumed_at + 1)
+            self.tensorboard = self._new_events(None if resumed_at is None else resumed_at + 1)
         if config.wandb_log:
             import wandb
             self.wandb = wandb.init(project=config.wandb_project, name=config.wandb_run_name,
@@ -123,19 +127,46 @@ class MetricsLog:
         return self
 
     def __exit__(self, *_):
+        if self._upload_job is not None:
+            self._upload_job.result()
         for closable in (self.bar, self.tensorboard, self.file):
             if closable is not None:
                 closable.close()
+        if self._uploader is not None:
+            self._uploader.shutdown()
+            if self._rows:
+                storage.append(self.out_dir / "metrics.jsonl", "".join(self._rows).encode())
+        self._folders.close()  # uploads the TensorBoard files left in a bucket's local folder
+
+    def upload(self) -> None:
+        """In a bucket, start uploading what was logged so far (after a checkpoint: a run resumed
+        from it then misses no row)."""
         if self.active and self.remote:
-            storage.write_atomically(self.out_dir / "metrics.jsonl", self._remote_text)
-        self._folders.close()  # uploads the TensorBoard files from a bucket's local folder
+            self._upload()
 
     def _upload(self) -> None:
-        """metrics.jsonl and the TensorBoard event files, whole, into the bucket."""
-        storage.write_atomically(self.out_dir / "metrics.jsonl", self._remote_text)
-        if self._tensorboard_dir:
-            storage.upload(self._tensorboard_dir, self.out_dir / TENSORBOARD_DIR)
+        """Start uploading what was logged since the last upload, unless that one still runs (a
+        slow bucket: the next try takes more rows); a failed upload raises its error here."""
+        if self._upload_job is not None:
+            if not self._upload_job.done():
+                return
+            self._upload_job.result()
+        rows, self._rows, events = "".join(self._rows).encode(), [], []
+        if self.tensorboard:
+            self.tensorboard.close()
+            events = sorted(os.listdir(self._tensorboard_dir))
+            self.tensorboard = self._new_events()
+        self._upload_job = self._uploader.submit(self._send, rows, events)
         self._uploaded_at = time.monotonic()
+
+    def _send(self, rows: bytes, events: list[str]) -> None:
+        if rows:
+            storage.append(self.out_dir / "metrics.jsonl", rows)
+        for name in events:  # closed event files: each goes up once, then leaves this disk
+            local = os.path.join(self._tensorboard_dir, name)
+            with open(local, "rb") as f:
+                storage.write_atomically(self.out_dir / TENSORBOARD_DIR / name, f.read())
+            os.unlink(local)
 
     def print(self, text: str) -> None:
         if self.active:
@@ -179,7 +210,7 @@ class MetricsLog:
             return
         row = json.dumps({"step": step, "run": self.run_id, **metrics}) + "\n"
         if self.remote:
-            self._remote_text += row
+            self._rows.append(row)
         else:
             self.file.write(row)
             self.file.flush()

@@ -13,6 +13,7 @@ import importlib
 import io
 import json
 import math
+import os
 import re
 import warnings
 from pathlib import Path
@@ -216,7 +217,7 @@ def _config_from_hf(hf: dict, folder: Path) -> GPTConfig:
 
 
 def save_pretrained(params, config: GPTConfig, folder: str | Path, *,
-                    vocab_size: int | None = None) -> Path:
+                    vocab_size: int | None = None) -> storage.Path:
     """Write config.json and model.safetensors (float32) that transformers.GPT2LMHeadModel loads.
 
     vocab_size: rows of wte to keep; by default config.vocab_size, except 50304 (GPT-2's padded
@@ -241,12 +242,11 @@ def save_pretrained(params, config: GPTConfig, folder: str | Path, *,
               attn_pdrop=config.dropout, tie_word_embeddings=True, dtype="float32")
     eot = GPT2_EOT if vocab_size > GPT2_EOT else None  # GPT-2's <|endoftext|>; smaller ones lack it
     hf.update(bos_token_id=eot, eos_token_id=eot)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    _require("safetensors.numpy").save_file(state, folder / "model.safetensors",
-                                            metadata={"format": "pt"})
-    return folder
+    with storage.local_folder(folder, upload_on_error=False) as local:  # a bucket: uploaded
+        Path(local, "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        _require("safetensors.numpy").save_file(state, os.path.join(local, "model.safetensors"),
+                                                metadata={"format": "pt"})
+    return storage.path(folder)
 
 
 # --- nanoGPT ---
@@ -292,7 +292,7 @@ def load_nanogpt(ckpt_path: str | Path, *, dtype: str | None = None,
                                source=str(ckpt_path))
 
 
-def save_nanogpt(params, config: GPTConfig, path: str | Path) -> Path:
+def save_nanogpt(params, config: GPTConfig, path: str | Path) -> storage.Path:
     """Write a nanoGPT `ckpt.pt` ({"model_args", "model"}, float32) that nanoGPT's sample.py
     loads."""
     torch = _require("torch")
@@ -305,7 +305,9 @@ def save_nanogpt(params, config: GPTConfig, path: str | Path) -> Path:
     model_args = dict(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
                       block_size=config.block_size, bias=config.bias, vocab_size=config.vocab_size,
                       dropout=config.dropout)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": state, "model_args": model_args}, path)
+    path = storage.path(path)
+    if not storage.is_remote(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with storage.atomic_output(path) as f:
+        torch.save({"model": state, "model_args": model_args}, f)
     return path

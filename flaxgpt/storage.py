@@ -12,6 +12,12 @@ Object stores differ from a disk in three ways this module absorbs:
 - listings may be cached: fsspec's gcsfs keeps a directory listing and would not see objects another
   host wrote since, so remote filesystems are created without a listings cache (`path` does this
   once, before the first remote path is used);
+- a request may never be answered: every request of gcsfs (flaxgpt's files, epath's, JAX's
+  compilation cache) and of TensorStore (orbax's arrays) gives up on a connection after
+  CONNECT_TIMEOUT_S and on a transfer that stalls for READ_TIMEOUT_S, and is retried with
+  exponential backoff by the library (gcsfs: 6 tries, 1 to 32 s apart; TensorStore: its
+  gcs_request_retries). A bucket that stays dead becomes a stall (watchdog.py), which
+  `waiting_calls` names;
 - a wrong bucket name is easy to type: `check_reachable` says in one line what is wrong.
 """
 
@@ -20,6 +26,7 @@ import functools
 import os
 import re
 import shutil
+import sys
 import tempfile
 from typing import IO, Iterator
 
@@ -27,6 +34,8 @@ from etils import epath
 
 Path = epath.Path
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]+://")
+CONNECT_TIMEOUT_S = 30
+READ_TIMEOUT_S = 60  # no byte received (gcsfs), or under 1 byte/s (TensorStore), for this long
 
 
 def is_remote(location: str | os.PathLike) -> bool:
@@ -37,26 +46,57 @@ def is_remote(location: str | os.PathLike) -> bool:
 def path(location: str | os.PathLike) -> Path:
     """The path type for a local path or a URL ("out", "/data/owt", "gs://bucket/run")."""
     if is_remote(location):
-        _fresh_remote_listings()
+        _configure_remote()
     return epath.Path(location)
 
 
 @functools.cache
-def _fresh_remote_listings() -> None:
+def _configure_remote() -> None:
     """fsspec's remote filesystems cache directory listings per process by default: a host would not
     see the checkpoints or files another host wrote after it first listed a folder. epath creates
     its filesystems with fsspec's configured defaults, so turning the cache off here reaches orbax
-    too."""
+    and JAX's compilation cache too; so do gcsfs's request time-outs, and TensorStore's, which it
+    reads from the environment (a value already set there wins)."""
     import fsspec.config
     for protocol in ("gs", "gcs", "s3", "s3a"):
         fsspec.config.conf.setdefault(protocol, {})["use_listings_cache"] = False
+    with contextlib.suppress(ImportError):  # aiohttp comes with gcsfs
+        import aiohttp
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S,
+                                        sock_read=READ_TIMEOUT_S)
+        for protocol in ("gs", "gcs"):
+            fsspec.config.conf[protocol].setdefault("requests_timeout", timeout)
+    for name, value in (("CONNECT_TIMEOUT_SECONDS", CONNECT_TIMEOUT_S),
+                        ("LOW_SPEED_TIME_SECONDS", READ_TIMEOUT_S),
+                        ("LOW_SPEED_LIMIT_BYTES", 1)):
+        os.environ.setdefault(f"TENSORSTORE_CURL_{name}", str(value))
 
 
 def _remote_fs(location: str | os.PathLike):
     """(fsspec filesystem, its path string) of a URL."""
     import fsspec
-    _fresh_remote_listings()
+    _configure_remote()
     return fsspec.core.url_to_fs(os.fspath(location))
+
+
+def waiting_calls() -> list[str]:
+    """The object-store calls the threads of this process wait in now, e.g. "cat_ranges
+    gs://bucket/data/train.bin": every blocking fsspec call (gcsfs, whoever makes it) passes through
+    fsspec.asyn.sync, whose frame holds the call and its path. TensorStore's are not seen."""
+    asyn = sys.modules.get("fsspec.asyn")
+    calls = []
+    for frame in sys._current_frames().values() if asyn else ():
+        while frame is not None:
+            if frame.f_code is asyn.sync.__code__:
+                func, args = frame.f_locals.get("func"), frame.f_locals.get("args") or ("",)
+                target = args[0][0] if isinstance(args[0], (list, tuple)) and args[0] else args[0]
+                protocol = getattr(getattr(func, "__self__", None), "protocol", "")
+                protocol = protocol[0] if isinstance(protocol, tuple) else protocol
+                where = (f"{protocol}://{target}" if protocol and isinstance(target, str)
+                         and "://" not in target else str(target))
+                calls.append(f"{getattr(func, '__name__', 'call').lstrip('_')} {where}")
+            frame = frame.f_back
+    return calls
 
 
 def check_reachable(location: str | os.PathLike, what: str) -> None:
@@ -161,6 +201,35 @@ def upload(local: str | os.PathLike, destination: Path) -> None:
     """Copy a local folder's files under `destination` (a URL), keeping their relative paths."""
     fs, target = _remote_fs(destination)
     fs.put(os.fspath(local).rstrip("/") + "/", target, recursive=True)
+
+
+COMPOSE_LIMIT = 1000  # Cloud Storage composes an object of at most 1024 parts
+
+
+def append(destination: Path, data: bytes) -> None:
+    """Add `data` at the end of a file (created if missing). In a bucket, only `data` is uploaded:
+    as an object of its own that Cloud Storage composes with the file (every COMPOSE_LIMIT appends,
+    and on stores without compose, the file is written whole instead)."""
+    destination = path(destination)
+    if not is_remote(destination):
+        with open(destination, "ab") as f:
+            f.write(data)
+        return
+    fs, name = _remote_fs(destination)
+    try:
+        info = fs.info(name)
+    except FileNotFoundError:
+        fs.pipe_file(name, data)
+        return
+    if not hasattr(fs, "merge") or int(info.get("componentCount") or 1) >= COMPOSE_LIMIT:
+        fs.pipe_file(name, fs.cat_file(name) + data)
+    else:
+        part = f"{name}.part-{os.getpid()}"
+        fs.pipe_file(part, data)
+        try:
+            fs.merge(name, [name, part])
+        finally:
+            fs.rm_file(part)
 
 
 def read_ranges(location: Path, starts, stops) -> list[bytes]:

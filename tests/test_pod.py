@@ -3,13 +3,16 @@
 in its own working directory, with a real GCS emulator as the bucket. Through train.py's command
 line, as on the slice: prepare into the bucket, train there, SIGTERM every host mid-run (a
 maintenance event), resume, sample. Also what a pod must refuse or survive: a local out_dir, hosts
-with different datasets, one failing host, a checkpoint one host cannot read.
+with different datasets, one failing host, a checkpoint one host cannot read, a bucket that stops
+answering and a frozen host.
 """
 
 import json
+import re
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -19,6 +22,7 @@ from flaxgpt import sharding, storage
 from flaxgpt.checkpoint import Checkpoints, load_params
 from flaxgpt.loop import train
 from flaxgpt.prepare import prepare
+from flaxgpt.watchdog import STALL_EXIT_CODE
 from conftest import corpus_text, tiny_run_config
 from simulated_pod import CONFIG, REPO, Pod, report as report_of
 
@@ -218,3 +222,74 @@ def test_a_pretrained_model_is_read_on_host_0_alone_and_reaches_every_host(tmp_p
                              max_iters=0, eval_only=True, eval_iters=2)
     config.mesh.data = -1
     assert abs(train(config)["train"] - pod_loss) < 1e-3, (pod_loss, outputs[0][1])
+
+
+def losses_by_step(stdout: str) -> dict[str, str]:
+    """{"iter N" or "step N" (an evaluation): the losses process 0 printed}."""
+    return dict(re.findall(r"^((?:iter|step) \d+): ((?:train )?loss [^,]+(?:, val loss \S+)?)",
+                           stdout, re.MULTILINE))
+
+
+DONE = r"(step|checkpoint|the evaluation at step) \d+"  # what a stall line says completed last
+
+
+def assert_same_where_both_ran(resumed, uninterrupted):
+    ran, reference = losses_by_step(resumed[0][1]), losses_by_step(uninterrupted[0][1])
+    both = ran.keys() & reference.keys()
+    assert both and all(ran[k] == reference[k] for k in both), (ran, reference)
+
+
+def test_a_stalled_bucket_or_a_frozen_host_stops_the_pod_in_one_line_and_it_resumes_exactly(
+        tmp_path, bucket_data, gcs_dir, frozen_storage):
+    """The bucket stops answering mid-run: every host exits within the stall time-out (and a
+    minute), in one line naming the bucket call. The run resumes; then host 1 freezes: host 0 exits
+    naming it. Resumed again, the run ends. Each resumed attempt computes the steps it repeats as
+    the attempt before computed them uninterrupted (bit-exact resumption of a pod: the SIGTERM
+    test)."""
+    stall_s = 5
+    pod = Pod(tmp_path, 2, 2)
+    common = [CONFIG, *RUN, f"--config.data_dir={bucket_data}", "--config.batch_size=4",
+              "--config.max_iters=16", "--config.eval_interval=4",
+              "--config.async_checkpointing=False", "--config.always_save_checkpoint=True",
+              f"--config.stall_timeout_s={stall_s}"]
+    run = [*common, f"--config.out_dir={gcs_dir}/run"]
+
+    pod.start(*run)
+    pod.wait_for(r"^iter 5:")
+    with frozen_storage():
+        start = time.monotonic()
+        stalled = pod.wait(timeout=stall_s + 90)
+        seconds = time.monotonic() - start
+    assert seconds < stall_s + 60, report_of(stalled)
+    for rc, _, err in stalled:
+        assert rc == STALL_EXIT_CODE, report_of(stalled)
+        line = err.strip().splitlines()[-1]
+        assert re.fullmatch(r"flaxgpt: (stopping: process \d failed: )?stalled: nothing completed "
+                            rf"for \d+ s since {DONE} \(stall_timeout_s=5\): process \d waits "
+                            r"for the storage: \w+ gs://flaxgpt-test/\S+ has not returned; "
+                            r"stacks of every thread in /\S+(; this host's stacks in /\S+)?",
+                            line), (
+            report_of(stalled))
+
+    pod.start(*run, "--config.init_from=resume")
+    pod.wait_for(r"^iter 9:")
+    pod.procs[1].send_signal(signal.SIGSTOP)
+    frozen = pod.wait(timeout=stall_s + 90)
+    resumed_at = int(re.search(r"resuming run \S+ at step (\d+)", frozen[0][1]).group(1))
+    assert resumed_at == 4, report_of(frozen)
+    assert_same_where_both_ran(frozen, stalled)
+    rc, _, err = frozen[0]
+    line = err.strip().splitlines()[-1]
+    assert rc == STALL_EXIT_CODE and re.fullmatch(
+        rf"flaxgpt: stalled: nothing completed for \d+ s since {DONE} \(stall_timeout_s=5\): "
+        rf"process 1 stopped reporting after {DONE} \(silent for \d+ s\): it is frozen, or its "
+        r"host is gone; stacks of every thread in "
+        + re.escape(f"{gcs_dir}/run/stalls/") + r"stacks-process0-\S+\.txt", line), (
+        report_of(frozen))
+    assert "watchdog.py" in storage.path(line.rsplit(" ", 1)[1]).read_text()  # every thread's
+
+    finished = pod.train(*run, "--config.init_from=resume")
+    assert_all_succeeded(finished)
+    assert "resuming run" in finished[0][1] and "at step 8" in finished[0][1], report_of(finished)
+    assert_same_where_both_ran(finished, frozen)
+    assert "iter 16:" in finished[0][1]

@@ -176,6 +176,20 @@ def test_nanogpt_round_trip(tmp_path, config):
     chex.assert_trees_all_equal(loaded, params)
 
 
+def test_both_formats_save_into_a_bucket(tmp_path, gcs_dir, monkeypatch):
+    """Through storage, not pathlib: nothing named gs: appears in the working directory."""
+    monkeypatch.chdir(tmp_path)
+    config = ODD.replace(gelu_approximate=False)
+    params = random_params(config)
+    pretrained.save_nanogpt(params, config, f"{gcs_dir}/nanogpt/ckpt.pt")
+    pretrained.save_pretrained(params, config, f"{gcs_dir}/hf")
+    for loaded_config, loaded in (pretrained.load_nanogpt(f"{gcs_dir}/nanogpt/ckpt.pt"),
+                                  pretrained.load_pretrained(f"{gcs_dir}/hf")):
+        assert loaded_config == config
+        chex.assert_trees_all_equal(loaded, params)
+    assert os.listdir(tmp_path) == []
+
+
 def test_nanogpt_checkpoint_of_compiled_model(tmp_path):
     """A nanoGPT ckpt.pt as train.py writes it after torch.compile: `_orig_mod.` keys, (out, in)
     Linear weights."""

@@ -71,3 +71,32 @@ def test_a_missing_bucket_is_one_line_that_says_what_to_do(gcs_bucket):
 def test_an_unknown_scheme_says_what_to_install():
     with pytest.raises(OSError, match="nosuchfs://.*needs a filesystem that is not installed"):
         storage.check_reachable("nosuchfs://bucket/run", "out_dir")
+
+
+@pytest.mark.parametrize("where", ["local", "bucket"])
+def test_append_adds_only_the_new_bytes(tmp_path, gcs_dir, where):
+    log = storage.path(tmp_path if where == "local" else gcs_dir) / "metrics.jsonl"
+    storage.append(log, b"1\n")  # created
+    storage.append(log, b"2\n")  # in a bucket: an object of its own, composed with the file
+    assert log.read_bytes() == b"1\n2\n"
+    assert [p.name for p in log.parent.iterdir()] == ["metrics.jsonl"]  # no part left behind
+
+
+def test_a_bucket_call_that_does_not_return_is_named_with_its_path(gcs_dir, frozen_storage):
+    """What a stall line names (flaxgpt/watchdog.py): the call and its gs:// path, from any thread;
+    the requests carry time-outs."""
+    import threading
+    import time
+    storage.write_atomically(f"{gcs_dir}/train.bin", b"tokens")
+    fs, _ = storage._remote_fs(gcs_dir)
+    assert fs.requests_timeout.sock_read == storage.READ_TIMEOUT_S
+    with frozen_storage():
+        reader = threading.Thread(target=storage.read_ranges,
+                                  args=(f"{gcs_dir}/train.bin", [0], [3]))
+        reader.start()
+        deadline = time.monotonic() + 30
+        while not storage.waiting_calls() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert storage.waiting_calls() == [f"cat_ranges {gcs_dir}/train.bin"]
+    reader.join(timeout=60)
+    assert not reader.is_alive() and storage.waiting_calls() == []
