@@ -1,10 +1,11 @@
-"""flaxgpt's jitted train step against the same step in PyTorch, on the same CPU, in one run.
+"""flaxgpt's jitted train step against nanoGPT's step in PyTorch, on the same CPU, in one run.
 
-    # configs/shakespeare_char.py:cpu
+    # configs/shakespeare_char.py:cpu, the README's CPU model
     python benchmarks/bench_vs_torch.py
-    # any --config.key=value override
-    python benchmarks/bench_vs_torch.py --config.bias=True --rounds 7
-    # one system only (its peak memory)
+    # any --config.key=value override, e.g. GPT-2's shapes (124M, 1024 tokens)
+    python benchmarks/bench_vs_torch.py --config=configs/owt.py --config.batch_size=1 \
+        --config.gradient_accumulation_steps=1 --config.dropout=0 --vocab_size=50304 --steps 3
+    # one system only
     python benchmarks/bench_vs_torch.py --system=jax
     # block, MLP, attention, LayerNorm alone
     python benchmarks/bench_vs_torch.py --components
@@ -16,17 +17,27 @@ matrices only, as nanoGPT's configure_optimizers) and global-norm clipping: the 
 flaxgpt's step with a constant learning rate. Before timing, both compute the loss of one batch and
 must agree.
 
-The two systems take turns in blocks of --steps steps (--rounds rounds), so that a machine whose
-speed drifts slows both alike; medians are printed with the ratio flaxgpt / torch (below 1: flaxgpt
-faster) for the whole optimizer step, forward + backward, and forward alone (eval mode, no
-gradients). --components times the first block and its parts instead (forward + backward into the
-params and the input).
+Each system runs in a process of its own, as nanoGPT and flaxgpt run: the flaxgpt process tunes
+malloc as train() does (host_memory), the torch process keeps torch's defaults (its threads, glibc's
+malloc). In one process the two thread pools and allocators disturbed each other: torch's steps
+slowed by an order of magnitude on a loaded machine (docs/performance.md). The processes take turns
+in blocks of --steps steps (--rounds rounds), one idle while the other runs, so that a machine whose
+speed drifts slows both alike. Printed per measure: the median wall time per step, its speed ratio
+torch / flaxgpt (above 1: flaxgpt faster; the median and range of the rounds' ratios), and the
+median process CPU time per step (all threads; on a machine shared with other work the CPU time
+moves less than the wall time). Measures: the whole optimizer step, forward + backward, and forward
+alone (eval mode, no gradients); --components times the first block and its parts instead (forward
++ backward into the params and the input).
 """
 
 import argparse
+import json
 import math
 import resource
+import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 # run from a checkout without installing
@@ -127,78 +138,199 @@ def torch_optimizer(model, config):
                              eps=1e-8)
 
 
-def compare(systems: dict, steps: int, rounds: int) -> dict:
-    """systems: {system: {measure: fn}} -> {system: {measure: median seconds per call}}: after 3
-    warm-up calls each, every round times each measure of each system in turn, a block of `steps`
-    calls."""
-    for measures in systems.values():  # compile and warm up
-        for fn in measures.values():
-            for _ in range(3):
-                fn()
-    runs = {(name, measure): systems[name][measure]
-            for measure in next(iter(systems.values())) for name in systems}
-    seconds = benchmarking.median_seconds_in_turns(runs, rounds, calls=steps)
-    return {name: {measure: seconds[name, measure] for measure in measures}
-            for name, measures in systems.items()}
+SYSTEMS = ("flaxgpt", "torch")
 
 
-def print_ratios(medians: dict) -> None:
-    for measure in next(iter(medians.values())):
-        ms = {name: m[measure] * 1e3 for name, m in medians.items()}
-        line = "  ".join(f"{name} {value:7.2f} ms" for name, value in ms.items())
-        ratio = f"  flaxgpt/torch {ms['flaxgpt'] / ms['torch']:.2f}x" if len(ms) == 2 else ""
-        print(f"{measure:>20}: {line}{ratio}")
-
-
-def component_measures(config: GPTConfig, params, torch_model, batch: int, options) -> dict:
+def component_measures(system: str, config: GPTConfig, params, batch: int, torch_model=None,
+                       options=None) -> dict:
     """The first block and its parts, forward + backward on a random [B, T, C] input against a
-    random cotangent, jitted with the train step's compiler `options`: {"flaxgpt": {part: fn},
-    "torch": {part: fn}}."""
-    import jax.numpy as jnp
-    import torch
-
+    random cotangent, in `system`: {part: fn}. flaxgpt's parts are jitted with the train step's
+    compiler `options`; torch's are torch_model's modules."""
     from flaxgpt import model as model_lib
     from flaxgpt.layer_stacking import convert_layers
 
     x_np, g_np = np.random.default_rng(0).standard_normal(
         (2, batch, config.block_size, config.n_embd), np.float32)
-    x, g = jnp.asarray(x_np), jnp.asarray(g_np)
-    tx, tg = torch.from_numpy(x_np).requires_grad_(True), torch.from_numpy(g_np)
-    params = convert_layers(params, scan_layers=False)  # h_0 ... also when the config scans
-    block = torch_model.transformer.h[0]
-    parts = {"block": (model_lib.Block(config), params["h_0"], block),
-             "attention": (model_lib.CausalSelfAttention(config), params["h_0"]["attn"],
-                           block.attn),
-             "MLP": (model_lib.MLP(config), params["h_0"]["mlp"], block.mlp),
-             "LayerNorm": (model_lib.layer_norm(config, "ln_1"), params["h_0"]["ln_1"], block.ln_1)}
     # block and attention also return their cache
     first = lambda y: y[0] if isinstance(y, tuple) else y
-    measures = {"flaxgpt": {}, "torch": {}}
-    for part, (module, part_params, torch_module) in parts.items():
-        loss = lambda p, xs, cotangent, module=module: jnp.vdot(
-            first(module.apply({"params": p}, xs)), cotangent)
-        grad = jax.jit(jax.grad(loss, argnums=(0, 1)), compiler_options=options)
-        measures["flaxgpt"][part] = lambda grad=grad, p=part_params: jax.block_until_ready(
-            grad(p, x, g))
+    if system == "torch":
+        import torch
+        tx, tg = torch.from_numpy(x_np).requires_grad_(True), torch.from_numpy(g_np)
+        block = torch_model.transformer.h[0]
 
-        def torch_grad(module=torch_module):
+        def torch_grad(module):
             module.zero_grad(set_to_none=True)
             tx.grad = None
             first(module(tx)).backward(tg)
 
-        measures["torch"][part] = torch_grad
+        return {part: lambda module=module: torch_grad(module) for part, module in
+                (("block", block), ("attention", block.attn), ("MLP", block.mlp),
+                 ("LayerNorm", block.ln_1))}
+    import jax.numpy as jnp
+    x, g = jnp.asarray(x_np), jnp.asarray(g_np)
+    h_0 = convert_layers(params, scan_layers=False)["h_0"]  # also when the config scans
+    parts = {"block": (model_lib.Block(config), h_0),
+             "attention": (model_lib.CausalSelfAttention(config), h_0["attn"]),
+             "MLP": (model_lib.MLP(config), h_0["mlp"]),
+             "LayerNorm": (model_lib.layer_norm(config, "ln_1"), h_0["ln_1"])}
+    measures = {}
+    for part, (module, part_params) in parts.items():
+        loss = lambda p, xs, cotangent, module=module: jnp.vdot(
+            first(module.apply({"params": p}, xs)), cotangent)
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1)), compiler_options=options)
+        measures[part] = lambda grad=grad, p=part_params: jax.block_until_ready(grad(p, x, g))
     return measures
+
+
+def flaxgpt_system(config, model: GPTConfig, x_np, y_np, components: bool):
+    """-> ({measure: fn}, the loss of the batch x_np, y_np [B, T]), as train() steps on CPUs."""
+    host_memory.keep_freed_memory()  # as train() does on CPUs
+    train_step, state = make_train_step(config, model)
+    x, y = (jax.device_put(a[None], train_step.batch_sharding) for a in (x_np, y_np))
+    options = xla_options.compiler_options(jax.devices()[0].platform)  # as the train step compiles
+    loss_fn = jax.jit(lambda p, xb, yb: train_step.loss_fn(p, xb, yb), compiler_options=options)
+    grad_fn = jax.jit(jax.value_and_grad(lambda p, xb, yb: train_step.loss_fn(p, xb, yb)),
+                      compiler_options=options)
+    params = jax.device_put(jax.device_get(state.params))
+    loss = float(loss_fn(params, x[0], y[0]))
+    if components:
+        return component_measures("flaxgpt", model, params, x_np.shape[0], options=options), loss
+    jax_state = [state]
+
+    def step():
+        jax_state[0], metrics = train_step.train_fn(jax_state[0], x, y)
+        jax.block_until_ready(metrics)
+
+    return {"train step": step,
+            "forward + backward": lambda: jax.block_until_ready(grad_fn(params, x[0], y[0])),
+            "forward": lambda: jax.block_until_ready(loss_fn(params, x[0], y[0]))}, loss
+
+
+def make_train_step(config, model: GPTConfig):
+    """-> (flaxgpt's TrainStep for `model` on one CPU device, its initial state)."""
+    train_step = TrainStep(model, optim.make_optimizer(config),
+                           sharding.make_mesh({"data": 1}, jax.devices()[:1]), seed=config.seed)
+    return train_step, train_step.init(jax.random.key(config.seed))
+
+
+def torch_system(config, model: GPTConfig, x_np, y_np, components: bool):
+    """-> ({measure: fn}, the loss of the batch): nanoGPT's step with flaxgpt's initial weights."""
+    import torch
+    host_params = jax.device_get(make_train_step(config, model)[1].params)
+    tmodel = torch_gpt(model, host_params)
+    topt = torch_optimizer(tmodel, config)
+    tx, ty = torch.from_numpy(x_np.astype(np.int64)), torch.from_numpy(y_np.astype(np.int64))
+    with torch.no_grad():
+        loss = float(tmodel(tx, ty))
+    if components:
+        return component_measures("torch", model, host_params, x_np.shape[0], tmodel), loss
+
+    def step():
+        topt.zero_grad(set_to_none=True)
+        tmodel(tx, ty).backward()
+        torch.nn.utils.clip_grad_norm_(tmodel.parameters(), config.grad_clip)
+        topt.step()
+
+    def forward_backward():
+        tmodel.zero_grad(set_to_none=True)
+        tmodel(tx, ty).backward()
+
+    def forward():
+        with torch.no_grad():
+            tmodel(tx, ty)
+
+    return {"train step": step, "forward + backward": forward_backward, "forward": forward}, loss
+
+
+def worker(system: str, config, model: GPTConfig, x_np, y_np, components: bool) -> None:
+    """One system's process: sets up, says {"loss", "about"} on stdout, warms each measure up
+    (3 calls), then answers each line "steps measure" on stdin with {"wall", "cpu"}: seconds per
+    call over `steps` calls back to back; at the end of stdin, {"peak_rss_mb"}."""
+    build = flaxgpt_system if system == "flaxgpt" else torch_system
+    measures, loss = build(config, model, x_np, y_np, components)
+    if system == "torch":
+        import torch
+        about = f"torch {torch.__version__} on {torch.get_num_threads()} threads"
+    else:
+        about = f"jax {jax.__version__} on {jax.devices()[0].device_kind}"
+    answer = lambda **kw: print(json.dumps(kw), flush=True)
+    answer(loss=loss, about=about, measures=list(measures))
+    for fn in measures.values():
+        for _ in range(3):
+            fn()
+    answer(ready=True)
+    for line in sys.stdin:
+        steps, measure = line.rstrip("\n").split(" ", 1)
+        fn, steps = measures[measure], int(steps)
+        wall, cpu = time.perf_counter(), time.process_time()
+        for _ in range(steps):
+            fn()
+        answer(wall=(time.perf_counter() - wall) / steps, cpu=(time.process_time() - cpu) / steps)
+    answer(peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+class Worker:
+    """A worker process of one system: ask(line) -> its answer."""
+
+    def __init__(self, system: str, argv: list[str]):
+        self.system = system
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--worker", system, *argv[1:]], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, text=True)
+
+    def answer(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            sys.exit(f"bench_vs_torch.py: the {self.system} worker ended without an answer")
+        return json.loads(line)
+
+    def ask(self, line: str) -> dict:
+        self.process.stdin.write(line + "\n")
+        self.process.stdin.flush()
+        return self.answer()
+
+    def finish(self) -> dict:
+        self.process.stdin.close()
+        answer = self.answer()
+        self.process.wait()
+        return answer
+
+
+def compare(workers: dict, measures: list[str], steps: int, rounds: int) -> dict:
+    """{system: Worker} -> {measure: {system: {"wall": [...], "cpu": [...]}}}: seconds per call of
+    each round; every round times each measure of each system in turn, a block of `steps` calls."""
+    times = {m: {name: {"wall": [], "cpu": []} for name in workers} for m in measures}
+    for _ in range(rounds):
+        for measure in measures:
+            for name, w in workers.items():
+                answer = w.ask(f"{steps} {measure}")
+                for kind in ("wall", "cpu"):
+                    times[measure][name][kind].append(answer[kind])
+    return times
+
+
+def print_ratios(times: dict) -> None:
+    for measure, systems in times.items():
+        ms = lambda name, kind: statistics.median(systems[name][kind]) * 1e3
+        line = "  ".join(f"{name} {ms(name, 'wall'):7.2f} ms" for name in systems)
+        if len(systems) == 2:
+            ratios = [t / f for f, t in zip(systems["flaxgpt"]["wall"], systems["torch"]["wall"])]
+            line += (f"  speed torch/flaxgpt {statistics.median(ratios):.2f}x "
+                     f"({min(ratios):.2f}-{max(ratios):.2f})")
+        cpu = ", ".join(f"{name} {ms(name, 'cpu'):.2f}" for name in systems)
+        print(f"{measure:>20}: {line}  [CPU ms: {cpu}]")
 
 
 def main(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=20, help="steps per timed block")
-    p.add_argument("--rounds", type=int, default=5,
+    p.add_argument("--rounds", type=int, default=7,
                    help="alternating blocks per system and measure")
     p.add_argument("--system", choices=("both", "jax", "torch"), default="both")
     p.add_argument("--vocab_size", type=int, default=None, help="default: the prepared dataset's")
     p.add_argument("--components", action="store_true",
                    help="time the first block and its parts instead")
+    p.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)  # one system's process
     args, absl_argv = p.parse_known_args(argv[1:])
     flags.FLAGS([argv[0], *absl_argv])
     if args.components and args.system != "both":
@@ -213,76 +345,32 @@ def main(argv):
     if A != 1:
         sys.exit("bench_vs_torch.py: set --config.gradient_accumulation_steps=1")
     tokens = np.random.default_rng(0).integers(0, model.vocab_size, (B, T + 1)).astype(np.int32)
-    x_np, y_np = tokens[:, :-1], tokens[:, 1:]
-
-    host_memory.keep_freed_memory()  # as train() does on CPUs
-    train_step = TrainStep(model, optim.make_optimizer(config),
-                           sharding.make_mesh({"data": 1}, jax.devices()[:1]), seed=config.seed)
-    state = train_step.init(jax.random.key(config.seed))
-    host_params = jax.device_get(state.params)
-    x, y = (jax.device_put(a[None], train_step.batch_sharding) for a in (x_np, y_np))
-    options = xla_options.compiler_options(jax.devices()[0].platform)  # as the train step compiles
-    loss_fn = jax.jit(lambda p, xb, yb: train_step.loss_fn(p, xb, yb), compiler_options=options)
-    grad_fn = jax.jit(jax.value_and_grad(lambda p, xb, yb: train_step.loss_fn(p, xb, yb)),
-                      compiler_options=options)
-    jax_state = [state]
-
-    def jax_step():
-        jax_state[0], metrics = train_step.train_fn(jax_state[0], x, y)
-        jax.block_until_ready(metrics)
-
-    jax_measures = {
-        "train step": jax_step,
-        "forward + backward": lambda: jax.block_until_ready(grad_fn(host_params_dev, x[0], y[0])),
-        "forward": lambda: jax.block_until_ready(loss_fn(host_params_dev, x[0], y[0])),
-    }
-    host_params_dev = jax.device_put(host_params)
-    systems = {}
-    if args.system in ("both", "jax"):
-        systems["flaxgpt"] = jax_measures
-    if args.system in ("both", "torch"):
-        import torch
-        tmodel = torch_gpt(model, host_params)
-        topt = torch_optimizer(tmodel, config)
-        tx, ty = torch.from_numpy(x_np.astype(np.int64)), torch.from_numpy(y_np.astype(np.int64))
-        if "flaxgpt" in systems:
-            with torch.no_grad():
-                torch_loss = float(tmodel(tx, ty))
-            jax_loss = float(loss_fn(host_params_dev, x[0], y[0]))
-            if not math.isclose(torch_loss, jax_loss, rel_tol=1e-4):
-                sys.exit(f"the two models disagree: loss {jax_loss} (flaxgpt) "
-                         f"vs {torch_loss} (torch)")
-            print(f"same loss on one batch: flaxgpt {jax_loss:.6f}, torch {torch_loss:.6f}")
-
-        def torch_step():
-            topt.zero_grad(set_to_none=True)
-            loss = tmodel(tx, ty)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(tmodel.parameters(), config.grad_clip)
-            topt.step()
-
-        def torch_fwd_bwd():
-            tmodel.zero_grad(set_to_none=True)
-            tmodel(tx, ty).backward()
-
-        def torch_forward():
-            with torch.no_grad():
-                tmodel(tx, ty)
-
-        systems["torch"] = {"train step": torch_step, "forward + backward": torch_fwd_bwd,
-                            "forward": torch_forward}
-        print(f"torch {torch.__version__} on {torch.get_num_threads()} threads")
-
-    print(f"jax {jax.__version__}; model {model.n_layer} layers x {model.n_embd} wide, "
-          f"{model.n_head} heads, vocab {model.vocab_size}, bias {model.bias}, "
-          f"gelu {'tanh' if model.gelu_approximate else 'erf'}; "
-          f"batch {B} x {T}; {args.rounds} rounds of {args.steps} steps, medians", flush=True)
+    if args.worker:
+        return worker(args.worker, config, model, tokens[:, :-1], tokens[:, 1:], args.components)
+    names = {"both": SYSTEMS, "jax": ("flaxgpt",), "torch": ("torch",)}[args.system]
+    workers = {name: Worker(name, argv) for name in names}
+    setup = {name: w.answer() for name, w in workers.items()}
+    if len(workers) == 2:
+        losses = {name: s["loss"] for name, s in setup.items()}
+        if not math.isclose(losses["torch"], losses["flaxgpt"], rel_tol=1e-4):
+            sys.exit(f"the two models disagree: loss {losses['flaxgpt']} (flaxgpt) "
+                     f"vs {losses['torch']} (torch)")
+        print(f"same loss on one batch: flaxgpt {losses['flaxgpt']:.6f}, "
+              f"torch {losses['torch']:.6f}")
+    for w in workers.values():
+        w.answer()  # warmed up
+    print("; ".join(s["about"] for s in setup.values()))
+    print(f"model {model.n_layer} layers x {model.n_embd} wide, {model.n_head} heads, vocab "
+          f"{model.vocab_size}, bias {model.bias}, "
+          f"gelu {'tanh' if model.gelu_approximate else 'erf'}; batch {B} x {T}; each system in "
+          f"its own process, {args.rounds} rounds of {args.steps} steps in turns, medians",
+          flush=True)
     if args.components:
-        systems = component_measures(model, host_params, tmodel, B, options)
         print("forward + backward (params and input gradients) of the first block and its parts:")
-    print_ratios(compare(systems, args.steps, args.rounds))
-    print("peak RSS of this process: "
-          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    measures = next(iter(setup.values()))["measures"]
+    print_ratios(compare(workers, measures, args.steps, args.rounds))
+    for name, w in workers.items():
+        print(f"peak RSS of the {name} process: {w.finish()['peak_rss_mb']:.0f} MB")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@ The float32 logits of a whole batch, [B, T, V], are the largest buffer of a GPT-
 float32 log-softmax run over chunks of the sequence, [B, t, V] at a time, and the backward pass
 recomputes each chunk's logits (a jax.custom_vjp), so that one chunk's logits are alive at a time.
 The result equals `cross_entropy_loss(x @ wte.T, targets)` up to the rounding of the compute
-dtype. Shapes: B batch, T length, C n_embd, V vocab.
+dtype. A batch whose logits are small (B*T*V up to CHUNK_LOGITS, e.g. a character model) takes
+that plain form instead: one chunk saves no memory, and recomputing it costs time
+(docs/performance.md).
+Shapes: B batch, T length, C n_embd, V vocab.
 """
 
 import jax
@@ -35,16 +38,25 @@ def chunk_length(T: int, V: int, max_logits: int = CHUNK_LOGITS) -> int:
     return next((t for t in range(T, 0, -1) if T % t == 0 and t * V <= max_logits), 1)
 
 
+def chunked(B: int, T: int, V: int) -> bool:
+    """Whether head_cross_entropy splits a [B, T] batch over a V-token vocabulary into chunks."""
+    return B * T * V > CHUNK_LOGITS
+
+
 def head_cross_entropy(x: jax.Array, wte: jax.Array, targets: jax.Array, *, dtype=None,
                        chunk: int | None = None) -> jax.Array:
     """Mean next-token cross-entropy of the logits x @ wte.T in float32, never materializing them.
 
     x: [B, T, C] final hidden states (after ln_f); wte: [V, C] the tied token embedding; targets:
     [B, T] int, -1 ignored. dtype: the head matmul's dtype (default x's); log-softmax in float32.
-    chunk: positions per chunk, a divisor of T (default: chunk_length(T, V)).
+    chunk: positions per chunk, a divisor of T (default: chunk_length(T, V); the plain form where
+    `chunked` says no).
     """
     dtype = jnp.dtype(dtype or x.dtype)
     B, T, C = x.shape
+    if chunk is None and not chunked(B, T, wte.shape[0]):
+        return cross_entropy_loss(jnp.einsum("btc,vc->btv", x.astype(dtype), wte.astype(dtype)),
+                                  targets)
     t = chunk or chunk_length(T, wte.shape[0])
     if T % t:
         raise ValueError(f"chunk={t} does not divide the sequence length {T}")

@@ -147,7 +147,9 @@ class CausalSelfAttention(nn.Module):
         # Fused qkv projection; kernel [C, 3, H, D] is GPT-2's [C, 3C] c_attn, reshaped per head.
         qkv = _dense(cfg, (3, cfg.n_head, cfg.head_dim), 1, 0.02, ("embed", None, "heads", "kv"),
                      "c_attn")(x)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, H, D]
+        # split, not three slices: the gradient is one concatenation, not three zero-padded
+        # [B, T, 3, H, D] copies summed (docs/performance.md)
+        q, k, v = (a[:, :, 0] for a in jnp.split(qkv, 3, axis=2))  # each [B, T, H, D]
         if cache is not None:
             if mask is None:
                 raise ValueError("cached attention needs an explicit mask [B, T, S]")

@@ -1,11 +1,13 @@
-"""The chunked head + cross-entropy equals the plain one (whole-batch logits): values and grads."""
+"""The chunked head + cross-entropy equals the plain one (whole-batch logits): values and grads;
+which of the two head_cross_entropy takes."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxgpt.loss import chunk_length, head_cross_entropy
+from flaxgpt import loss as loss_lib
+from flaxgpt.loss import chunk_length, chunked, head_cross_entropy
 from flaxgpt.loss import cross_entropy_loss
 
 
@@ -55,3 +57,21 @@ def test_chunks_divide_the_sequence_and_bound_the_logits():
     x, wte, targets = inputs()
     with pytest.raises(ValueError, match="does not divide"):
         head_cross_entropy(x, wte, targets, chunk=5)
+
+
+def test_small_logits_take_the_plain_form_and_large_ones_chunks(monkeypatch):
+    assert not chunked(12, 64, 65) and chunked(8, 1024, 50304)  # the README CPU model; GPT-2
+    x, wte, targets = inputs()
+    loss_fn = jax.jit(jax.value_and_grad(lambda x, w: head_cross_entropy(x, w, targets),
+                                         argnums=(0, 1)))
+    jaxpr = lambda: str(jax.make_jaxpr(lambda *a: head_cross_entropy(*a))(x, wte, targets))
+    assert "custom_vjp" not in jaxpr()
+    loss, grads = loss_fn(x, wte)
+    monkeypatch.setattr(loss_lib, "CHUNK_LOGITS", wte.shape[0])
+    assert chunked(*targets.shape, wte.shape[0]) and "custom_vjp" in jaxpr()
+    loss_fn = jax.jit(jax.value_and_grad(lambda x, w: head_cross_entropy(x, w, targets),
+                                         argnums=(0, 1)))
+    chunked_loss, chunked_grads = loss_fn(x, wte)
+    np.testing.assert_allclose(chunked_loss, loss, rtol=1e-6)
+    for g, want in zip(chunked_grads, grads):
+        np.testing.assert_allclose(g, want, atol=1e-5 * float(jnp.abs(want).max()))
