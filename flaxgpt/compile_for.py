@@ -234,10 +234,13 @@ def host_rows(train_step, batch_size: int) -> str:
               if len(read) > batch_size else "")
     slices = sharding.num_slices(train_step.mesh.devices.flat)
     where = f" in {slices} slices" if slices > 1 else ""
+    layout = "one block" if len(_blocks(first)) == 1 else "interleaved"
+    shown = f"host {min(rows)}: rows {_shown(first)}"
+    if len(rows) > 1:
+        shown += f"; host {max(rows)}: rows {_shown(last)}"
     return (f"per-host rows: {len(rows)} host{'s' * (len(rows) > 1)}{where}, each reads "
-            f"{len(first)} of the {batch_size} rows of a micro-batch "
-            f"({'one block' if len(_blocks(first)) == 1 else 'interleaved'}; host {min(rows)}: rows "
-            f"{_shown(first)}; host {max(rows)}: rows {_shown(last)}){shared}: ok")
+            f"{len(first)} of the {batch_size} rows of a micro-batch ({layout}; {shown})"
+            f"{shared}: ok")
 
 
 def _blocks(rows: np.ndarray) -> list[np.ndarray]:
