@@ -255,10 +255,13 @@ def _shown(rows: np.ndarray) -> str:
 
 
 def _report_replicated(caught: list, print_fn) -> str | None:
-    """Print the warnings about weights replicated for want of a divisor; -> the first one's fix."""
+    """Print the replicated-weights warnings (warn the others again); -> the first one's fix."""
     messages = [str(w.message) for w in caught if "weights replicated" in str(w.message)]
     for message in messages:
         print_fn(message)
+    for w in caught:
+        if "weights replicated" not in str(w.message):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return messages[0].rsplit(": ", 1)[1] if messages else None
 
 
