@@ -104,7 +104,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     slices = os.environ.get("MEGASCALE_NUM_SLICES")
     in_slice = (f" (slice {os.environ.get('MEGASCALE_SLICE_ID', '?')} of {slices})"
                 if slices and int(slices) > 1 else "")
-    where = (f"process {process_id} of {num_processes}{in_slice} through the coordinator at "
+    who = f"process {process_id} of {num_processes}" if process_id is not None else "this host"
+    where = (f"{who}{in_slice} through the coordinator at "
              f"{address or os.environ.get('MEGASCALE_COORDINATOR_ADDRESS') or 'auto-detected'}")
     advice = ("Start every process with the same coordinator address and process count, process 0 "
               "reachable from the others.")
