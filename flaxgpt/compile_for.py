@@ -2,8 +2,10 @@
 device, FLOPs, the compute floor and a one-line verdict.
 
 Targets are named as users say them:
-  Cloud TPU slices, "v5e-8", "v4-32" (gcloud's accelerator types): libtpu describes their
-    topologies without TPUs (pip install "flaxgpt[tpu]").
+  Cloud TPU slices, "v5e-8", "v4-32" (gcloud's accelerator types), several of them joined over the
+    data-center network as "2xv5e-256", GKE's 4-chip hosts as "v6e-8:hosts-of-4"
+    (flaxgpt/tpu_targets.py): libtpu describes their topologies without TPUs (pip install
+    "flaxgpt[tpu]").
   NVIDIA GPUs, "h100-8", "a100-1", "h200-16": <gpu>-<count>, 8 GPUs to a host. JAX's CUDA plugin
     compiles for a GpuTargetConfigProto from flaxgpt/gpu_targets/ (each file says where its values
     come from) without a GPU (pip install "flaxgpt[gpu-compile]").
@@ -17,36 +19,16 @@ import importlib.util
 import os
 import re
 import time
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from flaxgpt import tpu_targets
+
 GiB = 2**30
 
-
-class Slice(NamedTuple):
-    """A Cloud TPU slice as libtpu names it."""
-    topology: str  # e.g. "v5e:2x4": chip generation and chip grid
-    chip_config: str  # "megacore" where a chip's two TensorCores act as one device (v4, v5p)
-    chips_per_host_bounds: tuple[int, int, int]
-    hbm_gib: float  # per chip
-
-
-# The accelerator names users type (gcloud's --accelerator-type) -> topology. v4 and v5p count
-# TensorCores (2 per chip), v5e and v6e count chips.
-SLICES = {
-    "v4-8": Slice("v4:2x2x1", "megacore", (2, 2, 1), 32),
-    "v4-32": Slice("v4:2x2x4", "megacore", (2, 2, 1), 32),
-    "v4-128": Slice("v4:4x4x4", "megacore", (2, 2, 1), 32),
-    "v5e-8": Slice("v5e:2x4", "default", (2, 2, 1), 16),
-    "v5e-16": Slice("v5e:4x4", "default", (2, 2, 1), 16),
-    "v5e-256": Slice("v5e:16x16", "default", (2, 2, 1), 16),
-    "v5p-8": Slice("v5p:2x2x1", "megacore", (2, 2, 1), 95),
-    "v5p-128": Slice("v5p:4x4x4", "megacore", (2, 2, 1), 95),
-    "v6e-8": Slice("v6e:2x4", "default", (2, 2, 1), 32),
-    "v6e-256": Slice("v6e:16x16", "default", (2, 2, 1), 32),
-}
 
 # The GPUs users name -> the GpuTargetConfigProto (text format) in gpu_targets/ that describes one.
 GPU_TARGETS = Path(__file__).resolve().parent / "gpu_targets"
@@ -67,30 +49,28 @@ class Target(NamedTuple):
 
 
 def target_named(name: str) -> Target:
-    """The compile-only devices of a TPU slice or GPU machine, by name. Call before jax picks a
+    """The compile-only devices of TPU slices or a GPU machine, by name. Call before jax picks a
     backend; without a GPU here, GPU targets need JAX_PLATFORMS without CUDA (e.g. cpu)."""
-    if name in SLICES:
+    if tpu_targets.is_tpu_name(name):
         return _tpu_target(name)
     match = re.fullmatch(r"([a-z]\d+)-(\d+)", name.lower())
     if match and match.group(1) in GPUS:
         return _gpu_target(name, match.group(1), int(match.group(2)))
-    raise ValueError(f"unknown target {name!r}: a Cloud TPU slice ({', '.join(SLICES)}) or NVIDIA "
-                     f"GPUs as <gpu>-<count>, gpu one of {', '.join(GPUS)} (e.g. h100-8; more than "
-                     f"{GPUS_PER_HOST} are hosts of {GPUS_PER_HOST})")
+    raise ValueError(f"unknown target {name!r}: Cloud TPU slices as [Nx]<tpu>-<size> (tpu one of "
+                     f"{', '.join(tpu_targets.GENERATIONS)}, v5litepod; e.g. v5e-8, 2xv5p-128) or "
+                     f"NVIDIA GPUs as <gpu>-<count>, gpu one of {', '.join(GPUS)} (e.g. h100-8; "
+                     f"more than {GPUS_PER_HOST} are hosts of {GPUS_PER_HOST})")
 
 
 def _tpu_target(name: str) -> Target:
+    slices = tpu_targets.parse(name)
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server off a TPU VM
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: no chip to lock
     if importlib.util.find_spec("libtpu") is None:
         raise RuntimeError('compiling for TPUs needs libtpu: pip install "flaxgpt[tpu]"')
-    from jax.experimental import topologies
-    spec = SLICES[name]
-    devices = topologies.get_topology_desc(
-        platform="tpu", topology_name=spec.topology, chip_config_name=spec.chip_config,
-        chips_per_host_bounds=spec.chips_per_host_bounds, num_slices=1).devices
-    description = f"{spec.topology}, {len(devices)} chips"
-    return Target(name, description, devices, spec.hbm_gib, "HBM", "chip")
+    devices = tpu_targets.topology_devices(slices)
+    hbm_gib = tpu_targets.GENERATIONS[slices.generation].hbm_gib
+    return Target(name, slices.describe(), devices, hbm_gib, "HBM", "chip")
 
 
 def _gpu_target(name: str, gpu: str, count: int) -> Target:
@@ -249,16 +229,40 @@ def host_rows(train_step, batch_size: int) -> str:
     read = np.concatenate(list(rows.values()))
     if set(read.tolist()) != set(range(batch_size)):
         raise AssertionError(f"the hosts' rows {rows} do not cover the batch of {batch_size}")
-    first = rows[min(rows)]
-    blocks = np.split(first, np.flatnonzero(np.diff(first) != 1) + 1)
-    shown = ", ".join(f"{b[0]}-{b[-1]}" if len(b) > 1 else f"{b[0]}" for b in blocks[:4])
-    shown += ", ..." if len(blocks) > 4 else ""
+    first, last = rows[min(rows)], rows[max(rows)]
     shared = ("; rows read by several hosts (a mesh axis that does not split the batch spans hosts)"
               if len(read) > batch_size else "")
-    return (f"per-host rows: {len(rows)} host{'s' * (len(rows) > 1)}, each reads {len(first)} of "
-            f"the {batch_size} rows of a micro-batch "
-            f"({'one block' if len(blocks) == 1 else 'interleaved'}; host {min(rows)}: "
-            f"rows {shown}){shared}: ok")
+    slices = sharding.num_slices(train_step.mesh.devices.flat)
+    where = f" in {slices} slices" if slices > 1 else ""
+    layout = "one block" if len(_blocks(first)) == 1 else "interleaved"
+    shown = f"host {min(rows)}: rows {_shown(first)}"
+    if len(rows) > 1:
+        shown += f"; host {max(rows)}: rows {_shown(last)}"
+    return (f"per-host rows: {len(rows)} host{'s' * (len(rows) > 1)}{where}, each reads "
+            f"{len(first)} of the {batch_size} rows of a micro-batch ({layout}; {shown})"
+            f"{shared}: ok")
+
+
+def _blocks(rows: np.ndarray) -> list[np.ndarray]:
+    return np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1)
+
+
+def _shown(rows: np.ndarray) -> str:
+    """e.g. "0-3, 16-19, ..." (at most 4 runs of consecutive rows)."""
+    blocks = _blocks(rows)
+    shown = ", ".join(f"{b[0]}-{b[-1]}" if len(b) > 1 else f"{b[0]}" for b in blocks[:4])
+    return shown + (", ..." if len(blocks) > 4 else "")
+
+
+def _report_replicated(caught: list, print_fn) -> str | None:
+    """Print the replicated-weights warnings (warn the others again); -> the first one's fix."""
+    messages = [str(w.message) for w in caught if "weights replicated" in str(w.message)]
+    for message in messages:
+        print_fn(message)
+    for w in caught:
+        if "weights replicated" not in str(w.message):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return messages[0].rsplit(": ", 1)[1] if messages else None
 
 
 class Plan(NamedTuple):
@@ -282,8 +286,10 @@ def plan(config, target_name: str, print_fn=print) -> Plan:
     config = batch_for_target(config, target.devices, print_fn)
     start = time.perf_counter()
     try:
-        train_step, compiled_train, _ = compile_steps(config, target.devices, _vocab_size(config),
-                                                      print_fn)
+        with warnings.catch_warnings(record=True) as replicated:
+            warnings.simplefilter("always")
+            train_step, compiled_train, _ = compile_steps(config, target.devices,
+                                                          _vocab_size(config), print_fn)
     except Exception as e:  # XlaRuntimeError; its class moves between jaxlib versions
         if "libdevice not found" in str(e):  # XLA links CUDA's math library into GPU kernels
             raise RuntimeError("compiling for GPUs needs CUDA's libdevice: pip install "
@@ -292,9 +298,11 @@ def plan(config, target_name: str, print_fn=print) -> Plan:
             raise
         needed = parse_out_of_memory(str(e))
         amount = f"{needed:.2f} GiB" if needed is not None else "more than"
-        print_fn(f"does not fit: {amount} of {limit:.2f} GiB per {unit}: try "
-                 f"{suggest(config, _replicated_state_gib(config), limit)}")
+        knob = _report_replicated(replicated, print_fn) or suggest(
+            config, _replicated_state_gib(config), limit)
+        print_fn(f"does not fit: {amount} of {limit:.2f} GiB per {unit}: try {knob}")
         return Plan(False, needed, limit, None, None)
+    fix = _report_replicated(replicated, print_fn)
     seconds = time.perf_counter() - start
     memory = compiled_train.memory_analysis()
     arguments = memory.argument_size_in_bytes / GiB
@@ -338,5 +346,5 @@ def plan(config, target_name: str, print_fn=print) -> Plan:
         print_fn(f"fits: {total:.2f} GiB of {limit:.2f} GiB per {unit}")
     else:
         print_fn(f"does not fit: {total:.2f} GiB of {limit:.2f} GiB per {unit}: try "
-                 f"{suggest(config, arguments, limit)}")
+                 f"{fix or suggest(config, arguments, limit)}")
     return Plan(fits, total, limit, floor_ms, seconds)

@@ -80,8 +80,11 @@ def base_config() -> ml_collections.ConfigDict:
     # precision: "auto" is bfloat16 compute on GPU/TPU and float32 on CPU; params stay float32
     c.dtype = "auto"
     c.param_dtype = "float32"
-    # parallelism: mesh axis sizes, -1 takes the remaining devices (see flaxgpt/sharding.py)
+    # parallelism: mesh axis sizes, -1 takes the remaining devices (see flaxgpt/sharding.py); on
+    # several TPU slices data spans them. n_embd follows the model's: fsdp=-1 takes the largest
+    # size that divides it (no weight replicated) and gives the other devices to data.
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    c.mesh.n_embd = c.get_ref("n_embd")
     # multi-host (jax.distributed); auto-detected on Cloud TPU VMs and SLURM
     c.distributed = ml_collections.ConfigDict({
         "coordinator_address": config_dict.placeholder(str),

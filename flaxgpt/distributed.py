@@ -96,7 +96,10 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     aborts every process (jax's default: 100).
 
     Unset values come from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or jax's
-    cluster auto-detection (Cloud TPU, SLURM, Open MPI, Kubernetes).
+    cluster auto-detection (Cloud TPU, SLURM, Open MPI, Kubernetes). On several TPU slices (Cloud
+    TPU's MEGASCALE_* variables, from the environment or the VM's metadata), that detection joins
+    every host of every slice: host i of slice s is process s x hosts-per-slice + i, and the
+    coordinator is MEGASCALE_COORDINATOR_ADDRESS.
     """
     if not is_multiprocess_launch(coordinator_address):
         return
@@ -105,8 +108,12 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if process_id is None and "JAX_PROCESS_ID" in os.environ:
         process_id = int(os.environ["JAX_PROCESS_ID"])
     address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    where = (f"process {process_id} of {num_processes} through the coordinator at "
-             f"{address or 'auto-detected'}")
+    slices = os.environ.get("MEGASCALE_NUM_SLICES")
+    in_slice = (f" (slice {os.environ.get('MEGASCALE_SLICE_ID', '?')} of {slices})"
+                if slices and int(slices) > 1 else "")
+    who = f"process {process_id} of {num_processes}" if process_id is not None else "this host"
+    where = (f"{who}{in_slice} through the coordinator at "
+             f"{address or os.environ.get('MEGASCALE_COORDINATOR_ADDRESS') or 'auto-detected'}")
     advice = ("Start every process with the same coordinator address and process count, process 0 "
               "reachable from the others.")
     if address and process_id not in (None, 0) and not _reachable(address, timeout):

@@ -12,11 +12,13 @@ The scanned blocks' leading "layers" axis is never split.
 import contextlib
 import contextvars
 import math
+import warnings
 from typing import Mapping
 
 import jax
 import numpy as np
 import flax.linen as nn
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -37,29 +39,54 @@ LOGICAL_AXIS_RULES = (
 def make_mesh(shape: Mapping[str, int], devices=None) -> Mesh:
     """A mesh with axes (data, fsdp, tensor) from e.g. {"data": -1, "fsdp": 1, "tensor": 1}.
 
-    One size may be -1: it takes the devices the others leave. The axes are Auto, as linen's logical
-    partitioning needs (jax.make_mesh defaults to Explicit axes).
+    One size may be -1: it takes the devices the others leave. fsdp=-1 takes the largest part of
+    them that divides the model width, shape["n_embd"] when given (config.mesh carries it), and
+    data takes the rest: FSDP splits every weight on that axis, so no weight is replicated.
+    Devices of several TPU slices (they know their slice_index) form a hybrid mesh: data spans the
+    slices (data parallel over the data-center network), fsdp and tensor stay inside a slice. The
+    axes are Auto, as linen's logical partitioning needs (jax.make_mesh defaults to Explicit).
     """
-    devices = jax.devices() if devices is None else devices
-    unknown = set(shape) - set(MESH_AXES)
+    devices = jax.devices() if devices is None else list(devices)
+    unknown = set(shape) - set(MESH_AXES) - {"n_embd"}
     if unknown:
         raise ValueError(f"unknown mesh axes {sorted(unknown)}: the mesh axes are {MESH_AXES}")
     sizes = {axis: int(shape.get(axis, 1)) for axis in MESH_AXES}
     free = [axis for axis, size in sizes.items() if size == -1]
     if len(free) > 1:
         raise ValueError(f"only one mesh axis may be -1, got {free}")
+    n, slices = len(devices), num_slices(devices)
     known = math.prod(size for size in sizes.values() if size != -1)
     if free:
-        if len(devices) % known:
-            raise ValueError(f"mesh {dict(shape)}: {len(devices)} devices are not divisible by "
-                             f"{known}")
-        sizes[free[0]] = len(devices) // known
-    if math.prod(sizes.values()) != len(devices):
+        if n % known:
+            raise ValueError(f"mesh {dict(shape)}: {n} devices are not divisible by {known}")
+        sizes[free[0]] = n // known
+        if free == ["fsdp"] and (n // slices) % sizes["tensor"] == 0:
+            # as many as divide the model width and fit in a slice; data takes the rest
+            fsdp = math.gcd(sizes["fsdp"], int(shape.get("n_embd") or sizes["fsdp"]),
+                            n // slices // sizes["tensor"])
+            sizes["data"] *= sizes["fsdp"] // fsdp
+            sizes["fsdp"] = fsdp
+    if math.prod(sizes.values()) != n:
         raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, but there are "
-                         f"{len(devices)}; set one axis to -1 to take the rest")
-    axis_shapes = tuple(sizes[axis] for axis in MESH_AXES)
-    return jax.make_mesh(axis_shapes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
+                         f"{n}; set one axis to -1 to take the rest")
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    if slices == 1:
+        return jax.make_mesh(tuple(sizes.values()), MESH_AXES, axis_types=axis_types,
+                             devices=devices)
+    inner = sizes["fsdp"] * sizes["tensor"]
+    if sizes["data"] % slices or (n // slices) % inner:
+        raise ValueError(f"mesh {sizes} over {slices} slices of {n // slices} devices: data must "
+                         f"be a multiple of {slices} (it spans the slices) and fsdp x tensor "
+                         f"({inner}) must divide {n // slices} (they stay inside a slice)")
+    array = mesh_utils.create_hybrid_device_mesh(
+        (sizes["data"] // slices, sizes["fsdp"], sizes["tensor"]), (slices, 1, 1), devices,
+        allow_split_physical_axes=True)
+    return Mesh(array, MESH_AXES, axis_types=axis_types)
+
+
+def num_slices(devices) -> int:
+    """How many TPU slices the devices span (1 for devices that know no slice)."""
+    return len({getattr(device, "slice_index", 0) for device in devices})
 
 
 _TRACED_MESH = contextvars.ContextVar("flaxgpt_traced_mesh", default=None)
@@ -85,18 +112,34 @@ def logical_shardings(abstract_tree, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
     """NamedShardings for a tree whose leaves may be boxed with logical axis names (unboxed result).
 
     A dimension that its mesh axes do not divide (a 65-token vocabulary over tensor=2, gpt2-xl's 25
-    heads) is replicated instead of split.
+    heads) is replicated instead of split, with a warning that names the dimension and the fix.
     """
-    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_tree), mesh, rules)
+    names = nn.get_partition_spec(abstract_tree)
+    shardings = nn.logical_to_mesh_sharding(names, mesh, rules)
+    replicated: dict[tuple, int] = {}
 
-    def fit(leaf, sharding: NamedSharding) -> NamedSharding:
-        spec = tuple(sharding.spec) + (None,) * (len(leaf.shape) - len(sharding.spec))
-        divides = lambda dim, axes: axes is None or dim % math.prod(
-            mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)) == 0
-        fitted = (axes if divides(dim, axes) else None for dim, axes in zip(leaf.shape, spec))
+    def fit(leaf, logical, sharding: NamedSharding) -> NamedSharding:
+        pad = lambda spec: tuple(spec) + (None,) * (len(leaf.shape) - len(spec))
+        fitted = []
+        for dim, axes, name in zip(leaf.shape, pad(sharding.spec), pad(logical or ())):
+            axes_tuple = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+            size = math.prod(mesh.shape[a] for a in axes_tuple)
+            if dim % size:
+                key = (name, dim, axes_tuple, size)
+                replicated[key] = replicated.get(key, 0) + 1
+            fitted.append(axes if dim % size == 0 else None)
         return NamedSharding(mesh, P(*fitted))
 
-    return jax.tree.map(fit, nn.meta.unbox(abstract_tree), shardings)
+    result = jax.tree.map(fit, nn.meta.unbox(abstract_tree), names, shardings)
+    for (name, dim, axes, size), count in replicated.items():
+        split = " x ".join(f"{a}={mesh.shape[a]}" for a in axes)
+        fix = (f"set --config.mesh.fsdp to a divisor of {dim} (fsdp=-1 takes the largest) and "
+               "give the other devices to --config.mesh.data" if axes == ("fsdp",) else
+               f"set --config.mesh.{axes[-1]} so that {split.replace(' x ', ' * ')} divides {dim}")
+        warnings.warn(f"weights replicated, not split: the {name} dimension ({dim}) of {count} "
+                      f"arrays does not divide by {split}, so every device of that axis holds "
+                      f"them whole: {fix}", stacklevel=2)
+    return result
 
 
 def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0,

@@ -12,6 +12,8 @@ rate.
 """
 
 
+import warnings
+
 import jax
 import numpy as np
 import optax
@@ -263,7 +265,14 @@ def test_dimensions_the_mesh_does_not_divide_are_replicated():
     """A 65-token vocabulary and 3 heads over tensor=2: those axes stay whole, training matches."""
     odd = GPTConfig(block_size=16, vocab_size=65, n_layer=1, n_head=3, n_embd=24)
     mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2})
-    params = TrainStep(odd, sgd(), mesh).abstract_state.params
+    with pytest.warns(UserWarning) as caught:
+        params = TrainStep(odd, sgd(), mesh).abstract_state.params
+    messages = sorted(str(w.message) for w in caught)
+    assert len(messages) == 2, messages  # one line per replicated dimension, not per array
+    assert messages[0].startswith("weights replicated, not split: the heads dimension (3) of ")
+    assert "does not divide by tensor=2" in messages[0]
+    assert messages[0].endswith("set --config.mesh.tensor so that tensor=2 divides 3")
+    assert messages[1].startswith("weights replicated, not split: the vocab dimension (65) of ")
     assert spec(params["wte"]["embedding"]) == (None, "fsdp")
     assert spec(params["h"]["attn"]["c_attn"]["kernel"]) == (None, "fsdp", None, None, None)
     # 96 hidden units divide
@@ -275,6 +284,55 @@ def test_dimensions_the_mesh_does_not_divide_are_replicated():
         state = train_step.init(jax.random.key(SEED))
         losses.append(float(train_step.train_fn(state, x, x)[1]["loss"]))
     np.testing.assert_allclose(losses[1], losses[0], **LOSS_TOL)
+
+
+@pytest.mark.parametrize("shape, sizes", [
+    ({"data": 1, "fsdp": -1, "n_embd": 12}, (2, 4, 1)),  # gcd(8, 12) = 4: data takes the other 2
+    ({"data": 1, "fsdp": -1, "n_embd": 32}, (1, 8, 1)),
+    ({"data": 1, "fsdp": -1, "tensor": 2, "n_embd": 6}, (2, 2, 2)),
+    ({"data": -1, "fsdp": 8, "n_embd": 12}, (1, 8, 1)),  # an explicit fsdp is kept (and warned)
+])
+def test_fsdp_minus_one_takes_the_largest_size_the_model_width_allows(shape, sizes):
+    mesh = sharding.make_mesh(shape)
+    assert tuple(mesh.shape[a] for a in sharding.MESH_AXES) == sizes
+
+
+def test_fsdp_minus_one_follows_the_configs_model_width():
+    """config.mesh.n_embd follows config.n_embd (an override on the command line included), so
+    train()'s make_mesh(config.mesh) splits every weight: FSDP over 8 devices warns about none."""
+    c = base_config()
+    c.n_embd, c.mesh.fsdp, c.mesh.data = 12, -1, 1
+    mesh = sharding.make_mesh(c.mesh)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    model = GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=c.n_embd)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TrainStep(model, sgd(), mesh)
+    with pytest.warns(UserWarning, match=r"the embed dimension \(12\) .* by fsdp=8, .* set "
+                                         r"--config.mesh.fsdp to a divisor of 12"):
+        TrainStep(model, sgd(), sharding.make_mesh({"data": 1, "fsdp": 8}))
+
+
+def test_several_tpu_slices_split_data_over_the_slices_and_keep_fsdp_and_tensor_inside():
+    """2 x v5e-16 (libtpu's compile-only devices, 8 hosts of 4 chips): data spans the slices,
+    each fsdp x tensor group is one slice's, and slice 0's hosts read the first half of the
+    batch."""
+    pytest.importorskip("libtpu", reason='TPU topologies come from libtpu: pip install '
+                                         '"flaxgpt[tpu]"')
+    from flaxgpt import compile_for
+    devices = compile_for.target_named("2xv5e-16").devices
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 4, "tensor": 2}, devices)
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 4, "tensor": 2}
+    slice_of = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+    assert [set(slice_of[i].flat) for i in range(4)] == [{0}, {0}, {1}, {1}]
+    rows = sharding.rows_by_process(sharding.batch_sharding(mesh, 2), (32, 8))
+    hosts = {d.process_index: d.slice_index for d in devices}
+    assert sorted(hosts) == list(range(8))
+    for process, held in rows.items():
+        assert set(held) <= set(range(16 * hosts[process], 16 * hosts[process] + 16)), process
+    for shape in ({"data": 1, "fsdp": 32}, {"data": 3, "fsdp": -1}):
+        with pytest.raises(ValueError, match="over 2 slices of 16 devices|not divisible"):
+            sharding.make_mesh(shape, devices)
 
 
 # -------------------------------------------------------------------------------------- checkpoints
