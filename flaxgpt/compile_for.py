@@ -124,14 +124,12 @@ def compile_steps(config, devices, vocab_size: int, print_fn=print):
     """The TrainStep, compiled train step and compiled eval step that `train(config)` would run on
     `devices`.
 
-    The glue mirrors loop.train(): the same model config, optimizer, mesh and TrainStep; "auto"
-    choices (dtype, attention) resolve for the target platform instead of this machine's. Where jax
-    cannot lower cuDNN attention here, it is compiled as XLA attention, with a line saying so.
+    The run is built as train() builds it (run.make_mesh, run.build); "auto" choices (dtype,
+    attention) resolve for the target platform instead of this machine's. Where jax cannot lower cuDNN attention here, it is compiled as XLA attention, with a line saying so.
     """
-    from flaxgpt import optim, sharding
+    from flaxgpt import run
     from flaxgpt.config import model_config
     from flaxgpt.model import resolve_attention
-    from flaxgpt.train_step import TrainStep
     import jax
 
     platform = devices[0].platform
@@ -142,12 +140,7 @@ def compile_steps(config, devices, vocab_size: int, print_fn=print):
                  f"({reason.rstrip('.')}: pip install nvidia-cudnn-cu12); XLA attention keeps "
                  "[B, H, T, T] scores, so the memory below is more than the GPU run needs")
         model = model.replace(attention="xla")
-    mesh = sharding.make_mesh(config.mesh, devices=devices)
-    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
-    if config.batch_size % data_parallel:
-        raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the "
-                         f"{data_parallel} data-parallel devices (mesh data x fsdp)")
-    train_step = TrainStep(model, optim.make_optimizer(config), mesh, seed=config.seed)
+    train_step = run.build(config, model, run.make_mesh(config, devices))
 
     def batch(n):
         return jax.ShapeDtypeStruct((n, config.batch_size, config.block_size), jax.numpy.int32,
