@@ -12,7 +12,7 @@ import pytest
 
 from flaxgpt.generate import Decoder, Sampler, _forward_window, _Weights, generate, generate_stream
 from flaxgpt.kv_cache import init_cache
-from flaxgpt.sampling_reference import generate_naive
+from sampling_reference import generate_naive
 from flaxgpt.model import GPT, GPTConfig, init_params
 
 CONFIG = GPTConfig(block_size=16, vocab_size=11, n_layer=2, n_head=2, n_embd=32)
