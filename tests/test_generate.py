@@ -321,7 +321,8 @@ def test_a_decoder_lays_the_weights_out_once(params, monkeypatch, batch_size):
     # flaxgpt.generate is the function
     generate_module = importlib.import_module("flaxgpt.generate")
     lay_out = generate_module._lay_out
-    monkeypatch.setattr(generate_module, "_lay_out", lambda *a: calls.append(1) or lay_out(*a))
+    monkeypatch.setattr(generate_module, "_lay_out",
+                        lambda *a, **k: calls.append(1) or lay_out(*a, **k))
     decoder = Decoder(params, CONFIG, batch_size=batch_size)
     assert len(calls) == 1 and not decoder.config.scan_layers
     laid_out = jax.tree.leaves(decoder._weights)
