@@ -165,10 +165,10 @@ def run(args: argparse.Namespace) -> None:
                   file=sys.stderr, leave=False, disable=not show_progress,
                   **progress_timing) as progress:
             for k in range(n):
-                tokens = decoder.generate(prompt, rng=jax.random.fold_in(key, k), **kw)
-                progress.write(f"{start}{tokenizer.decode(np.asarray(tokens[0]).tolist())}\n"
-                               f"{SEPARATOR}", file=sys.stdout)
-                sys.stdout.flush()
+                tokens = np.asarray(decoder.generate(prompt, rng=jax.random.fold_in(key, k), **kw))
+                progress.clear()  # the bar, if shown; the next update draws it again
+                print(start + tokenizer.decode(tokens[0].tolist()))
+                print(SEPARATOR, flush=True)
                 progress.update(args.max_new_tokens)
         return
     for k in range(n):  # one after another, as nanoGPT
