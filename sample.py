@@ -13,7 +13,8 @@ meta.json (meta.pkl beside a ckpt.pt), else GPT-2's.
 
 It says up front how many tokens it will generate; a sample that takes longer than a few seconds
 shows a progress bar on stderr (tokens, tokens/s, time left), except while the streamed text and
-the bar share one terminal.
+the bar share one terminal. --no-stream samples each sample whole in one compiled loop (faster),
+and its bar counts whole samples.
 """
 
 import argparse
@@ -157,20 +158,28 @@ def run(args: argparse.Namespace) -> None:
     show_progress = not (args.stream and sys.stdout.isatty() and sys.stderr.isatty())
     progress_timing = (dict(delay=PROGRESS_DELAY_S) if sys.stderr.isatty() else
                        dict(delay=LOG_PROGRESS_DELAY_S, mininterval=LOG_PROGRESS_DELAY_S))
-    key = jax.random.key(args.seed)
-    for k in range(n):  # one after another, as nanoGPT; sample k draws from fold_in(key, k)
+    key = jax.random.key(args.seed)  # sample k draws from fold_in(key, k)
+    if not args.stream:  # each sample whole from the compiled loop; the bar counts whole samples
+        with tqdm(total=total, desc=f"{n} sample{'s' if n > 1 else ''}", unit="tok",
+                  file=sys.stderr, leave=False, disable=not show_progress,
+                  **progress_timing) as progress:
+            for k in range(n):
+                tokens = np.asarray(decoder.generate(prompt, rng=jax.random.fold_in(key, k), **kw))
+                progress.clear()  # the bar, if shown; the next update draws it again
+                print(start + tokenizer.decode(tokens[0].tolist()))
+                print(SEPARATOR, flush=True)
+                progress.update(args.max_new_tokens)
+        return
+    for k in range(n):  # one after another, as nanoGPT
         print(start, end="", flush=True)
-        tokens, text = [], StreamDecoder(tokenizer)
+        text = StreamDecoder(tokenizer)
         steps = decoder.stream(prompt, rng=jax.random.fold_in(key, k), **kw)
         with tqdm(steps, total=args.max_new_tokens, desc=f"sample {k + 1}/{n}", unit="tok",
                   file=sys.stderr, leave=False, disable=not show_progress,
                   **progress_timing) as progress:
             for token in progress:
-                if args.stream:
-                    print(text.push(int(token[0])), end="", flush=True)
-                else:
-                    tokens.append(int(token[0]))
-        print(text.flush() if args.stream else tokenizer.decode(tokens))
+                print(text.push(int(token[0])), end="", flush=True)
+        print(text.flush())
         print(SEPARATOR, flush=True)
 
 

@@ -1,24 +1,21 @@
 """Sampling: a `Decoder` lays a model's weights out for KV-cached decoding once, then samples from
-them any number of times, compiled into one loop (`Decoder.generate`) or one step at a time
-(`Decoder.stream`); `generate` and `generate_stream` are one-shot conveniences. nanoGPT's algorithm,
-the reference they are tested against, is in sampling_reference.py.
+them in one compiled loop (`Decoder.generate`) or one step at a time (`Decoder.stream`); `generate`
+and `generate_stream` are one-shot forms. Tested against nanoGPT's (tests/sampling_reference.py).
 
 Shapes: B batch, T0 prompt length, S = block_size (cache slots), V vocab, N = max_new_tokens.
 
 The cache (kv_cache.py) holds the last (up to) S tokens of each row's context: `window[b, s]` is
-the token whose keys and values sit in slot s, and `valid[b, s]` says whether it is a real one (left
-padding is not). The prompt is prefilled in one forward pass; each new token then goes into the
-next free slot and attends to the cache. Once all S slots are full, the oldest window_shift (k)
-tokens are dropped and the rest, with the new token, are prefilled again as a fresh cache: with
-learned absolute positions every kept token's position changes.
-
-k = 1 is nanoGPT's crop to the last S tokens: past block_size every token sees exactly S tokens of
-context, but costs a full forward over S tokens. A larger k (e.g. S // 2) runs one forward over
-S - k + 1 tokens, then k - 1 cheap cached steps; the price is that past block_size a token sees
-between S - k + 1 and S tokens of context. With left padding the window counts columns, padding
-included (as sampling_reference.generate_naive with a prompt_mask does).
+the token in slot s, `valid[b, s]` whether it is a real one (left padding is not); a token's
+position counts the real tokens before it. The prompt is prefilled in one forward pass; each new
+token goes into the next free slot and attends to the cache. Once all S slots are full, the oldest
+window_shift (k) tokens are dropped and the rest, with the new token, prefilled again as a fresh
+cache (learned absolute positions: every kept token's position changes). k = 1 is nanoGPT's crop:
+every token sees S tokens, but costs a forward over S tokens. A larger k (e.g. S // 2) runs one
+forward over S - k + 1 tokens, then k - 1 cached steps, and a token sees S - k + 1 to S tokens.
+With left padding the window counts columns, padding included.
 """
 
+import contextlib
 import functools
 import math
 from typing import Iterator, NamedTuple
@@ -30,6 +27,7 @@ import numpy as np
 from flax import struct
 
 from flaxgpt.kv_cache import LayerCache, init_cache
+from flaxgpt import xla_options
 from flaxgpt.layer_stacking import convert_layers
 from flaxgpt.model import GPT, GPTConfig
 
@@ -77,7 +75,6 @@ class DecodeState(NamedTuple):
     valid: jax.Array  # [B, S] bool: the slot holds a real token (not padding, not yet written)
     length: jax.Array  # () int32: slots written so far (S - window_shift + 1 after a slide)
     token: jax.Array  # [B] int32: the latest new token, not yet in the cache
-    position: jax.Array  # [B] int32: the position id `token` will get (real tokens before it)
     done: jax.Array  # [B] bool: the row has emitted stop_token
     step: jax.Array  # () int32: index of `token` among the new tokens
 
@@ -92,21 +89,17 @@ class _Weights:
     out_in: bool = struct.field(pytree_node=False)
 
 
-_KERNEL_INPUT_AXES = {("attn", "c_attn"): 1, ("attn", "c_proj"): 2, ("mlp", "c_fc"): 1,
-                      ("mlp", "c_proj"): 1}
-
-
 def _lay_out(params, config: GPTConfig, out_in: bool) -> _Weights:
     """Copy params (scanned or not, [in, out] kernels) into the layout _Weights describes."""
-    params = convert_layers(params, scan_layers=False)
+    params = convert_layers(nn.meta.unbox(params), scan_layers=False)  # as model.init boxes them
 
     def move(path, x):
         x = jnp.asarray(x, config.dtype)
         keys = tuple(getattr(p, "key", None) for p in path)
-        if not out_in or keys[-1] != "kernel" or not keys[0].startswith("h_"):
-            return x
-        n_in = _KERNEL_INPUT_AXES[keys[-3:-1]]
-        return jnp.transpose(x, (*range(n_in, x.ndim), *range(n_in)))
+        if out_in and keys[-1] == "kernel" and keys[0].startswith("h_"):
+            n_in = 2 if keys[-3:-1] == ("attn", "c_proj") else 1  # its input: [H, D]
+            x = jnp.transpose(x, (*range(n_in, x.ndim), *range(n_in)))
+        return x
 
     params = jax.tree_util.tree_map_with_path(move, params)
     return _Weights(params, jnp.transpose(params["wte"]["embedding"]), out_in)
@@ -134,44 +127,28 @@ def _out_in_dense(next_fun, args, kwargs, context):
     return y
 
 
-def _cache_sizes(config: GPTConfig) -> list[int]:
-    """The cache sizes `generate` steps through: block_size // 8, // 4, // 2 (those of 64 slots or
-    more) and block_size. A step reads its whole cache, so short contexts keep a short one; each
-    size is one more copy of the decoding step in the compiled loop."""
+def _cache_sizes(config: GPTConfig, n: int = 1) -> list[int]:
+    """The cache sizes `generate` steps through that hold n tokens: block_size // 8, // 4, // 2 (of
+    64 slots or more) and block_size. A step reads its whole cache, so short contexts keep a short
+    one; each size is one more copy of the decoding step in the compiled loop."""
     S = config.block_size
-    return sorted({size for size in (S // 8, S // 4, S // 2) if size >= 64} | {S})
-
-
-def _cache_size(config: GPTConfig, n: int) -> int:
-    """The smallest of `_cache_sizes` that holds n tokens."""
-    return next(size for size in _cache_sizes(config) if size >= n)
+    return sorted({size for size in (S // 8, S // 4, S // 2) if size >= max(n, 64)} | {S})
 
 
 def _forward_window(weights: _Weights, config: GPTConfig, cache, window, valid, index,
-                    length: int, positions=None):
+                    length: int):
     """Forward window[:, index:index+length] into cache slots [index, index+length); each query
-    attends to the valid slots up to its own, positions count the valid slots before it (or are
-    given, [B, length]). The cache may hold fewer slots (S') than the window: the first S'.
-    -> (logits of the last query [B, V] float32, cache)."""
+    attends to the valid slots up to its own. The cache may hold fewer slots (S') than the window:
+    the first S'. -> (logits of the last query [B, V] float32, cache)."""
     slots = (cache if isinstance(cache, LayerCache) else cache[0]).slots
     tokens = jax.lax.dynamic_slice_in_dim(window, index, length, axis=1)
-    if positions is None:
-        before = jnp.cumsum(valid, axis=1) - 1
-        positions = jax.lax.dynamic_slice_in_dim(before, index, length, axis=1)
-    query_slots = index + jnp.arange(length)
-    causal = jnp.arange(slots)[None, None, :] <= query_slots[None, :, None]
+    positions = jax.lax.dynamic_slice_in_dim(jnp.cumsum(valid, axis=1) - 1, index, length, axis=1)
+    causal = jnp.arange(slots)[None, None, :] <= (index + jnp.arange(length))[None, :, None]
     mask = valid[:, None, :slots] & causal  # [B, T, S']
-
-    def forward():
-        return GPT(config).apply({"params": weights.params}, tokens, cache,
-                                 positions=jnp.maximum(positions, 0), mask=mask, cache_index=index,
-                                 head=weights.head, method=GPT.decode)
-
-    if weights.out_in:
-        with nn.intercept_methods(_out_in_dense):
-            logits, cache = forward()
-    else:
-        logits, cache = forward()
+    with nn.intercept_methods(_out_in_dense) if weights.out_in else contextlib.nullcontext():
+        logits, cache = GPT(config).apply(
+            {"params": weights.params}, tokens, cache, positions=jnp.maximum(positions, 0),
+            mask=mask, cache_index=index, head=weights.head, method=GPT.decode)
     return logits[:, -1].astype(jnp.float32), cache
 
 
@@ -187,132 +164,89 @@ def make_sampler(temperature=1.0, top_k: int | None = None, top_p: float | None 
     return Sampler(jnp.asarray(temperature, jnp.float32), top_k, top_p, stop_token)
 
 
-def _next_token(sampler: Sampler, logits, rng, step, done):
-    """The new token of `step` [B] and the updated done mask; a stopped row repeats stop_token."""
+def _feed(weights: _Weights, config: GPTConfig, sampler: Sampler, rng, cache, window, valid, index,
+          length: int, step, done) -> DecodeState:
+    """_forward_window, then sample the token of `step`; a stopped row repeats stop_token."""
+    logits, cache = _forward_window(weights, config, cache, window, valid, index, length)
     token = sampler(logits, jax.random.fold_in(rng, step))
-    if sampler.stop_token is None:
-        return token, done
-    token = jnp.where(done, sampler.stop_token, token)
-    return token, done | (token == sampler.stop_token)
+    if sampler.stop_token is not None:
+        token = jnp.where(done, sampler.stop_token, token)
+        done = done | (token == sampler.stop_token)
+    return DecodeState(cache, window, valid, jnp.asarray(index + length, jnp.int32), token, done,
+                       step)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "slots"))
 def _start(weights: _Weights, config: GPTConfig, sampler: Sampler, prompt, prompt_mask, rng,
            slots: int) -> DecodeState:
-    """Prefill the prompt [B, T0 <= slots] in one pass into a cache of `slots` slots, sample the
-    first new token."""
+    """Prefill prompt [B, T0 <= slots] in one pass into a cache of `slots` slots; sample a token."""
     (B, T0), S = prompt.shape, config.block_size
     window = jnp.zeros((B, S), jnp.int32).at[:, :T0].set(prompt)
     valid = jnp.zeros((B, S), bool).at[:, :T0].set(prompt_mask)
-    logits, cache = _forward_window(weights, config, init_cache(config, B, slots), window, valid, 0,
-                                    T0)
-    step = jnp.int32(0)
-    token, done = _next_token(sampler, logits, rng, step, jnp.zeros(B, bool))
-    return DecodeState(cache, window, valid, jnp.int32(T0), token,
-                       jnp.sum(valid, axis=1, dtype=jnp.int32), done, step)
+    return _feed(weights, config, sampler, rng, init_cache(config, B, slots), window, valid, 0, T0,
+                 jnp.int32(0), jnp.zeros(B, bool))
 
 
-def _append(weights: _Weights, config: GPTConfig, sampler: Sampler, rng,
-            state: DecodeState) -> DecodeState:
-    """A free slot is left in the cache: write the latest token there, attend to the cache, sample
-    the next."""
-    window = jax.lax.dynamic_update_slice_in_dim(state.window, state.token[:, None], state.length,
-                                                 axis=1)
-    valid = jax.lax.dynamic_update_slice_in_dim(state.valid, jnp.ones((len(window), 1), bool),
-                                                state.length, axis=1)
-    logits, cache = _forward_window(weights, config, state.cache, window, valid, state.length, 1,
-                                    state.position[:, None])
-    return _after_step(sampler, rng, state, logits, cache, window, valid, state.length + 1,
-                       state.position + 1)
+def _step(weights: _Weights, config: GPTConfig, sampler: Sampler, rng, state: DecodeState,
+          window_shift: int | None = None, slots: int = 0) -> DecodeState:
+    """Feed the latest token and sample the next. window_shift None: write it into the next free
+    slot. Else the cache is full: drop the oldest window_shift tokens and prefill the rest and the
+    token afresh from slot 0 of a cache of `slots` slots."""
+    if window_shift is None:
+        index, length, cache = state.length, 1, state.cache
+        put = lambda x, new: jax.lax.dynamic_update_slice_in_dim(x, new, index, axis=1)
+    else:  # window_shift 1: all S slots, nanoGPT's crop; else the next steps append
+        index, length, k = 0, config.block_size - window_shift + 1, window_shift
+        cache = (state.cache if slots == config.block_size
+                 else init_cache(config, len(state.window), slots))
+        put = lambda x, new: jnp.concatenate([x[:, k:], new, jnp.zeros_like(x[:, 1:k])], axis=1)
+    window = put(state.window, state.token[:, None])
+    valid = put(state.valid, jnp.ones_like(state.valid[:, :1]))
+    return _feed(weights, config, sampler, rng, cache, window, valid, index, length, state.step + 1,
+                 state.done)
 
 
-def _slide(weights: _Weights, config: GPTConfig, sampler: Sampler, rng, state: DecodeState,
-           window_shift: int, slots: int) -> DecodeState:
-    """The cache is full: drop the oldest k tokens, prefill the rest and the latest token afresh
-    from slot 0 of a cache of `slots` slots, sample the next."""
-    S, k = config.block_size, window_shift
-    kept = S - k + 1  # k = 1: all S slots, nanoGPT's crop; else the next k - 1 steps append
-    shift = lambda x, new: jnp.concatenate([x[:, k:], new, jnp.zeros_like(x[:, 1:k])], axis=1)
-    window = shift(state.window, state.token[:, None])
-    valid = shift(state.valid, jnp.ones_like(state.valid[:, :1]))
-    cache = state.cache if slots == S else init_cache(config, len(window), slots)
-    logits, cache = _forward_window(weights, config, cache, window, valid, 0, kept)
-    return _after_step(sampler, rng, state, logits, cache, window, valid, jnp.int32(kept),
-                       jnp.sum(valid, axis=1, dtype=jnp.int32))
-
-
-def _after_step(sampler: Sampler, rng, state: DecodeState, logits, cache, window, valid, length,
-                position) -> DecodeState:
-    """The state after a step of `_append` or `_slide`: sample the next token from the logits."""
-    step = state.step + 1
-    token, done = _next_token(sampler, logits, rng, step, state.done)
-    return DecodeState(cache, window, valid, length, token, position, done, step)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "window_shift"), donate_argnames="state")
-def _advance(weights: _Weights, config: GPTConfig, sampler: Sampler, state: DecodeState, rng,
-             window_shift: int):
-    """Feed the latest token and sample the next: one step of `generate`, for streaming."""
-    return jax.lax.cond(
-        state.length < config.block_size,
-        lambda s: _append(weights, config, sampler, rng, s),
-        lambda s: _slide(weights, config, sampler, rng, s, window_shift, config.block_size), state)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "window_shift"))
 def _generate(weights: _Weights, config: GPTConfig, sampler: Sampler, prompt, prompt_mask, rng,
               max_new_tokens: int, window_shift: int):
-    """The steps of `_advance` as nested loops, so that no step branches on the (large) cache:
+    """The steps of `_step` as nested loops, so that no step branches on the (large) cache:
     cached appends while a slot is free, then one slide, then appends again, ... The cache starts
     with the fewest slots of `_cache_sizes` that hold the prompt and grows to the next size when
     full, one loop of appends per size; every slide starts it again as small as it can."""
-    S, T0 = config.block_size, prompt.shape[1]
-    state = _start(weights, config, sampler, prompt, prompt_mask, rng, _cache_size(config, T0))
+    kept = config.block_size - window_shift + 1
+    state = _start(weights, config, sampler, prompt, prompt_mask, rng,
+                   _cache_sizes(config, prompt.shape[1])[0])
     fill = 0 if sampler.stop_token is None else sampler.stop_token
     out = jnp.full((len(prompt), max_new_tokens), fill, jnp.int32).at[:, 0].set(state.token)
 
     def not_finished(carry):
-        state, _ = carry
-        return (state.step + 1 < max_new_tokens) & ~jnp.all(state.done)
+        return (carry[0].step + 1 < max_new_tokens) & ~jnp.all(carry[0].done)
 
-    def record(state, out):
-        return state, jax.lax.dynamic_update_slice_in_dim(out, state.token[:, None], state.step,
-                                                          axis=1)
+    def step(carry, *slide):  # one _step (a slide: given window_shift, slots), its token recorded
+        state = _step(weights, config, sampler, rng, carry[0], *slide)
+        return state, jax.lax.dynamic_update_slice_in_dim(carry[1], state.token[:, None],
+                                                          state.step, axis=1)
 
     def appends(carry, filled: int):  # from `filled` tokens while a slot is free; ends full
-        for slots in [size for size in _cache_sizes(config) if size >= _cache_size(config, filled)]:
-            state, out = carry
-            state = state._replace(cache=[layer.grow(slots) for layer in state.cache])
-            carry = jax.lax.while_loop(
-                lambda c: (c[0].length < slots) & not_finished(c),
-                lambda c: record(_append(weights, config, sampler, rng, c[0]), c[1]), (state, out))
+        for slots in _cache_sizes(config, filled):
+            grown = [layer.grow(slots) for layer in carry[0].cache]
+            carry = jax.lax.while_loop(lambda c: (c[0].length < slots) & not_finished(c), step,
+                                       (carry[0]._replace(cache=grown), carry[1]))
         return carry
 
-    kept = S - window_shift + 1
-
-    def slide_then_appends(carry):
-        state = _slide(weights, config, sampler, rng, carry[0], window_shift,
-                       _cache_size(config, kept))
-        return appends(record(state, carry[1]), kept)
-
-    return jax.lax.while_loop(not_finished, slide_then_appends, appends((state, out), T0))[1]
+    slide = (window_shift, _cache_sizes(config, kept)[0])
+    return jax.lax.while_loop(not_finished, lambda carry: appends(step(carry, *slide), kept),
+                              appends((state, out), prompt.shape[1]))[1]
 
 
-def _platform(params) -> str:
-    """The platform of the device holding the params ("cpu", "gpu", "tpu"); the default one for
-    host arrays."""
-    leaf = jax.tree.leaves(params)[0]
-    devices = leaf.devices() if isinstance(leaf, jax.Array) else ()
-    return next(iter(devices)).platform if devices else jax.default_backend()
-
-
-def decoding_config(config: GPTConfig) -> GPTConfig:
-    """The config cached decoding runs: unscanned (a scanned model would carry its stacked cache
-    through nn.scan, whose stacked output rewrites the whole cache every token; per-layer caches are
-    updated in place), weights in the compute dtype, and XLA's attention: decoding attends through
-    an explicit mask over the cache, where cuDNN's fused kernel (made for long causal training
-    sequences) gains little, and which has not been run on a GPU here."""
-    return config.replace(scan_layers=False, param_dtype=config.dtype, attention="xla")
+@functools.cache
+def _programs(platform: str) -> dict:
+    """The compiled `_generate`, and `_start` and `_step` for streaming (which knows on the host
+    whether the cache is full), with xla_options' options for `platform` (docs/sampling.md)."""
+    jit = functools.partial(jax.jit, compiler_options=xla_options.compiler_options(platform))
+    return dict(generate=jit(_generate, static_argnames=("config", "max_new_tokens",
+                                                         "window_shift")),
+                start=jit(_start, static_argnames=("config", "slots")),
+                step=jit(_step, static_argnames=("config", "window_shift", "slots"),
+                         donate_argnames="state"))
 
 
 def checked_prompt(config: GPTConfig, prompt, prompt_mask, window_shift: int):
@@ -321,8 +255,7 @@ def checked_prompt(config: GPTConfig, prompt, prompt_mask, window_shift: int):
         raise ValueError(f"window_shift must be in [1, block_size={config.block_size}), "
                          f"got {window_shift}")
     prompt = np.asarray(prompt, np.int32)
-    prompt_mask = (np.ones(prompt.shape, bool) if prompt_mask is None
-                   else np.asarray(prompt_mask, bool))
+    prompt_mask = np.asarray(np.ones(prompt.shape) if prompt_mask is None else prompt_mask, bool)
     if prompt.ndim != 2 or prompt.shape[1] == 0 or prompt_mask.shape != prompt.shape:
         raise ValueError(f"prompt must be [B, T0 > 0] with a mask of its shape, got {prompt.shape} "
                          f"and mask {prompt_mask.shape}")
@@ -340,84 +273,78 @@ def check_max_new_tokens(max_new_tokens: int) -> None:
 class Decoder:
     """A model's weights laid out once for KV-cached sampling, to sample from any number of times.
 
-        dec = Decoder(params, config, batch_size=1)
+        dec = Decoder(params, config)
         tokens = dec.generate(prompt, max_new_tokens=100, rng=jax.random.key(0))  # [B, 100]
         for token in dec.stream(prompt, max_new_tokens=100, rng=jax.random.key(1)): ...  # [B] each
 
-    params: scanned or not, as training or a loader returns them. The constructor copies them into
-    the decoding layout (unscanned, in config.dtype: bfloat16 sampling reads half the bytes per
-    token; the tied head as wte transposed, [C, V]; and for batch_size 1 on a CPU every block kernel
-    stored [out, in], see _out_in_dense), which costs about one pass over the weights and new pages.
-    batch_size picks that layout: prompts of any batch size can be sampled, each layout is fastest
-    at its own. The copy is a snapshot: make a new Decoder after changing the weights.
-    """
+    params: scanned or not, boxed (as model.init returns them) or not. The constructor copies them
+    into the decoding layout (unscanned, in config.dtype; the tied head as wte transposed, [C, V];
+    for batch_size 1 on a CPU every block kernel stored [out, in], see _out_in_dense): about one
+    pass over the weights. batch_size picks that layout; prompts of any batch size can be sampled.
+    The copy is a snapshot: make a new Decoder after changing the weights."""
 
     def __init__(self, params, config: GPTConfig, *, batch_size: int = 1):
-        self.config = decoding_config(config)
+        # Unscanned (nn.scan's stacked output would rewrite the whole cache every token; per-layer
+        # caches are updated in place); XLA's attention, through an explicit mask over the cache.
+        self.config = config.replace(scan_layers=False, param_dtype=config.dtype, attention="xla")
         self.batch_size = batch_size
-        out_in = batch_size == 1 and _platform(params) == "cpu"
-        self._weights = _lay_out(params, self.config, out_in)
+        leaf = jax.tree.leaves(params)[0]  # on a device, or a host array for the default one
+        platform = (next(iter(leaf.devices())).platform if isinstance(leaf, jax.Array)
+                    else jax.default_backend())
+        self._weights = _lay_out(params, self.config, out_in=batch_size == 1 and platform == "cpu")
+        self._programs = _programs(platform)
 
-    def generate(self, prompt, *, max_new_tokens: int, rng: jax.Array, temperature=1.0,
-                 top_k: int | None = None, top_p: float | None = None, prompt_mask=None,
-                 stop_token: int | None = None, window_shift: int = 1) -> jax.Array:
+    def generate(self, prompt, *, max_new_tokens: int, rng: jax.Array, prompt_mask=None,
+                 window_shift: int = 1, **sampling) -> jax.Array:
         """Sample max_new_tokens after each row of prompt [B, T0] -> new tokens [B, N] int32.
 
         prompt_mask: [B, T0] bool, True on real tokens, for prompts left-padded to one length; each
         row's positions start at 0 on its first real token, and padding is never attended to. A
         context longer than block_size is cropped to its last block_size tokens, as nanoGPT does.
-        temperature 0 is greedy; top_k and top_p (nucleus) filter the distribution before sampling.
-        stop_token: a row that emits it is done; the rest of that row is stop_token, so the tokens
-        up to the first stop_token are its text. The loop ends early once every row is done.
         window_shift: how many of the oldest tokens to drop when the context outgrows block_size, in
         [1, block_size): 1 is nanoGPT's exact crop, larger is faster past block_size (see the module
-        docstring). Step t samples with jax.random.fold_in(rng, t), as `stream` and generate_naive
-        do.
-        """
-        sampler, prompt, prompt_mask = self._checked(max_new_tokens, temperature, top_k, top_p,
-                                                     stop_token, prompt, prompt_mask, window_shift)
-        return _generate(self._weights, self.config, sampler, prompt, prompt_mask, rng,
-                         max_new_tokens, window_shift)
+        docstring). sampling: make_sampler's temperature (0 is greedy), top_k and top_p (nucleus),
+        which filter the distribution before sampling, and stop_token: a row that emits it is done,
+        the rest of that row is stop_token, and the loop ends early once every row is done. Step t
+        samples with jax.random.fold_in(rng, t), as `stream` does."""
+        args = self._checked(prompt, max_new_tokens, rng, prompt_mask, window_shift, sampling)
+        return self._programs["generate"](self._weights, self.config, *args, max_new_tokens,
+                                          window_shift)
 
-    def stream(self, prompt, *, max_new_tokens: int, rng: jax.Array, temperature=1.0,
-               top_k: int | None = None, top_p: float | None = None, prompt_mask=None,
-               stop_token: int | None = None, window_shift: int = 1) -> Iterator[np.ndarray]:
-        """`generate`, one step at a time: yields each new token [B] (numpy int32) once sampled.
+    def stream(self, prompt, *, max_new_tokens: int, rng: jax.Array, prompt_mask=None,
+               window_shift: int = 1, **sampling) -> Iterator[np.ndarray]:
+        """`generate`, one step at a time: yields each new token [B] (numpy int32) once sampled,
+        the same tokens; the stream ends after the step on which the last row emits stop_token. The
+        arguments are checked before the first token."""
+        args = self._checked(prompt, max_new_tokens, rng, prompt_mask, window_shift, sampling)
+        return self._steps(*args, max_new_tokens, window_shift)
 
-        The same random keys as `generate`, so the same tokens; the stream ends after the step on
-        which the last row emits stop_token. The arguments are checked before the first token.
-        """
-        sampler, prompt, prompt_mask = self._checked(max_new_tokens, temperature, top_k, top_p,
-                                                     stop_token, prompt, prompt_mask, window_shift)
-        return self._steps(sampler, prompt, prompt_mask, rng, max_new_tokens, window_shift)
-
-    def _checked(self, max_new_tokens, temperature, top_k, top_p, stop_token, prompt, prompt_mask,
-                 window_shift):
+    def _checked(self, prompt, max_new_tokens, rng, prompt_mask, window_shift, sampling):
+        """-> (sampler, prompt, prompt_mask, rng), or a ValueError naming the setting."""
         check_max_new_tokens(max_new_tokens)
-        sampler = make_sampler(temperature, top_k, top_p, stop_token)
-        return (sampler, *checked_prompt(self.config, prompt, prompt_mask, window_shift))
+        sampler = make_sampler(**sampling)
+        return sampler, *checked_prompt(self.config, prompt, prompt_mask, window_shift), rng
 
     def _steps(self, sampler, prompt, prompt_mask, rng, max_new_tokens, window_shift):
-        state = _start(self._weights, self.config, sampler, prompt, prompt_mask, rng,
-                       self.config.block_size)
-        for step in range(max_new_tokens):
-            if step:
-                state = _advance(self._weights, self.config, sampler, state, rng, window_shift)
+        S, length, step = self.config.block_size, prompt.shape[1], self._programs["step"]
+        state = self._programs["start"](self._weights, self.config, sampler, prompt, prompt_mask,
+                                        rng, S)
+        for i in range(max_new_tokens):
+            if i:  # a slide once the cache is full, else an append
+                shift = window_shift if length == S else None
+                state = step(self._weights, self.config, sampler, rng, state, shift, S)
+                length = S - window_shift + 1 if shift else length + 1
             yield np.array(state.token)  # a copy: the next step donates the state's buffers
             if sampler.stop_token is not None and np.all(state.done):
                 return
 
 
-def generate(params, config: GPTConfig, prompt, *, max_new_tokens: int, rng: jax.Array,
-             **sampling) -> jax.Array:
-    """One-shot `Decoder(params, config, batch_size=len(prompt)).generate(prompt, ...)`: lays the
+def generate(params, config: GPTConfig, prompt, **kw) -> jax.Array:
+    """One-shot `Decoder(params, config, batch_size=len(prompt)).generate(prompt, **kw)`: lays the
     weights out on every call; sampling more than once from the same weights, make a Decoder."""
-    decoder = Decoder(params, config, batch_size=len(prompt))
-    return decoder.generate(prompt, max_new_tokens=max_new_tokens, rng=rng, **sampling)
+    return Decoder(params, config, batch_size=len(prompt)).generate(prompt, **kw)
 
 
-def generate_stream(params, config: GPTConfig, prompt, *, max_new_tokens: int, rng: jax.Array,
-                    **sampling) -> Iterator[np.ndarray]:
-    """One-shot `Decoder(params, config, batch_size=len(prompt)).stream(prompt, ...)`."""
-    decoder = Decoder(params, config, batch_size=len(prompt))
-    return decoder.stream(prompt, max_new_tokens=max_new_tokens, rng=rng, **sampling)
+def generate_stream(params, config: GPTConfig, prompt, **kw) -> Iterator[np.ndarray]:
+    """One-shot `Decoder(params, config, batch_size=len(prompt)).stream(prompt, **kw)`."""
+    return Decoder(params, config, batch_size=len(prompt)).stream(prompt, **kw)

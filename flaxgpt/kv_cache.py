@@ -6,13 +6,10 @@ Shapes: B batch, T query length, H heads, D head size, S cache slots, L layers.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-
-if TYPE_CHECKING:
-    from flaxgpt.model import GPTConfig
 
 
 class LayerCache(NamedTuple):
@@ -43,10 +40,10 @@ class LayerCache(NamedTuple):
                           jnp.pad(self.v, ((0, 0), (0, pad), (0, 0))))
 
 
-def init_cache(config: GPTConfig, batch_size: int,
-               length: int | None = None) -> LayerCache | list[LayerCache]:
-    """Zeroed caches with S = length or block_size: with scan_layers one LayerCache stacked over the
-    layers (k: [L, B*H, D, S], v: [L, B*H, S, D]), else a list of L LayerCaches."""
+def init_cache(config, batch_size: int, length: int | None = None) -> LayerCache | list[LayerCache]:
+    """Zeroed caches of a model.GPTConfig (not imported: the model imports this module) with
+    S = length or block_size: with scan_layers one LayerCache stacked over the layers
+    (k: [L, B*H, D, S], v: [L, B*H, S, D]), else a list of L LayerCaches."""
     S, BH, D = length or config.block_size, batch_size * config.n_head, config.head_dim
     k_shape, v_shape = (BH, D, S), (BH, S, D)
     if config.scan_layers:

@@ -12,7 +12,7 @@ import pytest
 
 from flaxgpt.generate import Decoder, Sampler, _forward_window, _Weights, generate, generate_stream
 from flaxgpt.kv_cache import init_cache
-from flaxgpt.sampling_reference import generate_naive
+from sampling_reference import generate_naive
 from flaxgpt.model import GPT, GPTConfig, init_params
 
 CONFIG = GPTConfig(block_size=16, vocab_size=11, n_layer=2, n_head=2, n_embd=32)
@@ -214,15 +214,14 @@ def test_stream_yields_the_tokens_of_generate(params, window_shift):
 
 
 def test_changing_the_temperature_does_not_recompile(params):
-    from flaxgpt.generate import _generate
-
-    prompt = random_tokens(6, (2, 3))
-    generate(params, CONFIG, prompt, max_new_tokens=N, rng=jax.random.key(0), temperature=0.5)
-    compiled = _generate._cache_size()
+    decoder = Decoder(params, CONFIG, batch_size=2)
+    program, prompt = decoder._programs["generate"], random_tokens(6, (2, 3))
+    decoder.generate(prompt, max_new_tokens=N, rng=jax.random.key(0), temperature=0.5)
+    compiled = program._cache_size()
     for temperature in (0.0, 1.3):
         generate(params, CONFIG, prompt, max_new_tokens=N, rng=jax.random.key(0),
                  temperature=temperature)
-    assert _generate._cache_size() == compiled
+    assert program._cache_size() == compiled
 
 
 @pytest.mark.parametrize("kw, message", [
@@ -298,6 +297,21 @@ def test_bfloat16_decoding_reads_bfloat16_weights_and_cache(params):
         assert logits.dtype == jnp.float32
 
 
+def test_a_decoder_takes_params_as_model_init_returns_them():
+    """flax's idiom, Decoder(GPT(config).init(...)["params"], config): the params boxed with their
+    logical axis names sample as the unboxed ones do."""
+    import flax.linen as nn
+
+    boxed = GPT(CONFIG).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
+    assert any(map(is_box, jax.tree.leaves(boxed, is_leaf=is_box)))
+    prompt = random_tokens(9, (2, 3))
+    kw = dict(max_new_tokens=N, rng=jax.random.key(0), temperature=0.0)
+    np.testing.assert_array_equal(
+        Decoder(boxed, CONFIG, batch_size=2).generate(prompt, **kw),
+        generate(init_params(CONFIG, jax.random.key(0)), CONFIG, prompt, **kw))
+
+
 @pytest.mark.parametrize("batch_size", [1, 2])
 def test_a_decoder_lays_the_weights_out_once(params, monkeypatch, batch_size):
     """Sampling twice (and streaming) from one Decoder copies no weight again: the layout function
@@ -307,7 +321,8 @@ def test_a_decoder_lays_the_weights_out_once(params, monkeypatch, batch_size):
     # flaxgpt.generate is the function
     generate_module = importlib.import_module("flaxgpt.generate")
     lay_out = generate_module._lay_out
-    monkeypatch.setattr(generate_module, "_lay_out", lambda *a: calls.append(1) or lay_out(*a))
+    monkeypatch.setattr(generate_module, "_lay_out",
+                        lambda *a, **k: calls.append(1) or lay_out(*a, **k))
     decoder = Decoder(params, CONFIG, batch_size=batch_size)
     assert len(calls) == 1 and not decoder.config.scan_layers
     laid_out = jax.tree.leaves(decoder._weights)
@@ -363,14 +378,15 @@ def test_appending_a_token_rewrites_no_cache_and_no_weight(batch_size):
     """In the compiled `generate` of a scanned model, the loops that append one token per step
     (those with matmuls and no such loop inside them) compute nothing as large as a weight matrix or
     a layer's cache: the cache is updated in place and the weights are read where they lie."""
-    from flaxgpt.generate import _generate, checked_prompt, make_sampler
+    from flaxgpt.generate import checked_prompt, make_sampler
 
     config = CONFIG.replace(block_size=128, n_embd=32)
     decoder = Decoder(init_params(config, jax.random.key(0)), config, batch_size=batch_size)
     weights, config = decoder._weights, decoder.config
     prompt, mask = checked_prompt(config, random_tokens(0, (batch_size, 3)), None, window_shift=1)
-    hlo = _generate.lower(weights, config, make_sampler(0.0), prompt, mask, jax.random.key(0), 150,
-                          1).compile().as_text()
+    hlo = decoder._programs["generate"].lower(weights, config, make_sampler(0.0), prompt, mask,
+                                             jax.random.key(0), 150, 1).compile().as_text()
+    assert "ynn_fusion" not in hlo  # compiled with xla_options' CPU options: no YNNPACK
     computations = _computations(hlo)
     bodies = [re.search(r"body=%([\w.\-]+)", line).group(1)
               for lines in computations.values() for line in lines if " while(" in line]

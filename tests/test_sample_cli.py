@@ -44,14 +44,32 @@ def samples(stdout):
     return texts
 
 
-def test_hf_folder_streams_the_same_text_it_prints_whole(capsys, tiny_hf_gpt2):
+@pytest.fixture
+def decoder_calls(monkeypatch):
+    """[(method name, window_shift)] of every Decoder.stream and Decoder.generate sample.py calls."""
+    calls = []
+    for name in ("stream", "generate"):
+        method = getattr(sample.Decoder, name)
+
+        def spy(self, *args, method=method, **kw):
+            calls.append((method.__name__, kw["window_shift"]))
+            return method(self, *args, **kw)
+
+        monkeypatch.setattr(sample.Decoder, name, spy)
+    return calls
+
+
+def test_hf_folder_streams_the_same_text_it_prints_whole(capsys, tiny_hf_gpt2, decoder_calls):
+    """Streamed token by token and sampled whole by the compiled loop (two paths), the same text."""
     argv = ["--init_from", tiny_hf_gpt2, "--start", "Hello", "--num_samples", 2,
             "--max_new_tokens", 8, "--top_p", 0.9]
     streamed = run_cli(capsys, *argv).out
     texts = samples(streamed)
     assert len(texts) == 2 and all(t.startswith("Hello") for t in texts)
     assert texts[0] != texts[1]  # each sample draws its own random numbers
+    assert [name for name, _ in decoder_calls] == ["stream"] * 2
     assert run_cli(capsys, *argv, "--no-stream").out == streamed
+    assert [name for name, _ in decoder_calls[2:]] == ["generate"] * 2
     assert run_cli(capsys, *argv, "--seed", 1).out != streamed
 
 
@@ -82,42 +100,38 @@ def test_the_weights_are_laid_out_once_for_all_samples(capsys, char_run, monkeyp
         assert len(texts) == 3 and len(calls) == 1
 
 
-def test_window_shift_reaches_the_decoder_streamed_and_whole(capsys, char_run, monkeypatch):
-    """--window_shift past block_size (16): streamed and whole, the same text, sampled with that
-    shift."""
-    shifts = []
-    stream = sample.Decoder.stream
-
-    def spy(self, *args, **kw):
-        shifts.append(kw["window_shift"])
-        return stream(self, *args, **kw)
-
-    monkeypatch.setattr(sample.Decoder, "stream", spy)
+def test_window_shift_reaches_the_decoder_streamed_and_whole(capsys, char_run, decoder_calls):
+    """--window_shift past block_size (16): streamed and whole (the compiled loop), the same text,
+    sampled with that shift."""
     argv = ["--out_dir", char_run, "--start", "ab", "--num_samples", 2, "--max_new_tokens", 40,
             "--window_shift", 8]
     streamed = run_cli(capsys, *argv).out
     assert run_cli(capsys, *argv, "--no-stream").out == streamed
     texts = samples(streamed)
     assert len(texts) == 2 and all(len(t) == 2 + 40 + 1 and set(t) <= set(CHARS) for t in texts)
-    assert shifts == [8] * 4  # 2 samples, streamed and whole
+    assert decoder_calls == [("stream", 8)] * 2 + [("generate", 8)] * 2
 
 
 @pytest.mark.parametrize("stream", ["--stream", "--no-stream"])
 def test_says_how_much_it_will_generate_and_shows_progress(capsys, char_run, monkeypatch, stream):
-    """Up front, one line with samples x tokens; then a progress bar on stderr (tokens, tok/s) for a
-    sample that takes longer than PROGRESS_DELAY_S (here 0), streamed or not; stdout holds only
-    text."""
+    """Up front, one line with samples x tokens; then a progress bar on stderr (tokens, tok/s) once
+    sampling takes longer than PROGRESS_DELAY_S (here 0): per sample streamed, over whole samples
+    with --no-stream; stdout holds only text."""
     argv = ["--out_dir", char_run, "--start", "ab", "--num_samples", 2, "--max_new_tokens", 30,
             stream]
-    quiet = run_cli(capsys, *argv)  # a short sample: no bar
+    monkeypatch.setattr(sample, "LOG_PROGRESS_DELAY_S", 1e6)  # no bar before that, however slow
+    quiet = run_cli(capsys, *argv)
     assert "generating 2 samples x 30 tokens = 60 new tokens" in quiet.err
     assert "tok/s" not in quiet.err
     monkeypatch.setattr(sample, "PROGRESS_DELAY_S", 0)
     monkeypatch.setattr(sample, "LOG_PROGRESS_DELAY_S", 0)  # capsys's stderr is not a terminal
     shown = run_cli(capsys, *argv)
     assert shown.out == quiet.out
-    assert re.search(r"sample 1/2: +\d+%.*\| *\d+/30 \[", shown.err)
-    assert re.search(r"sample 2/2: .*tok/s", shown.err)
+    if stream == "--stream":
+        assert re.search(r"sample 1/2: +\d+%.*\| *\d+/30 \[", shown.err)
+        assert re.search(r"sample 2/2: .*tok/s", shown.err)
+    else:
+        assert re.search(r"2 samples: +50%.*\| *30/60 \[.*tok/s", shown.err)
     assert "tok/s" not in shown.out
 
 

@@ -1,6 +1,6 @@
-"""nanoGPT's sampling algorithm, the reference that `generate` is tested and benchmarked against:
-for every new token, a full causal forward over the context cropped to its last block_size tokens
-(no cache)."""
+"""nanoGPT's sampling algorithm, the reference that flaxgpt's `generate` is tested against (a helper
+of the tests, not part of the package): for every new token, a full causal forward over the context
+cropped to its last block_size tokens (no cache)."""
 
 import functools
 
