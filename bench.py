@@ -10,7 +10,7 @@ prepared dataset's, as in train.py (or --vocab_size). MFU is against the device'
 
 from flaxgpt import distributed, faults, host_memory, mfu, optim, sharding  # first: quiet jax
 from flaxgpt.config import validate
-from flaxgpt.model import count_params, flops_per_token
+from flaxgpt.model import count_params
 from flaxgpt.train_step import TrainStep
 
 import jax
@@ -62,8 +62,8 @@ def run(config):
                                            steps=STEPS.value)
     n_params = count_params(state.params)
     peak = mfu.device_peak_flops()
-    tokens_per_s, utilisation = mfu.throughput(A * B * T, dt, flops_per_token(model, n_params, T),
-                                               jax.device_count(), peak)
+    flops = mfu.flops_per_token(model, n_params, T)
+    tokens_per_s, utilisation = mfu.throughput(A * B * T, dt, flops, jax.device_count(), peak)
     peak_text = f"peak {peak / 1e12:.2f} TFLOP/s each" if peak else "no listed peak: no MFU"
     print(f"device: {jax.device_count()} x {jax.devices()[0].device_kind} ({peak_text}), "
           f"mesh {dict(mesh.shape)}, dtype {model.dtype}, attention {model.attention or 'default'}")

@@ -34,7 +34,8 @@ from ml_collections import config_flags  # noqa: E402
 
 from flaxgpt import data, mfu, optim, sharding, storage  # noqa: E402
 from flaxgpt.data import Batches, Dataset  # noqa: E402
-from flaxgpt.model import count_params, flops_per_token  # noqa: E402
+from flaxgpt.mfu import flops_per_token  # noqa: E402
+from flaxgpt.model import count_params  # noqa: E402
 from flaxgpt.train_step import TrainStep  # noqa: E402
 from flaxgpt.config import model_config  # noqa: E402
 

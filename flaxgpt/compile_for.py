@@ -274,7 +274,7 @@ def plan(config, target_name: str, print_fn=print) -> Plan:
     target = target_named(target_name)
     unit, limit = target.unit, target.memory_gib
     from flaxgpt import mfu
-    from flaxgpt.model import count_params, flops_per_token
+    from flaxgpt.model import count_params
 
     config = batch_for_target(config, target.devices, print_fn)
     start = time.perf_counter()
@@ -310,7 +310,7 @@ def plan(config, target_name: str, print_fn=print) -> Plan:
     cost = compiled_train.cost_analysis()  # None for GPUs
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     n_params = count_params(train_step.abstract_state.params)
-    estimate = flops_per_token(model, n_params, T) * A * B * T
+    estimate = mfu.flops_per_token(model, n_params, T) * A * B * T
     peak = mfu.listed_peak_flops(target.devices[0].device_kind)
     floor_ms = estimate / (n_devices * peak) * 1e3
     attention = model.attention

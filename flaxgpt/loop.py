@@ -19,7 +19,7 @@ from flaxgpt import (checkpoint, data, distributed, faults, host_memory, mfu, op
                      tokenizer, xla_options)
 from flaxgpt.config import model_config, validate
 from flaxgpt.metrics import MetricsLog
-from flaxgpt.model import count_params, flops_per_token
+from flaxgpt.model import count_params
 from flaxgpt.preemption import StopRequest
 from flaxgpt.profiling import StepProfiler
 from flaxgpt.train_step import TrainState, TrainStep
@@ -121,7 +121,7 @@ class Loop:
         A, T = config.gradient_accumulation_steps, self.train_step.model_config.block_size
         tokens_per_step = A * config.batch_size * T
         schedule = optim.learning_rate_schedule(config)
-        flops = flops_per_token(self.train_step.model_config, count_params(state.params), T)
+        flops = mfu.flops_per_token(self.train_step.model_config, count_params(state.params), T)
         peak = mfu.device_peak_flops()
         t_last, steps_since, compiled = time.perf_counter(), 0, False
         self.watchdog.progress(f"the start at step {step}")

@@ -22,6 +22,13 @@ PEAK_FLOPS = (
 )
 
 
+def flops_per_token(config, n_params: int, seq_len: int | None = None) -> float:
+    """Training FLOPs per token (forward + backward) of a GPTConfig's model: nanoGPT's
+    6N + 12*L*H*Q*T (PaLM, app. B)."""
+    T = seq_len or config.block_size
+    return 6 * n_params + 12 * config.n_layer * config.n_head * config.head_dim * T
+
+
 def device_peak_flops(device: jax.Device | None = None) -> float | None:
     """Peak FLOP/s of one device from the table above; None for CPUs and unlisted kinds."""
     device = device or jax.local_devices()[0]

@@ -1,10 +1,9 @@
-"""The GPT-2 model in Flax linen: config, attention, MLP, block, GPT, loss, parameter count, FLOPs.
+"""The GPT-2 model in Flax linen. Shapes: B batch, T query length, S key length, C n_embd,
+H n_head, D head size (C // H), V vocab.
 
-Shapes: B batch, T query length, S key length, C n_embd, H n_head, D head size (C // H), V vocab.
-Every parameter carries logical axis names ("vocab", "embed", "heads", "kv", "mlp"); `sharding.py`
-maps them onto a device mesh. With scan_layers the blocks are one `nn.scan`, their parameters
-stacked on a leading axis L named "layers" (params["h"]), else params["h_0"] ... ["h_{L-1}"];
-`layer_stacking.py` turns one layout into the other. Cached decoding: kv_cache.py, generate.py.
+Every parameter carries logical axis names ("vocab", "embed", "heads", "kv", "mlp") that
+`sharding.py` maps onto a device mesh. With scan_layers the blocks are one `nn.scan` (params["h"],
+stacked on a leading "layers" axis), else params["h_0"] ... ["h_{L-1}"] (layer_stacking.py).
 """
 
 import dataclasses
@@ -29,11 +28,9 @@ PRESETS = {  # nanoGPT's sizes for the OpenAI checkpoints (vocab 50257, block 10
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
 }
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")  # auto: see resolve_attention
-# What a block keeps from its forward pass for the backward pass; the rest is recomputed. none:
-# everything (no remat); full: only the block's input; dots_saveable: the matmul outputs;
-# dots_with_no_batch_dims_saveable: the projections' outputs, not attention's [B, H, T, T] products.
-# A fused attention kernel (splash, cuDNN) is a custom call whose matmuls no dots policy sees: its
-# output is named ATTENTION_OUTPUT, which dots_saveable keeps.
+# What a block keeps for the backward pass (the rest is recomputed): none: everything; full: its
+# input; dots_saveable: matmul outputs, and a fused attention kernel's (a custom call no dots policy
+# sees) named ATTENTION_OUTPUT; dots_with_no_batch_dims_saveable: not attention's [B, H, T, T].
 ATTENTION_OUTPUT = "attention_output"
 REMAT_POLICIES = {
     "none": None,
@@ -61,7 +58,7 @@ class GPTConfig:
     remat: str = "none"  # one of REMAT_POLICIES, applied per block
 
     def __post_init__(self):
-        if self.attention is None:
+        if self.attention is None:  # older configs
             object.__setattr__(self, "attention", "auto")
         for field in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, field) <= 0:
@@ -79,8 +76,7 @@ class GPTConfig:
                              "attention='auto' or 'xla'")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}: choose one of {', '.join(REMAT_POLICIES)}")
-        for field in ("dtype", "param_dtype"):
-            jnp.dtype(getattr(self, field))  # raises TypeError on an unknown name
+        jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)  # TypeError for an unknown name
         if self.attention == "cudnn" and jnp.dtype(self.dtype) not in (jnp.bfloat16, jnp.float16):
             raise ValueError(f"cuDNN attention computes in bfloat16 or float16, not {self.dtype}: "
                              "set dtype, or use attention='xla'")
@@ -98,35 +94,27 @@ class GPTConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+    head_dim = property(lambda self: self.n_embd // self.n_head)
 
 
-def _init(std: float, names: tuple[str | None, ...]):
-    return nn.with_logical_partitioning(nn.initializers.normal(std), names)
-
-
-def _zeros(names: tuple[str | None, ...]):
-    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+_init = lambda std, names: nn.with_logical_partitioning(nn.initializers.normal(std), names)
+_zeros = lambda names: nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
 
 
 def layer_norm(config: GPTConfig, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(
-        epsilon=1e-5, use_bias=config.bias, dtype=config.dtype, param_dtype=config.param_dtype,
-        name=name,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
-        bias_init=_zeros(("embed",)))
+    return nn.LayerNorm(epsilon=1e-5, use_bias=config.bias, dtype=config.dtype, name=name,
+                        param_dtype=config.param_dtype, bias_init=_zeros(("embed",)),
+                        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(),
+                                                                ("embed",)))
 
 
-def _residual_std(config: GPTConfig) -> float:
-    return 0.02 / math.sqrt(2 * config.n_layer)  # nanoGPT's scaled init of the residual projections
+def _residual_std(config: GPTConfig) -> float:  # nanoGPT's init of the residual projections
+    return 0.02 / math.sqrt(2 * config.n_layer)
 
 
 def _dense(cfg: GPTConfig, features: tuple[int, ...], n_in: int, std: float, names: tuple,
            name: str) -> nn.Module:
-    """flax's Dense (DenseGeneral for n_in > 1): x @ W + b over x's last n_in axes ->
-    [..., *features]; names: W's logical axes in [in..., out...] order."""
+    """x @ W + b over x's last n_in axes -> [..., *features]; names: W's logical axes, in first."""
     kw = dict(use_bias=cfg.bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
               kernel_init=_init(std, names), bias_init=_zeros(names[n_in:]), name=name)
     if n_in == 1 and len(features) == 1:
@@ -140,15 +128,13 @@ class CausalSelfAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, deterministic=True, mask=None, cache=None, cache_index=0):
-        """x: [B, T, C] -> ([B, T, C], cache). mask: optional [B, T, S] bool (True = may attend),
-        None for causal. cache: optional kv_cache.LayerCache: x's keys/values are written at slot
-        `cache_index` and the queries attend over the whole cache under `mask` (then required)."""
+        """x: [B, T, C] -> ([B, T, C], cache). mask: [B, T, S] bool (True: may attend) or None
+        (causal); cache: a kv_cache.LayerCache to write x's keys/values into at cache_index."""
         cfg = self.config
         # Fused qkv projection; kernel [C, 3, H, D] is GPT-2's [C, 3C] c_attn, reshaped per head.
         qkv = _dense(cfg, (3, cfg.n_head, cfg.head_dim), 1, 0.02, ("embed", None, "heads", "kv"),
                      "c_attn")(x)
-        # split, not three slices: the gradient is one concatenation, not three zero-padded
-        # [B, T, 3, H, D] copies summed (docs/performance.md)
+        # split: its gradient is one concatenation, not three padded copies summed
         q, k, v = (a[:, :, 0] for a in jnp.split(qkv, 3, axis=2))  # each [B, T, H, D]
         if cache is not None:
             if mask is None:
@@ -157,29 +143,16 @@ class CausalSelfAttention(nn.Module):
             y = cached_attention(q, cache, mask)
         elif cfg.dropout > 0 and not deterministic:
             y = _attention_with_dropout(q, k, v, mask, nn.Dropout(cfg.dropout, name="attn_dropout"))
-        elif (mask is None and resolve_attention(cfg, jax.default_backend()) == "splash"
-              and splash_supports(q.shape[1], cfg.head_dim)):  # else (init's 1 token) XLA's
-            from flaxgpt.splash import splash_causal_attention
-            y = checkpoint_name(splash_causal_attention(q, k, v), ATTENTION_OUTPUT)
-        else:  # an explicit mask always takes XLA's attention
-            implementation = (resolve_attention(cfg, jax.default_backend()) if mask is None
-                              else "xla")
-            implementation = {"auto": None, "splash": "xla"}.get(implementation, implementation)
-            y = jax.nn.dot_product_attention(
-                q, k.astype(q.dtype), v.astype(q.dtype),
-                mask=None if mask is None else mask[:, None], is_causal=mask is None,
-                implementation=implementation)
-            if implementation == "cudnn":
-                y = checkpoint_name(y, ATTENTION_OUTPUT)
+        else:
+            y = _attention(cfg, q, k, v, mask)
         y = _dense(cfg, (cfg.n_embd,), 2, _residual_std(cfg), ("heads", "kv", "embed"), "c_proj")(y)
         y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
         return y, cache
 
 
 def resolve_attention(config: GPTConfig, platform: str) -> str:
-    """The attention implementation `config.attention` means on `platform` ("tpu", "gpu", "cpu"):
-    auto is splash on TPU when the kernel can take the shapes, cuDNN on GPUs computing in
-    bfloat16/float16 without dropout, else XLA; explicit choices as they are (train() checks)."""
+    """What config.attention means on `platform` ("tpu", "gpu", "cpu"): auto is splash on TPU when
+    the kernel takes the shapes, cuDNN on GPUs in bfloat16/float16 without dropout, else XLA."""
     if config.attention != "auto":
         return config.attention
     if platform == "tpu" and splash_supports(config.block_size, config.head_dim):
@@ -190,9 +163,23 @@ def resolve_attention(config: GPTConfig, platform: str) -> str:
     return "xla"
 
 
+def _attention(cfg: GPTConfig, q, k, v, mask):
+    """Attention by the kernel resolve_attention picks, q, k, v: [B, T, H, D] -> [B, T, H, D]; an
+    explicit mask [B, T, S] (or init's one token under splash) takes XLA's."""
+    kind = resolve_attention(cfg, jax.default_backend()) if mask is None else "xla"
+    if kind == "splash" and splash_supports(q.shape[1], cfg.head_dim):
+        from flaxgpt.splash import splash_causal_attention
+        return checkpoint_name(splash_causal_attention(q, k, v), ATTENTION_OUTPUT)
+    kind = "xla" if kind == "splash" else kind
+    y = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), implementation=kind,
+                                     mask=None if mask is None else mask[:, None],
+                                     is_causal=mask is None)
+    return checkpoint_name(y, ATTENTION_OUTPUT) if kind == "cudnn" else y
+
+
 def _attention_with_dropout(q, k, v, mask, dropout: nn.Dropout):
-    """Masked-softmax attention with dropout on the weights (dot_product_attention has none).
-    q: [B, T, H, D]; k, v: [B, S, H, D]; mask: [B, T, S] or None for causal -> [B, T, H, D]."""
+    """Masked-softmax attention with dropout on the weights (dot_product_attention has none);
+    q: [B, T, H, D], k, v: [B, S, H, D], mask: [B, T, S] or None (causal) -> [B, T, H, D]."""
     T, S = q.shape[1], k.shape[1]
     if mask is None:
         mask = jnp.tril(jnp.ones((T, S), dtype=bool))[None]
@@ -210,8 +197,7 @@ class MLP(nn.Module):
         """x: [B, T, C] -> [B, T, C]."""
         cfg = self.config
         dense = lambda features, std, names, name: _dense(cfg, (features,), 1, std, names, name)
-        # The tokens as one [B*T, C] matrix: on [B, T, C] XLA:CPU writes the GELU backward
-        # transposed for the c_fc weight gradient, a strided pass per layer (docs/performance.md).
+        # [B*T, C]: on [B, T, C] XLA:CPU transposes the GELU backward (docs/performance.md)
         B, T, C = x.shape
         h = dense(4 * cfg.n_embd, 0.02, ("embed", "mlp"), "c_fc")(x.reshape(B * T, C))
         h = _constrain(h, ("batch", "mlp"))
@@ -221,18 +207,16 @@ class MLP(nn.Module):
 
 
 def gelu(x, approximate: bool):
-    """GELU of x (any shape): tanh's approximation (GPT-2's) or the exact x/2 (1 + erf(x/sqrt 2)),
-    in float32 as PyTorch writes it (XLA:CPU compiles erf faster than jax.nn.gelu's erfc form,
-    docs/performance.md); in bfloat16 1 + erf cancels in the tail, so jax.nn.gelu's form."""
+    """GELU of x: tanh's approximation (GPT-2's), or exact as x/2 (1 + erf(x/sqrt 2)) in float32
+    (faster on XLA:CPU than jax.nn.gelu's erfc form), jax.nn.gelu's in bfloat16 (no cancelling)."""
     if approximate or x.dtype != jnp.float32:
         return nn.gelu(x, approximate=approximate)
     return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.float32(math.sqrt(0.5))))
 
 
 def _constrain(x, names: tuple[str | None, ...]):
-    """x constrained to the sharding its logical axis names give on the mesh a TrainStep traces
-    under (sharding.traced_mesh); elsewhere x as it is. linen's own constraint needs a global mesh,
-    which would also constrain every param as it is unboxed."""
+    """x constrained to its logical axes' sharding on the mesh a TrainStep traces under, else as it
+    is (linen's own constraint needs a global mesh, which would constrain every param too)."""
     return nn.with_logical_constraint(x, names, mesh=traced_mesh())
 
 
@@ -241,11 +225,8 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, cache=None, mask=None, cache_index=0, deterministic=True):
-        """Pre-LayerNorm transformer block. x: [B, T, C] -> ([B, T, C], cache).
-
-        Positional arguments, as nn.scan and nn.remat pass them (x is the scan's carry, cache its
-        per-layer input and output).
-        """
+        """Pre-LayerNorm block, x: [B, T, C] -> ([B, T, C], cache); positional arguments as nn.scan
+        and nn.remat pass them (x the scan's carry, cache its per-layer input and output)."""
         y, cache = CausalSelfAttention(self.config, name="attn")(
             layer_norm(self.config, "ln_1")(x), deterministic=deterministic, mask=mask, cache=cache,
             cache_index=cache_index)
@@ -259,27 +240,20 @@ class GPT(nn.Module):
     config: GPTConfig
 
     def __call__(self, idx, *, deterministic=True, positions=None, mask=None):
-        """idx: [B, T] int tokens -> logits [B, T, V].
-
-        positions: [B, T] position ids (default 0..T-1); mask: optional [B, T, T] bool, True where a
-        query may attend to a key (e.g. causal and not padding); None is plain causal attention.
-        """
+        """idx: [B, T] int tokens -> logits [B, T, V]. positions: [B, T] (default 0..T-1); mask:
+        optional [B, T, T] bool, True where a query may attend to a key; None is causal."""
         return self.forward(idx, deterministic=deterministic, positions=positions, mask=mask)[0]
 
     def hidden_states(self, idx, *, deterministic=True, positions=None, mask=None):
         """idx: [B, T] -> the final hidden states [B, T, C] (after ln_f), which the tied head turns
-        into logits (`loss.head_cross_entropy` does so a chunk at a time). Arguments as in
-        __call__."""
+        into logits (loss.head_cross_entropy). Arguments as in __call__."""
         return self.forward(idx, deterministic=deterministic, positions=positions, mask=mask,
                             hidden_only=True)[0]
 
     def decode(self, idx, cache, *, positions, mask, cache_index, head=None):
-        """Cached decoding (see kv_cache.py): idx [B, T] -> (logits of the last position [B, 1, V],
-        the cache with idx's keys and values written at slots cache_index ... cache_index + T - 1).
-
-        positions: [B, T] position ids; mask: [B, T, S] bool, True where a query may see a slot.
-        head: optional [C, V], wte transposed once by a decoding loop, read as x @ head.
-        """
+        """Cached decoding (kv_cache.py): idx [B, T] -> (the last position's logits [B, 1, V], the
+        cache with idx's keys and values written at slots cache_index ...). positions: [B, T];
+        mask: [B, T, S] bool, True where a query may see a slot; head: optional [C, V] (wte.T)."""
         return self.forward(idx, positions=positions, mask=mask, cache=cache,
                             cache_index=cache_index, last_only=True, head=head)
 
@@ -288,13 +262,11 @@ class GPT(nn.Module):
                 cache_index=0, last_only=False, head=None, hidden_only=False):
         """What `__call__` and `decode` share: -> (logits [B, T or 1, V], the updated cache or
         None); hidden_only: the final hidden states [B, T or 1, C] instead of the logits."""
-        cfg = self.config
-        T = idx.shape[1]
+        cfg, T = self.config, idx.shape[1]
         if T > cfg.block_size:
             raise ValueError(f"cannot forward a sequence of length {T}: "
                              f"block_size is only {cfg.block_size}")
-        if positions is None:
-            positions = jnp.arange(T)[None]
+        positions = jnp.arange(T)[None] if positions is None else positions
         wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                        embedding_init=_init(0.02, ("vocab", "embed")), name="wte")
         wpe = nn.Embed(cfg.block_size, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
@@ -326,18 +298,16 @@ class GPT(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = layer_norm(cfg, "ln_f")(x)
-        if hidden_only:
-            return x, (None if cache is None else new_cache)
-        logits = wte.attend(x) if head is None else x @ head.astype(x.dtype)  # lm_head tied to wte
-        logits = _constrain(logits, ("batch", "length", "vocab"))
-        return logits, (None if cache is None else new_cache)
+        if not hidden_only:  # the lm_head is wte, tied
+            x = _constrain(wte.attend(x) if head is None else x @ head.astype(x.dtype),
+                           ("batch", "length", "vocab"))
+        return x, (None if cache is None else new_cache)
 
 
 def _kernels_cast_on_entry(module_class, config: GPTConfig, initializing: bool):
-    """module_class (the scanned blocks, or one block), its matmul kernels and biases (c_attn,
-    c_proj, c_fc) read already cast to the compute dtype: one cast of the stacked params per step,
-    outside the layer scan and remat, instead of one per block in the forward pass and again in its
-    recomputation (the backward pass then keeps those bf16 copies). LayerNorm params keep theirs."""
+    """module_class (the scanned blocks, or one block) reading its matmul kernels and biases (c_*)
+    already cast to the compute dtype: one cast per step outside the layer scan and remat, not one
+    per block in the forward pass and again in its recomputation. LayerNorm params keep theirs."""
     if initializing or jnp.dtype(config.dtype) == jnp.dtype(config.param_dtype):
         return module_class
 
@@ -352,37 +322,29 @@ def _kernels_cast_on_entry(module_class, config: GPTConfig, initializing: bool):
 
 @functools.partial(jax.jit, static_argnums=0)
 def init_params(config: GPTConfig, rng: jax.Array) -> dict:
-    """Unboxed float params of a freshly initialised GPT (sharding.py: the sharded version)."""
-    variables = GPT(config).init(rng, jnp.zeros((1, 1), jnp.int32))
-    return nn.meta.unbox(variables["params"])
+    """Unboxed float params of a freshly initialised GPT (TrainStep.init: the sharded version)."""
+    return nn.meta.unbox(GPT(config).init(rng, jnp.zeros((1, 1), jnp.int32))["params"])
 
 
 def count_params(params, *, non_embedding: bool = True) -> int:
     """Number of parameters (the head is wte, tied). nanoGPT reports it without wpe."""
     n = sum(x.size for x in jax.tree.leaves(params))
-    if non_embedding:
-        n -= params["wpe"]["embedding"].size
-    return int(n)
+    return int(n - params["wpe"]["embedding"].size * non_embedding)
 
 
 def crop_block_size(params: dict, config: GPTConfig, block_size: int) -> tuple[dict, GPTConfig]:
     """Shrink the context length of a (pretrained) model by cutting its position embeddings."""
-    if block_size > config.block_size:
-        raise ValueError(f"cannot grow block_size from {config.block_size} to {block_size}")
-    params = dict(params, wpe={"embedding": params["wpe"]["embedding"][:block_size]})
-    return params, config.replace(block_size=block_size)
+    return _crop(params, config, "wpe", "block_size", block_size)
 
 
 def crop_vocab_size(params: dict, config: GPTConfig, vocab_size: int) -> tuple[dict, GPTConfig]:
     """Keep the first vocab_size rows of the (tied) token embedding, e.g. GPT-2's 50304 padded rows
     back to its 50257 tokens, so that padding tokens (no text) are never sampled or exported."""
-    if vocab_size > config.vocab_size:
-        raise ValueError(f"cannot grow vocab_size from {config.vocab_size} to {vocab_size}")
-    params = dict(params, wte={"embedding": params["wte"]["embedding"][:vocab_size]})
-    return params, config.replace(vocab_size=vocab_size)
+    return _crop(params, config, "wte", "vocab_size", vocab_size)
 
 
-def flops_per_token(config: GPTConfig, n_params: int, seq_len: int | None = None) -> float:
-    """Training FLOPs per token (forward + backward): nanoGPT's 6N + 12*L*H*Q*T (PaLM, app. B)."""
-    T = seq_len or config.block_size
-    return 6 * n_params + 12 * config.n_layer * config.n_head * config.head_dim * T
+def _crop(params: dict, config: GPTConfig, table: str, field: str, size: int):
+    if size > getattr(config, field):
+        raise ValueError(f"cannot grow {field} from {getattr(config, field)} to {size}")
+    return (dict(params, **{table: {"embedding": params[table]["embedding"][:size]}}),
+            config.replace(**{field: size}))

@@ -11,7 +11,7 @@ import pytest
 
 from flaxgpt.layer_stacking import convert_layers
 from flaxgpt.loss import cross_entropy_loss
-from flaxgpt.model import (GPT, GPTConfig, count_params, crop_block_size, gelu, flops_per_token,
+from flaxgpt.model import (GPT, GPTConfig, count_params, crop_block_size, gelu,
                            init_params, resolve_attention)
 from flaxgpt.kv_cache import init_cache
 
@@ -214,6 +214,7 @@ def test_crop_block_size(params):
 
 
 def test_flops_per_token_is_nanogpts_formula():
+    from flaxgpt.mfu import flops_per_token
     config = GPTConfig.from_preset("gpt2")
     n = 85_000_000
     assert flops_per_token(config, n) == 6 * n + 12 * 12 * 12 * 64 * 1024
