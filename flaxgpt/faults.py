@@ -168,29 +168,28 @@ def _library_report(record: logging.LogRecord) -> bool:
 def quiet_library_reports(hooks: bool = False) -> Iterator[None]:
     """Drop the libraries' ERROR records (see the module docstring) while the block runs, unless
     FLAXGPT_VERBOSE is set; hooks: their threads' and coroutines' reports too."""
-    undo = _drop_library_reports(hooks)
-    try:
+    with contextlib.ExitStack() as undo:
+        _drop_library_reports(undo, hooks)
         yield
-    finally:
-        undo()
 
 
 def quiet_until_exit() -> None:
     """`quiet_library_reports(hooks=True)` for the rest of the program, for the command-line tools:
     the libraries' threads and coroutines may still report a failure while Python shuts down."""
-    _drop_library_reports(hooks=True)
+    _drop_library_reports(contextlib.ExitStack(), hooks=True)  # never undone
 
 
-def _drop_library_reports(hooks: bool) -> Callable[[], None]:
-    """Install the log filter (hooks: also the unraisable and thread hooks and a warnings filter);
-    -> what removes them again."""
+def _drop_library_reports(undo: contextlib.ExitStack, hooks: bool) -> None:
+    """Install the log filter (hooks: also the unraisable and thread hooks and a warnings filter),
+    and on `undo` what removes them again."""
     if verbose():
-        return lambda: None
-    loggers = [logging.getLogger(name) for name in _LOGGERS]
-    for logger in loggers:
+        return
+    for logger in map(logging.getLogger, _LOGGERS):
         logger.addFilter(_library_report)
+        undo.callback(logger.removeFilter, _library_report)
+    if not hooks:
+        return
     previous, previous_thread = sys.unraisablehook, threading.excepthook
-    caught = warnings.catch_warnings()
 
     def unraisable(u):  # e.g. a TensorStore read still in flight when orbax closed its event loop
         if not _from_libraries(_where(u.object, u.exc_value, u.exc_traceback)) and \
@@ -201,18 +200,11 @@ def _drop_library_reports(hooks: bool) -> Callable[[], None]:
         if not _from_libraries(_where(args.thread, args.exc_value, args.exc_traceback)):
             previous_thread(args)
 
-    if hooks:
-        sys.unraisablehook, threading.excepthook = unraisable, thread
-        caught.__enter__()
-        warnings.filterwarnings("ignore", _ORBAX_COROUTINES, RuntimeWarning)
-
-    def undo():
-        if hooks:
-            sys.unraisablehook, threading.excepthook = previous, previous_thread
-            caught.__exit__(None, None, None)
-        for logger in loggers:
-            logger.removeFilter(_library_report)
-    return undo
+    sys.unraisablehook, threading.excepthook = unraisable, thread
+    undo.callback(setattr, sys, "unraisablehook", previous)
+    undo.callback(setattr, threading, "excepthook", previous_thread)
+    undo.enter_context(warnings.catch_warnings())
+    warnings.filterwarnings("ignore", _ORBAX_COROUTINES, RuntimeWarning)
 
 
 def _where(source, error: BaseException | None, tb=None) -> str:
