@@ -37,8 +37,7 @@ class UnreadableCheckpointError(ValueError):
 
 
 def saved_steps(directory: str | os.PathLike) -> list[int]:
-    """The step folders in a checkpoints folder (readable or not), oldest first; orbax writes a
-    step under a temporary name, so a half-written one is not listed."""
+    """The steps in a checkpoints folder (readable or not, not half written), oldest first."""
     directory = storage.path(directory)
     if not directory.is_dir():
         return []
@@ -85,8 +84,7 @@ def tree_checksums(tree) -> dict[str, int]:
 
 
 def verify_checksums(tree, expected: dict[str, int], where: storage.Path) -> None:
-    """Raise UnreadableCheckpointError naming the arrays whose checksum differs from the saved
-    one."""
+    """Raise UnreadableCheckpointError naming the arrays whose checksums are not the saved ones."""
     bad = [path for path, value in tree_checksums(tree).items()
            if path in expected and expected[path] != value]
     if bad:
@@ -104,9 +102,8 @@ class Checkpoints:
         out_dir = storage.path(out_dir)
         self.directory = ((out_dir if storage.is_remote(out_dir) else out_dir.absolute())
                           / "checkpoints")
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=create,
-            enable_async_checkpointing=async_save)
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
+                                               enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("params", "opt_state", "meta"))
         # Reads go through the handlers, without the barrier orbax's restore ends with: a process
@@ -139,8 +136,7 @@ class Checkpoints:
         self.manager.reload()
 
     def save(self, step: int, params, opt_state, meta: dict[str, Any]) -> None:
-        """Start writing step `step` (in the background when async); `wait()` before reading it
-        back."""
+        """Start writing `step` (in the background when async); `wait()` before reading it back."""
         self.check_for_errors()  # an earlier background save that failed is reported as such
         meta = {**meta, "checksums": {"params": tree_checksums(params),
                                       "opt_state": tree_checksums(opt_state)}}
