@@ -86,11 +86,9 @@ def claim_out_dir(out_dir: storage.Path, overwrite: bool) -> None:
 
 
 def initial_state(config, mesh: Mesh, wanted: GPTConfig, ckpts: checkpoint.Checkpoints):
-    """The TrainStep and its first state for config.init_from -> (train_step, state, {"run_id",
-    "best_val_loss", "model_source", ...} as a resumed run recorded them).
-
-    The model's shape comes from the config, or from the pretrained model a run started from (then
-    also when that run resumes)."""
+    """(TrainStep, first state, {"run_id", "best_val_loss", "model_source", ...} as a resumed run
+    recorded them) for config.init_from. The model's shape is the config's, or that of the
+    pretrained model the run started from (also when it resumes)."""
     if config.init_from == "scratch":
         train_step = build(config, wanted, mesh)
         return train_step, train_step.init(jax.random.key(config.seed)), {"run_id": new_run_id()}
