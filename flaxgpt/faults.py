@@ -143,8 +143,7 @@ def errors_reported(program: str, verbose_: bool | None = None, interrupted: str
 
 
 def _from_libraries(text: str) -> bool:
-    """Whether text (file names, reprs, an error's message) points into LIBRARIES or is
-    TensorStore's."""
+    """Whether text (file names, reprs, a message) points into LIBRARIES or is TensorStore's."""
     return "tensorstore" in text.lower() or " in OCDBT database" in text or any(
         f"{os.sep}{name}{os.sep}" in text or f"{os.sep}{name}." in text or f"<{name}" in text
         for name in LIBRARIES)
