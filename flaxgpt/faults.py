@@ -149,18 +149,21 @@ def _from_libraries(text: str) -> bool:
         for name in LIBRARIES)
 
 
-def _library_report(record: logging.LogRecord) -> bool:
-    """The log filter: drops ERROR records raised inside LIBRARIES, their warnings known as noise
-    (_LIBRARY_NOISE), and asyncio's reports of their leftover tasks; other warnings pass."""
-    if record.levelno < logging.WARNING:
-        return True
-    if _from_libraries(record.pathname):
-        return record.levelno < logging.ERROR and not record.getMessage().startswith(
-            _LIBRARY_NOISE)
-    # asyncio's "Task exception was never retrieved": a read orbax gave up on
-    error = record.exc_info[1] if record.exc_info else None
-    return record.name != "asyncio" or not _from_libraries(
-        record.getMessage() + _where(None, error))
+class _LibraryReports(logging.Filter):
+    """Drops ERROR records raised inside LIBRARIES, their warnings known as noise (_LIBRARY_NOISE),
+    and asyncio's reports of their leftover tasks; other warnings pass. One instance per
+    installation, so that removing one leaves the others."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        if _from_libraries(record.pathname):
+            return record.levelno < logging.ERROR and not record.getMessage().startswith(
+                _LIBRARY_NOISE)
+        # asyncio's "Task exception was never retrieved": a read orbax gave up on
+        error = record.exc_info[1] if record.exc_info else None
+        return record.name != "asyncio" or not _from_libraries(
+            record.getMessage() + _where(None, error))
 
 
 @contextlib.contextmanager
@@ -183,9 +186,10 @@ def _drop_library_reports(undo: contextlib.ExitStack, hooks: bool) -> None:
     and on `undo` what removes them again."""
     if verbose():
         return
+    reports = _LibraryReports()
     for logger in map(logging.getLogger, _LOGGERS):
-        logger.addFilter(_library_report)
-        undo.callback(logger.removeFilter, _library_report)
+        logger.addFilter(reports)
+        undo.callback(logger.removeFilter, reports)
     if not hooks:
         return
     previous, previous_thread = sys.unraisablehook, threading.excepthook
