@@ -195,15 +195,16 @@ class Checkpoints:
     def restore(self, abstract_params, abstract_opt_state=None, *, step: int | None = None,
                 run_id: str | None = None, newest: int | None = None):
         """Restore the newest readable step (or `step`; or the newest from `newest` down) ->
-        (params, opt_state or None, meta). The abstract trees (ShapeDtypeStructs with shardings) say
-        where every shard goes; with run_id, another run's steps are passed over. All processes
-        check the arrays' checksums together, so every one gets the same verdict."""
-        targets = {"params": abstract_params, "opt_state": abstract_opt_state}
-
+        (params, opt_state or None, meta with its step). The abstract trees (ShapeDtypeStructs with
+        shardings; abstract_params may be a function of the step's meta) say where every shard
+        goes; with run_id, another run's steps are passed over. All processes check the arrays'
+        checksums together, so every one gets the same verdict."""
         def read(s):  # this process's shards only: no collective, so no peer is left waiting
-            meta = self.read_meta(s)
+            meta = {"step": s, **self.read_meta(s)}
             if run_id is not None and meta.get("run_id") != run_id:
                 raise ValueError(f"saved by run {meta.get('run_id')}, not by run {run_id}")
+            targets = {"params": abstract_params(meta) if callable(abstract_params)
+                       else abstract_params, "opt_state": abstract_opt_state}
             return meta, {name: self._arrays.restore(self.directory / str(s) / name,
                                                      args=ocp.args.StandardRestore(target))
                           for name, target in targets.items() if target is not None}
@@ -232,8 +233,6 @@ class Checkpoints:
         for s in candidates:
             try:
                 result, failure = read(s), ""
-            except UnreadableCheckpointError as e:  # from a nested read of the same step
-                result, failure = None, e.reason
             except Exception as e:  # orbax raises many kinds of errors for a broken step directory
                 result, failure = None, faults.describe(e)
             failures = distributed.all_values(f"read checkpoint {s}", failure)
@@ -267,25 +266,22 @@ def load_run(out_dir: str | os.PathLike, *,
     storage.check_reachable(out_dir, "out_dir")
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"{out_dir} is a file, not a training run's out_dir")
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    overrides = {"attention": "auto", **({"dtype": dtype} if dtype else {})}
+
+    def target(meta):  # the model's shape is stored in the checkpoint
+        config = model_config_from_meta(meta, **overrides)
+        shapes = jax.eval_shape(lambda rng: init_params(config, rng), jax.random.key(0))
+        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                            shapes)
     with Checkpoints(out_dir, create=False) as checkpoints:
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-
-        # the model's shape is stored in the checkpoint; the params' target follows from it
-        def read(step):
-            config = model_config_from_meta(checkpoints.read_meta(step), attention="auto",
-                                            **({"dtype": dtype} if dtype else {}))
-            shapes = jax.eval_shape(lambda rng: init_params(config, rng), jax.random.key(0))
-            target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-                                  shapes)
-            params, _, meta = checkpoints.restore(target, step=step)
-            return config, params, {"step": step, **meta}
-
         try:
-            return checkpoints.newest_readable(read)
+            params, _, meta = checkpoints.restore(target)
         except CheckpointNotFoundError:
             raise CheckpointNotFoundError(
                 f"no checkpoint in {checkpoints.directory}: train a model with train.py "
                 f"--config.out_dir={out_dir} first") from None
+    return model_config_from_meta(meta, **overrides), params, meta
 
 
 def load_params(out_dir: str | os.PathLike, *, dtype: str | None = None) -> tuple[GPTConfig, Any]:
