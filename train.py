@@ -20,17 +20,14 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-CONFIG = config_flags.DEFINE_config_file("config", None,
-                                         "a config file in configs/, e.g. configs/owt.py",
-                                         lock_config=True)
+CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "a config file in configs/, e.g. configs/owt.py", lock_config=True)
 COMPILE_FOR = flags.DEFINE_string(
     "compile_for", None, "compile the train step for a Cloud TPU slice (e.g. v5e-8, v4-32) or "
     "NVIDIA GPUs (h100-8, a100-1, h200-16) on this machine, report memory per device, and exit")
-
-
-VERBOSE = flags.DEFINE_boolean("verbose", False,
-                               "print the libraries' own reports of a failure (orbax's "
-                               "tracebacks from its threads) too; the same as FLAXGPT_VERBOSE=1")
+VERBOSE = flags.DEFINE_boolean(
+    "verbose", False, "print the libraries' own reports of a failure (orbax's tracebacks from its "
+    "threads) too; the same as FLAXGPT_VERBOSE=1")
 
 
 def _exit_program(message: str, code: int) -> None:
@@ -59,72 +56,53 @@ def main(argv):
         train(config)
 
 
-def _config_keys(config, prefix="") -> list[str]:
-    keys = []
-    for key, value in config.items():
-        keys.append(prefix + key)
-        if hasattr(value, "items"):
-            keys += _config_keys(value, f"{prefix}{key}.")
-    return keys
-
-
 def _load_config(config_arg: str):
-    """The ConfigDict of `path[:variant]`, as ml_collections builds it."""
+    """The ConfigDict of `path[:variant]`, as ml_collections builds it; a file that does not load
+    ends the program with one line: its file:line and message."""
     path, *variant = config_arg.split(":", 1)
-    return runpy.run_path(path)["get_config"](*variant)
-
-
-def _config_file_error(config_arg: str) -> str | None:
-    """The file:line and message of a config file that does not load, as one line (None if it
-    loads)."""
-    config_file = config_arg.split(":")[0]
+    if not Path(path).is_file():
+        choices = ", ".join(sorted(str(p) for p in Path("configs").glob("*.py")))
+        faults.exit_with(f"train.py: error: no config file {path} "
+                         f"(configs here: {choices or 'none'})")
     try:
-        _load_config(config_arg)
-        return None
+        return runpy.run_path(path)["get_config"](*variant)
     except SyntaxError as e:
-        return f"{e.filename}:{e.lineno}: {e.msg}"
+        error = f"{e.filename}:{e.lineno}: {e.msg}"
     except Exception as e:
         frame = next((f for f in reversed(traceback.extract_tb(e.__traceback__))
-                      if Path(f.filename).resolve() == Path(config_file).resolve()), None)
-        where = f"{frame.filename}:{frame.lineno}: " if frame else f"{config_file}: "
-        return f"{where}{type(e).__name__}: {e}"
+                      if Path(f.filename).resolve() == Path(path).resolve()), None)
+        error = f"{f'{frame.filename}:{frame.lineno}' if frame else path}: {type(e).__name__}: {e}"
+    faults.exit_with(f"train.py: error: the config file does not load: {error}")
+
+
+def _config_keys(config, prefix=""):
+    for key, value in config.items():
+        yield prefix + key
+        if hasattr(value, "items"):
+            yield from _config_keys(value, f"{prefix}{key}.")
 
 
 def parse_flags(argv):
     """absl's parser, with one line instead of a traceback for a bad config file or an unknown
-    --config.key."""
+    --config.key (with the config's keys closest to it)."""
     config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    config_file = config_arg.split(":")[0] if config_arg else None
-    if config_file and not Path(config_file).is_file():
-        choices = ", ".join(sorted(str(p) for p in Path("configs").glob("*.py")))
-        faults.exit_with(f"train.py: error: no config file {config_file} "
-                 f"(configs here: {choices or 'none'})")
-    if config_file and (error := _config_file_error(config_arg)):
-        faults.exit_with(f"train.py: error: the config file does not load: {error}")
+    config = _load_config(config_arg) if config_arg else None
     try:
         return flags.FLAGS(argv)
     except AttributeError as e:  # ml_collections' error for a key the config does not have
         match = re.search(r"'([^'\\]+)", str(e))
         key = match.group(1) if match else str(e)
         arg = next((a.split("=")[0] for a in argv if a.startswith("--config.") and key in a), key)
-        faults.exit_with(f"train.py: error: {arg}: the config has no key "
-                         f"{key!r}{_closest_keys(config_arg, arg)}")
+        keys = [] if config is None else list(_config_keys(config))
+        close = difflib.get_close_matches(arg.removeprefix("--config."), keys, n=3, cutoff=0.5)
+        hint = (f"; did you mean {' or '.join('--config.' + k for k in close)}?" if close else
+                "; the keys are in flaxgpt/config.py" if keys else "")
+        faults.exit_with(f"train.py: error: {arg}: the config has no key {key!r}{hint}")
     except flags.Error as e:
         reason = str(e).strip().splitlines()[-1]  # a config file's own exception comes last
         if "--config must have a value" in reason:
             reason = "give a config: --config=configs/shakespeare_char.py:cpu (or configs/*.py)"
         faults.exit_with(f"train.py: error: {reason}")
-
-
-def _closest_keys(config_arg: str, arg: str) -> str:
-    """'; did you mean ...' with the config's keys closest to the unknown one."""
-    try:
-        keys = _config_keys(_load_config(config_arg))
-    except Exception:
-        return ""
-    close = difflib.get_close_matches(arg.removeprefix("--config."), keys, n=3, cutoff=0.5)
-    return f"; did you mean {' or '.join('--config.' + k for k in close)}?" if close else \
-        "; the keys are in flaxgpt/config.py"
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ step that any process cannot read, or whose arrays differ from their checksums (
 copy), is passed over by every process for the one before; it is never deleted.
 """
 
+import contextlib
+import itertools
 import logging
 import os
 import shutil
@@ -35,8 +37,7 @@ class UnreadableCheckpointError(ValueError):
 
 
 def saved_steps(directory: str | os.PathLike) -> list[int]:
-    """The step folders in a checkpoints folder (readable or not), oldest first; orbax writes a
-    step under a temporary name, so a half-written one is not listed."""
+    """The steps in a checkpoints folder (readable or not, not half written), oldest first."""
     directory = storage.path(directory)
     if not directory.is_dir():
         return []
@@ -50,6 +51,13 @@ def run_id_of(out_dir: str | os.PathLike, step: int) -> str | None:
             return checkpoints.read_meta(step).get("run_id")
     except Exception:  # an unreadable step: orbax raises many kinds of errors
         return None
+
+
+def unused_path(path: storage.Path, sep: str = "") -> storage.Path:
+    """path, or the first of path{sep}1, path{sep}2, ... that does not exist: what is set aside
+    never goes over what was set aside before."""
+    names = (f"{path.name}{sep}{n}" if n else path.name for n in itertools.count())
+    return next(p for p in map(path.with_name, names) if not p.exists())
 
 
 @jax.jit
@@ -76,8 +84,7 @@ def tree_checksums(tree) -> dict[str, int]:
 
 
 def verify_checksums(tree, expected: dict[str, int], where: storage.Path) -> None:
-    """Raise UnreadableCheckpointError naming the arrays whose checksum differs from the saved
-    one."""
+    """Raise UnreadableCheckpointError naming the arrays whose checksums are not the saved ones."""
     bad = [path for path, value in tree_checksums(tree).items()
            if path in expected and expected[path] != value]
     if bad:
@@ -95,14 +102,14 @@ class Checkpoints:
         out_dir = storage.path(out_dir)
         self.directory = ((out_dir if storage.is_remote(out_dir) else out_dir.absolute())
                           / "checkpoints")
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=create,
-            enable_async_checkpointing=async_save)
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
+                                               enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("params", "opt_state", "meta"))
         # Reads go through the handlers, without the barrier orbax's restore ends with: a process
         # that fails to read must not leave the others waiting there (see `restore`).
         self._arrays = ocp.StandardCheckpointHandler()
+        self._saving = (None, 0)  # (step, bytes) of the last save
 
     def __enter__(self):
         return self
@@ -117,75 +124,66 @@ class Checkpoints:
         return saved_steps(self.directory)
 
     def set_aside(self, steps: list[int]) -> None:
-        """Rename unreadable step directories to `<step>.unreadable`: kept on disk, but no longer
-        counted as checkpoints (so a resumed run can write that step again and max_to_keep counts
-        good ones)."""
+        """Rename unreadable steps to `<step>.unreadable`: kept, but no longer checkpoints (a
+        resumed run can write that step again, and max_to_keep counts good ones)."""
         if distributed.is_main_process():
             for step in steps:
                 path = self.directory / str(step)
-                target = path.with_name(f"{step}.unreadable")
-                for n in range(1, 1000):  # never over an earlier one
-                    if not target.exists():
-                        break
-                    target = path.with_name(f"{step}.unreadable{n}")
+                target = unused_path(path.with_name(f"{step}.unreadable"))
                 storage.move(path, target)
                 log.warning("set aside unreadable checkpoint %s as %s", path, target.name)
         distributed.all_values("checkpoints set aside", "")
         self.manager.reload()
 
     def save(self, step: int, params, opt_state, meta: dict[str, Any]) -> None:
-        """Start writing step `step` (in the background when async); `wait()` before reading it
-        back."""
+        """Start writing `step` (in the background when async); `wait()` before reading it back."""
         self.check_for_errors()  # an earlier background save that failed is reported as such
         meta = {**meta, "checksums": {"params": tree_checksums(params),
                                       "opt_state": tree_checksums(opt_state)}}
         # here, not before: a run that fails early leaves nothing
         self.directory.mkdir(parents=True, exist_ok=True)
         self._saving = (step, sum(x.nbytes for x in jax.tree.leaves((params, opt_state))))
-        try:
+        with self._save_errors():  # a synchronous save fails here
             self.manager.save(step, args=ocp.args.Composite(
                 params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
                 meta=ocp.args.JsonSave(meta)), force=True)
-        # a synchronous save fails here, with the writer's error inside orbax's
-        except Exception as e:
-            raise self._save_error(e) from None
 
     def wait(self) -> None:
-        try:
+        with self._save_errors():
             self.manager.wait_until_finished()
-        except Exception as e:
-            raise self._save_error(e) from None
 
     def check_for_errors(self) -> None:
         """Raise an OSError of one line if a background save failed (e.g. the disk is full)."""
-        try:
+        with self._save_errors():
             self.manager.check_for_errors()
             # orbax's finalize thread keeps the writer's error for itself (check_for_errors alone
             # never sees it); once no save is in progress, waiting returns at once and raises it
             if not self.manager.is_saving_in_progress():
                 self.manager.wait_until_finished()
-        except Exception as e:
-            raise self._save_error(e) from None
 
-    def _save_error(self, error: Exception) -> OSError:
-        """One line for a failed save: the root cause first (a full disk: the space it needs), which
-        step, and that nothing was lost (orbax writes a step under a temporary name and renames it
-        only once it is complete)."""
-        step, n_bytes = getattr(self, "_saving", (None, 0))
-        where = self.directory / str(step)
-        if faults.is_disk_full(error):
-            free = (0 if storage.is_remote(self.directory)
-                    else shutil.disk_usage(self.directory).free)
-            what = (f"disk full: saving checkpoint {where} needs about {n_bytes / 2**20:,.1f} MiB, "
-                    f"{max(n_bytes - free, 0) / 2**20:,.1f} MiB more than is free")
-        else:
-            what = f"saving checkpoint {where} failed ({faults.describe(error)}); it needs about " \
-                   f"{n_bytes / 2**20:,.1f} MiB free"
-        failure = OSError(f"{what}. Nothing was lost: the earlier checkpoints in {self.directory} "
-                          "are untouched; free some space, then resume from the newest with "
-                          "--config.init_from=resume")
-        failure.errno = getattr(faults.innermost(error), "errno", None)
-        return failure
+    @contextlib.contextmanager
+    def _save_errors(self):
+        """A failed save (orbax's error, the writer's inside) as an OSError of one line: the root
+        cause first (a full disk: the space it needs), which step, and that nothing was lost (orbax
+        writes a step under a temporary name and renames it only once it is complete)."""
+        try:
+            yield
+        except Exception as error:
+            step, n_bytes = self._saving
+            where, mib = self.directory / str(step), n_bytes / 2**20
+            if faults.is_disk_full(error):
+                free = (0 if storage.is_remote(self.directory)
+                        else shutil.disk_usage(self.directory).free)
+                what = (f"disk full: saving checkpoint {where} needs about {mib:,.1f} MiB, "
+                        f"{max(n_bytes - free, 0) / 2**20:,.1f} MiB more than is free")
+            else:
+                what = (f"saving checkpoint {where} failed ({faults.describe(error)}); it needs "
+                        f"about {mib:,.1f} MiB free")
+            failure = OSError(f"{what}. Nothing was lost: the earlier checkpoints in "
+                              f"{self.directory} are untouched; free some space, then resume from "
+                              "the newest with --config.init_from=resume")
+            failure.errno = getattr(faults.innermost(error), "errno", None)
+            raise failure from None
 
     def close(self) -> None:
         self.manager.close()
@@ -197,23 +195,19 @@ class Checkpoints:
     def restore(self, abstract_params, abstract_opt_state=None, *, step: int | None = None,
                 run_id: str | None = None, newest: int | None = None):
         """Restore the newest readable step (or `step`; or the newest from `newest` down) ->
-        (params, opt_state or None, meta).
-
-        The abstract trees (jax.ShapeDtypeStruct with shardings) say where every shard goes. With
-        run_id, steps that another run saved are passed over. Arrays are checked against their saved
-        checksums, which all processes compute together, so every one gets the same verdict.
-        """
-        targets = {"params": abstract_params}
-        if abstract_opt_state is not None:
-            targets["opt_state"] = abstract_opt_state
-
+        (params, opt_state or None, meta with its step). The abstract trees (ShapeDtypeStructs with
+        shardings; abstract_params may be a function of the step's meta) say where every shard
+        goes; with run_id, another run's steps are passed over. All processes check the arrays'
+        checksums together, so every one gets the same verdict."""
         def read(s):  # this process's shards only: no collective, so no peer is left waiting
-            meta = self.read_meta(s)
+            meta = {"step": s, **self.read_meta(s)}
             if run_id is not None and meta.get("run_id") != run_id:
                 raise ValueError(f"saved by run {meta.get('run_id')}, not by run {run_id}")
+            targets = {"params": abstract_params(meta) if callable(abstract_params)
+                       else abstract_params, "opt_state": abstract_opt_state}
             return meta, {name: self._arrays.restore(self.directory / str(s) / name,
                                                      args=ocp.args.StandardRestore(target))
-                          for name, target in targets.items()}
+                          for name, target in targets.items() if target is not None}
 
         def verify(s, read_back):
             meta, restored = read_back
@@ -227,12 +221,9 @@ class Checkpoints:
     def newest_readable(self, read, *, step: int | None = None, newest: int | None = None,
                         verify=None):
         """`read(step)` of the newest step every process can read (or of `step` alone; or the
-        newest from `newest` down), then `verify(step, result)` on all processes together.
-
-        Every process tries the steps process 0 lists, in the same order; a step that any of them
-        cannot read (half written, foreign, corrupt) is passed over by all, with a warning naming
-        the process and its reason, and left on disk: it is never deleted here.
-        """
+        newest from `newest` down), then `verify(step, result)` on all processes together. Every
+        process tries the steps process 0 lists, in order; a step that any of them cannot read is
+        passed over by all, with a warning naming the process and its reason, and left on disk."""
         candidates = ([step] if step is not None
                       else distributed.decided_by_main("checkpoint steps", self.steps)[::-1])
         candidates = [s for s in candidates if newest is None or s <= newest]
@@ -242,8 +233,6 @@ class Checkpoints:
         for s in candidates:
             try:
                 result, failure = read(s), ""
-            except UnreadableCheckpointError as e:  # from a nested read of the same step
-                result, failure = None, e.reason
             except Exception as e:  # orbax raises many kinds of errors for a broken step directory
                 result, failure = None, faults.describe(e)
             failures = distributed.all_values(f"read checkpoint {s}", failure)
@@ -265,46 +254,37 @@ class Checkpoints:
 
 
 def model_config_from_meta(meta: dict[str, Any], **overrides) -> GPTConfig:
-    # older runs had no scan
-    return GPTConfig(**{"scan_layers": False, **meta["model"], **overrides})
+    return GPTConfig(**{"scan_layers": False, **meta["model"], **overrides})  # older: no scan
 
 
 def load_run(out_dir: str | os.PathLike, *,
              dtype: str | None = None) -> tuple[GPTConfig, Any, dict[str, Any]]:
-    """(model config, params, meta) of the newest readable checkpoint of a training run, on the
-    default device.
-
-    For inference: dtype overrides the compute dtype, and attention is "auto" (a run trained with
-    splash or cuDNN attention runs wherever it is loaded). meta holds the step and run_id; checksums
-    are verified, and a step that fails is passed over with a warning.
-    """
+    """(model config, params, meta with the step and run_id) of the newest readable checkpoint of
+    a training run, on the default device. For inference: dtype overrides the compute dtype, and
+    attention is "auto" (a run trained with splash or cuDNN attention runs anywhere)."""
     out_dir = storage.path(out_dir)
     storage.check_reachable(out_dir, "out_dir")
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"{out_dir} is a file, not a training run's out_dir")
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    overrides = {"attention": "auto", **({"dtype": dtype} if dtype else {})}
+
+    def target(meta):  # the model's shape is stored in the checkpoint
+        config = model_config_from_meta(meta, **overrides)
+        shapes = jax.eval_shape(lambda rng: init_params(config, rng), jax.random.key(0))
+        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                            shapes)
     with Checkpoints(out_dir, create=False) as checkpoints:
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-
-        # the model's shape is stored in the checkpoint; the params' target follows from it
-        def read(step):
-            config = model_config_from_meta(checkpoints.read_meta(step), attention="auto",
-                                            **({"dtype": dtype} if dtype else {}))
-            shapes = jax.eval_shape(lambda rng: init_params(config, rng), jax.random.key(0))
-            target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-                                  shapes)
-            params, _, meta = checkpoints.restore(target, step=step)
-            return config, params, {"step": step, **meta}
-
         try:
-            return checkpoints.newest_readable(read)
+            params, _, meta = checkpoints.restore(target)
         except CheckpointNotFoundError:
-            raise CheckpointNotFoundError(f"no checkpoint in {checkpoints.directory}: "
-                                          "train a model with "
-                                          f"train.py --config.out_dir={out_dir} first") from None
+            raise CheckpointNotFoundError(
+                f"no checkpoint in {checkpoints.directory}: train a model with train.py "
+                f"--config.out_dir={out_dir} first") from None
+    return model_config_from_meta(meta, **overrides), params, meta
 
 
 def load_params(out_dir: str | os.PathLike, *, dtype: str | None = None) -> tuple[GPTConfig, Any]:
-    """The model config and params of the newest readable checkpoint of a training run (see
-    `load_run`)."""
+    """`load_run` without the meta."""
     config, params, _ = load_run(out_dir, dtype=dtype)
     return config, params

@@ -1,18 +1,15 @@
 """What a person sees when something fails.
 
-Errors: a user's mistake (`UserError`, or an OSError, ValueError, RuntimeError, ... raised by
-flaxgpt's own checks) ends a command-line tool in ONE line, `<program>: error: ...`, that says what
-to do; exit code 2 for a mistake in the command line (as argparse's), 1 for any other. Anything else
-is unexpected (a bug, an XLA error): one line that points to the file holding its full traceback,
-or with --verbose (FLAXGPT_VERBOSE=1) the traceback itself (`errors_reported`).
+A user's mistake (`UserError`, or an OSError, ValueError, ... raised by flaxgpt's own checks) ends a
+command-line tool in ONE line, `<program>: error: ...`, that says what to do: exit code 2 for a
+command-line mistake (as argparse's), else 1. Anything unexpected (a bug, an XLA error) ends in one
+line naming the file that holds its traceback, or with --verbose (FLAXGPT_VERBOSE=1) the traceback.
 
-Library reports: orbax and TensorStore write and read checkpoints in background threads and
-coroutines, and report a failure there as well as to their caller (absl ERROR logs with tracebacks,
-"Exception ignored in <coroutine ...>", "coroutine ... was never awaited"). One full disk printed
-over 300 lines that way. `quiet_library_reports()` (which `train()` enters) drops their ERROR
-records; the command-line tools also drop, for the rest of the program (`quiet_until_exit`), their
-threads' and coroutines' leftover reports. Warnings (a gcsfs retry) always show. --verbose keeps
-everything.
+orbax and TensorStore report a failure in their background threads and coroutines as well as to
+their caller (absl ERROR logs, "Exception ignored in <coroutine ...>"): one full disk printed over
+300 lines. `quiet_library_reports()` (which `train()` enters) drops their ERROR records, and
+`quiet_until_exit` also their threads' and coroutines' leftover reports, for the rest of a
+command-line tool. Warnings (a gcsfs retry) always show; --verbose keeps everything.
 """
 
 import argparse
@@ -41,6 +38,14 @@ _ORBAX_COROUTINES = r"coroutine '(_read_array_index_and_device_put|_read_and_dev
 # Checks raise these; raised by flaxgpt's own code they are a user's mistake, elsewhere unexpected.
 CHECK_ERRORS = (ValueError, RuntimeError, FloatingPointError, ImportError)
 _PACKAGE = Path(__file__).resolve().parent
+_WRITABLE = "choose a folder you can write to"
+_ADVICE = {errno.EEXIST: "a file is in the way: remove it or choose another path",
+           errno.ENOTDIR: "a file is in the way of a folder: remove it or choose another path",
+           errno.EACCES: f"no permission: {_WRITABLE}", errno.EPERM: f"no permission: {_WRITABLE}",
+           errno.EROFS: f"a read-only file system: {_WRITABLE}",
+           errno.ENOENT: "no such file or folder: check the path",
+           errno.ENOSPC: "the disk is full: free some space or choose another disk",
+           errno.EISDIR: "a folder, where a file is needed: give the file"}
 
 
 class UserError(Exception):
@@ -82,17 +87,8 @@ def explain(error: BaseException) -> str:
     """A user's mistake as one line; an OSError with what to do instead of its raw errno."""
     if not isinstance(error, OSError) or error.errno is None or not error.strerror:
         return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    where = error.filename or ""
-    advice = {errno.EEXIST: "a file is in the way: remove it or choose another path",
-              errno.ENOTDIR: "a file is in the way of a folder: remove it or choose another path",
-              errno.EACCES: "no permission: choose a folder you can write to",
-              errno.EPERM: "no permission: choose a folder you can write to",
-              errno.EROFS: "a read-only file system: choose a folder you can write to",
-              errno.ENOENT: "no such file or folder: check the path",
-              errno.ENOSPC: "the disk is full: free some space or choose another disk",
-              errno.EISDIR: "a folder, where a file is needed: give the file"}
-    return f"{where}: {advice.get(error.errno, error.strerror)}" if where else \
-        advice.get(error.errno, error.strerror)
+    advice = _ADVICE.get(error.errno, error.strerror)
+    return f"{error.filename}: {advice}" if error.filename else advice
 
 
 def report(program: str, error: BaseException, verbose_: bool | None = None) -> tuple[str, int]:
@@ -102,19 +98,18 @@ def report(program: str, error: BaseException, verbose_: bool | None = None) -> 
     if verbose_:
         traceback.print_exception(error)
     if is_users_mistake(error):
-        code = EXIT_USAGE if isinstance(error, UsageError) else EXIT_ERROR
-        return f"{program}: error: {explain(error)}", code
+        return f"{program}: error: {explain(error)}", \
+            EXIT_USAGE if isinstance(error, UsageError) else EXIT_ERROR
     line = f"{program}: error: unexpected {describe(error, 160)}"  # "TypeError: ..."
-    if verbose_:
-        return line, EXIT_ERROR
-    try:
-        fd, path = tempfile.mkstemp(prefix=f"{Path(program).stem}-traceback-", suffix=".txt")
-        with os.fdopen(fd, "w") as f:
-            traceback.print_exception(error, file=f)
-        return f"{line} (its traceback: {path}; --verbose prints it)", EXIT_ERROR
-    except OSError:
-        traceback.print_exception(error)
-        return line, EXIT_ERROR
+    if not verbose_:
+        try:
+            fd, path = tempfile.mkstemp(prefix=f"{Path(program).stem}-traceback-", suffix=".txt")
+            with os.fdopen(fd, "w") as f:
+                traceback.print_exception(error, file=f)
+            line += f" (its traceback: {path}; --verbose prints it)"
+        except OSError:
+            traceback.print_exception(error)
+    return line, EXIT_ERROR
 
 
 class Exit(SystemExit):
@@ -148,8 +143,7 @@ def errors_reported(program: str, verbose_: bool | None = None, interrupted: str
 
 
 def _from_libraries(text: str) -> bool:
-    """Whether text (file names, reprs, an error's message) points into LIBRARIES or is
-    TensorStore's."""
+    """Whether text (file names, reprs, a message) points into LIBRARIES or is TensorStore's."""
     return "tensorstore" in text.lower() or " in OCDBT database" in text or any(
         f"{os.sep}{name}{os.sep}" in text or f"{os.sep}{name}." in text or f"<{name}" in text
         for name in LIBRARIES)
@@ -157,7 +151,8 @@ def _from_libraries(text: str) -> bool:
 
 class _LibraryReports(logging.Filter):
     """Drops ERROR records raised inside LIBRARIES, their warnings known as noise (_LIBRARY_NOISE),
-    and asyncio's reports of their leftover tasks; other warnings pass."""
+    and asyncio's reports of their leftover tasks; other warnings pass. One instance per
+    installation, so that removing one leaves the others."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING:
@@ -165,66 +160,54 @@ class _LibraryReports(logging.Filter):
         if _from_libraries(record.pathname):
             return record.levelno < logging.ERROR and not record.getMessage().startswith(
                 _LIBRARY_NOISE)
-        if record.name != "asyncio":
-            return True
-        # "Task exception was never retrieved": a read orbax gave up on, TensorStore's error inside
+        # asyncio's "Task exception was never retrieved": a read orbax gave up on
         error = record.exc_info[1] if record.exc_info else None
-        return not _from_libraries(record.getMessage() + _where(None, error))
+        return record.name != "asyncio" or not _from_libraries(
+            record.getMessage() + _where(None, error))
 
 
 @contextlib.contextmanager
 def quiet_library_reports(hooks: bool = False) -> Iterator[None]:
     """Drop the libraries' ERROR records (see the module docstring) while the block runs, unless
     FLAXGPT_VERBOSE is set; hooks: their threads' and coroutines' reports too."""
-    undo = _drop_library_reports(hooks)
-    try:
+    with contextlib.ExitStack() as undo:
+        _drop_library_reports(undo, hooks)
         yield
-    finally:
-        undo()
 
 
 def quiet_until_exit() -> None:
     """`quiet_library_reports(hooks=True)` for the rest of the program, for the command-line tools:
-    the libraries' threads and coroutines may still report a failure while the interpreter shuts
-    down."""
-    _drop_library_reports(hooks=True)
+    the libraries' threads and coroutines may still report a failure while Python shuts down."""
+    _drop_library_reports(contextlib.ExitStack(), hooks=True)  # never undone
 
 
-def _drop_library_reports(hooks: bool) -> Callable[[], None]:
-    """Install the log filter (and the unraisable and thread hooks and a warnings filter);
-    -> what removes them again."""
+def _drop_library_reports(undo: contextlib.ExitStack, hooks: bool) -> None:
+    """Install the log filter (hooks: also the unraisable and thread hooks and a warnings filter),
+    and on `undo` what removes them again."""
     if verbose():
-        return lambda: None
+        return
     reports = _LibraryReports()
-    loggers = [logging.getLogger(name) for name in _LOGGERS]
-    for logger in loggers:
+    for logger in map(logging.getLogger, _LOGGERS):
         logger.addFilter(reports)
-    previous_hook, previous_thread_hook = sys.unraisablehook, threading.excepthook
-    caught = warnings.catch_warnings()
+        undo.callback(logger.removeFilter, reports)
+    if not hooks:
+        return
+    previous, previous_thread = sys.unraisablehook, threading.excepthook
 
-    # e.g. a TensorStore read still in flight when orbax closed its event loop
-    def hook(unraisable):
-        where = _where(unraisable.object, unraisable.exc_value, unraisable.exc_traceback)
-        if not _from_libraries(where) and str(unraisable.exc_value) != "Event loop is closed":
-            previous_hook(unraisable)
+    def unraisable(u):  # e.g. a TensorStore read still in flight when orbax closed its event loop
+        if not _from_libraries(_where(u.object, u.exc_value, u.exc_traceback)) and \
+                str(u.exc_value) != "Event loop is closed":
+            previous(u)
 
-    # a library's own worker thread that died with the error its caller also gets
-    def thread_hook(args):
+    def thread(args):  # a library's worker thread that died with the error its caller also gets
         if not _from_libraries(_where(args.thread, args.exc_value, args.exc_traceback)):
-            previous_thread_hook(args)
+            previous_thread(args)
 
-    if hooks:
-        sys.unraisablehook, threading.excepthook = hook, thread_hook
-        caught.__enter__()
-        warnings.filterwarnings("ignore", _ORBAX_COROUTINES, RuntimeWarning)
-
-    def undo():
-        if hooks:
-            sys.unraisablehook, threading.excepthook = previous_hook, previous_thread_hook
-            caught.__exit__(None, None, None)
-        for logger in loggers:
-            logger.removeFilter(reports)
-    return undo
+    sys.unraisablehook, threading.excepthook = unraisable, thread
+    undo.callback(setattr, sys, "unraisablehook", previous)
+    undo.callback(setattr, threading, "excepthook", previous_thread)
+    undo.enter_context(warnings.catch_warnings())
+    warnings.filterwarnings("ignore", _ORBAX_COROUTINES, RuntimeWarning)
 
 
 def _where(source, error: BaseException | None, tb=None) -> str:
@@ -232,30 +215,26 @@ def _where(source, error: BaseException | None, tb=None) -> str:
     generator's, when its frames are gone), the traceback's files and the error's message."""
     code = getattr(source, "cr_code", None) or getattr(source, "gi_code", None)
     tb = tb if tb is not None else getattr(error, "__traceback__", None)
-    return " ".join([repr(source), getattr(code, "co_filename", ""), *_frames(tb), str(error)])
+    files = [frame.f_code.co_filename for frame, _ in traceback.walk_tb(tb)]
+    return " ".join([repr(source), getattr(code, "co_filename", ""), *files, str(error)])
 
 
-def _frames(tb) -> Iterator[str]:
-    while tb is not None:
-        yield tb.tb_frame.f_code.co_filename
-        tb = tb.tb_next
+def _chain(error: BaseException | None) -> Iterator[BaseException]:
+    while error is not None:
+        yield error
+        error = error.__cause__ or error.__context__
 
 
 def innermost(error: BaseException) -> BaseException:
     """The error at the bottom of a chain: orbax wraps TensorStore's and the writer's errors, and
     the innermost one says what happened."""
-    while error.__cause__ is not None or error.__context__ is not None:
-        error = error.__cause__ or error.__context__
-    return error
+    return list(_chain(error))[-1]
 
 
 def is_disk_full(error: BaseException) -> bool:
     """Whether any error of the chain is ENOSPC (TensorStore says so only in its message)."""
-    while error is not None:
-        if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
+    return any(getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e)
+               for e in _chain(error))
 
 
 def describe(error: BaseException, limit: int = 240) -> str:
@@ -268,14 +247,12 @@ def describe(error: BaseException, limit: int = 240) -> str:
     text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
     for noise in _TENSORSTORE_NOISE:
         text = text.split(noise)[0]
-    array = re.search(r'Error (?:reading|writing) "([^"/]+)[^"]*" in OCDBT', text)
     # TensorStore: 'OUT_OF_RANGE: Error reading "h_0.attn.kernel/0.0" in ...: <what went wrong>'
+    array = re.search(r'Error (?:reading|writing) "([^"/]+)[^"]*" in OCDBT', text)
     if array:
         what = text.rsplit(": ", 1)[-1]
         if re.search(r"not valid for value of size|Truncated|Unexpected end of", what, re.I):
             what = f"its data file is truncated ({what})"
         text = f"array {array.group(1)}: {what}"
     text = text if len(text) <= limit else text[:limit] + " ..."
-    if text and not array:
-        return f"{type(cause).__name__}: {text}"
-    return text or type(cause).__name__
+    return f"{type(cause).__name__}: {text}" if text and not array else text or type(cause).__name__

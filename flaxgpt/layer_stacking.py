@@ -33,8 +33,7 @@ def convert_layers(tree, scan_layers: bool):
     if isinstance(tree, dict):
         tree = stack_layers(tree) if scan_layers else unstack_layers(tree)
         return {k: convert_layers(v, scan_layers) for k, v in tree.items()}
-    if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # NamedTuple, e.g. ScaleByAdamState
-        return type(tree)(*(convert_layers(v, scan_layers) for v in tree))
-    if isinstance(tree, (tuple, list)):
-        return type(tree)(convert_layers(v, scan_layers) for v in tree)
-    return tree
+    if not isinstance(tree, (tuple, list)):
+        return tree
+    converted = [convert_layers(v, scan_layers) for v in tree]  # a NamedTuple takes them one by one
+    return type(tree)(*converted) if hasattr(tree, "_fields") else type(tree)(converted)

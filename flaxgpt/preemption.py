@@ -1,11 +1,9 @@
 """SIGTERM (a preempted VM, a cluster's time limit) or Ctrl-C: save after the current step, then
-stop; a second Ctrl-C stops at once.
-
-With several processes, SIGTERM is left to JAX's preemption service, which makes every process stop
-at the same step (orbax's `reached_preemption`): a Cloud TPU maintenance event or a spot preemption
-signals every host. Ctrl-C there sends this process a SIGTERM, so the run stops the same way. Only
-the main thread may set signal handlers; elsewhere (a notebook's worker thread) orbax's preemption
-check remains.
+stop; a second Ctrl-C stops at once. With several processes, SIGTERM is left to JAX's preemption
+service, which stops every process at the same step (orbax's `reached_preemption`; a Cloud TPU
+maintenance event or spot preemption signals every host), and Ctrl-C sends this process a SIGTERM.
+Only the main thread may set signal handlers; elsewhere (a notebook's worker thread) orbax's
+preemption check remains.
 """
 
 import os
@@ -43,8 +41,8 @@ class StopRequest:
             os.kill(os.getpid(), signal.SIGTERM)
         if distributed.is_main_process():
             again = " (Ctrl-C again stops at once, without saving)" * (signum == signal.SIGINT)
-            print(f"\n{self.signal_name}: saving a checkpoint after this step, then stopping{again}",
-                  flush=True)
+            print(f"\n{self.signal_name}: saving a checkpoint after this step, then "
+                  f"stopping{again}", flush=True)
 
     def reached(self, step: int, manager) -> bool:
         """Whether to save and stop before `step` (manager: orbax's CheckpointManager); every

@@ -12,7 +12,7 @@ import os
 import re
 import sys
 import tempfile
-from typing import Callable, Iterator
+from typing import Iterator
 
 from flaxgpt.faults import verbose
 
@@ -26,16 +26,17 @@ _START_UP_LINE = re.compile(
 
 @contextlib.contextmanager
 def quiet_plugin_start_up() -> Iterator[None]:
-    """Import jax within this block: on a machine without accelerators, the lines that jax's
-    plugins print while it imports them and while it first starts its backends (_START_UP_LINE)
-    are dropped, and "Jax plugin configuration error" records of the CUDA plugin; every other line
-    comes through, after the block. With accelerators, or FLAXGPT_VERBOSE, nothing is dropped."""
+    """Import jax within this block: without accelerators, the plugins' start-up lines
+    (_START_UP_LINE) while jax imports them and first starts its backends are dropped, and the CUDA
+    plugin's "Jax plugin configuration error" records. With accelerators, or FLAXGPT_VERBOSE,
+    nothing is dropped."""
     with _native_lines_dropped(lambda: not _accelerators_attached()):
         yield
         from jax._src import xla_bridge  # noqa: PLC0415 - jax is imported within the block
     if verbose() or _accelerators_attached() or xla_bridge.backends_are_initialized():
         return
-    logging.getLogger(xla_bridge.__name__).addFilter(_cuda_plugin_error)
+    logging.getLogger(xla_bridge.__name__).addFilter(lambda r: not (
+        r.getMessage().startswith("Jax plugin configuration error") and "cuda" in r.getMessage()))
     start_backends = xla_bridge.backends
 
     @functools.wraps(start_backends)
@@ -52,15 +53,10 @@ def _accelerators_attached() -> bool:
     return accelerators_attached()
 
 
-def _cuda_plugin_error(record: logging.LogRecord) -> bool:
-    return not (record.getMessage().startswith("Jax plugin configuration error")
-                and "cuda" in record.getMessage())
-
-
 @contextlib.contextmanager
-def _native_lines_dropped(drop: Callable[[], bool]) -> Iterator[None]:
+def _native_lines_dropped(drop) -> Iterator[None]:
     """Capture file descriptor 2 during the block; then write back every line, less the plugins'
-    start-up lines when drop() says so (all of them under FLAXGPT_VERBOSE)."""
+    start-up lines when drop() says so (and FLAXGPT_VERBOSE is not set)."""
     try:
         sys.stderr.flush()
         saved = os.dup(2)

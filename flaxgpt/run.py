@@ -1,6 +1,6 @@
-"""What a run is built from and starts from: its mesh and TrainStep (`make_mesh`, `build`, which
-train() and --compile_for share), its out_dir (`claim_out_dir`), its id, and its first state (`initial_state`:
-fresh, resumed from out_dir or a pretrained model).
+"""What a run is built from and starts from: its mesh and TrainStep (`make_mesh`, `build`, shared
+by train() and --compile_for), its out_dir (`claim_out_dir`), its id, and its first state
+(`initial_state`: fresh, resumed from out_dir or a pretrained model).
 
 Every run has an id, written into its checkpoints and metrics: a new run never starts in an out_dir
 that holds another run's checkpoints, and `init_from="resume"` continues the run of the newest
@@ -61,41 +61,34 @@ def claim_out_dir(out_dir: storage.Path, overwrite: bool) -> None:
     """Make sure a new run does not mix with another in out_dir: with another run's checkpoints
     there, stop with the choices, or (overwrite) move that run's files into out_dir/previous/<its
     id>/. Process 0 looks and moves; every process raises its error."""
-    distributed.decided_by_main("out_dir claimed", lambda: _claim(out_dir, overwrite))
-
-
-def _claim(out_dir: storage.Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise NotADirectoryError(f"out_dir {out_dir} is a file: "
-                                 "choose a directory with --config.out_dir")
-    steps = checkpoint.saved_steps(out_dir / "checkpoints")
-    if not steps:
-        return
-    owner = checkpoint.run_id_of(out_dir, steps[-1])
-    if not overwrite:
-        raise ValueError(
-            f"{out_dir} holds the checkpoints of {f'run {owner}' if owner else 'an earlier run'} "
-            f"(steps {', '.join(map(str, steps))}): continue it with --config.init_from=resume, "
-            "choose another --config.out_dir, or set --config.overwrite=True to move that run's "
-            "files aside (nothing is deleted)")
-    aside = out_dir / "previous" / (owner or f"run-before-{datetime.date.today():%Y%m%d}")
-    for n in range(1, 1000):
-        if not aside.exists():
-            break
-        aside = aside.with_name(f"{aside.name.split('.')[0]}.{n}")
-    aside.mkdir(parents=True, exist_ok=True)
-    for name in RUN_FILES:
-        if (out_dir / name).exists():
-            storage.move(out_dir / name, aside / name)
-    print(f"overwrite: moved the files of the earlier run to {aside}", flush=True)
+    def claim():
+        if out_dir.exists() and not out_dir.is_dir():
+            raise NotADirectoryError(f"out_dir {out_dir} is a file: "
+                                     "choose a directory with --config.out_dir")
+        steps = checkpoint.saved_steps(out_dir / "checkpoints")
+        if not steps:
+            return
+        owner = checkpoint.run_id_of(out_dir, steps[-1])
+        if not overwrite:
+            run = f"run {owner}" if owner else "an earlier run"
+            raise ValueError(
+                f"{out_dir} holds the checkpoints of {run} (steps {', '.join(map(str, steps))}): "
+                "continue it with --config.init_from=resume, choose another --config.out_dir, or "
+                "set --config.overwrite=True to move that run's files aside (nothing is deleted)")
+        aside = checkpoint.unused_path(
+            out_dir / "previous" / (owner or f"run-before-{datetime.date.today():%Y%m%d}"), ".")
+        aside.mkdir(parents=True, exist_ok=True)
+        for name in RUN_FILES:
+            if (out_dir / name).exists():
+                storage.move(out_dir / name, aside / name)
+        print(f"overwrite: moved the files of the earlier run to {aside}", flush=True)
+    distributed.decided_by_main("out_dir claimed", claim)
 
 
 def initial_state(config, mesh: Mesh, wanted: GPTConfig, ckpts: checkpoint.Checkpoints):
-    """The TrainStep and its first state for config.init_from -> (train_step, state, {"run_id",
-    "best_val_loss", "model_source", ...} as a resumed run recorded them).
-
-    The model's shape comes from the config, or from the pretrained model a run started from (then
-    also when that run resumes)."""
+    """(TrainStep, first state, {"run_id", "best_val_loss", "model_source", ...} as a resumed run
+    recorded them) for config.init_from. The model's shape is the config's, or that of the
+    pretrained model the run started from (also when it resumes)."""
     if config.init_from == "scratch":
         train_step = build(config, wanted, mesh)
         return train_step, train_step.init(jax.random.key(config.seed)), {"run_id": new_run_id()}

@@ -50,12 +50,8 @@ def _local_attention(q, k, v, interpret: bool):
 
 
 def splash_causal_attention(q, k, v):
-    """Causal softmax attention. q, k, v: [B, T, H, D] -> [B, T, H, D].
-
-    Under a mesh (`sharding.traced_mesh`, which TrainStep sets, else jax's abstract mesh) the batch is split
-    over the data-parallel axes and the heads over tensor when it divides them; else the kernel sees
-    everything.
-    """
+    """Causal softmax attention. q, k, v: [B, T, H, D] -> [B, T, H, D]. The mesh is
+    `sharding.traced_mesh` (which TrainStep sets), else jax's abstract mesh."""
     T, D = q.shape[1], q.shape[3]
     if not splash_supports(T, D):
         raise ValueError(f"splash attention needs the sequence length ({T}) to be a multiple of "
@@ -69,8 +65,7 @@ def splash_causal_attention(q, k, v):
     batch_axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
     if q.shape[0] % math.prod(mesh.shape[a] for a in batch_axes):
         batch_axes = ()
-    tensor_divides = "tensor" in mesh.axis_names and q.shape[2] % mesh.shape["tensor"] == 0
-    heads_axis = "tensor" if tensor_divides else None
-    spec = P(batch_axes or None, None, heads_axis, None)
+    heads_divide = "tensor" in mesh.axis_names and q.shape[2] % mesh.shape["tensor"] == 0
+    spec = P(batch_axes or None, None, "tensor" if heads_divide else None, None)
     return jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
                          check_vma=False)(q, k, v)

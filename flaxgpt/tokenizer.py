@@ -19,17 +19,15 @@ from flaxgpt import storage
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 GPT2_EOT = 50256  # <|endoftext|>, GPT-2's last token
 GPT2_VOCAB_SIZE = 50257
-# 50257 rounded up to a multiple of 64: nanoGPT's faster model vocabulary
-GPT2_PADDED_VOCAB_SIZE = 50304
+GPT2_PADDED_VOCAB_SIZE = 50304  # rounded up to a multiple of 64: nanoGPT's faster vocabulary
 GPT2_META = {"tokenizer": "gpt2", "vocab_size": GPT2_VOCAB_SIZE, "dtype": "uint16"}
 
 
 def local_data_file(relative: str) -> Path | None:
     """`$FLAXGPT_DATA/relative` if FLAXGPT_DATA is set and the file is there, else None."""
     root = os.environ.get("FLAXGPT_DATA")
-    if root and (Path(root) / relative).is_file():
-        return Path(root) / relative
-    return None
+    path = Path(root) / relative if root else None
+    return path if path and path.is_file() else None
 
 
 def user_cache_dir() -> Path:
@@ -109,8 +107,7 @@ def gpt2_encoding(ranks_file: str | os.PathLike | None = None) -> tiktoken.Encod
 
 
 def from_meta(meta: dict | None) -> Tokenizer:
-    """The tokenizer a dataset's meta.json describes: {"tokenizer": "char", "chars": [...]} or
-    GPT-2 BPE."""
+    """The tokenizer of a meta.json: {"tokenizer": "char", "chars": [...]}, else GPT-2 BPE."""
     if meta and meta.get("tokenizer") == "char":
         return CharTokenizer(meta["chars"])
     return GPT2Tokenizer()
@@ -122,12 +119,10 @@ def from_dir(folder: str | os.PathLike) -> Tokenizer:
 
 
 def read_meta(folder: str | os.PathLike) -> dict:
-    """The vocabulary description in `folder`: {"tokenizer", "vocab_size", "dtype", ...}.
-
-    From meta.json (written by prepare.py and train.py), else from nanoGPT's meta.pkl (its character
-    vocabulary, uint16 tokens), else GPT-2 BPE in uint16 as nanoGPT's openwebtext and shakespeare
-    folders hold; that last case is marked {"assumed": True} so that callers can say so.
-    """
+    """The vocabulary description in `folder`: {"tokenizer", "vocab_size", "dtype", ...}, from
+    meta.json (written by prepare.py and train.py), else nanoGPT's meta.pkl (characters, uint16
+    tokens), else GPT-2 BPE in uint16 as nanoGPT's openwebtext and shakespeare folders hold, marked
+    {"assumed": True} so that callers can say so."""
     folder = storage.path(folder)
     if (folder / "meta.json").is_file():
         try:
@@ -157,21 +152,16 @@ class _PlainDataUnpickler(pickle.Unpickler):
 
 def read_nanogpt_meta(meta_pkl_path: str | os.PathLike) -> dict:
     """nanoGPT's meta.pkl ({vocab_size, itos, stoi}) -> {"tokenizer": "char", "chars": [...],
-    "vocab_size": V}.
-
-    Read without executing anything: a pickle that names a class or function is refused.
-    """
+    "vocab_size": V}, read without executing anything (a class or function is refused)."""
     path = storage.path(meta_pkl_path)
     try:
         with path.open("rb") as f:
             meta = _PlainDataUnpickler(f).load()
-    except pickle.UnpicklingError as e:
+    # a text file, a truncated pickle, ...
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
+            AttributeError) as e:
         if str(e).startswith("refusing"):
             raise ValueError(f"{path}: {e}") from None
-        raise ValueError(f"{path} is not a pickle file ({e}): expected nanoGPT's "
-                         "meta.pkl") from None
-    # a text file, a truncated pickle, ...
-    except (EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
         raise ValueError(f"{path} is not nanoGPT's meta.pkl ({type(e).__name__}: {e})") from None
     if not isinstance(meta, dict) or not {"vocab_size", "itos"} <= meta.keys():
         raise ValueError(f"{path} is not nanoGPT's meta.pkl: expected a dict with vocab_size and "
@@ -199,12 +189,12 @@ class StreamDecoder:
 
     def push(self, token: int) -> str:
         self.tokens.append(token)
+        return self.flush(hold=True)
+
+    def flush(self, hold: bool = False) -> str:
+        """The text not yet returned; hold: none while it ends in U+FFFD."""
         text = self.tokenizer.decode(self.tokens)
-        return "" if text.endswith("\ufffd") else self._new(text)
-
-    def flush(self) -> str:
-        return self._new(self.tokenizer.decode(self.tokens))
-
-    def _new(self, text: str) -> str:
+        if hold and text.endswith("\ufffd"):
+            return ""
         new, self.printed = text[self.printed:], len(text)
         return new
