@@ -125,7 +125,8 @@ def compile_steps(config, devices, vocab_size: int, print_fn=print):
     `devices`.
 
     The run is built as train() builds it (run.make_mesh, run.build); "auto" choices (dtype,
-    attention) resolve for the target platform instead of this machine's. Where jax cannot lower cuDNN attention here, it is compiled as XLA attention, with a line saying so.
+    attention) resolve for the target platform instead of this machine's. Where jax cannot lower
+    cuDNN attention here, it is compiled as XLA attention, with a line saying so.
     """
     from flaxgpt import run
     from flaxgpt.config import model_config

@@ -175,8 +175,9 @@ class Loop:
         self.ckpts.wait()
         saved = self.ckpts.steps()
         if saved and not config.eval_only:
-            log.print(f"run {self.run_id}: newest checkpoint {self.ckpts.directory / str(saved[-1])};"
-                      f" sample from it with python sample.py --out_dir={config.out_dir}")
+            newest = self.ckpts.directory / str(saved[-1])
+            log.print(f"run {self.run_id}: newest checkpoint {newest}; sample from it with "
+                      f"python sample.py --out_dir={config.out_dir}")
         return {**losses, "step": step}
 
     def _announce(self, state: TrainState, resumed_at: int | None) -> bool:

@@ -52,7 +52,8 @@ class StepProfiler:
     def before_step(self, step: int) -> None:
         if self.steps and step == self.steps[0] and self._folder is None:
             self._folder = contextlib.ExitStack()
-            jax.profiler.start_trace(self._folder.enter_context(storage.local_folder(self.directory)))
+            folder = self._folder.enter_context(storage.local_folder(self.directory))
+            jax.profiler.start_trace(folder)
 
     def after_step(self, step: int, result) -> None:
         if self._folder is not None and step >= self.steps[1]:

@@ -46,7 +46,8 @@ def samples(stdout):
 
 @pytest.fixture
 def decoder_calls(monkeypatch):
-    """[(method name, window_shift)] of every Decoder.stream and Decoder.generate sample.py calls."""
+    """[(method name, window_shift)] of every Decoder.stream and Decoder.generate call of
+    sample.py."""
     calls = []
     for name in ("stream", "generate"):
         method = getattr(sample.Decoder, name)

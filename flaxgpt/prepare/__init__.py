@@ -129,9 +129,10 @@ def _prepare(dataset, out_dir, input_path, source, num_proc, *, name, subset, va
         train, val = ([(t, True) for t, in_val in chosen if in_val == side] for side in (0, 1))
     else:
         split = {"val_fraction": val_fraction or POSITION_VAL_FRACTION, "by": "position"}
+        percent = split["val_fraction"] * 100
         print(f"{name}: {len(texts):,} document{'s' if len(texts) != 1 else ''}, too few to hold "
-              f"whole ones out: splitting by position, the last {split['val_fraction'] * 100:g}% of the "
-              "text is val (as nanoGPT's shakespeare)")
+              f"whole ones out: splitting by position, the last {percent:g}% of the text is val "
+              "(as nanoGPT's shakespeare)")
         train, val = whole_text.split_by_position(texts, split["val_fraction"])
     return whole_text.write_pieces(out_dir, name, tokenizer, train, val, split,
                                    extra={"source": source.describe()})
