@@ -231,7 +231,7 @@ def test_a_stopped_sample_says_so_in_one_line(trained):
             time.sleep(0.1)
         time.sleep(1)
         process.send_signal(signal.SIGINT)
-        _, stderr = process.communicate(timeout=60)
+        _, stderr = process.communicate(timeout=180)
     finally:
         process.kill()
     lines = program_lines(stderr)

@@ -26,7 +26,8 @@ from flaxgpt.watchdog import STALL_EXIT_CODE
 from conftest import corpus_text, tiny_run_config
 from simulated_pod import CONFIG, REPO, Pod, report as report_of
 
-pytestmark = pytest.mark.slow
+# one xdist worker runs the pods and the watchdog cases, one after another (setup.cfg)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("pods")]
 HOSTS, DEVICES = 4, 4
 # A tiny model on a data-parallel mesh of all 16 devices; 16 sequences, one per device.
 RUN = ["--config.n_layer=2", "--config.n_head=4", "--config.n_embd=32", "--config.block_size=16",

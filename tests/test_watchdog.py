@@ -8,8 +8,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from flaxgpt.watchdog import STALL_EXIT_CODE
 from simulated_pod import free_port, process_env
+
+# with test_pod.py on one xdist worker, one after another (setup.cfg)
+pytestmark = pytest.mark.xdist_group("pods")
 
 # argv: out_dir, then "bucket PATH" (wait in a bucket call) or "collective" (wait elsewhere).
 SCRIPT = """

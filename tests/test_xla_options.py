@@ -62,7 +62,8 @@ def _compile_in_a_fresh_process(cache_dir, **env_vars) -> None:
             f"xla_options.use_compilation_cache({directory!r})\n"
             "jax.jit(lambda x: x * 2 + 1)(1.0).block_until_ready()")
     # conftest's session cache
-    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")}
     env.update({k: str(v) for k, v in env_vars.items()})
     subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
 
