@@ -280,6 +280,7 @@ def exit_program(message: str | None, code: int = 1) -> None:
             while (time.monotonic() < deadline
                    and len(published("exiting")) < jax.process_count() - 1):
                 time.sleep(0.1)
+            time.sleep(0.5)  # a peer between its "exiting" and its exit would log our end
         elif client is not None:
             publish("exiting", "1")
     _exit_now(None, code)
