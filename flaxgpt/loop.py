@@ -110,6 +110,8 @@ class Loop:
         self.batches, self.stop, self.profiler = batches, stop, profiler
         self.run_id, self.model_source = start["run_id"], start.get("model_source", "config")
         self.best_val_loss = start.get("best_val_loss", math.inf)
+        self.tokens_per_step = (config.gradient_accumulation_steps * config.batch_size
+                                * train_step.model_config.block_size)
 
     def run(self, state: TrainState, resumed_at: int | None) -> dict:
         """-> the last losses {"train", "val", "step"}; resumed_at: the step a resumed run was
@@ -119,7 +121,7 @@ class Loop:
         if not self._announce(state, resumed_at):
             return {"step": step}
         A, T = config.gradient_accumulation_steps, self.train_step.model_config.block_size
-        tokens_per_step = A * config.batch_size * T
+        tokens_per_step = self.tokens_per_step
         schedule = optim.learning_rate_schedule(config)
         flops = mfu.flops_per_token(self.train_step.model_config, count_params(state.params), T)
         peak = mfu.device_peak_flops()
@@ -207,10 +209,8 @@ class Loop:
         self.watchdog.progress(f"the evaluation at step {step}")
         self.log.print(f"step {step}: train loss {losses['train']:.4f}, "
                        f"val loss {losses['val']:.4f}")
-        tokens = step * config.gradient_accumulation_steps * config.batch_size * (
-            self.train_step.model_config.block_size)
         self.log.write(step, **{"train/loss": losses["train"], "val/loss": losses["val"],
-                                "tokens": tokens})
+                                "tokens": step * self.tokens_per_step})
         if not all(map(math.isfinite, losses.values())):
             raise self._non_finite("loss", losses, step)
         if losses["val"] < self.best_val_loss or config.always_save_checkpoint:
