@@ -1,18 +1,12 @@
 """Sampling: a `Decoder` lays a model's weights out for KV-cached decoding once, then samples from
 them in one compiled loop (`Decoder.generate`) or one step at a time (`Decoder.stream`); `generate`
 and `generate_stream` are one-shot forms. Tested against nanoGPT's (tests/sampling_reference.py).
-
 Shapes: B batch, T0 prompt length, S = block_size (cache slots), V vocab, N = max_new_tokens.
 
 The cache (kv_cache.py) holds the last (up to) S tokens of each row's context: `window[b, s]` is
-the token in slot s, `valid[b, s]` whether it is a real one (left padding is not); a token's
-position counts the real tokens before it. The prompt is prefilled in one forward pass; each new
-token goes into the next free slot and attends to the cache. Once all S slots are full, the oldest
-window_shift (k) tokens are dropped and the rest, with the new token, prefilled again as a fresh
-cache (learned absolute positions: every kept token's position changes). k = 1 is nanoGPT's crop:
-every token sees S tokens, but costs a forward over S tokens. A larger k (e.g. S // 2) runs one
-forward over S - k + 1 tokens, then k - 1 cached steps, and a token sees S - k + 1 to S tokens.
-With left padding the window counts columns, padding included.
+the token in slot s, `valid[b, s]` whether it is a real one (left padding is not). Once all S slots
+are full, the oldest window_shift tokens are dropped and the rest prefilled again as a fresh cache;
+1 is nanoGPT's crop (docs/sampling.md, "The context window").
 """
 
 import contextlib
@@ -34,8 +28,7 @@ from flaxgpt.model import GPT, GPTConfig
 
 @struct.dataclass
 class Sampler:
-    """How the next token is picked. temperature is traced (changing it does not recompile); top_k,
-    top_p and stop_token change the program and are static."""
+    """How the next token is picked. temperature is traced (no recompile); the others are static."""
     temperature: float | jax.Array = 1.0
     top_k: int | None = struct.field(pytree_node=False, default=None)
     top_p: float | None = struct.field(pytree_node=False, default=None)
@@ -81,9 +74,8 @@ class DecodeState(NamedTuple):
 
 @struct.dataclass
 class _Weights:
-    """The weights as cached decoding reads them (see Decoder): one block per layer (unscanned), in
-    the compute dtype; head: wte transposed, [C, V]; out_in: the blocks' kernels are stored with
-    their axes in the other order, [*out, *in] (torch's nn.Linear order), see _out_in_dense."""
+    """The weights as Decoder lays them out: unscanned, in the compute dtype; head: wte.T [C, V];
+    out_in: the blocks' kernels stored [*out, *in] (torch's nn.Linear order), see _out_in_dense."""
     params: dict
     head: jax.Array
     out_in: bool = struct.field(pytree_node=False)
@@ -106,10 +98,9 @@ def _lay_out(params, config: GPTConfig, out_in: bool) -> _Weights:
 
 
 def _out_in_dense(next_fun, args, kwargs, context):
-    """A flax method interceptor: flax's Dense and DenseGeneral on a kernel stored [*out, *in], read
-    as one [out, in] matrix contracted on its rows (XLA:CPU's matrix-vector product streams a weight
-    faster by rows; a contraction over several kernel axes would transpose the kernel every call).
-    For one device: merging c_attn's 3 with the heads would regather on a tensor-parallel mesh."""
+    """A flax method interceptor: Dense and DenseGeneral on a kernel stored [*out, *in], read as one
+    [out, in] matrix contracted on its rows (XLA:CPU's matrix-vector product streams a weight faster
+    by rows). One device only: merging c_attn's 3 with the heads would regather on a mesh."""
     module = context.module
     if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral)):
         return next_fun(*args, **kwargs)
@@ -128,18 +119,17 @@ def _out_in_dense(next_fun, args, kwargs, context):
 
 
 def _cache_sizes(config: GPTConfig, n: int = 1) -> list[int]:
-    """The cache sizes `generate` steps through that hold n tokens: block_size // 8, // 4, // 2 (of
-    64 slots or more) and block_size. A step reads its whole cache, so short contexts keep a short
-    one; each size is one more copy of the decoding step in the compiled loop."""
+    """The cache sizes that hold n tokens: block_size // 8, // 4, // 2 (of 64 slots or more) and
+    block_size. A step reads its whole cache, so short contexts keep a short one."""
     S = config.block_size
     return sorted({size for size in (S // 8, S // 4, S // 2) if size >= max(n, 64)} | {S})
 
 
 def _forward_window(weights: _Weights, config: GPTConfig, cache, window, valid, index,
                     length: int):
-    """Forward window[:, index:index+length] into cache slots [index, index+length); each query
-    attends to the valid slots up to its own. The cache may hold fewer slots (S') than the window:
-    the first S'. -> (logits of the last query [B, V] float32, cache)."""
+    """Forward window[:, index:index+length] into cache slots [index, index+length), each query
+    attending to the valid slots up to its own; the cache may hold only the first S' slots.
+    -> (logits of the last query [B, V] float32, cache)."""
     slots = (cache if isinstance(cache, LayerCache) else cache[0]).slots
     tokens = jax.lax.dynamic_slice_in_dim(window, index, length, axis=1)
     positions = jax.lax.dynamic_slice_in_dim(jnp.cumsum(valid, axis=1) - 1, index, length, axis=1)
@@ -207,10 +197,9 @@ def _step(weights: _Weights, config: GPTConfig, sampler: Sampler, rng, state: De
 
 def _generate(weights: _Weights, config: GPTConfig, sampler: Sampler, prompt, prompt_mask, rng,
               max_new_tokens: int, window_shift: int):
-    """The steps of `_step` as nested loops, so that no step branches on the (large) cache:
-    cached appends while a slot is free, then one slide, then appends again, ... The cache starts
-    with the fewest slots of `_cache_sizes` that hold the prompt and grows to the next size when
-    full, one loop of appends per size; every slide starts it again as small as it can."""
+    """The steps of `_step` as nested loops, so that no step branches on the (large) cache: appends
+    while a slot is free, one loop per size of `_cache_sizes` (growing when full), then one slide
+    (which restarts the cache as small as it can), then appends again, ..."""
     kept = config.block_size - window_shift + 1
     state = _start(weights, config, sampler, prompt, prompt_mask, rng,
                    _cache_sizes(config, prompt.shape[1])[0])
@@ -239,8 +228,8 @@ def _generate(weights: _Weights, config: GPTConfig, sampler: Sampler, prompt, pr
 
 @functools.cache
 def _programs(platform: str) -> dict:
-    """The compiled `_generate`, and `_start` and `_step` for streaming (which knows on the host
-    whether the cache is full), with xla_options' options for `platform` (docs/sampling.md)."""
+    """The compiled `_generate`, and `_start` and `_step` for streaming, with xla_options' options
+    for `platform`."""
     jit = functools.partial(jax.jit, compiler_options=xla_options.compiler_options(platform))
     return dict(generate=jit(_generate, static_argnames=("config", "max_new_tokens",
                                                          "window_shift")),
@@ -277,15 +266,12 @@ class Decoder:
         tokens = dec.generate(prompt, max_new_tokens=100, rng=jax.random.key(0))  # [B, 100]
         for token in dec.stream(prompt, max_new_tokens=100, rng=jax.random.key(1)): ...  # [B] each
 
-    params: scanned or not, boxed (as model.init returns them) or not. The constructor copies them
-    into the decoding layout (unscanned, in config.dtype; the tied head as wte transposed, [C, V];
-    for batch_size 1 on a CPU every block kernel stored [out, in], see _out_in_dense): about one
-    pass over the weights. batch_size picks that layout; prompts of any batch size can be sampled.
-    The copy is a snapshot: make a new Decoder after changing the weights."""
+    params: scanned or not, boxed or not. The constructor copies them into the layout of _Weights
+    (for batch_size 1 on a CPU, kernels [out, in]); prompts of any batch size can be sampled. The
+    copy is a snapshot: make a new Decoder after changing the weights."""
 
     def __init__(self, params, config: GPTConfig, *, batch_size: int = 1):
-        # Unscanned (nn.scan's stacked output would rewrite the whole cache every token; per-layer
-        # caches are updated in place); XLA's attention, through an explicit mask over the cache.
+        # Unscanned: nn.scan's stacked output would rewrite the whole cache every token.
         self.config = config.replace(scan_layers=False, param_dtype=config.dtype, attention="xla")
         self.batch_size = batch_size
         leaf = jax.tree.leaves(params)[0]  # on a device, or a host array for the default one
@@ -298,24 +284,21 @@ class Decoder:
                  window_shift: int = 1, **sampling) -> jax.Array:
         """Sample max_new_tokens after each row of prompt [B, T0] -> new tokens [B, N] int32.
 
-        prompt_mask: [B, T0] bool, True on real tokens, for prompts left-padded to one length; each
-        row's positions start at 0 on its first real token, and padding is never attended to. A
-        context longer than block_size is cropped to its last block_size tokens, as nanoGPT does.
-        window_shift: how many of the oldest tokens to drop when the context outgrows block_size, in
-        [1, block_size): 1 is nanoGPT's exact crop, larger is faster past block_size (see the module
-        docstring). sampling: make_sampler's temperature (0 is greedy), top_k and top_p (nucleus),
-        which filter the distribution before sampling, and stop_token: a row that emits it is done,
-        the rest of that row is stop_token, and the loop ends early once every row is done. Step t
-        samples with jax.random.fold_in(rng, t), as `stream` does."""
+        prompt_mask: [B, T0] bool, True on real tokens of left-padded prompts (positions start at
+        each row's first real token). A context longer than block_size is cropped to its last
+        block_size tokens, as nanoGPT does. window_shift: how many of the oldest tokens to drop when
+        the context outgrows block_size, in [1, block_size) (1: nanoGPT's crop; larger is faster).
+        sampling: make_sampler's temperature (0 is greedy), top_k, top_p and stop_token (a row that
+        emits it is done and repeats it; the loop ends once every row is). Step t samples with
+        jax.random.fold_in(rng, t), as `stream` does."""
         args = self._checked(prompt, max_new_tokens, rng, prompt_mask, window_shift, sampling)
         return self._programs["generate"](self._weights, self.config, *args, max_new_tokens,
                                           window_shift)
 
     def stream(self, prompt, *, max_new_tokens: int, rng: jax.Array, prompt_mask=None,
                window_shift: int = 1, **sampling) -> Iterator[np.ndarray]:
-        """`generate`, one step at a time: yields each new token [B] (numpy int32) once sampled,
-        the same tokens; the stream ends after the step on which the last row emits stop_token. The
-        arguments are checked before the first token."""
+        """`generate`'s tokens one step at a time, each [B] numpy int32, until every row has emitted
+        stop_token. The arguments are checked before the first token."""
         args = self._checked(prompt, max_new_tokens, rng, prompt_mask, window_shift, sampling)
         return self._steps(*args, max_new_tokens, window_shift)
 

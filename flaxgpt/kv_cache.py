@@ -1,7 +1,5 @@
 """The key/value cache of cached decoding: its layout, its zeroed start, and attention over it.
-
-Shapes: B batch, T query length, H heads, D head size, S cache slots, L layers.
-"""
+Shapes: B batch, T query length, H heads, D head size, S cache slots, L layers."""
 
 from __future__ import annotations
 
@@ -20,8 +18,7 @@ class LayerCache(NamedTuple):
     v: jax.Array
 
     def write(self, k: jax.Array, v: jax.Array, index) -> LayerCache:
-        """The cache with k, v: [B, T, H, D] written at slots index ... index + T - 1 (in place
-        under jit)."""
+        """k, v: [B, T, H, D] written at slots index ... index + T - 1 (in place under jit)."""
         (B, T, H, D), dtype = k.shape, self.k.dtype
         k = k.transpose(0, 2, 3, 1).reshape(B * H, D, T).astype(dtype)
         v = v.transpose(0, 2, 1, 3).reshape(B * H, T, D).astype(dtype)
@@ -41,22 +38,18 @@ class LayerCache(NamedTuple):
 
 
 def init_cache(config, batch_size: int, length: int | None = None) -> LayerCache | list[LayerCache]:
-    """Zeroed caches of a model.GPTConfig (not imported: the model imports this module) with
-    S = length or block_size: with scan_layers one LayerCache stacked over the layers
+    """Zeroed caches of S = length or block_size slots for a model.GPTConfig (not imported: the
+    model imports this module): with scan_layers one LayerCache stacked over the layers
     (k: [L, B*H, D, S], v: [L, B*H, S, D]), else a list of L LayerCaches."""
     S, BH, D = length or config.block_size, batch_size * config.n_head, config.head_dim
-    k_shape, v_shape = (BH, D, S), (BH, S, D)
-    if config.scan_layers:
-        k_shape, v_shape = (config.n_layer, *k_shape), (config.n_layer, *v_shape)
-        return LayerCache(jnp.zeros(k_shape, config.dtype), jnp.zeros(v_shape, config.dtype))
-    return [LayerCache(jnp.zeros(k_shape, config.dtype), jnp.zeros(v_shape, config.dtype))
-            for _ in range(config.n_layer)]
+    new = lambda *layers: LayerCache(jnp.zeros((*layers, BH, D, S), config.dtype),
+                                     jnp.zeros((*layers, BH, S, D), config.dtype))
+    return new(config.n_layer) if config.scan_layers else [new() for _ in range(config.n_layer)]
 
 
 def cached_attention(q: jax.Array, cache: LayerCache, mask: jax.Array) -> jax.Array:
-    """q: [B, T, H, D] attending to the slots of the cache that mask [B, T, S] allows ->
-    [B, T, H, D]. As XLA's dot_product_attention (scores and softmax in float32), on the cache's
-    own layout."""
+    """q: [B, T, H, D] attending to the slots that mask [B, T, S] allows -> [B, T, H, D]: XLA's
+    dot_product_attention (scores and softmax in float32) on the cache's own layout."""
     B, T, H, D = q.shape
     q = q.transpose(0, 2, 1, 3).reshape(B * H, T, D)
     k, v = cache

@@ -1,13 +1,10 @@
 """Next-token cross-entropy of the tied lm_head: plain, or a chunk of the sequence at a time.
 
-The float32 logits of a whole batch, [B, T, V], are the largest buffer of a GPT-2 train step (an
-[8, 1024, 50304] float32 tensor is 1.5 GiB). Here the head's matmul (in the compute dtype) and the
-float32 log-softmax run over chunks of the sequence, [B, t, V] at a time, and the backward pass
-recomputes each chunk's logits (a jax.custom_vjp), so that one chunk's logits are alive at a time.
-The result equals `cross_entropy_loss(x @ wte.T, targets)` up to the rounding of the compute
-dtype. A batch whose logits are small (B*T*V up to CHUNK_LOGITS, e.g. a character model) takes
-that plain form instead: one chunk saves no memory, and recomputing it costs time
-(docs/performance.md).
+The float32 logits [B, T, V] are a GPT-2 train step's largest buffer (1.5 GiB at [8, 1024, 50304]).
+The chunked form runs the head's matmul and the float32 log-softmax over [B, t, V] at a time, and
+its backward pass recomputes each chunk's logits (a jax.custom_vjp), so one chunk's logits are
+alive at a time. Small logits (B*T*V up to CHUNK_LOGITS, e.g. a character model) take the plain
+form: one chunk saves no memory, and recomputing it costs time (docs/performance.md).
 Shapes: B batch, T length, C n_embd, V vocab.
 """
 
@@ -25,8 +22,7 @@ def cross_entropy_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def _nll_sum(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """logits: [..., V] (log-softmax in float32); targets: [...], -1 ignored -> the summed negative
-    log-likelihood of the valid targets, a float32 scalar."""
+    """logits: [..., V]; targets: [...], -1 ignored -> the summed NLL, a float32 scalar."""
     valid = targets >= 0
     logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logprobs, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
@@ -45,12 +41,11 @@ def chunked(B: int, T: int, V: int) -> bool:
 
 def head_cross_entropy(x: jax.Array, wte: jax.Array, targets: jax.Array, *, dtype=None,
                        chunk: int | None = None) -> jax.Array:
-    """Mean next-token cross-entropy of the logits x @ wte.T in float32, never materializing them.
+    """Mean float32 cross-entropy of the logits x @ wte.T without materializing them.
 
-    x: [B, T, C] final hidden states (after ln_f); wte: [V, C] the tied token embedding; targets:
-    [B, T] int, -1 ignored. dtype: the head matmul's dtype (default x's); log-softmax in float32.
-    chunk: positions per chunk, a divisor of T (default: chunk_length(T, V); the plain form where
-    `chunked` says no).
+    x: [B, T, C] hidden states after ln_f; wte: [V, C]; targets: [B, T] int, -1 ignored. dtype: the
+    head matmul's (default x's). chunk: positions per chunk, a divisor of T (default
+    chunk_length(T, V); the plain form where `chunked` says no).
     """
     dtype = jnp.dtype(dtype or x.dtype)
     B, T, C = x.shape
@@ -62,19 +57,8 @@ def head_cross_entropy(x: jax.Array, wte: jax.Array, targets: jax.Array, *, dtyp
         raise ValueError(f"chunk={t} does not divide the sequence length {T}")
     # [K, B, t, ...]: chunks of the sequence, each keeping the (data-parallel) batch axis.
     split = lambda a: jnp.moveaxis(a.reshape(B, T // t, t, *a.shape[2:]), 1, 0)
-    valid = targets >= 0
-    nll_sum = _chunked_nll(split(x.astype(dtype)), wte, split(targets))
-    return nll_sum / jnp.maximum(jnp.sum(valid), 1)
-
-
-def _chunk_logprobs(x, w, targets):
-    """x: [B, t, C], w: [V, C] -> float32 log-softmax [B, t, V] and the valid-target mask [B, t]."""
-    logits = jnp.einsum("btc,vc->btv", x, w).astype(jnp.float32)
-    return jax.nn.log_softmax(logits, axis=-1), targets >= 0
-
-
-def _chunk_nll(x, w, targets):
-    return _nll_sum(jnp.einsum("btc,vc->btv", x, w), targets)
+    return (_chunked_nll(split(x.astype(dtype)), wte, split(targets))
+            / jnp.maximum(jnp.sum(targets >= 0), 1))
 
 
 @jax.custom_vjp
@@ -82,11 +66,8 @@ def _chunked_nll(xs, w, targets):
     """Summed NLL over chunks. xs: [K, B, t, C]; w: [V, C] (cast to xs' dtype once); targets:
     [K, B, t] -> float32 scalar."""
     w = w.astype(xs.dtype)
-    return jax.lax.map(lambda a: _chunk_nll(a[0], w, a[1]), (xs, targets)).sum()
-
-
-def _chunked_nll_fwd(xs, w, targets):
-    return _chunked_nll(xs, w, targets), (xs, w, targets)
+    return jax.lax.map(lambda a: _nll_sum(jnp.einsum("btc,vc->btv", a[0], w), a[1]),
+                       (xs, targets)).sum()
 
 
 def _chunked_nll_bwd(residuals, g):
@@ -95,16 +76,17 @@ def _chunked_nll_bwd(residuals, g):
 
     def chunk_grads(dw, inputs):
         x, y = inputs
-        logprobs, valid = _chunk_logprobs(x, w, y)
+        logprobs = jax.nn.log_softmax(jnp.einsum("btc,vc->btv", x, w).astype(jnp.float32), axis=-1)
+        valid = y >= 0
         # d(sum nll)/d logits = softmax - onehot(target), on valid positions only
         dlogits = jnp.exp(logprobs) - jax.nn.one_hot(jnp.where(valid, y, 0), w.shape[0])
         dlogits = (jnp.where(valid[..., None], dlogits, 0.0) * g).astype(x.dtype)
-        dx = jnp.einsum("btv,vc->btc", dlogits, w)
         dw = dw + jnp.einsum("btv,btc->vc", dlogits, x, preferred_element_type=jnp.float32)
-        return dw, dx
+        return dw, jnp.einsum("btv,vc->btc", dlogits, w)
 
     dw, dxs = jax.lax.scan(chunk_grads, jnp.zeros(w.shape, jnp.float32), (xs, targets))
     return dxs, dw.astype(w_param.dtype), None
 
 
-_chunked_nll.defvjp(_chunked_nll_fwd, _chunked_nll_bwd)
+_chunked_nll.defvjp(lambda xs, w, targets: (_chunked_nll(xs, w, targets), (xs, w, targets)),
+                    _chunked_nll_bwd)

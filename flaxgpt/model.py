@@ -1,9 +1,9 @@
 """The GPT-2 model in Flax linen. Shapes: B batch, T query length, S key length, C n_embd,
 H n_head, D head size (C // H), V vocab.
 
-Every parameter carries logical axis names ("vocab", "embed", "heads", "kv", "mlp") that
-`sharding.py` maps onto a device mesh. With scan_layers the blocks are one `nn.scan` (params["h"],
-stacked on a leading "layers" axis), else params["h_0"] ... ["h_{L-1}"] (layer_stacking.py).
+Parameters carry logical axis names ("vocab", "embed", "heads", "kv", "mlp") that sharding.py maps
+onto a mesh. With scan_layers the blocks are one nn.scan (params["h"], stacked on a leading
+"layers" axis), else params["h_0"] ... ["h_{L-1}"] (layer_stacking.py).
 """
 
 import dataclasses
@@ -28,9 +28,9 @@ PRESETS = {  # nanoGPT's sizes for the OpenAI checkpoints (vocab 50257, block 10
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
 }
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")  # auto: see resolve_attention
-# What a block keeps for the backward pass (the rest is recomputed): none: everything; full: its
-# input; dots_saveable: matmul outputs, and a fused attention kernel's (a custom call no dots policy
-# sees) named ATTENTION_OUTPUT; dots_with_no_batch_dims_saveable: not attention's [B, H, T, T].
+# What a block keeps for the backward pass: none: everything; full: its input; dots_saveable:
+# matmul outputs and a fused attention kernel's (a custom call no dots policy sees), named
+# ATTENTION_OUTPUT; dots_with_no_batch_dims_saveable: not attention's [B, H, T, T].
 ATTENTION_OUTPUT = "attention_output"
 REMAT_POLICIES = {
     "none": None,
@@ -40,6 +40,7 @@ REMAT_POLICIES = {
         jax.checkpoint_policies.save_only_these_names(ATTENTION_OUTPUT)),
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
 
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
@@ -85,8 +86,7 @@ class GPTConfig:
     def from_preset(cls, name: str, **overrides) -> "GPTConfig":
         if name not in PRESETS:
             raise ValueError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)}")
-        return cls(**{"vocab_size": GPT2_VOCAB_SIZE, "block_size": 1024, "bias": True,
-                      **PRESETS[name], **overrides})
+        return cls(**{"vocab_size": GPT2_VOCAB_SIZE, **PRESETS[name], **overrides})
 
     def replace(self, **changes) -> "GPTConfig":
         return dataclasses.replace(self, **changes)
@@ -95,6 +95,7 @@ class GPTConfig:
         return dataclasses.asdict(self)
 
     head_dim = property(lambda self: self.n_embd // self.n_head)
+    residual_std = property(lambda self: 0.02 / math.sqrt(2 * self.n_layer))  # nanoGPT's init
 
 
 _init = lambda std, names: nn.with_logical_partitioning(nn.initializers.normal(std), names)
@@ -108,19 +109,11 @@ def layer_norm(config: GPTConfig, name: str) -> nn.LayerNorm:
                                                                 ("embed",)))
 
 
-def _residual_std(config: GPTConfig) -> float:  # nanoGPT's init of the residual projections
-    return 0.02 / math.sqrt(2 * config.n_layer)
-
-
-def _dense(cfg: GPTConfig, features: tuple[int, ...], n_in: int, std: float, names: tuple,
-           name: str) -> nn.Module:
+def _dense(cfg: GPTConfig, features, n_in: int, std: float, names: tuple, name: str) -> nn.Module:
     """x @ W + b over x's last n_in axes -> [..., *features]; names: W's logical axes, in first."""
-    kw = dict(use_bias=cfg.bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-              kernel_init=_init(std, names), bias_init=_zeros(names[n_in:]), name=name)
-    if n_in == 1 and len(features) == 1:
-        return nn.Dense(features[0], **kw)
-    return nn.DenseGeneral(features if len(features) > 1 else features[0],
-                           axis=tuple(range(-n_in, 0)), **kw)
+    return nn.DenseGeneral(features, axis=tuple(range(-n_in, 0)), use_bias=cfg.bias,
+                           dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                           kernel_init=_init(std, names), bias_init=_zeros(names[n_in:]), name=name)
 
 
 class CausalSelfAttention(nn.Module):
@@ -145,9 +138,8 @@ class CausalSelfAttention(nn.Module):
             y = _attention_with_dropout(q, k, v, mask, nn.Dropout(cfg.dropout, name="attn_dropout"))
         else:
             y = _attention(cfg, q, k, v, mask)
-        y = _dense(cfg, (cfg.n_embd,), 2, _residual_std(cfg), ("heads", "kv", "embed"), "c_proj")(y)
-        y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
-        return y, cache
+        y = _dense(cfg, cfg.n_embd, 2, cfg.residual_std, ("heads", "kv", "embed"), "c_proj")(y)
+        return nn.Dropout(cfg.dropout)(y, deterministic=deterministic), cache
 
 
 def resolve_attention(config: GPTConfig, platform: str) -> str:
@@ -164,8 +156,8 @@ def resolve_attention(config: GPTConfig, platform: str) -> str:
 
 
 def _attention(cfg: GPTConfig, q, k, v, mask):
-    """Attention by the kernel resolve_attention picks, q, k, v: [B, T, H, D] -> [B, T, H, D]; an
-    explicit mask [B, T, S] (or init's one token under splash) takes XLA's."""
+    """q, k, v: [B, T, H, D] -> [B, T, H, D] by the kernel resolve_attention picks; an explicit
+    mask [B, T, S] (or init's one token under splash) takes XLA's."""
     kind = resolve_attention(cfg, jax.default_backend()) if mask is None else "xla"
     if kind == "splash" and splash_supports(q.shape[1], cfg.head_dim):
         from flaxgpt.splash import splash_causal_attention
@@ -180,30 +172,12 @@ def _attention(cfg: GPTConfig, q, k, v, mask):
 def _attention_with_dropout(q, k, v, mask, dropout: nn.Dropout):
     """Masked-softmax attention with dropout on the weights (dot_product_attention has none);
     q: [B, T, H, D], k, v: [B, S, H, D], mask: [B, T, S] or None (causal) -> [B, T, H, D]."""
-    T, S = q.shape[1], k.shape[1]
     if mask is None:
-        mask = jnp.tril(jnp.ones((T, S), dtype=bool))[None]
+        mask = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), dtype=bool))[None]
     scores = jnp.einsum("bthd,bshd->bhts", q, k.astype(q.dtype)) / math.sqrt(q.shape[-1])
     scores = jnp.where(mask[:, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
     weights = dropout(jax.nn.softmax(scores, axis=-1).astype(q.dtype), deterministic=False)
     return jnp.einsum("bhts,bshd->bthd", weights, v.astype(q.dtype))
-
-
-class MLP(nn.Module):
-    config: GPTConfig
-
-    @nn.compact
-    def __call__(self, x, *, deterministic=True):
-        """x: [B, T, C] -> [B, T, C]."""
-        cfg = self.config
-        dense = lambda features, std, names, name: _dense(cfg, (features,), 1, std, names, name)
-        # [B*T, C]: on [B, T, C] XLA:CPU transposes the GELU backward (docs/performance.md)
-        B, T, C = x.shape
-        h = dense(4 * cfg.n_embd, 0.02, ("embed", "mlp"), "c_fc")(x.reshape(B * T, C))
-        h = _constrain(h, ("batch", "mlp"))
-        h = gelu(h, approximate=cfg.gelu_approximate)
-        h = dense(cfg.n_embd, _residual_std(cfg), ("mlp", "embed"), "c_proj")(h).reshape(B, T, C)
-        return nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
 
 
 def gelu(x, approximate: bool):
@@ -218,6 +192,20 @@ def _constrain(x, names: tuple[str | None, ...]):
     """x constrained to its logical axes' sharding on the mesh a TrainStep traces under, else as it
     is (linen's own constraint needs a global mesh, which would constrain every param too)."""
     return nn.with_logical_constraint(x, names, mesh=traced_mesh())
+
+
+class MLP(nn.Module):
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(self, x, *, deterministic=True):
+        """x: [B, T, C] -> [B, T, C], computed on [B*T, C]: on [B, T, C] XLA:CPU transposes the
+        GELU backward (docs/performance.md)."""
+        cfg, (B, T, C) = self.config, x.shape
+        h = _dense(cfg, 4 * C, 1, 0.02, ("embed", "mlp"), "c_fc")(x.reshape(B * T, C))
+        h = gelu(_constrain(h, ("batch", "mlp")), approximate=cfg.gelu_approximate)
+        h = _dense(cfg, C, 1, cfg.residual_std, ("mlp", "embed"), "c_proj")(h).reshape(B, T, C)
+        return nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
 
 
 class Block(nn.Module):
@@ -245,23 +233,23 @@ class GPT(nn.Module):
         return self.forward(idx, deterministic=deterministic, positions=positions, mask=mask)[0]
 
     def hidden_states(self, idx, *, deterministic=True, positions=None, mask=None):
-        """idx: [B, T] -> the final hidden states [B, T, C] (after ln_f), which the tied head turns
-        into logits (loss.head_cross_entropy). Arguments as in __call__."""
+        """As __call__, but the final hidden states [B, T, C] (after ln_f), which the tied head
+        turns into logits (loss.head_cross_entropy)."""
         return self.forward(idx, deterministic=deterministic, positions=positions, mask=mask,
                             hidden_only=True)[0]
 
     def decode(self, idx, cache, *, positions, mask, cache_index, head=None):
-        """Cached decoding (kv_cache.py): idx [B, T] -> (the last position's logits [B, 1, V], the
-        cache with idx's keys and values written at slots cache_index ...). positions: [B, T];
-        mask: [B, T, S] bool, True where a query may see a slot; head: optional [C, V] (wte.T)."""
+        """Cached decoding: idx [B, T] -> (the last position's logits [B, 1, V], the cache with
+        idx's keys and values written at slots cache_index ...). mask: [B, T, S] bool, True where a
+        query may see a slot; head: optional [C, V] (wte.T)."""
         return self.forward(idx, positions=positions, mask=mask, cache=cache,
                             cache_index=cache_index, last_only=True, head=head)
 
     @nn.compact
     def forward(self, idx, *, deterministic=True, positions=None, mask=None, cache=None,
                 cache_index=0, last_only=False, head=None, hidden_only=False):
-        """What `__call__` and `decode` share: -> (logits [B, T or 1, V], the updated cache or
-        None); hidden_only: the final hidden states [B, T or 1, C] instead of the logits."""
+        """-> (logits [B, T or 1, V], or hidden states [B, T or 1, C] if hidden_only; the updated
+        cache or None)."""
         cfg, T = self.config, idx.shape[1]
         if T > cfg.block_size:
             raise ValueError(f"cannot forward a sequence of length {T}: "
@@ -287,37 +275,36 @@ class GPT(nn.Module):
                              in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
                              length=cfg.n_layer, metadata_params={nn.PARTITION_NAME: "layers"})
             blocks = _kernels_cast_on_entry(blocks, cfg, self.is_initializing())
-            x, new_cache = blocks(cfg, name="h")(x, cache, mask, cache_index, deterministic)
+            x, cache = blocks(cfg, name="h")(x, cache, mask, cache_index, deterministic)
         else:
-            new_cache = []
             block = _kernels_cast_on_entry(block, cfg, self.is_initializing())
+            layer_caches = [None] * cfg.n_layer if cache is None else list(cache)
             for i in range(cfg.n_layer):
-                x, layer_cache = block(cfg, name=f"h_{i}")(
-                    x, None if cache is None else cache[i], mask, cache_index, deterministic)
-                new_cache.append(layer_cache)
+                x, layer_caches[i] = block(cfg, name=f"h_{i}")(
+                    x, layer_caches[i], mask, cache_index, deterministic)
+            cache = None if cache is None else layer_caches
         if last_only:
             x = x[:, -1:]
         x = layer_norm(cfg, "ln_f")(x)
         if not hidden_only:  # the lm_head is wte, tied
             x = _constrain(wte.attend(x) if head is None else x @ head.astype(x.dtype),
                            ("batch", "length", "vocab"))
-        return x, (None if cache is None else new_cache)
+        return x, cache
 
 
 def _kernels_cast_on_entry(module_class, config: GPTConfig, initializing: bool):
     """module_class (the scanned blocks, or one block) reading its matmul kernels and biases (c_*)
     already cast to the compute dtype: one cast per step outside the layer scan and remat, not one
-    per block in the forward pass and again in its recomputation. LayerNorm params keep theirs."""
+    per block and again in its recomputation. LayerNorm params keep theirs."""
     if initializing or jnp.dtype(config.dtype) == jnp.dtype(config.param_dtype):
         return module_class
 
-    def cast(variables):
-        def leaf(path, x):
-            parent = str(getattr(path[-2], "key", "")) if len(path) > 1 else ""
-            return x.astype(config.dtype) if parent.startswith("c_") else x
-        return jax.tree_util.tree_map_with_path(leaf, variables)
+    def cast(path, x):
+        parent = str(getattr(path[-2], "key", "")) if len(path) > 1 else ""
+        return x.astype(config.dtype) if parent.startswith("c_") else x
 
-    return nn.map_variables(module_class, "params", trans_in_fn=cast, mutable=False)
+    return nn.map_variables(module_class, "params", mutable=False,
+                            trans_in_fn=lambda tree: jax.tree_util.tree_map_with_path(cast, tree))
 
 
 @functools.partial(jax.jit, static_argnums=0)
