@@ -6,15 +6,12 @@
         --num_samples=5 --max_new_tokens=100
     python sample.py --init_from=path/to/hf_folder --start=FILE:prompt.txt --no-stream
 
---init_from: "resume" (the training run in --out_dir), another training run's out_dir, a GPT-2
-model (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a Hugging Face folder holding config.json, or a
-nanoGPT ckpt.pt (or its out_dir), as flaxgpt.load reads them. The tokenizer is the one in the run's
-meta.json (meta.pkl beside a ckpt.pt), else GPT-2's.
+--init_from: "resume" (the run in --out_dir), another run's out_dir, a GPT-2 model (gpt2,
+gpt2-medium, gpt2-large, gpt2-xl), a Hugging Face folder holding config.json, or a nanoGPT ckpt.pt
+(or its out_dir). The tokenizer is the run's (meta.json; meta.pkl beside a ckpt.pt), else GPT-2's.
 
-It says up front how many tokens it will generate; a sample that takes longer than a few seconds
-shows a progress bar on stderr (tokens, tokens/s, time left), except while the streamed text and
-the bar share one terminal. --no-stream samples each sample whole in one compiled loop (faster),
-and its bar counts whole samples.
+A sample that takes more than a few seconds shows a progress bar on stderr, unless the streamed
+text shares its terminal. --no-stream samples each sample whole in one compiled loop (faster).
 """
 
 import argparse
@@ -83,8 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 @contextlib.contextmanager
 def library_checks():
-    """flaxgpt's ValueErrors name the setting ("top_p must be ..."): report them as the option, in
-    one line."""
+    """flaxgpt's ValueErrors name the setting ("top_p must be ..."): report them as the option."""
     try:
         yield
     except ValueError as e:
@@ -156,13 +152,12 @@ def run(args: argparse.Namespace) -> None:
     decoder = Decoder(params, config, batch_size=1)  # the weights laid out once for all samples
     # Streamed text on the terminal is its own progress; a bar on the same terminal would garble it.
     show_progress = not (args.stream and sys.stdout.isatty() and sys.stderr.isatty())
-    progress_timing = (dict(delay=PROGRESS_DELAY_S) if sys.stderr.isatty() else
-                       dict(delay=LOG_PROGRESS_DELAY_S, mininterval=LOG_PROGRESS_DELAY_S))
+    bar = dict(unit="tok", file=sys.stderr, leave=False, disable=not show_progress,
+               **(dict(delay=PROGRESS_DELAY_S) if sys.stderr.isatty() else
+                  dict(delay=LOG_PROGRESS_DELAY_S, mininterval=LOG_PROGRESS_DELAY_S)))
     key = jax.random.key(args.seed)  # sample k draws from fold_in(key, k)
     if not args.stream:  # each sample whole from the compiled loop; the bar counts whole samples
-        with tqdm(total=total, desc=f"{n} sample{'s' if n > 1 else ''}", unit="tok",
-                  file=sys.stderr, leave=False, disable=not show_progress,
-                  **progress_timing) as progress:
+        with tqdm(total=total, desc=f"{n} sample{'s' if n > 1 else ''}", **bar) as progress:
             for k in range(n):
                 tokens = np.asarray(decoder.generate(prompt, rng=jax.random.fold_in(key, k), **kw))
                 progress.clear()  # the bar, if shown; the next update draws it again
@@ -174,9 +169,7 @@ def run(args: argparse.Namespace) -> None:
         print(start, end="", flush=True)
         text = StreamDecoder(tokenizer)
         steps = decoder.stream(prompt, rng=jax.random.fold_in(key, k), **kw)
-        with tqdm(steps, total=args.max_new_tokens, desc=f"sample {k + 1}/{n}", unit="tok",
-                  file=sys.stderr, leave=False, disable=not show_progress,
-                  **progress_timing) as progress:
+        with tqdm(steps, total=args.max_new_tokens, desc=f"sample {k + 1}/{n}", **bar) as progress:
             for token in progress:
                 print(text.push(int(token[0])), end="", flush=True)
         print(text.flush())

@@ -98,15 +98,14 @@ def _lay_out(params, config: GPTConfig, out_in: bool) -> _Weights:
 
 
 def _out_in_dense(next_fun, args, kwargs, context):
-    """A flax method interceptor: Dense and DenseGeneral on a kernel stored [*out, *in], read as one
-    [out, in] matrix contracted on its rows (XLA:CPU's matrix-vector product streams a weight faster
-    by rows). One device only: merging c_attn's 3 with the heads would regather on a mesh."""
+    """A flax method interceptor: the model's DenseGeneral layers on a kernel stored [*out, *in],
+    read as one [out, in] matrix contracted on its rows (XLA:CPU's matrix-vector product streams a
+    weight faster by rows). One device only: merging c_attn's 3 with the heads would regather on a
+    mesh."""
     module = context.module
-    if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral)):
+    if context.method_name != "__call__" or not isinstance(module, nn.DenseGeneral):
         return next_fun(*args, **kwargs)
-    (x,) = args
-    axis = getattr(module, "axis", -1)
-    n_in = len(axis) if isinstance(axis, tuple) else 1
+    (x,), n_in = args, len(module.axis)
     kernel = module.get_variable("params", "kernel")
     features, lead = kernel.shape[:kernel.ndim - n_in], x.shape[:-n_in]
     rows = kernel.reshape(math.prod(features), -1).astype(module.dtype)

@@ -1,13 +1,12 @@
-"""Causal attention through JAX's Pallas splash-attention kernel for TPUs.
+"""Causal attention through JAX's Pallas splash-attention kernel for TPUs. Shapes: B batch,
+T length, H heads, D head size.
 
-The kernel works on one sequence at a time, [H, T, D], and does not scale the queries. Under a mesh
-it runs inside shard_map: each device gets its rows of the batch (mesh data x fsdp) and, when the
-heads divide by it, its heads (mesh tensor), as MaxText does; a sequence is never split.
-Shapes: B batch, T length, H heads, D head size.
+The kernel works on one sequence, [H, T, D], and does not scale the queries. Under a mesh it runs
+inside shard_map: each device gets its rows of the batch (mesh data x fsdp) and, when the heads
+divide by it, its heads (mesh tensor), as MaxText does; a sequence is never split.
 """
 
 import contextvars
-import functools
 import math
 
 import jax
@@ -40,15 +39,6 @@ def _kernel(seq_len: int, n_heads: int, interpret: bool):
                                       interpret=interpret)
 
 
-def _local_attention(q, k, v, interpret: bool):
-    """One device's share: q, k, v [b, T, h, D] -> [b, T, h, D]."""
-    T, h, D = q.shape[1:]
-    kernel = _kernel(T, h, interpret)
-    heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [b, h, T, D]
-    out = jax.vmap(kernel)(heads_first(q / math.sqrt(D)), heads_first(k), heads_first(v))
-    return jnp.swapaxes(out, 1, 2).astype(q.dtype)
-
-
 def splash_causal_attention(q, k, v):
     """Causal softmax attention. q, k, v: [B, T, H, D] -> [B, T, H, D]. The mesh is
     `sharding.traced_mesh` (which TrainStep sets), else jax's abstract mesh."""
@@ -57,8 +47,14 @@ def splash_causal_attention(q, k, v):
         raise ValueError(f"splash attention needs the sequence length ({T}) to be a multiple of "
                          f"{BLOCK} and the head size ({D}) of 64: use attention='xla', or 'auto' "
                          "which falls back to it")
-    k, v = k.astype(q.dtype), v.astype(q.dtype)
-    attend = functools.partial(_local_attention, interpret=INTERPRET.get())
+    k, v, interpret = k.astype(q.dtype), v.astype(q.dtype), INTERPRET.get()
+
+    def attend(q, k, v):  # one device's share: [b, T, h, D] -> [b, T, h, D]
+        kernel = jax.vmap(_kernel(q.shape[1], q.shape[2], interpret))
+        heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [b, h, T, D]
+        out = kernel(heads_first(q / math.sqrt(D)), heads_first(k), heads_first(v))
+        return jnp.swapaxes(out, 1, 2).astype(q.dtype)
+
     mesh = traced_mesh() or jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return attend(q, k, v)

@@ -10,7 +10,7 @@ import json
 import os
 import pickle
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import tiktoken
 
@@ -31,17 +31,9 @@ def local_data_file(relative: str) -> Path | None:
 
 
 def user_cache_dir() -> Path:
-    """Where flaxgpt keeps downloads and compiled programs: $FLAXGPT_CACHE, else ~/.cache/flaxgpt.
-    Raises RuntimeError when neither is set and the home directory cannot be found."""
+    """Where flaxgpt keeps downloads and compiled programs: $FLAXGPT_CACHE, else ~/.cache/flaxgpt
+    (RuntimeError without a home directory)."""
     return Path(os.environ.get("FLAXGPT_CACHE") or Path.home() / ".cache" / "flaxgpt")
-
-
-class Tokenizer(Protocol):
-    vocab_size: int
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, tokens: Sequence[int]) -> str: ...
 
 
 class CharTokenizer:
@@ -84,6 +76,9 @@ class GPT2Tokenizer:
 
     def decode(self, tokens: Sequence[int]) -> str:
         return self.encoding.decode([int(t) for t in tokens])
+
+
+Tokenizer = CharTokenizer | GPT2Tokenizer
 
 
 def gpt2_encoding(ranks_file: str | os.PathLike | None = None) -> tiktoken.Encoding:
@@ -178,11 +173,9 @@ def read_nanogpt_meta(meta_pkl_path: str | os.PathLike) -> dict:
 
 
 class StreamDecoder:
-    """Text of a growing token list, piece by piece: each `push` returns what the new token adds.
-
-    BPE tokens can end inside a multi-byte character, which decodes as U+FFFD until its last byte
-    comes, so a trailing U+FFFD is held back until the next token (or `flush`) settles it.
-    """
+    """Text of a growing token list, piece by piece: each `push` returns what the new token adds. A
+    BPE token can end inside a multi-byte character (U+FFFD until its last byte comes), so a
+    trailing U+FFFD is held back until the next token (or `flush`) settles it."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer, self.tokens, self.printed = tokenizer, [], 0
