@@ -180,20 +180,6 @@ def _attention_with_dropout(q, k, v, mask, dropout: nn.Dropout):
     return jnp.einsum("bhts,bshd->bthd", weights, v.astype(q.dtype))
 
 
-def gelu(x, approximate: bool):
-    """GELU of x: tanh's approximation (GPT-2's), or exact as x/2 (1 + erf(x/sqrt 2)) in float32
-    (faster on XLA:CPU than jax.nn.gelu's erfc form), jax.nn.gelu's in bfloat16 (no cancelling)."""
-    if approximate or x.dtype != jnp.float32:
-        return nn.gelu(x, approximate=approximate)
-    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.float32(math.sqrt(0.5))))
-
-
-def _constrain(x, names: tuple[str | None, ...]):
-    """x constrained to its logical axes' sharding on the mesh a TrainStep traces under, else as it
-    is (linen's own constraint needs a global mesh, which would constrain every param too)."""
-    return nn.with_logical_constraint(x, names, mesh=traced_mesh())
-
-
 class MLP(nn.Module):
     config: GPTConfig
 
@@ -206,6 +192,20 @@ class MLP(nn.Module):
         h = gelu(_constrain(h, ("batch", "mlp")), approximate=cfg.gelu_approximate)
         h = _dense(cfg, C, 1, cfg.residual_std, ("mlp", "embed"), "c_proj")(h).reshape(B, T, C)
         return nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+
+
+def gelu(x, approximate: bool):
+    """GELU of x: tanh's approximation (GPT-2's), or exact as x/2 (1 + erf(x/sqrt 2)) in float32
+    (faster on XLA:CPU than jax.nn.gelu's erfc form), jax.nn.gelu's in bfloat16 (no cancelling)."""
+    if approximate or x.dtype != jnp.float32:
+        return nn.gelu(x, approximate=approximate)
+    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.float32(math.sqrt(0.5))))
+
+
+def _constrain(x, names: tuple[str | None, ...]):
+    """x constrained to its logical axes' sharding on the mesh a TrainStep traces under, else as it
+    is (linen's own constraint needs a global mesh, which would constrain every param too)."""
+    return nn.with_logical_constraint(x, names, mesh=traced_mesh())
 
 
 class Block(nn.Module):
