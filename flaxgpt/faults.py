@@ -4,12 +4,8 @@ A user's mistake (`UserError`, or an OSError, ValueError, ... raised by flaxgpt'
 command-line tool in ONE line, `<program>: error: ...`, that says what to do: exit code 2 for a
 command-line mistake (as argparse's), else 1. Anything unexpected (a bug, an XLA error) ends in one
 line naming the file that holds its traceback, or with --verbose (FLAXGPT_VERBOSE=1) the traceback.
-
-orbax and TensorStore report a failure in their background threads and coroutines as well as to
-their caller (absl ERROR logs, "Exception ignored in <coroutine ...>"): one full disk printed over
-300 lines. `quiet_library_reports()` (which `train()` enters) drops their ERROR records, and
-`quiet_until_exit` also their threads' and coroutines' leftover reports, for the rest of a
-command-line tool. Warnings (a gcsfs retry) always show; --verbose keeps everything.
+`quiet_library_reports` drops the ERROR reports that orbax and TensorStore make in their background
+threads as well as to their caller (one full disk printed 300 lines); warnings always show.
 """
 
 import argparse
@@ -83,10 +79,16 @@ def is_users_mistake(error: BaseException) -> bool:
     return where.is_relative_to(_PACKAGE) or where.parent == _PACKAGE.parent  # or the CLIs
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of the error's message, or its type's name when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def explain(error: BaseException) -> str:
     """A user's mistake as one line; an OSError with what to do instead of its raw errno."""
     if not isinstance(error, OSError) or error.errno is None or not error.strerror:
-        return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return first_line(error)
     advice = _ADVICE.get(error.errno, error.strerror)
     return f"{error.filename}: {advice}" if error.filename else advice
 

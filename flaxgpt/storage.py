@@ -1,24 +1,10 @@
 """Where flaxgpt reads and writes: local folders and object stores (gs://, ...) as one path type.
 
-Every file flaxgpt touches (out_dir, data_dir, checkpoints, metrics, the compilation cache, prepared
-datasets) goes through `path(...)`, which returns an `etils.epath.Path`: the path type orbax uses. A
-local path behaves as `pathlib.Path`; a URL is served by fsspec (gcsfs for gs://, installed by `pip
-install "flaxgpt[gcs]"`, which `[tpu]` includes).
-
-Object stores differ from a disk in three ways this module absorbs:
-- no appends and no atomic renames: `atomic_output` writes a local file under a temporary name and
-  renames it, and a remote object through a local temporary file uploaded in one piece (an object
-  appears whole or not at all);
-- listings may be cached: fsspec's gcsfs keeps a directory listing and would not see objects another
-  host wrote since, so remote filesystems are created without a listings cache (`path` does this
-  once, before the first remote path is used);
-- a request may never be answered: every request of gcsfs (flaxgpt's files, epath's, JAX's
-  compilation cache) and of TensorStore (orbax's arrays) gives up on a connection after
-  CONNECT_TIMEOUT_S and on a transfer that stalls for READ_TIMEOUT_S, and is retried with
-  exponential backoff by the library (gcsfs: 6 tries, 1 to 32 s apart; TensorStore: its
-  gcs_request_retries). A bucket that stays dead becomes a stall (watchdog.py), which
-  `waiting_calls` names;
-- a wrong bucket name is easy to type: `check_reachable` says in one line what is wrong.
+`path(...)` returns an `etils.epath.Path`, the path type orbax uses: a local path behaves as
+`pathlib.Path`, a URL is served by fsspec (gcsfs for gs://, from `pip install "flaxgpt[gcs]"`).
+Object stores have no appends or atomic renames (`atomic_output`, `local_folder` and `append` write
+whole objects), cache listings (turned off) and may never answer (time-outs; a bucket that stays
+dead becomes a stall, named by `waiting_calls`). docs/scaling.md ("Storage") says more.
 """
 
 import contextlib
@@ -31,6 +17,8 @@ import tempfile
 from typing import IO, Iterator
 
 from etils import epath
+
+from flaxgpt import faults
 
 Path = epath.Path
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]+://")
@@ -52,11 +40,9 @@ def path(location: str | os.PathLike) -> Path:
 
 @functools.cache
 def _configure_remote() -> None:
-    """fsspec's remote filesystems cache directory listings per process by default: a host would not
-    see the checkpoints or files another host wrote after it first listed a folder. epath creates
-    its filesystems with fsspec's configured defaults, so turning the cache off here reaches orbax
-    and JAX's compilation cache too; so do gcsfs's request time-outs, and TensorStore's, which it
-    reads from the environment (a value already set there wins)."""
+    """No listings cache (a host would not see files another host wrote since it listed a folder)
+    and request time-outs, as fsspec's defaults, which epath, orbax and JAX's cache use too; and
+    TensorStore's time-outs in the environment (a value already set there wins)."""
     import fsspec.config
     for protocol in ("gs", "gcs", "s3", "s3a"):
         fsspec.config.conf.setdefault(protocol, {})["use_listings_cache"] = False
@@ -118,18 +104,13 @@ def check_reachable(location: str | os.PathLike, what: str) -> None:
         exists = fs.exists(bucket)
     except Exception as e:  # connection, credential and permission errors of the client libraries
         raise OSError(f"{what}={location}: cannot reach {scheme}://{bucket} ({type(e).__name__}: "
-                      f"{_first_line(e)}): check the network and this machine's credentials "
-                      "(gcloud auth application-default login, or the VM's service "
+                      f"{faults.first_line(e)[:200]}): check the network and this machine's "
+                      "credentials (gcloud auth application-default login, or the VM's service "
                       "account)") from None
     if not exists:
         raise OSError(f"{what}={location}: the bucket {scheme}://{bucket} does not exist or this "
                       "machine's credentials cannot see it: create it (gcloud storage buckets "
                       f"create {scheme}://{bucket}) or fix the name")
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else ""
 
 
 @contextlib.contextmanager
@@ -241,8 +222,4 @@ def read_ranges(location: Path, starts, stops) -> list[bytes]:
 
 def size(location: Path) -> int:
     """The size of a file in bytes."""
-    location = path(location)
-    if is_remote(location):
-        fs, name = _remote_fs(location)
-        return int(fs.size(name))
-    return os.path.getsize(location)
+    return int(path(location).stat().length)
