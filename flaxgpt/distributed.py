@@ -36,9 +36,8 @@ PEER_EXIT_WAIT_S = 10  # how long process 0 waits for the others to exit after a
 
 
 def is_multiprocess_launch(coordinator_address: str | None = None) -> bool:
-    """Whether this process is one of several: a coordinator is named, a TPU cluster set its
-    variables, TPU chips are attached, or SLURM started several tasks. Having libtpu installed (or
-    TPU_SKIP_MDS_QUERY set, to compile for TPU topologies) is not a TPU VM."""
+    """Whether this process is one of several: a coordinator is named, a TPU cluster or SLURM
+    launched it, or TPU chips are attached (libtpu installed, or TPU_SKIP_MDS_QUERY, is not)."""
     tpu_vm = any(os.environ.get(name) for name in TPU_CLUSTER_ENV) or (
         not os.environ.get("TPU_SKIP_MDS_QUERY") and tpu_chips_attached() > 0)
     return bool(coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or tpu_vm
@@ -164,16 +163,14 @@ def decided_by_main(name: str, decide: Callable[[], Any],
         try:
             result = decide()
         except Exception as e:
-            kinds = [k.__name__ for k in type(e).__mro__]
-            client.key_value_set(key, json.dumps({"error": kinds, "message": str(e)}))
+            kind = next(k for k in type(e).__mro__ if getattr(builtins, k.__name__, None) is k)
+            client.key_value_set(key, json.dumps({"error": kind.__name__, "message": str(e)}))
             raise
         client.key_value_set(key, json.dumps({"value": result}))
         return result
     answer = json.loads(client.blocking_key_value_get(key, int(timeout_s * 1000)))
     if "error" in answer:
-        kind = next(k for k in (getattr(builtins, name, None) for name in answer["error"])
-                    if isinstance(k, type) and issubclass(k, Exception))
-        raise kind(answer["message"])
+        raise getattr(builtins, answer["error"])(answer["message"])
     return answer["value"]
 
 
