@@ -1,11 +1,9 @@
 """Several processes as one run: joining them (`initialize`), deciding alike, stopping together; and
 jax's CPU backend alone on a machine without accelerators (`use_cpu_without_accelerators`).
 
-The processes of a pod must take every decision alike, or they run different collectives and wait
-for each other forever. Agreements go through the key-value store of JAX's coordination service (no
-device collectives, each with a time-out): `decided_by_main` (process 0 decides, every process uses
-its answer or raises its error) and `all_values` (every process's answer). `publish`/`published`
-are entries that the watchdog's thread reads (heartbeats, failures).
+The processes of a pod must decide alike, or they run different collectives and wait for each other
+forever: `decided_by_main` and `all_values` agree through the key-value store of JAX's coordination
+service (no device collectives, with a time-out), where the watchdog's heartbeats are `published`.
 """
 
 import builtins

@@ -115,11 +115,9 @@ def check_reachable(location: str | os.PathLike, what: str) -> None:
 
 @contextlib.contextmanager
 def atomic_output(destination: Path) -> Iterator[IO[bytes]]:
-    """A binary file to write `destination` through, which appears only if the block succeeds.
-
-    Local: a temporary file beside it, renamed at the end. Remote: a local temporary file, uploaded
-    at the end in one piece, which the object store publishes only when it is complete. On failure
-    the temporary file is removed and `destination` is untouched."""
+    """A binary file to write `destination` through, which appears only if the block succeeds:
+    a temporary file renamed at the end, or in a bucket uploaded at the end in one piece. On
+    failure the temporary file is removed and `destination` is untouched."""
     destination = path(destination)
     if is_remote(destination):
         with local_folder(destination.parent, upload_on_error=False) as folder:
@@ -138,11 +136,9 @@ def atomic_output(destination: Path) -> Iterator[IO[bytes]]:
 
 @contextlib.contextmanager
 def local_folder(destination: Path, *, upload_on_error: bool = True) -> Iterator[str]:
-    """The one way flaxgpt writes into a bucket: a local folder to write `destination`'s files in.
-
-    Local destination: the folder itself (created). Remote: a temporary folder whose files are
-    uploaded under `destination` when the block ends (each object appears whole), then removed;
-    `upload(folder, destination)` uploads what is there so far in the meantime."""
+    """The one way flaxgpt writes into a bucket: a local folder to write `destination`'s files in:
+    the folder itself (created), or for a bucket a temporary folder whose files are uploaded under
+    `destination` when the block ends (each object appears whole), then removed."""
     destination = path(destination)
     if not is_remote(destination):
         destination.mkdir(parents=True, exist_ok=True)
