@@ -1,22 +1,15 @@
-"""Several processes as one run: joining them (`initialize`), deciding things together, and stopping
-together; and jax's CPU backend alone on a machine without accelerators
-(`use_cpu_without_accelerators`).
+"""Several processes as one run: joining them (`initialize`), deciding alike, stopping together; and
+jax's CPU backend alone on a machine without accelerators (`use_cpu_without_accelerators`).
 
-A pod slice runs one process per host. They must take every decision alike (which checkpoint to
-resume, whether the out_dir and dataset are usable), or they would run different collectives and
-wait for each other forever. Two kinds of agreement, both through the key-value store of JAX's
-coordination service (no device collectives, each with a time-out): `decided_by_main` (process 0
-decides, every process uses its answer or raises its error) and `all_values` (every process's
-answer, e.g. "I can read this"), each under a key named by what is agreed. `publish` and
-`published` are each process's entries that a watcher thread reads (heartbeats, failures: see
-watchdog.py), with a time-out; `exit_program` ends a process without waiting for its peers.
+The processes of a pod must decide alike, or they run different collectives and wait for each other
+forever: `decided_by_main` and `all_values` agree through the key-value store of JAX's coordination
+service (no device collectives, with a time-out), where the watchdog's heartbeats are `published`.
 """
 
 import builtins
 import collections
 import concurrent.futures
 import contextlib
-import functools
 import glob
 import json
 import os
@@ -30,34 +23,23 @@ from typing import Any, Callable
 
 import jax
 
-
-def is_multiprocess_launch(coordinator_address: str | None = None) -> bool:
-    """Whether this process is one of several: a coordinator is named, or a cluster launched it.
-
-    Cloud TPU VMs and SLURM jobs are detected here and then joined by jax's own cluster detection.
-    Having libtpu installed is not a TPU VM: CPU machines install it to compile for TPU topologies.
-    """
-    return bool(coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
-                or on_cloud_tpu_vm()
-                or int(os.environ.get("SLURM_NTASKS", "1")) > 1)
-
-
 # Environment variables that Cloud TPU (GKE pods, multislice) set for the runtime.
 TPU_CLUSTER_ENV = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "MEGASCALE_COORDINATOR_ADDRESS")
-GOOGLE_PCI_VENDOR = "0x1ae0"
-NVIDIA_PCI_VENDOR = "0x10de"
+GOOGLE_PCI_VENDOR, NVIDIA_PCI_VENDOR = "0x1ae0", "0x10de"
 GPU_DRIVER_FILES = ("/dev/nvidiactl", "/dev/kfd")  # NVIDIA's driver, AMD's ROCm driver
 PCI_DEVICES = "/sys/bus/pci/devices"
+AGREEMENT_TIMEOUT_S = 30 * 60  # process 0 may download a model or list a bucket meanwhile
+KV_TIMEOUT_S = 5  # for a watcher's call: a frozen coordinator (process 0) must not freeze it
+PEER_EXIT_WAIT_S = 10  # how long process 0 waits for the others to exit after a failure
 
 
-def on_cloud_tpu_vm() -> bool:
-    """Whether TPU chips are attached to this machine (Google PCI devices) or a TPU cluster set its
-    variables. A CPU machine setting TPU_SKIP_MDS_QUERY to compile for TPU topologies is not one."""
-    if any(os.environ.get(name) for name in TPU_CLUSTER_ENV):
-        return True
-    if os.environ.get("TPU_SKIP_MDS_QUERY"):
-        return False
-    return tpu_chips_attached() > 0
+def is_multiprocess_launch(coordinator_address: str | None = None) -> bool:
+    """Whether this process is one of several: a coordinator is named, a TPU cluster or SLURM
+    launched it, or TPU chips are attached (libtpu installed, or TPU_SKIP_MDS_QUERY, is not)."""
+    tpu_vm = any(os.environ.get(name) for name in TPU_CLUSTER_ENV) or (
+        not os.environ.get("TPU_SKIP_MDS_QUERY") and tpu_chips_attached() > 0)
+    return bool(coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or tpu_vm
+                or int(os.environ.get("SLURM_NTASKS", "1")) > 1)
 
 
 def tpu_chips_attached(pci_root: str = PCI_DEVICES) -> int:
@@ -66,8 +48,7 @@ def tpu_chips_attached(pci_root: str = PCI_DEVICES) -> int:
 
 
 def _pci_devices(vendor: str, pci_root: str) -> int:
-    vendors = glob.glob(f"{pci_root}/*/vendor")
-    return sum(Path(path).read_text().strip() == vendor for path in vendors)
+    return sum(Path(p).read_text().strip() == vendor for p in glob.glob(f"{pci_root}/*/vendor"))
 
 
 def accelerators_attached(pci_root: str = PCI_DEVICES, driver_files=GPU_DRIVER_FILES) -> bool:
@@ -80,9 +61,8 @@ def accelerators_attached(pci_root: str = PCI_DEVICES, driver_files=GPU_DRIVER_F
 
 def use_cpu_without_accelerators() -> None:
     """Start jax on its CPU backend alone where no accelerator is attached and no platform was
-    chosen (JAX_PLATFORMS). Otherwise jax starts every installed plugin, and a CPU machine that
-    installed libtpu or the CUDA plugin (to compile for TPUs or GPUs) logs their failed start-ups,
-    a traceback among them, on every run. Call before touching devices."""
+    chosen (JAX_PLATFORMS): else a CPU machine with libtpu or the CUDA plugin installed logs their
+    failed start-ups on every run. Call before touching devices."""
     chosen = "JAX_PLATFORMS" in os.environ or jax.config.jax_platforms
     if not chosen and not accelerators_attached():
         jax.config.update("jax_platforms", "cpu")
@@ -92,28 +72,24 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                process_id: int | None = None, timeout: int = 300,
                heartbeat_timeout_s: int = 100) -> None:
     """Join the other processes of the run (no-op for one process). Call before touching devices.
-    heartbeat_timeout_s: how long jax's coordination service waits for a silent process before it
-    aborts every process (jax's default: 100).
 
     Unset values come from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or jax's
-    cluster auto-detection (Cloud TPU, SLURM, Open MPI, Kubernetes). On several TPU slices (Cloud
-    TPU's MEGASCALE_* variables, from the environment or the VM's metadata), that detection joins
-    every host of every slice: host i of slice s is process s x hosts-per-slice + i, and the
-    coordinator is MEGASCALE_COORDINATOR_ADDRESS.
+    cluster auto-detection (Cloud TPU incl. multislice, SLURM, Open MPI, Kubernetes).
+    heartbeat_timeout_s: how long jax waits for a silent process before it aborts every process.
     """
     if not is_multiprocess_launch(coordinator_address):
         return
-    if num_processes is None and "JAX_NUM_PROCESSES" in os.environ:
-        num_processes = int(os.environ["JAX_NUM_PROCESSES"])
-    if process_id is None and "JAX_PROCESS_ID" in os.environ:
-        process_id = int(os.environ["JAX_PROCESS_ID"])
-    address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    slices = os.environ.get("MEGASCALE_NUM_SLICES")
-    in_slice = (f" (slice {os.environ.get('MEGASCALE_SLICE_ID', '?')} of {slices})"
-                if slices and int(slices) > 1 else "")
+    env = os.environ
+    if num_processes is None and "JAX_NUM_PROCESSES" in env:
+        num_processes = int(env["JAX_NUM_PROCESSES"])
+    if process_id is None and "JAX_PROCESS_ID" in env:
+        process_id = int(env["JAX_PROCESS_ID"])
+    address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
+    slices = int(env.get("MEGASCALE_NUM_SLICES") or 1)
+    in_slice = f" (slice {env.get('MEGASCALE_SLICE_ID', '?')} of {slices})" * (slices > 1)
     who = f"process {process_id} of {num_processes}" if process_id is not None else "this host"
     where = (f"{who}{in_slice} through the coordinator at "
-             f"{address or os.environ.get('MEGASCALE_COORDINATOR_ADDRESS') or 'auto-detected'}")
+             f"{address or env.get('MEGASCALE_COORDINATOR_ADDRESS') or 'auto-detected'}")
     advice = ("Start every process with the same coordinator address and process count, process 0 "
               "reachable from the others.")
     if address and process_id not in (None, 0) and not _reachable(address, timeout):
@@ -121,8 +97,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                            f"listens there. {advice}")
     # jax's client aborts (SIGABRT) when the others do not join in time: say why beforehand.
     print(f"flaxgpt: joining {where}; waiting up to {timeout}s for all processes (if this process "
-          "then aborts with DEADLINE_EXCEEDED, a peer never joined). "
-          f"{advice}", file=sys.stderr, flush=True)
+          f"then aborts with DEADLINE_EXCEEDED, a peer never joined). {advice}",
+          file=sys.stderr, flush=True)
     jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                initialization_timeout=timeout,
                                heartbeat_timeout_seconds=heartbeat_timeout_s)
@@ -146,23 +122,19 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
-AGREEMENT_TIMEOUT_S = 30 * 60  # process 0 may download a model or list a bucket meanwhile
-KV_TIMEOUT_S = 5  # for a watcher's call: a frozen coordinator (process 0) must not freeze it
-PEER_EXIT_WAIT_S = 10  # how long process 0 waits for the others to exit after a failure
-_made = collections.Counter()  # agreements made so far, by name
-
-
 def _client():
-    """The coordination service's client: the one use of jax's private API (jax has no public
-    accessor; orbax reads it so too). None for a single process."""
+    """The coordination service's client (None for one process): jax's private API, as orbax
+    reads it."""
     from jax._src import distributed as jax_distributed
     return jax_distributed.global_state.client
 
 
+_made = collections.Counter()  # agreements made so far, by name
+
+
 def _key(name: str) -> str:
-    """The agreement's key: its name (which says what is agreed and, in the loop, at which step),
-    and how many agreements of that name came before. Every process makes the same agreement under
-    the same key, whatever else it agreed on alone."""
+    """The agreement's key: its name and how many of that name came before, so that an agreement
+    one process made alone shifts no other agreement's key."""
     _made[name] += 1
     return f"flaxgpt/agree/{name.replace('/', '|')}/{_made[name]}"
 
@@ -181,7 +153,7 @@ def all_values(name: str, value: str, timeout_s: float = AGREEMENT_TIMEOUT_S) ->
 def decided_by_main(name: str, decide: Callable[[], Any],
                     timeout_s: float = AGREEMENT_TIMEOUT_S) -> Any:
     """`decide()` on process 0 and its result (JSON) on every process; if it raises, every process
-    raises an error of the same kind and message, so that all of them stop with the same line."""
+    raises an error of the same built-in kind and message."""
     if jax.process_count() == 1:
         return decide()
     client, key = _client(), _key(name)
@@ -189,45 +161,40 @@ def decided_by_main(name: str, decide: Callable[[], Any],
         try:
             result = decide()
         except Exception as e:
-            kinds = [k.__name__ for k in type(e).__mro__]
-            client.key_value_set(key, json.dumps({"error": kinds, "message": str(e)}))
+            kind = next(k for k in type(e).__mro__ if getattr(builtins, k.__name__, None) is k)
+            client.key_value_set(key, json.dumps({"error": kind.__name__, "message": str(e)}))
             raise
         client.key_value_set(key, json.dumps({"value": result}))
         return result
     answer = json.loads(client.blocking_key_value_get(key, int(timeout_s * 1000)))
     if "error" in answer:
-        kind = next(k for k in (getattr(builtins, name, None) for name in answer["error"])
-                    if isinstance(k, type) and issubclass(k, Exception))
-        raise kind(answer["message"])
+        raise getattr(builtins, answer["error"])(answer["message"])
     return answer["value"]
 
 
+# The watcher's calls run here, so that a frozen coordination service cannot freeze the watcher.
 _kv_worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="flaxgpt-kv")
-
-
-def _within(seconds: float, call: Callable, *args):
-    """call(*args) on another thread; TimeoutError if it has not returned within `seconds` (a call
-    to a frozen coordination service would wait forever)."""
-    return _kv_worker.submit(call, *args).result(timeout=seconds)
 
 
 def publish(kind: str, value: str) -> None:
     """Set this process's entry of `kind` (e.g. "heartbeat") for the others to read; TimeoutError
     if the coordination service does not answer within KV_TIMEOUT_S."""
-    _within(KV_TIMEOUT_S, functools.partial(_client().key_value_set, allow_overwrite=True),
-            f"flaxgpt/{kind}/{jax.process_index()}", value)
+    key = f"flaxgpt/{kind}/{jax.process_index()}"
+    _kv_worker.submit(_client().key_value_set, key, value, allow_overwrite=True).result(
+        timeout=KV_TIMEOUT_S)
 
 
 def published(kind: str) -> dict[int, str]:
     """{process: value} of every process's entry of `kind`; TimeoutError as in `publish`."""
-    entries = _within(KV_TIMEOUT_S, _client().key_value_dir_get, f"flaxgpt/{kind}/")
+    entries = _kv_worker.submit(_client().key_value_dir_get, f"flaxgpt/{kind}/").result(
+        timeout=KV_TIMEOUT_S)
     return {int(key.rsplit("/", 1)[1]): value for key, value in entries}
 
 
 def check_shared_directory(directory, what: str) -> None:
     """Raise the same one-line OSError on every process unless `directory` is the same storage for
-    all of them (a bucket, or a folder every host mounts): process 0 writes a file there, the others
-    read it."""
+    all of them (a bucket, or a folder every host mounts): process 0 writes a file, the others read
+    it."""
     if jax.process_count() == 1:
         return
     from flaxgpt import storage
@@ -240,22 +207,18 @@ def check_shared_directory(directory, what: str) -> None:
         return name
 
     probe = directory / decided_by_main("shared probe", write_probe)
-    seen = all_values(f"sees {probe.name}", "1" if _readable(probe) else "0")
+    seen = False
+    with contextlib.suppress(OSError):
+        seen = probe.read_text() == "written by process 0"
+    blind = [str(i) for i, ok in enumerate(all_values(f"sees {probe.name}", str(int(seen))))
+             if ok != "1"]
     if is_main_process():
         probe.unlink()
-    blind = [i for i, ok in enumerate(seen) if ok != "1"]
     if blind:
         raise OSError(f"{what}={directory} is not the same storage on every host: process(es) "
-                      f"{', '.join(map(str, blind))} cannot see the file process 0 wrote there. "
-                      "Every host of a pod needs to see the same files: use a gs:// bucket (or a "
-                      "folder all hosts mount)")
-
-
-def _readable(probe) -> bool:
-    try:
-        return probe.read_text() == "written by process 0"
-    except OSError:
-        return False
+                      f"{', '.join(blind)} cannot see the file process 0 wrote there. Every host "
+                      "of a pod needs to see the same files: use a gs:// bucket (or a folder all "
+                      "hosts mount)")
 
 
 _exit_lock = threading.Lock()
@@ -283,12 +246,6 @@ def exit_program(message: str | None, code: int = 1) -> None:
             time.sleep(0.5)  # a peer between its "exiting" and its exit would log our end
         elif client is not None:
             publish("exiting", "1")
-    _exit_now(None, code)
-
-
-def _exit_now(message: str | None, code: int) -> None:
-    if message:
-        print(message, file=sys.stderr, flush=True)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -4,12 +4,8 @@ A user's mistake (`UserError`, or an OSError, ValueError, ... raised by flaxgpt'
 command-line tool in ONE line, `<program>: error: ...`, that says what to do: exit code 2 for a
 command-line mistake (as argparse's), else 1. Anything unexpected (a bug, an XLA error) ends in one
 line naming the file that holds its traceback, or with --verbose (FLAXGPT_VERBOSE=1) the traceback.
-
-orbax and TensorStore report a failure in their background threads and coroutines as well as to
-their caller (absl ERROR logs, "Exception ignored in <coroutine ...>"): one full disk printed over
-300 lines. `quiet_library_reports()` (which `train()` enters) drops their ERROR records, and
-`quiet_until_exit` also their threads' and coroutines' leftover reports, for the rest of a
-command-line tool. Warnings (a gcsfs retry) always show; --verbose keeps everything.
+`quiet_library_reports` drops the ERROR reports that orbax and TensorStore make in their background
+threads as well as to their caller (one full disk printed 300 lines); warnings always show.
 """
 
 import argparse
@@ -83,10 +79,16 @@ def is_users_mistake(error: BaseException) -> bool:
     return where.is_relative_to(_PACKAGE) or where.parent == _PACKAGE.parent  # or the CLIs
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of the error's message, or its type's name when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def explain(error: BaseException) -> str:
     """A user's mistake as one line; an OSError with what to do instead of its raw errno."""
     if not isinstance(error, OSError) or error.errno is None or not error.strerror:
-        return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return first_line(error)
     advice = _ADVICE.get(error.errno, error.strerror)
     return f"{error.filename}: {advice}" if error.filename else advice
 
@@ -142,8 +144,14 @@ def errors_reported(program: str, verbose_: bool | None = None, interrupted: str
         exit_program(*report(program, e, verbose_))
 
 
-def _from_libraries(text: str) -> bool:
-    """Whether text (file names, reprs, a message) points into LIBRARIES or is TensorStore's."""
+def _from_libraries(text: str = "", source=None, error: BaseException | None = None,
+                    tb=None) -> bool:
+    """Whether a report points into LIBRARIES or is TensorStore's, by its text, its source's repr
+    and code file (a coroutine's, whose frames are gone), its traceback's files and its error."""
+    code = getattr(source, "cr_code", None) or getattr(source, "gi_code", None)
+    tb = tb if tb is not None else getattr(error, "__traceback__", None)
+    files = [frame.f_code.co_filename for frame, _ in traceback.walk_tb(tb)]
+    text = " ".join([text, repr(source), getattr(code, "co_filename", ""), *files, str(error)])
     return "tensorstore" in text.lower() or " in OCDBT database" in text or any(
         f"{os.sep}{name}{os.sep}" in text or f"{os.sep}{name}." in text or f"<{name}" in text
         for name in LIBRARIES)
@@ -162,8 +170,7 @@ class _LibraryReports(logging.Filter):
                 _LIBRARY_NOISE)
         # asyncio's "Task exception was never retrieved": a read orbax gave up on
         error = record.exc_info[1] if record.exc_info else None
-        return record.name != "asyncio" or not _from_libraries(
-            record.getMessage() + _where(None, error))
+        return record.name != "asyncio" or not _from_libraries(record.getMessage(), error=error)
 
 
 @contextlib.contextmanager
@@ -195,12 +202,12 @@ def _drop_library_reports(undo: contextlib.ExitStack, hooks: bool) -> None:
     previous, previous_thread = sys.unraisablehook, threading.excepthook
 
     def unraisable(u):  # e.g. a TensorStore read still in flight when orbax closed its event loop
-        if not _from_libraries(_where(u.object, u.exc_value, u.exc_traceback)) and \
+        if not _from_libraries("", u.object, u.exc_value, u.exc_traceback) and \
                 str(u.exc_value) != "Event loop is closed":
             previous(u)
 
     def thread(args):  # a library's worker thread that died with the error its caller also gets
-        if not _from_libraries(_where(args.thread, args.exc_value, args.exc_traceback)):
+        if not _from_libraries("", args.thread, args.exc_value, args.exc_traceback):
             previous_thread(args)
 
     sys.unraisablehook, threading.excepthook = unraisable, thread
@@ -208,15 +215,6 @@ def _drop_library_reports(undo: contextlib.ExitStack, hooks: bool) -> None:
     undo.callback(setattr, threading, "excepthook", previous_thread)
     undo.enter_context(warnings.catch_warnings())
     warnings.filterwarnings("ignore", _ORBAX_COROUTINES, RuntimeWarning)
-
-
-def _where(source, error: BaseException | None, tb=None) -> str:
-    """What tells where a report comes from: the source's repr and code file (a coroutine's or
-    generator's, when its frames are gone), the traceback's files and the error's message."""
-    code = getattr(source, "cr_code", None) or getattr(source, "gi_code", None)
-    tb = tb if tb is not None else getattr(error, "__traceback__", None)
-    files = [frame.f_code.co_filename for frame, _ in traceback.walk_tb(tb)]
-    return " ".join([repr(source), getattr(code, "co_filename", ""), *files, str(error)])
 
 
 def _chain(error: BaseException | None) -> Iterator[BaseException]:

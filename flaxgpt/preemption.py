@@ -1,9 +1,7 @@
 """SIGTERM (a preempted VM, a cluster's time limit) or Ctrl-C: save after the current step, then
 stop; a second Ctrl-C stops at once. With several processes, SIGTERM is left to JAX's preemption
-service, which stops every process at the same step (orbax's `reached_preemption`; a Cloud TPU
-maintenance event or spot preemption signals every host), and Ctrl-C sends this process a SIGTERM.
-Only the main thread may set signal handlers; elsewhere (a notebook's worker thread) orbax's
-preemption check remains.
+service, which stops every process at the same step (orbax's `reached_preemption`), and Ctrl-C
+sends this process a SIGTERM. Off the main thread (a notebook's worker) only orbax's check remains.
 """
 
 import os
@@ -47,6 +45,5 @@ class StopRequest:
     def reached(self, step: int, manager) -> bool:
         """Whether to save and stop before `step` (manager: orbax's CheckpointManager); every
         process must ask at every step."""
-        if self._together:
-            return manager.reached_preemption(step)
-        return self.signal_name is not None or manager.reached_preemption(step)
+        alone_stopped = not self._together and self.signal_name is not None
+        return alone_stopped or manager.reached_preemption(step)

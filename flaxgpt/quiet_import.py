@@ -1,8 +1,7 @@
-"""jax's plugins that cannot start, quiet: on a machine without accelerators, the CUDA plugin and
-libtpu (installed to compile for GPUs and TPUs: the gpu-compile and tpu extras) print 6 to 30 lines
-that they cannot start, when jax is imported and when it first starts its backends. `import
-flaxgpt` imports jax within `quiet_plugin_start_up`, which drops those lines and changes nothing
-else: every other line comes through, and jax chooses its platforms as it would.
+"""jax's plugins that cannot start, quiet: without accelerators, the CUDA plugin and libtpu
+(installed to compile for GPUs and TPUs) print lines that they cannot start when jax is imported and
+when it first starts its backends. `import flaxgpt` imports jax within `quiet_plugin_start_up`,
+which drops those lines alone: jax chooses its platforms as it would.
 """
 
 import contextlib
@@ -30,10 +29,11 @@ def quiet_plugin_start_up() -> Iterator[None]:
     (_START_UP_LINE) while jax imports them and first starts its backends are dropped, and the CUDA
     plugin's "Jax plugin configuration error" records. With accelerators, or FLAXGPT_VERBOSE,
     nothing is dropped."""
-    with _native_lines_dropped(lambda: not _accelerators_attached()):
+    with _start_up_lines_dropped():
         yield
-        from jax._src import xla_bridge  # noqa: PLC0415 - jax is imported within the block
-    if verbose() or _accelerators_attached() or xla_bridge.backends_are_initialized():
+    from jax._src import xla_bridge  # noqa: PLC0415 - jax is imported within the block
+    from flaxgpt.distributed import accelerators_attached  # noqa: PLC0415 - imports jax
+    if verbose() or accelerators_attached() or xla_bridge.backends_are_initialized():
         return
     logging.getLogger(xla_bridge.__name__).addFilter(lambda r: not (
         r.getMessage().startswith("Jax plugin configuration error") and "cuda" in r.getMessage()))
@@ -43,20 +43,15 @@ def quiet_plugin_start_up() -> Iterator[None]:
     def backends():
         if xla_bridge.backends_are_initialized():
             return start_backends()
-        with _native_lines_dropped(lambda: True):
+        with _start_up_lines_dropped():
             return start_backends()
     xla_bridge.backends = backends
 
 
-def _accelerators_attached() -> bool:
-    from flaxgpt.distributed import accelerators_attached  # noqa: PLC0415 - imports jax
-    return accelerators_attached()
-
-
 @contextlib.contextmanager
-def _native_lines_dropped(drop) -> Iterator[None]:
+def _start_up_lines_dropped() -> Iterator[None]:
     """Capture file descriptor 2 during the block; then write back every line, less the plugins'
-    start-up lines when drop() says so (and FLAXGPT_VERBOSE is not set)."""
+    start-up lines when no accelerator is attached (and FLAXGPT_VERBOSE is not set)."""
     try:
         sys.stderr.flush()
         saved = os.dup(2)
@@ -73,6 +68,7 @@ def _native_lines_dropped(drop) -> Iterator[None]:
             os.close(saved)
             capture.seek(0)
             lines = capture.read().splitlines(keepends=True)
-            if not verbose() and drop():
+            from flaxgpt.distributed import accelerators_attached  # noqa: PLC0415 - imports jax
+            if not verbose() and not accelerators_attached():
                 lines = [line for line in lines if not _START_UP_LINE.match(line)]
             os.write(2, b"".join(lines))

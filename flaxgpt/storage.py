@@ -1,24 +1,10 @@
 """Where flaxgpt reads and writes: local folders and object stores (gs://, ...) as one path type.
 
-Every file flaxgpt touches (out_dir, data_dir, checkpoints, metrics, the compilation cache, prepared
-datasets) goes through `path(...)`, which returns an `etils.epath.Path`: the path type orbax uses. A
-local path behaves as `pathlib.Path`; a URL is served by fsspec (gcsfs for gs://, installed by `pip
-install "flaxgpt[gcs]"`, which `[tpu]` includes).
-
-Object stores differ from a disk in three ways this module absorbs:
-- no appends and no atomic renames: `atomic_output` writes a local file under a temporary name and
-  renames it, and a remote object through a local temporary file uploaded in one piece (an object
-  appears whole or not at all);
-- listings may be cached: fsspec's gcsfs keeps a directory listing and would not see objects another
-  host wrote since, so remote filesystems are created without a listings cache (`path` does this
-  once, before the first remote path is used);
-- a request may never be answered: every request of gcsfs (flaxgpt's files, epath's, JAX's
-  compilation cache) and of TensorStore (orbax's arrays) gives up on a connection after
-  CONNECT_TIMEOUT_S and on a transfer that stalls for READ_TIMEOUT_S, and is retried with
-  exponential backoff by the library (gcsfs: 6 tries, 1 to 32 s apart; TensorStore: its
-  gcs_request_retries). A bucket that stays dead becomes a stall (watchdog.py), which
-  `waiting_calls` names;
-- a wrong bucket name is easy to type: `check_reachable` says in one line what is wrong.
+`path(...)` returns an `etils.epath.Path`, the path type orbax uses: a local path behaves as
+`pathlib.Path`, a URL is served by fsspec (gcsfs for gs://, from `pip install "flaxgpt[gcs]"`).
+Object stores have no appends or atomic renames (`atomic_output`, `local_folder` and `append` write
+whole objects), cache listings (turned off) and may never answer (time-outs; a bucket that stays
+dead becomes a stall, named by `waiting_calls`). docs/scaling.md ("Storage") says more.
 """
 
 import contextlib
@@ -31,6 +17,8 @@ import tempfile
 from typing import IO, Iterator
 
 from etils import epath
+
+from flaxgpt import faults
 
 Path = epath.Path
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]+://")
@@ -52,11 +40,9 @@ def path(location: str | os.PathLike) -> Path:
 
 @functools.cache
 def _configure_remote() -> None:
-    """fsspec's remote filesystems cache directory listings per process by default: a host would not
-    see the checkpoints or files another host wrote after it first listed a folder. epath creates
-    its filesystems with fsspec's configured defaults, so turning the cache off here reaches orbax
-    and JAX's compilation cache too; so do gcsfs's request time-outs, and TensorStore's, which it
-    reads from the environment (a value already set there wins)."""
+    """No listings cache (a host would not see files another host wrote since it listed a folder)
+    and request time-outs, as fsspec's defaults, which epath, orbax and JAX's cache use too; and
+    TensorStore's time-outs in the environment (a value already set there wins)."""
     import fsspec.config
     for protocol in ("gs", "gcs", "s3", "s3a"):
         fsspec.config.conf.setdefault(protocol, {})["use_listings_cache"] = False
@@ -118,8 +104,8 @@ def check_reachable(location: str | os.PathLike, what: str) -> None:
         exists = fs.exists(bucket)
     except Exception as e:  # connection, credential and permission errors of the client libraries
         raise OSError(f"{what}={location}: cannot reach {scheme}://{bucket} ({type(e).__name__}: "
-                      f"{_first_line(e)}): check the network and this machine's credentials "
-                      "(gcloud auth application-default login, or the VM's service "
+                      f"{faults.first_line(e)[:200]}): check the network and this machine's "
+                      "credentials (gcloud auth application-default login, or the VM's service "
                       "account)") from None
     if not exists:
         raise OSError(f"{what}={location}: the bucket {scheme}://{bucket} does not exist or this "
@@ -127,18 +113,11 @@ def check_reachable(location: str | os.PathLike, what: str) -> None:
                       f"create {scheme}://{bucket}) or fix the name")
 
 
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else ""
-
-
 @contextlib.contextmanager
 def atomic_output(destination: Path) -> Iterator[IO[bytes]]:
-    """A binary file to write `destination` through, which appears only if the block succeeds.
-
-    Local: a temporary file beside it, renamed at the end. Remote: a local temporary file, uploaded
-    at the end in one piece, which the object store publishes only when it is complete. On failure
-    the temporary file is removed and `destination` is untouched."""
+    """A binary file to write `destination` through, which appears only if the block succeeds:
+    a temporary file renamed at the end, or in a bucket uploaded at the end in one piece. On
+    failure the temporary file is removed and `destination` is untouched."""
     destination = path(destination)
     if is_remote(destination):
         with local_folder(destination.parent, upload_on_error=False) as folder:
@@ -157,11 +136,9 @@ def atomic_output(destination: Path) -> Iterator[IO[bytes]]:
 
 @contextlib.contextmanager
 def local_folder(destination: Path, *, upload_on_error: bool = True) -> Iterator[str]:
-    """The one way flaxgpt writes into a bucket: a local folder to write `destination`'s files in.
-
-    Local destination: the folder itself (created). Remote: a temporary folder whose files are
-    uploaded under `destination` when the block ends (each object appears whole), then removed;
-    `upload(folder, destination)` uploads what is there so far in the meantime."""
+    """The one way flaxgpt writes into a bucket: a local folder to write `destination`'s files in:
+    the folder itself (created), or for a bucket a temporary folder whose files are uploaded under
+    `destination` when the block ends (each object appears whole), then removed."""
     destination = path(destination)
     if not is_remote(destination):
         destination.mkdir(parents=True, exist_ok=True)
@@ -241,8 +218,4 @@ def read_ranges(location: Path, starts, stops) -> list[bytes]:
 
 def size(location: Path) -> int:
     """The size of a file in bytes."""
-    location = path(location)
-    if is_remote(location):
-        fs, name = _remote_fs(location)
-        return int(fs.size(name))
-    return os.path.getsize(location)
+    return int(path(location).stat().length)

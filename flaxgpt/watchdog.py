@@ -1,19 +1,13 @@
-"""A run that stops instead of hanging: on a pod a hang costs more than a crash, since a scheduler
-restarts a job that exits and none restarts one that hangs.
+"""A run that stops instead of hanging: a scheduler restarts a job that exits, none one that hangs.
 
 `Watchdog` (entered by train() around the run) runs one thread in each process that
-- ends this process with one line as soon as another process failed (it published its error when
-  its body raised), instead of leaving it waiting in the next collective for a peer that will never
-  come;
-- publishes this process's heartbeat (a beat count, its last completed step, the bucket calls it
-  waits in) through jax's coordination service and reads the others', so that a process can tell
-  "process 1 stopped at step 41" from "I am stuck";
-- with stall_timeout_s > 0: when no training step, evaluation or checkpoint has completed for that
-  long (the first call of a program, which compiles, does not count), or a bucket call has not
-  returned for that long (compiling or not, from the start), writes the stack of every
-  thread to a file (in out_dir/stalls, or a local file when out_dir is in the stuck bucket), prints
-  one line naming the cause as well as this process can tell, and exits with STALL_EXIT_CODE; the
-  other processes stop with it. The run then resumes from its newest readable checkpoint.
+- ends this process with one line as soon as another process published that it failed;
+- publishes this process's heartbeat (a beat count, its last completed step, the bucket call it
+  waits in) and reads the others', to tell "process 1 stopped at step 41" from "I am stuck";
+- with stall_timeout_s > 0: when no step, evaluation or checkpoint completed for that long (a first
+  call, which compiles, does not count), or a bucket call has not returned for that long, writes
+  every thread's stack to a file, prints one line naming the cause, and exits with
+  STALL_EXIT_CODE; the other processes stop with it, and the run resumes from its checkpoint.
 """
 
 import contextlib
@@ -26,7 +20,7 @@ import time
 
 import jax
 
-from flaxgpt import distributed, storage
+from flaxgpt import distributed, faults, storage
 
 STALL_EXIT_CODE = 75  # EX_TEMPFAIL: a temporary failure; resume the run
 STALLS_DIR = "stalls"
@@ -39,11 +33,6 @@ def coordination_heartbeat_s(stall_timeout_s: float) -> int:
     without naming it; it waits twice the stall time-out (at least jax's 100 s), so that the
     watchdog, which names the silent process, comes first."""
     return max(100, int(2 * stall_timeout_s))
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 class Watchdog:
@@ -74,29 +63,25 @@ class Watchdog:
             self._thread.join()
         if error is not None and self.many:
             with contextlib.suppress(Exception):
-                distributed.publish("failed", _first_line(error))
+                distributed.publish("failed", faults.first_line(error))
 
     def progress(self, done: str) -> None:
         """`done` (e.g. "step 41", "the evaluation at step 40") completed: the stall clock starts
         over (and starts at all at the first call)."""
         self.done_last, self._last = done, time.monotonic()
 
+    @contextlib.contextmanager
     def first_call(self, what: str):
         """A context around a call that compiles when it is the first of `what`: not a stall."""
-        if what in self._compiled:
-            return contextlib.nullcontext()
+        first = what not in self._compiled
         self._compiled.add(what)
-        return self._paused()
-
-    @contextlib.contextmanager
-    def _paused(self):
-        self._compiling += 1
+        self._compiling += first
         try:
             yield
         finally:  # the clock first, so that the watching thread never sees an old one
-            if self._last is not None:
+            if first and self._last is not None:
                 self._last = time.monotonic()
-            self._compiling -= 1
+            self._compiling -= first
 
     def _stalled_for(self, now: float) -> float:
         return 0.0 if self._last is None or self._compiling else now - self._last
@@ -196,22 +181,19 @@ class Watchdog:
         target = storage.path(self.out_dir) / STALLS_DIR / name
         if storage.is_remote(target) and storage_suspect:
             return local
-        finished, copied = threading.Event(), []
+        copied = []
 
         def copy():
-            try:
+            with contextlib.suppress(Exception):  # an unreachable or unwritable out_dir
                 if not storage.is_remote(target):
                     target.parent.mkdir(parents=True, exist_ok=True)
-                with open(local, "rb") as f:
-                    storage.write_atomically(target, f.read())
+                storage.write_atomically(target, storage.path(local).read_bytes())
                 copied.append(target)
-            except Exception:  # an unreachable or unwritable out_dir: the local file stays
-                pass
-            finally:
-                finished.set()
 
-        threading.Thread(target=copy, daemon=True, name="flaxgpt-stacks").start()
-        if not finished.wait(STACKS_UPLOAD_S) or not copied:
+        copier = threading.Thread(target=copy, daemon=True, name="flaxgpt-stacks")
+        copier.start()
+        copier.join(STACKS_UPLOAD_S)
+        if not copied:  # the local file stays
             return local
         os.unlink(local)
         return os.fspath(target)
