@@ -175,3 +175,11 @@ def tiny_hf_gpt2(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-gpt2")
     transformers.GPT2LMHeadModel(config).save_pretrained(folder)
     return folder
+
+
+def pytest_collection_modifyitems(items):
+    """The longest first, so that no worker is left running one after the other ran out: the tests
+    of an xdist_group (the pods: minutes on one worker), then those marked slow."""
+    def marked(item, name):
+        return any(mark.name == name for mark in item.iter_markers())
+    items.sort(key=lambda item: (not marked(item, "xdist_group"), not marked(item, "slow")))

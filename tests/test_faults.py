@@ -154,13 +154,13 @@ def data_files(step_dir: Path) -> list[Path]:
 
 def test_a_full_disk_during_a_save_is_one_line_that_says_so(shakespeare_char_dir, tmp_path):
     """out_dir on a 14 MB tmpfs (in a mount namespace of this process's own): the checkpoint of step
-    50 fits, step 100's does not."""
+    5 fits, step 10's does not."""
     if shutil.which("unshare") is None:
         pytest.skip("needs unshare (util-linux) to mount a small filesystem")
     disk = tmp_path / "disk"
     disk.mkdir()
     train = (f"{sys.executable} train.py {CONFIG} --config.data_dir={shakespeare_char_dir} "
-             f"--config.out_dir={disk}/out --config.max_iters=150 --config.eval_interval=50 "
+             f"--config.out_dir={disk}/out --config.max_iters=10 --config.eval_interval=5 "
              "--config.eval_iters=2 --config.log_interval=1000 "
              "--config.always_save_checkpoint=True --config.compilation_cache_dir=")
     script = (f"mount -t tmpfs -o size=14m tmpfs {disk} && "
@@ -170,11 +170,11 @@ def test_a_full_disk_during_a_save_is_one_line_that_says_so(shakespeare_char_dir
     if "mount:" in result.stderr and "rc=" not in result.stdout:
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
     stdout, stderr = program_lines(result.stdout), program_lines(result.stderr)
-    # step 50 intact, nothing else kept
-    assert "rc=1" in stdout and stdout[-1] == "50", result.stdout
+    # step 5 intact (listed last, after what is left of the failed save of step 10)
+    assert "rc=1" in stdout and stdout[-1] == "5", result.stdout
     assert len(stderr) <= MAX_LINES and "Traceback" not in result.stderr, result.stderr
     assert stderr[-1].startswith("train.py: error: disk full: saving checkpoint "
-                                 f"{disk}/out/checkpoints/100 needs about "), stderr[-1]
+                                 f"{disk}/out/checkpoints/10 needs about "), stderr[-1]
     assert "Nothing was lost" in stderr[-1]
 
 

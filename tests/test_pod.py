@@ -91,7 +91,9 @@ def test_a_pod_trains_on_a_bucket_stops_on_sigterm_and_resumes_exactly(
     assert_all_succeeded(resumed)
     assert "resuming run" in resumed[0][1], report_of(resumed)
     assert f"at step {saved}" in resumed[0][1], report_of(resumed)
-    straight = pod.train(*common, f"--config.out_dir={runs}/straight")
+    # the programs the stopped run compiled into its bucket serve this run too
+    straight = pod.train(*common, f"--config.out_dir={runs}/straight",
+                         f"--config.compilation_cache_dir={runs}/stopped/compilation_cache")
     assert_all_succeeded(straight)
 
     # Stopped and resumed vs never stopped: the same params, bit for bit, and losses after the stop.
