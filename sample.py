@@ -6,12 +6,15 @@
         --num_samples=5 --max_new_tokens=100
     python sample.py --init_from=path/to/hf_folder --start=FILE:prompt.txt --no-stream
 
---init_from: "resume" (the run in --out_dir), another run's out_dir, a GPT-2 model (gpt2,
-gpt2-medium, gpt2-large, gpt2-xl), a Hugging Face folder holding config.json, or a nanoGPT ckpt.pt
-(or its out_dir). The tokenizer is the run's (meta.json; meta.pkl beside a ckpt.pt), else GPT-2's.
+--init_from: "resume" (the training run in --out_dir), another training run's out_dir, a GPT-2
+model (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a Hugging Face folder holding config.json, or a
+nanoGPT ckpt.pt (or its out_dir), as flaxgpt.load reads them. The tokenizer is the one in the run's
+meta.json (meta.pkl beside a ckpt.pt), else GPT-2's.
 
-A sample that takes more than a few seconds shows a progress bar on stderr, unless the streamed
-text shares its terminal. --no-stream samples each sample whole in one compiled loop (faster).
+It says up front how many tokens it will generate; a sample that takes longer than a few seconds
+shows a progress bar on stderr (tokens, tokens/s, time left), except while the streamed text and
+the bar share one terminal. --no-stream samples each sample whole in one compiled loop (faster),
+and its bar counts whole samples.
 """
 
 import argparse

@@ -33,13 +33,18 @@ KV_TIMEOUT_S = 5  # for a watcher's call: a frozen coordinator (process 0) must 
 PEER_EXIT_WAIT_S = 10  # how long process 0 waits for the others to exit after a failure
 
 
+def on_cloud_tpu_vm() -> bool:
+    """Whether a TPU cluster set its variables or TPU chips are attached (Google PCI devices); a CPU
+    machine setting TPU_SKIP_MDS_QUERY to compile for TPU topologies is not one."""
+    return any(os.environ.get(name) for name in TPU_CLUSTER_ENV) or (
+        not os.environ.get("TPU_SKIP_MDS_QUERY") and tpu_chips_attached() > 0)
+
+
 def is_multiprocess_launch(coordinator_address: str | None = None) -> bool:
     """Whether this process is one of several: a coordinator is named, a TPU cluster or SLURM
-    launched it, or TPU chips are attached (libtpu installed, or TPU_SKIP_MDS_QUERY, is not)."""
-    tpu_vm = any(os.environ.get(name) for name in TPU_CLUSTER_ENV) or (
-        not os.environ.get("TPU_SKIP_MDS_QUERY") and tpu_chips_attached() > 0)
-    return bool(coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or tpu_vm
-                or int(os.environ.get("SLURM_NTASKS", "1")) > 1)
+    launched it, or it runs on a Cloud TPU VM."""
+    return bool(coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+                or on_cloud_tpu_vm() or int(os.environ.get("SLURM_NTASKS", "1")) > 1)
 
 
 def tpu_chips_attached(pci_root: str = PCI_DEVICES) -> int:
@@ -86,7 +91,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         process_id = int(env["JAX_PROCESS_ID"])
     address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
     slices = int(env.get("MEGASCALE_NUM_SLICES") or 1)
-    in_slice = f" (slice {env.get('MEGASCALE_SLICE_ID', '?')} of {slices})" * (slices > 1)
+    in_slice = f" (slice {env.get('MEGASCALE_SLICE_ID', '?')} of {slices})" if slices > 1 else ""
     who = f"process {process_id} of {num_processes}" if process_id is not None else "this host"
     where = (f"{who}{in_slice} through the coordinator at "
              f"{address or env.get('MEGASCALE_COORDINATOR_ADDRESS') or 'auto-detected'}")

@@ -105,7 +105,8 @@ def _out_in_dense(next_fun, args, kwargs, context):
     module = context.module
     if context.method_name != "__call__" or not isinstance(module, nn.DenseGeneral):
         return next_fun(*args, **kwargs)
-    (x,), n_in = args, len(module.axis)
+    (x,) = args
+    n_in = len(module.axis)
     kernel = module.get_variable("params", "kernel")
     features, lead = kernel.shape[:kernel.ndim - n_in], x.shape[:-n_in]
     rows = kernel.reshape(math.prod(features), -1).astype(module.dtype)
@@ -296,8 +297,9 @@ class Decoder:
 
     def stream(self, prompt, *, max_new_tokens: int, rng: jax.Array, prompt_mask=None,
                window_shift: int = 1, **sampling) -> Iterator[np.ndarray]:
-        """`generate`'s tokens one step at a time, each [B] numpy int32, until every row has emitted
-        stop_token. The arguments are checked before the first token."""
+        """`generate`'s tokens one step at a time, each [B] numpy int32: up to max_new_tokens of
+        them, ending early once every row has emitted stop_token. The arguments are checked before
+        the first token."""
         args = self._checked(prompt, max_new_tokens, rng, prompt_mask, window_shift, sampling)
         return self._steps(*args, max_new_tokens, window_shift)
 

@@ -240,8 +240,8 @@ class GPT(nn.Module):
 
     def decode(self, idx, cache, *, positions, mask, cache_index, head=None):
         """Cached decoding: idx [B, T] -> (the last position's logits [B, 1, V], the cache with
-        idx's keys and values written at slots cache_index ...). mask: [B, T, S] bool, True where a
-        query may see a slot; head: optional [C, V] (wte.T)."""
+        idx's keys and values written at slots cache_index ...). positions: [B, T]; mask: [B, T, S]
+        bool, True where a query may see a slot; head: optional [C, V] (wte.T)."""
         return self.forward(idx, positions=positions, mask=mask, cache=cache,
                             cache_index=cache_index, last_only=True, head=head)
 

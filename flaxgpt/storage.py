@@ -104,7 +104,7 @@ def check_reachable(location: str | os.PathLike, what: str) -> None:
         exists = fs.exists(bucket)
     except Exception as e:  # connection, credential and permission errors of the client libraries
         raise OSError(f"{what}={location}: cannot reach {scheme}://{bucket} ({type(e).__name__}: "
-                      f"{faults.first_line(e)[:200]}): check the network and this machine's "
+                      f"{(str(e).strip() and faults.first_line(e))[:200]}): check the network and this machine's "
                       "credentials (gcloud auth application-default login, or the VM's service "
                       "account)") from None
     if not exists:
@@ -218,4 +218,5 @@ def read_ranges(location: Path, starts, stops) -> list[bytes]:
 
 def size(location: Path) -> int:
     """The size of a file in bytes."""
-    return int(path(location).stat().length)
+    location = path(location)  # a local stat() of epath also looks its owner up, which may fail
+    return int(location.stat().length) if is_remote(location) else os.path.getsize(location)
