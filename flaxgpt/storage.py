@@ -103,8 +103,9 @@ def check_reachable(location: str | os.PathLike, what: str) -> None:
     try:
         exists = fs.exists(bucket)
     except Exception as e:  # connection, credential and permission errors of the client libraries
+        said = faults.first_line(e)[:200] if str(e).strip() else ""
         raise OSError(f"{what}={location}: cannot reach {scheme}://{bucket} ({type(e).__name__}: "
-                      f"{(str(e).strip() and faults.first_line(e))[:200]}): check the network and this machine's "
+                      f"{said}): check the network and this machine's "
                       "credentials (gcloud auth application-default login, or the VM's service "
                       "account)") from None
     if not exists:
