@@ -1,15 +1,10 @@
 """Reading prepared token files (`prepare.py`'s output) and sampling training batches from them.
 
 A prepared dataset is a folder `data/<name>/` holding `train.bin` and `val.bin` (flat token arrays,
-uint16 or uint32) and `meta.json` (tokenizer, vocab_size, dtype), or nanoGPT's `meta.pkl` for its
-character datasets (see `tokenizer.read_meta`). Batches are random windows, as in
-nanoGPT, but drawn from an RNG keyed by (seed, step, split): a batch depends on nothing else, so a
-resumed run sees the same batches, and every host of a multi-host run can draw the same offsets and
-read only its own rows.
-
-A dataset folder may be local (read through a memmap) or in a bucket (gs://...): then only the
-windows a batch needs are fetched, as concurrent byte-range reads (`RemoteTokens`), and nothing is
-copied to the host's disk.
+uint16 or uint32) and `meta.json` (or nanoGPT's `meta.pkl`: `tokenizer.read_meta`). Batches are
+random windows, as in nanoGPT, drawn from an RNG keyed by (seed, step, split) alone: a resumed run
+sees the same batches, and every host draws the same offsets and reads only its own rows. A folder
+in a bucket (gs://...) is not copied: each batch fetches its windows as concurrent range reads.
 """
 
 import concurrent.futures
@@ -71,7 +66,7 @@ def load_meta(data_dir: str | os.PathLike) -> dict:
 
 
 class RemoteTokens:
-    """A token file in an object store, as a flat array [n_tokens] that reads windows on demand."""
+    """A token file in an object store, as a flat array [n_tokens] (`read_windows` reads it)."""
 
     def __init__(self, path: storage.Path, dtype: str):
         self.path, self.dtype = path, np.dtype(dtype)
@@ -79,12 +74,6 @@ class RemoteTokens:
 
     def __len__(self) -> int:
         return self.n_tokens
-
-    def windows(self, offsets: np.ndarray, length: int) -> np.ndarray:
-        """Tokens [len(offsets), length] starting at each offset, all fetched concurrently."""
-        size = self.dtype.itemsize
-        pieces = storage.read_ranges(self.path, offsets * size, (offsets + length) * size)
-        return np.frombuffer(b"".join(pieces), self.dtype).reshape(len(offsets), length)
 
 
 def open_split(data_dir: str | os.PathLike, split: str,
@@ -108,9 +97,12 @@ def open_split(data_dir: str | os.PathLike, split: str,
 
 
 def read_windows(tokens: np.ndarray | RemoteTokens, offsets: np.ndarray, length: int) -> np.ndarray:
-    """Tokens [len(offsets), length] starting at each offset (a memmap reads just those pages)."""
+    """Tokens [len(offsets), length] starting at each offset: a memmap reads just those pages, a
+    RemoteTokens fetches them all concurrently."""
     if isinstance(tokens, RemoteTokens):
-        return tokens.windows(offsets, length)
+        size = tokens.dtype.itemsize
+        pieces = storage.read_ranges(tokens.path, offsets * size, (offsets + length) * size)
+        return np.frombuffer(b"".join(pieces), tokens.dtype).reshape(len(offsets), length)
     return np.asarray(tokens[offsets[:, None] + np.arange(length)])
 
 
@@ -126,35 +118,24 @@ def fingerprint(meta: dict, splits: dict) -> str:
     return digest.hexdigest()[:16]
 
 
-def _check(n_tokens: int, block_size: int, split: str) -> None:
-    if split not in SPLIT_CODES:
-        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_CODES)}")
-    if n_tokens < block_size + 1:
-        raise ValueError(f"the {split} split has {n_tokens} tokens, but a window of "
-                         f"block_size={block_size} needs {block_size + 1}: lower block_size (or "
-                         "use more data)")
-
-
-def batch_offsets(n_tokens: int, *, seed: int, step: int, batch_size: int, block_size: int,
-                  split: str = "train") -> np.ndarray:
-    """Start positions [batch_size] of the global batch's windows, from (seed, step, split) only."""
-    _check(n_tokens, block_size, split)
-    rng = np.random.default_rng((seed, step, SPLIT_CODES[split]))
-    # High is exclusive: the last window ends on the last token (its y needs offset + block_size).
-    return rng.integers(0, n_tokens - block_size, size=batch_size)
-
-
 def get_batch(tokens: np.ndarray | RemoteTokens, *, seed: int, step: int, batch_size: int,
               block_size: int, split: str = "train",
               rows: slice | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Inputs x and targets y (x shifted by one), int32 [rows, block_size], from `tokens`.
 
-    The offsets of all `batch_size` rows are drawn; `rows` (a slice or index array, default all)
-    picks the rows this process reads, so only those windows of the memmap are touched and the
-    processes' slices together make up the single-process batch.
+    The offsets of all `batch_size` rows are drawn from (seed, step, split) alone; `rows` (a slice
+    or index array, default all) picks the rows this process reads, so only those windows are
+    touched and the processes' slices together make up the single-process batch.
     """
-    offsets = batch_offsets(len(tokens), seed=seed, step=step, batch_size=batch_size,
-                            block_size=block_size, split=split)
+    if split not in SPLIT_CODES:
+        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_CODES)}")
+    if len(tokens) < block_size + 1:
+        raise ValueError(f"the {split} split has {len(tokens)} tokens, but a window of "
+                         f"block_size={block_size} needs {block_size + 1}: lower block_size (or "
+                         "use more data)")
+    rng = np.random.default_rng((seed, step, SPLIT_CODES[split]))
+    # High is exclusive: the last window ends on the last token (its y needs offset + block_size).
+    offsets = rng.integers(0, len(tokens) - block_size, size=batch_size)
     if rows is not None:
         offsets = offsets[rows]
     windows = read_windows(tokens, offsets, block_size + 1).astype(np.int32)
@@ -163,8 +144,7 @@ def get_batch(tokens: np.ndarray | RemoteTokens, *, seed: int, step: int, batch_
 
 @dataclasses.dataclass
 class Dataset:
-    """A prepared dataset: its folder, its vocabulary description (`tokenizer.read_meta`) and its
-    splits."""
+    """A prepared dataset: its folder, its vocabulary (`tokenizer.read_meta`) and its splits."""
     directory: storage.Path
     meta: dict
     splits: dict[str, np.memmap | RemoteTokens]
@@ -172,7 +152,10 @@ class Dataset:
     @classmethod
     def open(cls, config) -> "Dataset":
         directory = dataset_dir(config)
-        meta = load_meta(directory)
+        meta = dict(load_meta(directory))
+        if meta.pop("assumed", False) and distributed.is_main_process():
+            print(f"{directory} has no meta.json or meta.pkl: assuming GPT-2 BPE tokens (uint16), "
+                  "as nanoGPT's openwebtext and shakespeare folders hold", flush=True)
         return cls(directory, meta, {s: open_split(directory, s, meta) for s in SPLIT_CODES})
 
     def check_same_on_every_host(self) -> None:
@@ -180,9 +163,7 @@ class Dataset:
         compare the hosts' fingerprints and stop every process in one line if they differ."""
         prints = distributed.all_values("dataset", fingerprint(self.meta, self.splits))
         if len(set(prints)) > 1:
-            groups = {}
-            for process, print_ in enumerate(prints):
-                groups.setdefault(print_, []).append(str(process))
+            groups = {f: [str(i) for i, p in enumerate(prints) if p == f] for f in prints}
             seen = "; ".join(f"process(es) {', '.join(p)} see {f}" for f, p in groups.items())
             raise ValueError(f"the hosts read different datasets from {self.directory} ({seen}; a "
                              "fingerprint hashes meta.json, the lengths and samples of the "
