@@ -39,15 +39,13 @@ def _missing(path: storage.Path, data_dir: storage.Path) -> FileNotFoundError:
 
 
 def dataset_dir(config) -> storage.Path:
-    """The folder of a training config's prepared dataset: config.data_dir, else
-    data/<config.dataset>."""
+    """The folder of a training config's dataset: config.data_dir, else data/<config.dataset>."""
     return storage.path(config.data_dir or f"data/{config.dataset}")
 
 
 def model_vocab_size(config, *, unprepared_is_gpt2: bool = False) -> int:
-    """The vocabulary train() gives a model trained on the config's dataset
-    (`tokenizer.model_vocab_size`); for a dataset not prepared here, GPT-2's padded one when
-    unprepared_is_gpt2, else FileNotFoundError."""
+    """The vocabulary train() gives a model of the config's dataset (`tokenizer.model_vocab_size`);
+    for a dataset not prepared here, GPT-2's when unprepared_is_gpt2, else FileNotFoundError."""
     directory = dataset_dir(config)
     if unprepared_is_gpt2 and not directory.is_dir():
         return tokenizer.model_vocab_size(tokenizer.GPT2_META)
@@ -55,8 +53,8 @@ def model_vocab_size(config, *, unprepared_is_gpt2: bool = False) -> int:
 
 
 def load_meta(data_dir: str | os.PathLike) -> dict:
-    """The dataset's vocabulary and token dtype (`tokenizer.read_meta`); a missing folder says
-    how to make it."""
+    """The dataset's vocabulary and token dtype (`tokenizer.read_meta`); a missing folder says how
+    to make it."""
     data_dir = storage.path(data_dir)
     storage.check_reachable(data_dir, "data_dir")
     if not data_dir.is_dir():
@@ -78,9 +76,8 @@ class RemoteTokens:
 
 def open_split(data_dir: str | os.PathLike, split: str,
                meta: dict | None = None) -> np.memmap | RemoteTokens:
-    """`<data_dir>/<split>.bin` [n_tokens], of the dtype the dataset's meta names: a read-only
-    memmap, or a `RemoteTokens` for a folder in a bucket. A file whose length differs from
-    meta.json's count is an error (an interrupted copy or prepare)."""
+    """`<data_dir>/<split>.bin` [n_tokens] as a read-only memmap (a `RemoteTokens` in a bucket),
+    checked against meta.json's count (an interrupted copy or prepare is an error)."""
     data_dir = storage.path(data_dir)
     meta = meta or load_meta(data_dir)
     path = data_dir / f"{split}.bin"
@@ -121,12 +118,9 @@ def fingerprint(meta: dict, splits: dict) -> str:
 def get_batch(tokens: np.ndarray | RemoteTokens, *, seed: int, step: int, batch_size: int,
               block_size: int, split: str = "train",
               rows: slice | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Inputs x and targets y (x shifted by one), int32 [rows, block_size], from `tokens`.
-
-    The offsets of all `batch_size` rows are drawn from (seed, step, split) alone; `rows` (a slice
-    or index array, default all) picks the rows this process reads, so only those windows are
-    touched and the processes' slices together make up the single-process batch.
-    """
+    """Inputs x and targets y (x shifted by one), int32 [rows, block_size], from `tokens`. The
+    offsets of all `batch_size` rows are drawn from (seed, step, split) alone; `rows` (a slice or
+    index array, default all) picks the rows this process reads (only those windows are read)."""
     if split not in SPLIT_CODES:
         raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_CODES)}")
     if len(tokens) < block_size + 1:
@@ -159,8 +153,7 @@ class Dataset:
         return cls(directory, meta, {s: open_split(directory, s, meta) for s in SPLIT_CODES})
 
     def check_same_on_every_host(self) -> None:
-        """Every process must read the same tokens (batches are drawn from the file lengths):
-        compare the hosts' fingerprints and stop every process in one line if they differ."""
+        """Stop every process in one line unless all read the same tokens (their fingerprints)."""
         prints = distributed.all_values("dataset", fingerprint(self.meta, self.splits))
         if len(set(prints)) > 1:
             groups = {f: [str(i) for i, p in enumerate(prints) if p == f] for f in prints}
@@ -172,9 +165,9 @@ class Dataset:
 
 
 class Batches:
-    """The global batch [n, B, T] (x and y) of (split, seed, step) as sharded arrays. This process
-    reads only the rows its devices hold (`sharding.process_rows`); `prefetch` reads a batch in a
-    background thread while the current step runs. A context manager (the thread ends on exit)."""
+    """The global batch [n, B, T] (x and y) of (split, seed, step) as sharded arrays, of which this
+    process reads only the rows its devices hold; `prefetch` reads one in a background thread while
+    the current step runs. A context manager (the thread ends on exit)."""
 
     def __init__(self, dataset: Dataset, batch_sharding, seed: int, batch_size: int,
                  block_size: int):

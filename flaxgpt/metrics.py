@@ -66,14 +66,10 @@ def _tensorboardx_writer():
 
 class MetricsLog:
     """The run's output: `print` for lines, `write` for metrics rows, `step_done` after each step.
-
-    On a terminal (and with config.progress) a tqdm bar shows step/max_iters, rate, ETA and the
-    latest loss, and replaces the per-step lines; elsewhere (CI, nohup, a SLURM log) the per-step
-    lines stay, at most about MAX_STEP_LINES of them (every log_interval-th step, or a multiple),
-    with the ETA once it has settled. resumed_at: the step a resumed run continues from (None for
-    a new run). A context manager: on a clean exit after a row it draws out_dir/loss.png (when
-    matplotlib is installed).
-    """
+    On a terminal (and with config.progress) a tqdm bar replaces the per-step lines; elsewhere (CI,
+    a SLURM log) at most about MAX_STEP_LINES of them show, with the ETA once it has settled.
+    resumed_at: the step a resumed run continues from (None for a new run). A context manager: on
+    a clean exit after a row it draws out_dir/loss.png (when matplotlib is installed)."""
 
     def __init__(self, config, out_dir: storage.Path, run_id: str, *, start_step: int = 0,
                  resumed_at: int | None = None):
@@ -81,7 +77,7 @@ class MetricsLog:
         self.out_dir = storage.path(out_dir)
         self.remote = storage.is_remote(self.out_dir)
         self.run_id, self.max_iters = run_id, config.max_iters
-        self.file = self.tensorboard = self.wandb = self.bar = None
+        self.tensorboard = self.wandb = self.bar = None
         self._rate_from = None  # (step, time) of the first step line: after compilation
         interval = max(config.log_interval, 1)
         self.print_every = interval * -(-config.max_iters // (interval * MAX_STEP_LINES))
@@ -96,8 +92,6 @@ class MetricsLog:
         if self.remote:
             self._uploader = concurrent.futures.ThreadPoolExecutor(
                 1, thread_name_prefix="flaxgpt-upload")
-        else:
-            self.file = open(self.out_dir / "metrics.jsonl", "a")
         if config.tensorboard:
             SummaryWriter = _tensorboardx_writer()
             self._tensorboard_dir = self._folders.enter_context(
@@ -121,7 +115,7 @@ class MetricsLog:
     def __exit__(self, error_type, *_):
         if self._upload_job is not None:
             self._upload_job.result()
-        for closable in (self.bar, self.tensorboard, self.file):
+        for closable in (self.bar, self.tensorboard):
             if closable is not None:
                 closable.close()
         if self._uploader is not None:
@@ -180,8 +174,7 @@ class MetricsLog:
 
     def eta(self, step: int) -> float | None:
         """Seconds to max_iters at the average rate since the first step line (evaluations
-        included), or None until that rate is measured over ETA_SETTLE_S seconds or
-        ETA_SETTLE_FRACTION of the steps left."""
+        included), or None until that rate has settled."""
         start_step, start_time = self._rate_from
         done, elapsed = step - start_step, time.perf_counter() - start_time
         settled = elapsed >= ETA_SETTLE_S or done >= ETA_SETTLE_FRACTION * (
@@ -206,8 +199,7 @@ class MetricsLog:
         if self.remote:
             self._rows.append(row)
         else:
-            self.file.write(row)
-            self.file.flush()
+            storage.append(self.out_dir / "metrics.jsonl", row.encode())
         if self.tensorboard:
             for key, value in metrics.items():
                 if key in TENSORBOARD_TAGS:
