@@ -30,7 +30,6 @@ class UnreadableCheckpointError(ValueError):
     """A checkpoint step that cannot be restored (half written, foreign, damaged)."""
 
     def __init__(self, path, reason: str):
-        self.reason = reason
         super().__init__(f"checkpoint {path} is unreadable ({reason})")
 
 

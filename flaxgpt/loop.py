@@ -1,10 +1,9 @@
 """The training loop: nanoGPT's train.py as one function of a config (see flaxgpt/config.py).
 
 `train(config)` reads top to bottom: the processes, the mesh, the data, the first state (fresh,
-resumed or pretrained: run.py), then the loop: evaluate, save, step, log, until max_iters, a stop
-request (preemption.py: SIGTERM, Ctrl-C, a Cloud TPU preemption) or a non-finite loss. On a pod
-every host runs it with the same config; distributed.py keeps their decisions alike and stops them
-together.
+resumed or pretrained: run.py), then the loop: evaluate (and save when the val loss improved),
+stop and save on request (preemption.py), step, log, until max_iters or a non-finite loss. On a pod
+every host runs it with the same config; distributed.py keeps their decisions alike.
 """
 
 import contextlib
@@ -101,27 +100,6 @@ def train(config) -> dict:
             watchdog.progress(f"checkpoint {step}")
             log.upload()
 
-        def evaluate(state, step: int) -> dict[str, float]:
-            """Mean loss over eval_iters batches of each split, logged; a checkpoint when the val
-            loss improved (or always_save_checkpoint)."""
-            nonlocal best_val_loss
-            with watchdog.first_call("evaluation"):
-                losses = {split: float(train_step.eval_fn(
-                    state.params, *batches(split, step, config.eval_iters)))
-                    for split in ("train", "val")}
-            watchdog.progress(f"the evaluation at step {step}")
-            log.print(f"step {step}: train loss {losses['train']:.4f}, "
-                      f"val loss {losses['val']:.4f}")
-            log.write(step, **{"train/loss": losses["train"], "val/loss": losses["val"],
-                               "tokens": step * tokens_per_step})
-            if not all(map(math.isfinite, losses.values())):
-                raise non_finite("loss", losses, step)
-            if losses["val"] < best_val_loss or config.always_save_checkpoint:
-                best_val_loss = min(best_val_loss, losses["val"])
-                if step > 0 and not config.eval_only:
-                    save(state, step, val_loss=losses["val"])
-            return losses
-
         A = config.gradient_accumulation_steps
         tokens_per_step = A * config.batch_size * model.block_size
         best_val_loss, losses = start.get("best_val_loss", math.inf), {}
@@ -132,8 +110,22 @@ def train(config) -> dict:
         watchdog.progress(f"the start at step {step}")
         while True:
             eval_due = step % config.eval_interval == 0 or step == config.max_iters
-            if config.eval_only or (eval_due and step != resumed_at):
-                losses = evaluate(state, step)
+            if config.eval_only or (eval_due and step != resumed_at):  # mean loss of each split
+                with watchdog.first_call("evaluation"):
+                    losses = {split: float(train_step.eval_fn(
+                        state.params, *batches(split, step, config.eval_iters)))
+                        for split in ("train", "val")}
+                watchdog.progress(f"the evaluation at step {step}")
+                log.print(f"step {step}: train loss {losses['train']:.4f}, "
+                          f"val loss {losses['val']:.4f}")
+                log.write(step, **{"train/loss": losses["train"], "val/loss": losses["val"],
+                                   "tokens": step * tokens_per_step})
+                if not all(map(math.isfinite, losses.values())):
+                    raise non_finite("loss", losses, step)
+                if losses["val"] < best_val_loss or config.always_save_checkpoint:
+                    best_val_loss = min(best_val_loss, losses["val"])
+                    if step > 0 and not config.eval_only:
+                        save(state, step, val_loss=losses["val"])
                 t_last, steps_since = time.perf_counter(), 0  # eval time is not step time
             if config.eval_only or step >= config.max_iters:
                 break

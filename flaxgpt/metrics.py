@@ -162,26 +162,21 @@ class MetricsLog:
 
     def print_step(self, text: str, step: int) -> None:
         """A per-step line: on the bar's terminal the bar itself; elsewhere every print_every-th
-        step's, with the ETA once it has settled."""
+        step's, with the ETA at the average rate since the first step line (evaluations included)
+        once that rate is measured over ETA_SETTLE_S or ETA_SETTLE_FRACTION of the steps left."""
         if not self.active or self.bar:
             return
         if self._rate_from is None:
             self._rate_from = (step, time.perf_counter())
         if step % self.print_every and step != self.max_iters:
             return
-        eta = self.eta(step)
-        print(text if eta is None else f"{text}, eta {format_seconds(eta)}", flush=True)
-
-    def eta(self, step: int) -> float | None:
-        """Seconds to max_iters at the average rate since the first step line (evaluations
-        included), or None until that rate has settled."""
         start_step, start_time = self._rate_from
         done, elapsed = step - start_step, time.perf_counter() - start_time
         settled = elapsed >= ETA_SETTLE_S or done >= ETA_SETTLE_FRACTION * (
             self.max_iters - start_step)
-        if done <= 0 or not settled:
-            return None
-        return elapsed / done * (self.max_iters - step)
+        if done > 0 and settled:
+            text += f", eta {format_seconds(elapsed / done * (self.max_iters - step))}"
+        print(text, flush=True)
 
     def step_done(self, step: int, loss: float | None = None) -> None:
         if self.bar:

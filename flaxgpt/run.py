@@ -23,6 +23,8 @@ from flaxgpt.train_step import TrainState, TrainStep
 # Settings a resumed run must share with its checkpoint (others, e.g. dropout, may change).
 MODEL_KEYS_TO_MATCH = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias",
                        "gelu_approximate")
+# What a run takes from its config when the model's shape comes from a pretrained model.
+RUN_SETTINGS = ("dropout", "attention", "dtype", "scan_layers", "remat")
 # What a run writes into its out_dir; `overwrite` moves these aside and touches nothing else.
 RUN_FILES = ("checkpoints", "metrics.jsonl", "meta.json", TENSORBOARD_DIR, "loss.png", PROFILE_DIR)
 
@@ -94,9 +96,8 @@ def initial_state(config, mesh: Mesh, wanted: GPTConfig, ckpts: checkpoint.Check
     pretrained, params = load_pretrained_once(config.init_from, wanted.dtype, wanted.param_dtype)
     if config.block_size < pretrained.block_size:
         params, pretrained = crop_block_size(params, pretrained, config.block_size)
-    train_step = build(config, pretrained.replace(
-        dropout=config.dropout, attention=wanted.attention, scan_layers=wanted.scan_layers,
-        remat=wanted.remat), mesh)
+    train_step = build(config, pretrained.replace(**{k: getattr(wanted, k) for k in RUN_SETTINGS}),
+                       mesh)
     params = convert_layers(params, wanted.scan_layers)
     return train_step, train_step.state_from_params(params), {"run_id": new_run_id(),
                                                               "model_source": config.init_from}
@@ -115,9 +116,7 @@ def _resumed(config, mesh: Mesh, wanted: GPTConfig, ckpts: checkpoint.Checkpoint
                              "set the config to the checkpoint's model, or pick another out_dir to "
                              "start a new run")
     else:
-        wanted = saved.replace(dropout=config.dropout, attention=wanted.attention,
-                               dtype=wanted.dtype, scan_layers=wanted.scan_layers,
-                               remat=wanted.remat)
+        wanted = saved.replace(**{k: getattr(wanted, k) for k in RUN_SETTINGS})
     train_step = build(config, wanted, mesh)
     target = train_step.abstract_state
     if saved.scan_layers != wanted.scan_layers:
