@@ -14,10 +14,12 @@ import traceback
 from pathlib import Path
 
 from flaxgpt import compile_for, distributed, faults  # first: jax's import without plugin noise
+from flaxgpt.config import validate
 from flaxgpt.loop import train
 
 import jax
 from absl import app, flags, logging
+from flax.traverse_util import flatten_dict
 from ml_collections import config_flags
 
 CONFIG = config_flags.DEFINE_config_file(
@@ -49,7 +51,6 @@ def main(argv):
                                 "since the last checkpoint"):
         config = CONFIG.value
         if COMPILE_FOR.value:
-            from flaxgpt.config import validate
             validate(config)
             jax.config.update("jax_platforms", "cpu")  # the target's devices only compile
             sys.exit(0 if compile_for.plan(config, COMPILE_FOR.value).fits else 1)
@@ -75,13 +76,6 @@ def _load_config(config_arg: str):
     faults.exit_with(f"train.py: error: the config file does not load: {error}")
 
 
-def _config_keys(config, prefix=""):
-    for key, value in config.items():
-        yield prefix + key
-        if hasattr(value, "items"):
-            yield from _config_keys(value, f"{prefix}{key}.")
-
-
 def parse_flags(argv):
     """absl's parser, with one line instead of a traceback for a bad config file or an unknown
     --config.key (with the config's keys closest to it)."""
@@ -93,7 +87,7 @@ def parse_flags(argv):
         match = re.search(r"'([^'\\]+)", str(e))
         key = match.group(1) if match else str(e)
         arg = next((a.split("=")[0] for a in argv if a.startswith("--config.") and key in a), key)
-        keys = [] if config is None else list(_config_keys(config))
+        keys = [] if config is None else list(flatten_dict(config.to_dict(), sep="."))
         close = difflib.get_close_matches(arg.removeprefix("--config."), keys, n=3, cutoff=0.5)
         hint = (f"; did you mean {' or '.join('--config.' + k for k in close)}?" if close else
                 "; the keys are in flaxgpt/config.py" if keys else "")

@@ -1,9 +1,7 @@
 """Checkpoints with orbax: `<out_dir>/checkpoints/<step>/{params,opt_state,meta}` (local or gs://),
-meta a JSON record (step, run id, best val loss, configs, a checksum of every array).
-
-Every process writes its own shards, so a checkpoint saved on one mesh restores onto any other. A
-step that any process cannot read, or whose arrays differ from their checksums (bit rot, a bad
-copy), is passed over by every process for the one before; it is never deleted.
+meta a JSON record (step, run id, best val loss, configs, a checksum of every array). Every process
+writes its own shards, so a checkpoint restores onto any mesh. A step that any process cannot read,
+or whose arrays differ from their checksums, is passed over by all for the one before (not deleted).
 """
 
 import contextlib
@@ -25,14 +23,13 @@ log = logging.getLogger(__name__)
 
 
 class CheckpointNotFoundError(FileNotFoundError):
-    pass
+    """No checkpoint in a checkpoints folder."""
 
 
 class UnreadableCheckpointError(ValueError):
     """A checkpoint step that cannot be restored (half written, foreign, damaged)."""
 
     def __init__(self, path, reason: str):
-        self.reason = reason
         super().__init__(f"checkpoint {path} is unreadable ({reason})")
 
 
@@ -65,14 +62,11 @@ def _checksums(tree):
     """uint32 checksum of every array: sum of its bits times odd position weights, mod 2^32. Integer
     addition is associative, so the result does not depend on the mesh or the reduction order."""
     def checksum(x):
-        if x.dtype == jnp.bool_:
-            bits = x.astype(jnp.uint32)
-        else:
-            unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
-            bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+        unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+        bits = (x if x.dtype == jnp.bool_ else jax.lax.bitcast_convert_type(x, unsigned))
         weights = (jnp.arange(x.size, dtype=jnp.uint32).reshape(x.shape) * jnp.uint32(2654435761)
                    + jnp.uint32(1))
-        return jnp.sum(bits * weights, dtype=jnp.uint32)
+        return jnp.sum(bits.astype(jnp.uint32) * weights, dtype=jnp.uint32)
     return jax.tree.map(checksum, tree)
 
 
@@ -140,8 +134,7 @@ class Checkpoints:
         self.check_for_errors()  # an earlier background save that failed is reported as such
         meta = {**meta, "checksums": {"params": tree_checksums(params),
                                       "opt_state": tree_checksums(opt_state)}}
-        # here, not before: a run that fails early leaves nothing
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(parents=True, exist_ok=True)  # now: a run that fails early leaves none
         self._saving = (step, sum(x.nbytes for x in jax.tree.leaves((params, opt_state))))
         with self._save_errors():  # a synchronous save fails here
             self.manager.save(step, args=ocp.args.Composite(
@@ -190,12 +183,13 @@ class Checkpoints:
         self._arrays.close()
 
     def read_meta(self, step: int) -> dict[str, Any]:
+        """The JSON record saved with `step`."""
         return ocp.JsonCheckpointHandler().restore(self.directory / str(step) / "meta")
 
-    def restore(self, abstract_params, abstract_opt_state=None, *, step: int | None = None,
-                run_id: str | None = None, newest: int | None = None):
-        """Restore the newest readable step (or `step`; or the newest from `newest` down) ->
-        (params, opt_state or None, meta with its step). The abstract trees (ShapeDtypeStructs with
+    def restore(self, abstract_params, abstract_opt_state=None, *, run_id: str | None = None,
+                newest: int | None = None):
+        """Restore the newest readable step (or the newest from `newest` down) -> (params,
+        opt_state or None, meta with its step). The abstract trees (ShapeDtypeStructs with
         shardings; abstract_params may be a function of the step's meta) say where every shard
         goes; with run_id, another run's steps are passed over. All processes check the arrays'
         checksums together, so every one gets the same verdict."""
@@ -215,18 +209,16 @@ class Checkpoints:
                 verify_checksums(tree, meta.get("checksums", {}).get(name, {}),
                                  self.directory / str(s))
 
-        meta, restored = self.newest_readable(read, step=step, newest=newest, verify=verify)
+        meta, restored = self.newest_readable(read, newest=newest, verify=verify)
         return restored["params"], restored.get("opt_state"), meta
 
-    def newest_readable(self, read, *, step: int | None = None, newest: int | None = None,
-                        verify=None):
-        """`read(step)` of the newest step every process can read (or of `step` alone; or the
-        newest from `newest` down), then `verify(step, result)` on all processes together. Every
-        process tries the steps process 0 lists, in order; a step that any of them cannot read is
-        passed over by all, with a warning naming the process and its reason, and left on disk."""
-        candidates = ([step] if step is not None
-                      else distributed.decided_by_main("checkpoint steps", self.steps)[::-1])
-        candidates = [s for s in candidates if newest is None or s <= newest]
+    def newest_readable(self, read, *, newest: int | None = None, verify=None):
+        """`read(step)` of the newest step every process can read (or the newest from `newest`
+        down), then `verify(step, result)` on all processes together. Every process tries the
+        steps process 0 lists, in order; a step that any of them cannot read is passed over by
+        all, with a warning naming the process and its reason, and left on disk."""
+        candidates = [s for s in distributed.decided_by_main("checkpoint steps", self.steps)[::-1]
+                      if newest is None or s <= newest]
         if not candidates:
             raise CheckpointNotFoundError(f"no checkpoint in {self.directory}: train first, or use "
                                           "init_from='scratch'")

@@ -25,19 +25,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.always_save_checkpoint = True  # else save only when val loss improves
     c.max_to_keep = 3  # checkpoints kept in out_dir/checkpoints
     c.async_checkpointing = True
-    # seconds without a completed step, evaluation or checkpoint after which every host prints
-    # why and exits (75) rather than hang; 0 turns it off (flaxgpt/watchdog.py)
-    c.stall_timeout_s = 600.0
+    c.stall_timeout_s = 600.0  # a stall this long: hosts say why and exit (watchdog.py); 0: off
     # "scratch", "resume" (from out_dir), or a GPT-2 name / Hugging Face folder
     c.init_from = "scratch"
-    # a new run in an out_dir holding another run's checkpoints moves them to out_dir/previous/
-    c.overwrite = False
+    c.overwrite = False  # a new run moves another run's files in out_dir to out_dir/previous/
     # logging
     c.progress = True  # a progress bar with ETA on a terminal (plain lines elsewhere)
     c.tensorboard = True  # TensorBoard scalars in out_dir/tensorboard
     c.profile_steps = ""  # "START:STOP": a jax.profiler trace of those steps in out_dir/profile
-    # Compiled steps kept for the next run: default $FLAXGPT_CACHE/xla or ~/.cache/flaxgpt/xla; "" =
-    # none.
+    # compiled steps for later runs ("": none); default ($FLAXGPT_CACHE or ~/.cache/flaxgpt)/xla
     c.compilation_cache_dir = config_dict.placeholder(str)
     c.wandb_log = False
     c.wandb_project = "owt"
@@ -53,17 +49,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.n_head = 12
     c.n_embd = 768
     c.dropout = 0.0  # 0 for pretraining, 0.1+ for finetuning
-    c.bias = False  # as nanoGPT trains from scratch; GPT-2 checkpoints bring their own biases
-    # exact erf GELU, as nanoGPT trains; GPT-2 checkpoints bring their tanh GELU
-    c.gelu_approximate = False
-    # attention: auto (splash on TPU, cuDNN on NVIDIA GPUs in bfloat16/float16, else xla), xla,
-    # cudnn, splash
+    # as nanoGPT trains from scratch; GPT-2 checkpoints bring their biases and tanh GELU
+    c.bias = False
+    c.gelu_approximate = False  # exact erf GELU
+    # auto (splash on TPU, cuDNN on NVIDIA GPUs in bfloat16/float16, else xla), xla, cudnn, splash
     c.attention = "auto"
     c.scan_layers = True  # the blocks as one nn.scan: compile time stays flat as n_layer grows
-    # rematerialisation per block, what the backward pass keeps (flaxgpt/model.py REMAT_POLICIES):
-    # none (everything), full (only block inputs: least memory, ~1/3 more compute), dots_saveable
-    # (matmul outputs), dots_with_no_batch_dims_saveable (projections, not attention's [T, T]
-    # products)
+    # what the backward pass keeps per block (model.py REMAT_POLICIES): none (everything), full
+    # (block inputs: least memory, ~1/3 more compute), dots_saveable (matmul outputs),
+    # dots_with_no_batch_dims_saveable (projections, not attention's [T, T] products)
     c.remat = "none"
     # AdamW
     c.learning_rate = 6e-4
@@ -86,19 +80,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.mesh.n_embd = c.get_ref("n_embd")
     # multi-host (jax.distributed); auto-detected on Cloud TPU VMs and SLURM
-    c.distributed = ml_collections.ConfigDict({
-        "coordinator_address": config_dict.placeholder(str),
-        "num_processes": config_dict.placeholder(int),
-        "process_id": config_dict.placeholder(int),
-    })
+    c.distributed = ml_collections.ConfigDict({"coordinator_address": config_dict.placeholder(str),
+                                               "num_processes": config_dict.placeholder(int),
+                                               "process_id": config_dict.placeholder(int)})
     c.seed = 1337
     return c
 
 
 def resolve_dtype(name: str) -> str:
-    """"auto": bfloat16 compute on accelerators, float32 on CPU (where bfloat16 is slower).
-
-    Looks at the backend, so call it only after `distributed.initialize`."""
+    """"auto": bfloat16 compute on accelerators, float32 on CPU (where bfloat16 is slower). Looks at
+    the backend, so call it only after `distributed.initialize`."""
     if name != "auto":
         return name
     import jax
@@ -137,9 +128,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.max_to_keep < 1:
         raise ValueError(f"config.max_to_keep must be at least 1, got {config.max_to_keep}")
     if config.attention == "cudnn" and config.dropout > 0:
-        raise ValueError("attention='cudnn' has no attention dropout: set config.dropout=0, "
-                         "or use attention='xla' "
-                         "(dropout then runs through a masked-softmax attention)")
+        raise ValueError("attention='cudnn' has no attention dropout: set config.dropout=0, or use "
+                         "attention='xla' (dropout then runs through a masked-softmax attention)")
     parse_profile_steps(config.profile_steps)
     # The model's own checks (heads divide the width, known attention, ...), with any vocabulary.
     model_config(config, vocab_size=1, dtype="float32" if config.dtype == "auto" else None)

@@ -1,15 +1,10 @@
 """Reading prepared token files (`prepare.py`'s output) and sampling training batches from them.
 
 A prepared dataset is a folder `data/<name>/` holding `train.bin` and `val.bin` (flat token arrays,
-uint16 or uint32) and `meta.json` (tokenizer, vocab_size, dtype), or nanoGPT's `meta.pkl` for its
-character datasets (see `tokenizer.read_meta`). Batches are random windows, as in
-nanoGPT, but drawn from an RNG keyed by (seed, step, split): a batch depends on nothing else, so a
-resumed run sees the same batches, and every host of a multi-host run can draw the same offsets and
-read only its own rows.
-
-A dataset folder may be local (read through a memmap) or in a bucket (gs://...): then only the
-windows a batch needs are fetched, as concurrent byte-range reads (`RemoteTokens`), and nothing is
-copied to the host's disk.
+uint16 or uint32) and `meta.json` (or nanoGPT's `meta.pkl`: `tokenizer.read_meta`). Batches are
+random windows, as in nanoGPT, drawn from an RNG keyed by (seed, step, split) alone: a resumed run
+sees the same batches, and every host draws the same offsets and reads only its own rows. A folder
+in a bucket (gs://...) is not copied: each batch fetches its windows as concurrent range reads.
 """
 
 import concurrent.futures
@@ -44,15 +39,13 @@ def _missing(path: storage.Path, data_dir: storage.Path) -> FileNotFoundError:
 
 
 def dataset_dir(config) -> storage.Path:
-    """The folder of a training config's prepared dataset: config.data_dir, else
-    data/<config.dataset>."""
+    """The folder of a training config's dataset: config.data_dir, else data/<config.dataset>."""
     return storage.path(config.data_dir or f"data/{config.dataset}")
 
 
 def model_vocab_size(config, *, unprepared_is_gpt2: bool = False) -> int:
-    """The vocabulary train() gives a model trained on the config's dataset
-    (`tokenizer.model_vocab_size`); for a dataset not prepared here, GPT-2's padded one when
-    unprepared_is_gpt2, else FileNotFoundError."""
+    """The vocabulary train() gives a model of the config's dataset (`tokenizer.model_vocab_size`);
+    for a dataset not prepared here, GPT-2's when unprepared_is_gpt2, else FileNotFoundError."""
     directory = dataset_dir(config)
     if unprepared_is_gpt2 and not directory.is_dir():
         return tokenizer.model_vocab_size(tokenizer.GPT2_META)
@@ -60,8 +53,8 @@ def model_vocab_size(config, *, unprepared_is_gpt2: bool = False) -> int:
 
 
 def load_meta(data_dir: str | os.PathLike) -> dict:
-    """The dataset's vocabulary and token dtype (`tokenizer.read_meta`); a missing folder says
-    how to make it."""
+    """The dataset's vocabulary and token dtype (`tokenizer.read_meta`); a missing folder says how
+    to make it."""
     data_dir = storage.path(data_dir)
     storage.check_reachable(data_dir, "data_dir")
     if not data_dir.is_dir():
@@ -71,7 +64,7 @@ def load_meta(data_dir: str | os.PathLike) -> dict:
 
 
 class RemoteTokens:
-    """A token file in an object store, as a flat array [n_tokens] that reads windows on demand."""
+    """A token file in an object store, as a flat array [n_tokens] (`read_windows` reads it)."""
 
     def __init__(self, path: storage.Path, dtype: str):
         self.path, self.dtype = path, np.dtype(dtype)
@@ -80,18 +73,11 @@ class RemoteTokens:
     def __len__(self) -> int:
         return self.n_tokens
 
-    def windows(self, offsets: np.ndarray, length: int) -> np.ndarray:
-        """Tokens [len(offsets), length] starting at each offset, all fetched concurrently."""
-        size = self.dtype.itemsize
-        pieces = storage.read_ranges(self.path, offsets * size, (offsets + length) * size)
-        return np.frombuffer(b"".join(pieces), self.dtype).reshape(len(offsets), length)
-
 
 def open_split(data_dir: str | os.PathLike, split: str,
                meta: dict | None = None) -> np.memmap | RemoteTokens:
-    """`<data_dir>/<split>.bin` [n_tokens], of the dtype the dataset's meta names: a read-only
-    memmap, or a `RemoteTokens` for a folder in a bucket. A file whose length differs from
-    meta.json's count is an error (an interrupted copy or prepare)."""
+    """`<data_dir>/<split>.bin` [n_tokens] as a read-only memmap (a `RemoteTokens` in a bucket),
+    checked against meta.json's count (an interrupted copy or prepare is an error)."""
     data_dir = storage.path(data_dir)
     meta = meta or load_meta(data_dir)
     path = data_dir / f"{split}.bin"
@@ -108,9 +94,12 @@ def open_split(data_dir: str | os.PathLike, split: str,
 
 
 def read_windows(tokens: np.ndarray | RemoteTokens, offsets: np.ndarray, length: int) -> np.ndarray:
-    """Tokens [len(offsets), length] starting at each offset (a memmap reads just those pages)."""
+    """Tokens [len(offsets), length] starting at each offset: a memmap reads just those pages, a
+    RemoteTokens fetches them all concurrently."""
     if isinstance(tokens, RemoteTokens):
-        return tokens.windows(offsets, length)
+        size = tokens.dtype.itemsize
+        pieces = storage.read_ranges(tokens.path, offsets * size, (offsets + length) * size)
+        return np.frombuffer(b"".join(pieces), tokens.dtype).reshape(len(offsets), length)
     return np.asarray(tokens[offsets[:, None] + np.arange(length)])
 
 
@@ -126,35 +115,21 @@ def fingerprint(meta: dict, splits: dict) -> str:
     return digest.hexdigest()[:16]
 
 
-def _check(n_tokens: int, block_size: int, split: str) -> None:
-    if split not in SPLIT_CODES:
-        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_CODES)}")
-    if n_tokens < block_size + 1:
-        raise ValueError(f"the {split} split has {n_tokens} tokens, but a window of "
-                         f"block_size={block_size} needs {block_size + 1}: lower block_size (or "
-                         "use more data)")
-
-
-def batch_offsets(n_tokens: int, *, seed: int, step: int, batch_size: int, block_size: int,
-                  split: str = "train") -> np.ndarray:
-    """Start positions [batch_size] of the global batch's windows, from (seed, step, split) only."""
-    _check(n_tokens, block_size, split)
-    rng = np.random.default_rng((seed, step, SPLIT_CODES[split]))
-    # High is exclusive: the last window ends on the last token (its y needs offset + block_size).
-    return rng.integers(0, n_tokens - block_size, size=batch_size)
-
-
 def get_batch(tokens: np.ndarray | RemoteTokens, *, seed: int, step: int, batch_size: int,
               block_size: int, split: str = "train",
               rows: slice | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Inputs x and targets y (x shifted by one), int32 [rows, block_size], from `tokens`.
-
-    The offsets of all `batch_size` rows are drawn; `rows` (a slice or index array, default all)
-    picks the rows this process reads, so only those windows of the memmap are touched and the
-    processes' slices together make up the single-process batch.
-    """
-    offsets = batch_offsets(len(tokens), seed=seed, step=step, batch_size=batch_size,
-                            block_size=block_size, split=split)
+    """Inputs x and targets y (x shifted by one), int32 [rows, block_size], from `tokens`. The
+    offsets of all `batch_size` rows are drawn from (seed, step, split) alone; `rows` (a slice or
+    index array, default all) picks the rows this process reads (only those windows are read)."""
+    if split not in SPLIT_CODES:
+        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_CODES)}")
+    if len(tokens) < block_size + 1:
+        raise ValueError(f"the {split} split has {len(tokens)} tokens, but a window of "
+                         f"block_size={block_size} needs {block_size + 1}: lower block_size (or "
+                         "use more data)")
+    rng = np.random.default_rng((seed, step, SPLIT_CODES[split]))
+    # High is exclusive: the last window ends on the last token (its y needs offset + block_size).
+    offsets = rng.integers(0, len(tokens) - block_size, size=batch_size)
     if rows is not None:
         offsets = offsets[rows]
     windows = read_windows(tokens, offsets, block_size + 1).astype(np.int32)
@@ -163,8 +138,7 @@ def get_batch(tokens: np.ndarray | RemoteTokens, *, seed: int, step: int, batch_
 
 @dataclasses.dataclass
 class Dataset:
-    """A prepared dataset: its folder, its vocabulary description (`tokenizer.read_meta`) and its
-    splits."""
+    """A prepared dataset: its folder, its vocabulary (`tokenizer.read_meta`) and its splits."""
     directory: storage.Path
     meta: dict
     splits: dict[str, np.memmap | RemoteTokens]
@@ -172,17 +146,17 @@ class Dataset:
     @classmethod
     def open(cls, config) -> "Dataset":
         directory = dataset_dir(config)
-        meta = load_meta(directory)
+        meta = dict(load_meta(directory))
+        if meta.pop("assumed", False) and distributed.is_main_process():
+            print(f"{directory} has no meta.json or meta.pkl: assuming GPT-2 BPE tokens (uint16), "
+                  "as nanoGPT's openwebtext and shakespeare folders hold", flush=True)
         return cls(directory, meta, {s: open_split(directory, s, meta) for s in SPLIT_CODES})
 
     def check_same_on_every_host(self) -> None:
-        """Every process must read the same tokens (batches are drawn from the file lengths):
-        compare the hosts' fingerprints and stop every process in one line if they differ."""
+        """Stop every process in one line unless all read the same tokens (their fingerprints)."""
         prints = distributed.all_values("dataset", fingerprint(self.meta, self.splits))
         if len(set(prints)) > 1:
-            groups = {}
-            for process, print_ in enumerate(prints):
-                groups.setdefault(print_, []).append(str(process))
+            groups = {f: [str(i) for i, p in enumerate(prints) if p == f] for f in prints}
             seen = "; ".join(f"process(es) {', '.join(p)} see {f}" for f, p in groups.items())
             raise ValueError(f"the hosts read different datasets from {self.directory} ({seen}; a "
                              "fingerprint hashes meta.json, the lengths and samples of the "
@@ -191,9 +165,9 @@ class Dataset:
 
 
 class Batches:
-    """The global batch [n, B, T] (x and y) of (split, seed, step) as sharded arrays. This process
-    reads only the rows its devices hold (`sharding.process_rows`); `prefetch` reads a batch in a
-    background thread while the current step runs. A context manager (the thread ends on exit)."""
+    """The global batch [n, B, T] (x and y) of (split, seed, step) as sharded arrays, of which this
+    process reads only the rows its devices hold; `prefetch` reads one in a background thread while
+    the current step runs. A context manager (the thread ends on exit)."""
 
     def __init__(self, dataset: Dataset, batch_sharding, seed: int, batch_size: int,
                  block_size: int):

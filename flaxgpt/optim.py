@@ -7,27 +7,22 @@ import optax
 
 def learning_rate_schedule(config) -> optax.Schedule:
     """nanoGPT's get_lr: linear warmup to learning_rate, cosine decay to min_lr at lr_decay_iters,
-    then flat.
-
-    nanoGPT's warmup is lr * (it + 1) / (warmup_iters + 1): optax's linear warmup from lr /
-    (warmup_iters + 1) gives exactly that.
-    """
+    then flat. nanoGPT's warmup is lr * (it + 1) / (warmup_iters + 1): optax's linear warmup from
+    lr / (warmup_iters + 1) gives exactly that."""
     if not config.decay_lr:
         return optax.constant_schedule(config.learning_rate)
     warmup = max(config.warmup_iters, 0)
-    schedule = optax.warmup_cosine_decay_schedule(
+    return optax.warmup_cosine_decay_schedule(
         init_value=config.learning_rate / (warmup + 1), peak_value=config.learning_rate,
         warmup_steps=warmup, decay_steps=max(config.lr_decay_iters, warmup + 1),
         end_value=config.min_lr)
-    return schedule
 
 
 def decay_mask(params):
     """True for the weights that get weight decay: matmul kernels and embeddings, not biases or
     LayerNorms."""
-    def is_matrix(path, _):
-        return getattr(path[-1], "key", None) in ("kernel", "embedding")
-    return jax.tree_util.tree_map_with_path(is_matrix, params)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) in ("kernel", "embedding"), params)
 
 
 def make_optimizer(config) -> optax.GradientTransformation:

@@ -1,10 +1,7 @@
-"""What a run is built from and starts from: its mesh and TrainStep (`make_mesh`, `build`, shared
-by train() and --compile_for), its out_dir (`claim_out_dir`), its id, and its first state
-(`initial_state`: fresh, resumed from out_dir or a pretrained model).
-
-Every run has an id, written into its checkpoints and metrics: a new run never starts in an out_dir
-that holds another run's checkpoints, and `init_from="resume"` continues the run of the newest
-readable checkpoint. With several processes, process 0 decides and every process follows.
+"""What a run is built from and starts from: its mesh and TrainStep (shared with --compile_for),
+its out_dir (`claim_out_dir`), its id, and its first state (`initial_state`: fresh, resumed from
+out_dir or a pretrained model). A new run never starts in an out_dir that holds another run's
+checkpoints; process 0 decides such things and every process follows.
 """
 
 import datetime
@@ -26,6 +23,8 @@ from flaxgpt.train_step import TrainState, TrainStep
 # Settings a resumed run must share with its checkpoint (others, e.g. dropout, may change).
 MODEL_KEYS_TO_MATCH = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias",
                        "gelu_approximate")
+# What a run takes from its config when the model's shape comes from a pretrained model.
+RUN_SETTINGS = ("dropout", "attention", "dtype", "scan_layers", "remat")
 # What a run writes into its out_dir; `overwrite` moves these aside and touches nothing else.
 RUN_FILES = ("checkpoints", "metrics.jsonl", "meta.json", TENSORBOARD_DIR, "loss.png", PROFILE_DIR)
 
@@ -89,17 +88,16 @@ def initial_state(config, mesh: Mesh, wanted: GPTConfig, ckpts: checkpoint.Check
     """(TrainStep, first state, {"run_id", "best_val_loss", "model_source", ...} as a resumed run
     recorded them) for config.init_from. The model's shape is the config's, or that of the
     pretrained model the run started from (also when it resumes)."""
+    if config.init_from == "resume":
+        return _resumed(config, mesh, wanted, ckpts)
     if config.init_from == "scratch":
         train_step = build(config, wanted, mesh)
         return train_step, train_step.init(jax.random.key(config.seed)), {"run_id": new_run_id()}
-    if config.init_from == "resume":
-        return _resumed(config, mesh, wanted, ckpts)
     pretrained, params = load_pretrained_once(config.init_from, wanted.dtype, wanted.param_dtype)
     if config.block_size < pretrained.block_size:
         params, pretrained = crop_block_size(params, pretrained, config.block_size)
-    train_step = build(config, pretrained.replace(
-        dropout=config.dropout, attention=wanted.attention, scan_layers=wanted.scan_layers,
-        remat=wanted.remat), mesh)
+    train_step = build(config, pretrained.replace(**{k: getattr(wanted, k) for k in RUN_SETTINGS}),
+                       mesh)
     params = convert_layers(params, wanted.scan_layers)
     return train_step, train_step.state_from_params(params), {"run_id": new_run_id(),
                                                               "model_source": config.init_from}
@@ -118,9 +116,7 @@ def _resumed(config, mesh: Mesh, wanted: GPTConfig, ckpts: checkpoint.Checkpoint
                              "set the config to the checkpoint's model, or pick another out_dir to "
                              "start a new run")
     else:
-        wanted = saved.replace(dropout=config.dropout, attention=wanted.attention,
-                               dtype=wanted.dtype, scan_layers=wanted.scan_layers,
-                               remat=wanted.remat)
+        wanted = saved.replace(**{k: getattr(wanted, k) for k in RUN_SETTINGS})
     train_step = build(config, wanted, mesh)
     target = train_step.abstract_state
     if saved.scan_layers != wanted.scan_layers:
@@ -135,6 +131,8 @@ def _resumed(config, mesh: Mesh, wanted: GPTConfig, ckpts: checkpoint.Checkpoint
                            train_step.state_sharding.opt_state))(params, opt_state)
     ckpts.set_aside([s for s in ckpts.steps() if s > saved_meta["step"]])  # newer: unreadable
     step = jax.device_put(np.int32(saved_meta["step"]), target.step.sharding)
+    if "run_id" not in saved_meta:  # a checkpoint from before run ids
+        saved_meta["run_id"] = new_run_id()
     return train_step, TrainState(step=step, params=params, opt_state=opt_state), saved_meta
 
 

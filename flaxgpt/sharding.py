@@ -9,6 +9,7 @@ axis ("batch", "length", ...). One table below maps those names onto the mesh ax
 The scanned blocks' leading "layers" axis is never split.
 """
 
+import collections
 import contextlib
 import contextvars
 import math
@@ -39,12 +40,10 @@ LOGICAL_AXIS_RULES = (
 def make_mesh(shape: Mapping[str, int], devices=None) -> Mesh:
     """A mesh with axes (data, fsdp, tensor) from e.g. {"data": -1, "fsdp": 1, "tensor": 1}.
 
-    One size may be -1: it takes the devices the others leave. fsdp=-1 takes the largest part of
-    them that divides the model width, shape["n_embd"] when given (config.mesh carries it), and
-    data takes the rest: FSDP splits every weight on that axis, so no weight is replicated.
-    Devices of several TPU slices (they know their slice_index) form a hybrid mesh: data spans the
-    slices (data parallel over the data-center network), fsdp and tensor stay inside a slice. The
-    axes are Auto, as linen's logical partitioning needs (jax.make_mesh defaults to Explicit).
+    One size may be -1: it takes the devices the others leave; fsdp=-1 takes the largest part that
+    divides the model width (shape["n_embd"], which config.mesh carries) and data the rest, so no
+    weight is replicated. Devices of several TPU slices form a hybrid mesh: data spans the slices,
+    fsdp and tensor stay inside one. The axes are Auto, as linen's logical partitioning needs.
     """
     devices = jax.devices() if devices is None else list(devices)
     unknown = set(shape) - set(MESH_AXES) - {"n_embd"}
@@ -95,7 +94,7 @@ _TRACED_MESH = contextvars.ContextVar("flaxgpt_traced_mesh", default=None)
 @contextlib.contextmanager
 def tracing_under(mesh: Mesh):
     """The mesh a model traced inside this context constrains its activations to and splash
-    attention shard_maps over (TrainStep traces its steps so)."""
+    attention shard_maps over (`traced_mesh()`; TrainStep traces its steps so)."""
     token = _TRACED_MESH.set(mesh)
     try:
         yield
@@ -103,35 +102,30 @@ def tracing_under(mesh: Mesh):
         _TRACED_MESH.reset(token)
 
 
-def traced_mesh() -> Mesh | None:
-    """The mesh set by `tracing_under`, else None."""
-    return _TRACED_MESH.get()
+traced_mesh = _TRACED_MESH.get  # the mesh set by `tracing_under`, else None
 
 
 def logical_shardings(abstract_tree, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
     """NamedShardings for a tree whose leaves may be boxed with logical axis names (unboxed result).
-
     A dimension that its mesh axes do not divide (a 65-token vocabulary over tensor=2, gpt2-xl's 25
-    heads) is replicated instead of split, with a warning that names the dimension and the fix.
-    """
+    heads) is replicated instead of split, with a warning that names the dimension and the fix."""
     names = nn.get_partition_spec(abstract_tree)
     shardings = nn.logical_to_mesh_sharding(names, mesh, rules)
-    replicated: dict[tuple, int] = {}
+    replicated = collections.Counter()  # (logical name, dim, mesh axes) -> arrays
 
     def fit(leaf, logical, sharding: NamedSharding) -> NamedSharding:
         pad = lambda spec: tuple(spec) + (None,) * (len(leaf.shape) - len(spec))
         fitted = []
         for dim, axes, name in zip(leaf.shape, pad(sharding.spec), pad(logical or ())):
             axes_tuple = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-            size = math.prod(mesh.shape[a] for a in axes_tuple)
-            if dim % size:
-                key = (name, dim, axes_tuple, size)
-                replicated[key] = replicated.get(key, 0) + 1
-            fitted.append(axes if dim % size == 0 else None)
+            if dim % math.prod(mesh.shape[a] for a in axes_tuple):
+                replicated[name, dim, axes_tuple] += 1
+                axes = None
+            fitted.append(axes)
         return NamedSharding(mesh, P(*fitted))
 
     result = jax.tree.map(fit, nn.meta.unbox(abstract_tree), names, shardings)
-    for (name, dim, axes, size), count in replicated.items():
+    for (name, dim, axes), count in replicated.items():
         split = " x ".join(f"{a}={mesh.shape[a]}" for a in axes)
         fix = (f"set --config.mesh.fsdp to a divisor of {dim} (fsdp=-1 takes the largest) and "
                "give the other devices to --config.mesh.data" if axes == ("fsdp",) else
@@ -162,11 +156,9 @@ def divisible_batch(batch_size: int, accumulation: int, data_parallel: int) -> t
 
 def rows_by_process(sharding: NamedSharding, global_shape: tuple[int, ...],
                     batch_axis: int = 0) -> dict[int, np.ndarray]:
-    """{process index: the sorted rows of the batch axis its devices hold}, for every process.
-
-    A TPU slice orders its devices by physical position, so a process's rows need not be one block
-    (v4-32 interleaves its 4 hosts along the data axis); `global_batch` takes them as they come.
-    Works for compile-only topology devices too, which know their host."""
+    """{process index: the sorted rows of the batch axis its devices hold}, for every process (also
+    of compile-only topology devices). A TPU slice orders its devices by physical position, so a
+    process's rows need not be one block (v4-32 interleaves its 4 hosts along the data axis)."""
     rows: dict[int, set[int]] = {}
     for device, index in sharding.devices_indices_map(global_shape).items():
         start, stop, step = index[batch_axis].indices(global_shape[batch_axis])

@@ -1,7 +1,5 @@
-"""Sharded training state, the jitted train step (with gradient accumulation) and the eval step.
-
-`TrainStep` holds them for one model, optimizer and mesh; `loop.py` drives them.
-"""
+"""Sharded training state, the jitted train step (with gradient accumulation) and the eval step:
+`TrainStep` holds them for one model, optimizer and mesh; `loop.py` drives them."""
 
 from typing import Any
 
@@ -27,8 +25,7 @@ class TrainState:
 class TrainStep:
     """The model, optimizer and mesh of a run, with its jitted, sharded functions: `init`,
     `state_from_params`, `train_fn(state, x, y) -> (state, metrics)` and `eval_fn(params, x, y) ->
-    loss`.
-
+    loss`, and `abstract_state` (shapes, dtypes and shardings, e.g. to restore a checkpoint into).
     Batches are [A, B, T] int32 (A gradient-accumulation micro-steps of B sequences), split over the
     mesh's data-parallel axes on B. The RNG for dropout is derived from (seed, step), so a resumed
     run draws the same masks.
@@ -38,17 +35,18 @@ class TrainStep:
                  seed: int = 0, rules=sharding.LOGICAL_AXIS_RULES):
         self.model_config, self.optimizer, self.mesh, self.rules = (model_config, optimizer, mesh,
                                                                     rules)
-        self.model = GPT(model_config)
-        self.seed = seed
-        abstract = jax.eval_shape(self._boxed_state, jax.random.key(0))
-        self.state_sharding = sharding.logical_shardings(abstract, mesh, rules)
-        self._state_shapes = nn.meta.unbox(abstract)
+        self.model, self.seed = GPT(model_config), seed
+        boxed = jax.eval_shape(self._boxed_state, jax.random.key(0))
+        self.state_sharding = sharding.logical_shardings(boxed, mesh, rules)
+        self.abstract_state = jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+            nn.meta.unbox(boxed), self.state_sharding)
         self.batch_sharding = sharding.batch_sharding(mesh, ndim=3, batch_axis=1, rules=rules)
         replicated = NamedSharding(mesh, P())
-        platform = mesh.devices.flat[0].platform
-        options = xla_options.compiler_options(platform)
-        self._init = jax.jit(lambda rng: nn.meta.unbox(self._boxed_state(rng)),
-                             out_shardings=self.state_sharding)
+        options = xla_options.compiler_options(mesh.devices.flat[0].platform)
+        # init(rng) -> a fresh state, created directly in its shards (never gathered on one device)
+        self.init = jax.jit(lambda rng: nn.meta.unbox(self._boxed_state(rng)),
+                            out_shardings=self.state_sharding)
         self._from_params = jax.jit(self._state_from_params, out_shardings=self.state_sharding)
         self.train_fn = jax.jit(self._train_step, donate_argnums=0,
                                 in_shardings=(self.state_sharding, self.batch_sharding,
@@ -60,39 +58,25 @@ class TrainStep:
                                              self.batch_sharding),
                                out_shardings=replicated, compiler_options=options)
 
-    @property
-    def abstract_state(self) -> TrainState:
-        """Shapes, dtypes and shardings of the state, e.g. as the target of a checkpoint restore."""
-        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            self._state_shapes, self.state_sharding)
-
-    def init(self, rng: jax.Array) -> TrainState:
-        """A fresh state, created directly in its shards (never gathered on one device)."""
-        with self._rules():
-            return self._init(rng)
-
     def state_from_params(self, params) -> TrainState:
         """A state around given (e.g. pretrained) params, resharded to this mesh, with a fresh
         optimizer."""
-        params = jax.device_put(params, self.state_sharding.params)
-        with self._rules():
-            return self._from_params(params)
+        return self._from_params(jax.device_put(params, self.state_sharding.params))
 
     def _boxed_state(self, rng) -> TrainState:
         """A fresh state whose params (and Adam moments) are boxed with their logical axis names."""
-        return self._state_from_params(self.model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"])
+        with nn.logical_axis_rules(self.rules):
+            params = self.model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+        return self._state_from_params(params)
 
     def _state_from_params(self, params) -> TrainState:
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=self.optimizer.init(params))
 
-    def _rules(self):
-        return nn.logical_axis_rules(self.rules)
-
     def loss_fn(self, params, x, y, rng=None):
         """x, y: [B, T] -> scalar mean loss; dropout is on when an rng is given. The logits are
         never whole: the head and cross-entropy run a chunk of the sequence at a time (loss.py)."""
-        with sharding.tracing_under(self.mesh):
+        with nn.logical_axis_rules(self.rules), sharding.tracing_under(self.mesh):
             hidden = self.model.apply({"params": params}, x, deterministic=rng is None,
                                       rngs=None if rng is None else {"dropout": rng},
                                       method=GPT.hidden_states)
@@ -111,8 +95,7 @@ class TrainStep:
             return jax.tree.map(jnp.add, grads, g), loss
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        with self._rules():
-            grads, losses = jax.lax.scan(micro_step, zeros, (jnp.arange(x.shape[0]), x, y))
+        grads, losses = jax.lax.scan(micro_step, zeros, (jnp.arange(x.shape[0]), x, y))
         grads = jax.tree.map(lambda g: g / x.shape[0], grads)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -121,6 +104,4 @@ class TrainStep:
 
     def _eval_step(self, params, x, y):
         """Mean loss over A batches x, y: [A, B, T], without dropout."""
-        with self._rules():
-            losses = jax.lax.map(lambda xy: self.loss_fn(params, *xy), (x, y))
-        return jnp.mean(losses)
+        return jnp.mean(jax.lax.map(lambda xy: self.loss_fn(params, *xy), (x, y)))
