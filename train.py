@@ -32,12 +32,6 @@ VERBOSE = flags.DEFINE_boolean(
     "threads) too; the same as FLAXGPT_VERBOSE=1")
 
 
-def _exit_program(message: str, code: int) -> None:
-    """With several processes, no wait at JAX's shutdown barrier (`distributed.exit_program`)."""
-    print(message, file=sys.stderr, flush=True)
-    distributed.exit_program(None, code)
-
-
 def main(argv):
     if len(argv) > 1:
         faults.exit_with(f"train.py: error: unexpected arguments {' '.join(argv[1:])}: "
@@ -46,7 +40,7 @@ def main(argv):
     if VERBOSE.value:
         os.environ[faults.VERBOSE_VARIABLE] = "1"
     faults.quiet_until_exit()
-    with faults.errors_reported("train.py", exit_program=_exit_program,
+    with faults.errors_reported("train.py", exit_program=distributed.exit_program,
                                 interrupted="interrupted (a second Ctrl-C): nothing was saved "
                                 "since the last checkpoint"):
         config = CONFIG.value

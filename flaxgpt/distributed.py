@@ -236,12 +236,12 @@ def exit_program(message: str | None, code: int = 1) -> None:
     coordination service, whose end aborts every process still attached: it exits last, after the
     others or PEER_EXIT_WAIT_S."""
     _exit_lock.acquire()
+    if message:
+        print(message, file=sys.stderr, flush=True)
     client = _client()
     if client is None and threading.current_thread() is threading.main_thread():
         _exit_lock.release()
-        sys.exit(message if message else code)
-    if message:
-        print(message, file=sys.stderr, flush=True)
+        sys.exit(code)
     with contextlib.suppress(Exception):  # a coordination service that does not answer
         if client is not None and is_main_process():
             deadline = time.monotonic() + PEER_EXIT_WAIT_S
