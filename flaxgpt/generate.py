@@ -214,16 +214,24 @@ def _generate(weights: _Weights, config: GPTConfig, sampler: Sampler, prompt, pr
         return state, jax.lax.dynamic_update_slice_in_dim(carry[1], state.token[:, None],
                                                           state.step, axis=1)
 
-    def appends(carry, filled: int):  # from `filled` tokens while a slot is free; ends full
-        for slots in _cache_sizes(config, filled):
+    def appends(carry, filled: int, held: int):  # from `filled` tokens while a slot is free;
+        for slots in _cache_sizes(config, filled):  # ends full, or with room for `held` tokens
             grown = [layer.grow(slots) for layer in carry[0].cache]
             carry = jax.lax.while_loop(lambda c: (c[0].length < slots) & not_finished(c), step,
                                        (carry[0]._replace(cache=grown), carry[1]))
+            if slots >= held:
+                break
         return carry
 
+    # the tokens the cache ever holds: a run that needs no slide grows its cache no further
+    held = prompt.shape[1] + max_new_tokens - 1
+    appended = appends((state, out), prompt.shape[1], held)
+    if held <= config.block_size:
+        return appended[1]
     slide = (window_shift, _cache_sizes(config, kept)[0])
-    return jax.lax.while_loop(not_finished, lambda carry: appends(step(carry, *slide), kept),
-                              appends((state, out), prompt.shape[1]))[1]
+    return jax.lax.while_loop(
+        not_finished, lambda carry: appends(step(carry, *slide), kept, config.block_size),
+        appended)[1]
 
 
 @functools.cache

@@ -1,6 +1,7 @@
 """How flaxgpt compiles: the XLA options of its steps per platform (on CPU: no YNNPACK fusions,
-which made the train step slower), and the persistent cache that keeps compiled programs for the
-next run. docs/performance.md says why each is so.
+which made the train step slower, and no tree reduction rewriter, which split each reduction in
+two), and the persistent cache that keeps compiled programs for the next run. docs/performance.md
+says why each is so.
 """
 
 import functools
@@ -12,7 +13,11 @@ import jax
 
 from flaxgpt.tokenizer import user_cache_dir
 
-CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}  # an empty list: no YNNPACK fusions
+CPU_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": "",  # an empty list: no YNNPACK fusions
+    # short reductions (LayerNorm's 128 features) as one loop, not a reduce-window tree and a reduce
+    "xla_disable_hlo_passes": "tree_reduction_rewriter",
+}
 MIN_COMPILE_TIME_VARIABLE = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
 
 

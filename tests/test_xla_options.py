@@ -28,7 +28,9 @@ def test_cpu_gets_the_cpu_options_and_other_platforms_xla_defaults(monkeypatch):
                                   "-xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT"])
 def test_an_option_the_user_sets_in_xla_flags_is_left_alone(monkeypatch, flag):
     monkeypatch.setenv("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {flag}")
-    assert xla_options.compiler_options("cpu") is None
+    others = {k: v for k, v in xla_options.CPU_OPTIONS.items()
+              if k != "xla_cpu_experimental_ynn_fusion_type"}
+    assert xla_options.compiler_options("cpu") == others
     # another flag
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type_other=1")
     assert xla_options.compiler_options("cpu") == xla_options.CPU_OPTIONS
@@ -36,20 +38,22 @@ def test_an_option_the_user_sets_in_xla_flags_is_left_alone(monkeypatch, flag):
 
 def test_an_option_this_jaxlib_does_not_know_is_dropped(monkeypatch):
     monkeypatch.delenv("XLA_FLAGS", raising=False)
-    monkeypatch.setattr(xla_options, "CPU_OPTIONS",
-                        {**xla_options.CPU_OPTIONS, "xla_cpu_no_such_option": "1"})
-    assert xla_options.compiler_options("cpu") == {"xla_cpu_experimental_ynn_fusion_type": ""}
+    known = dict(xla_options.CPU_OPTIONS)
+    monkeypatch.setattr(xla_options, "CPU_OPTIONS", {**known, "xla_cpu_no_such_option": "1"})
+    assert xla_options.compiler_options("cpu") == known
 
 
-def test_the_cpu_train_and_eval_steps_compile_without_ynnpack_fusions(monkeypatch):
-    """The same train step under a plain jax.jit has YNNPACK fusions (so the check can fail)."""
+def test_the_cpu_train_and_eval_steps_compile_without_ynnpack_fusions_and_reduction_trees(
+        monkeypatch):
+    """The same train step under a plain jax.jit has both (so the check can fail)."""
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     step = TrainStep(TINY, optax.adamw(1e-3), one_device_mesh())
     state = step.abstract_state
     batch = jax.ShapeDtypeStruct((1, 8, TINY.block_size), np.int32, sharding=step.batch_sharding)
     plain = jax.jit(step._train_step).lower(state, batch, batch).compile().as_text()
-    assert "ynn_fusion" in plain
-    assert "ynn_fusion" not in step.train_fn.lower(state, batch, batch).compile().as_text()
+    train = step.train_fn.lower(state, batch, batch).compile().as_text()
+    assert "ynn_fusion" in plain and "reduce-window(" in plain
+    assert "ynn_fusion" not in train and "reduce-window(" not in train
     assert "ynn_fusion" not in step.eval_fn.lower(state.params, batch, batch).compile().as_text()
 
 
