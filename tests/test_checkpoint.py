@@ -71,10 +71,10 @@ def test_flipped_bytes_make_a_step_unreadable_and_the_previous_one_is_used(tmp_p
     with caplog.at_level(logging.WARNING), checkpoint.Checkpoints(tmp_path, create=False) as ckpts:
         params, _, meta = ckpts.restore(target)
     assert meta["step"] == 1 and "checkpoints/2" in caplog.text
-    # Whether the flipped bytes land in a compressed chunk's header (zstd refuses it) or in its
-    # payload (it decodes to other numbers, which only the checksums catch) depends on how orbax
-    # laid out the file.
-    assert "differ from the checksums" in caplog.text or "Data corruption detected" in caplog.text
+    # Whether the flipped bytes land in a compressed chunk's header or frame (zstd refuses it, in
+    # words that depend on where) or in its payload (it decodes to other numbers, which only the
+    # checksums catch) depends on how orbax laid out the file.
+    assert "differ from the checksums" in caplog.text or "is unreadable (array " in caplog.text
     assert "TensorStore(" not in caplog.text  # one line, without tensorstore's spec
     jax.tree.map(np.testing.assert_array_equal, params, saved[1])
     config, params = checkpoint.load_params(tmp_path)  # sampling falls back the same way
