@@ -19,7 +19,6 @@ from flaxgpt.loop import train
 
 import jax
 from absl import app, flags, logging
-from flax.traverse_util import flatten_dict
 from ml_collections import config_flags
 
 CONFIG = config_flags.DEFINE_config_file(
@@ -70,6 +69,14 @@ def _load_config(config_arg: str):
     faults.exit_with(f"train.py: error: the config file does not load: {error}")
 
 
+def _config_keys(config, prefix=""):
+    """Every key of a ConfigDict, dotted, sections ("mesh") as well as their keys ("mesh.data")."""
+    for key, value in config.items():
+        yield prefix + key
+        if hasattr(value, "items"):
+            yield from _config_keys(value, f"{prefix}{key}.")
+
+
 def parse_flags(argv):
     """absl's parser, with one line instead of a traceback for a bad config file or an unknown
     --config.key (with the config's keys closest to it)."""
@@ -77,11 +84,11 @@ def parse_flags(argv):
     config = _load_config(config_arg) if config_arg else None
     try:
         return flags.FLAGS(argv)
-    except AttributeError as e:  # ml_collections' error for a key the config does not have
+    except (AttributeError, KeyError) as e:  # ml_collections': a key, a section's key
         match = re.search(r"'([^'\\]+)", str(e))
         key = match.group(1) if match else str(e)
         arg = next((a.split("=")[0] for a in argv if a.startswith("--config.") and key in a), key)
-        keys = [] if config is None else list(flatten_dict(config.to_dict(), sep="."))
+        keys = [] if config is None else list(_config_keys(config))
         close = difflib.get_close_matches(arg.removeprefix("--config."), keys, n=3, cutoff=0.5)
         hint = (f"; did you mean {' or '.join('--config.' + k for k in close)}?" if close else
                 "; the keys are in flaxgpt/config.py" if keys else "")

@@ -63,6 +63,10 @@ def test_cudnn_attention_has_no_dropout():
      "python prepare.py text --input 'FILES' --name not_prepared"),
     (["--config=configs/shakespeare_char.py:cpu", "--config.learnin_rate=1"],
      "did you mean --config.learning_rate?"),
+    (["--config=configs/shakespeare_char.py:cpu", "--config.mes=1"], "did you mean --config.mesh "),
+    (["--config=configs/shakespeare_char.py:cpu", "--config.distributd.process_id=1"],
+     "--config.distributd.process_id: the config has no key 'distributd'; did you mean "
+     "--config.distributed.process_id"),
     (["--config={tmp}/syntax.py"], "syntax.py:2: '(' was never closed"),
     (["--config={tmp}/raises.py"], "raises.py:3: KeyError"),
     (["--config=configs/shakespeare_char.py:cpu", "--config.data_dir={data}",
