@@ -70,7 +70,8 @@ def train(config) -> dict:
         stop = stack.enter_context(StopRequest())
         profiler = stack.enter_context(StepProfiler(config.profile_steps, out_dir, log.print))
 
-        size = f"{count_params(state.params) / 1e6:.2f}M parameters on mesh {dict(mesh.shape)}"
+        n_params = count_params(state.params)
+        size = f"{n_params / 1e6:.2f}M parameters on mesh {dict(mesh.shape)}"
         if resumed_at is None:
             log.print(f"run {run_id}: {size}")
         else:
@@ -104,7 +105,7 @@ def train(config) -> dict:
         tokens_per_step = A * config.batch_size * model.block_size
         best_val_loss, losses = start.get("best_val_loss", math.inf), {}
         schedule = optim.learning_rate_schedule(config)
-        flops = mfu.flops_per_token(model, count_params(state.params), model.block_size)
+        flops = mfu.flops_per_token(model, n_params, model.block_size)
         peak = mfu.device_peak_flops()
         t_last, steps_since, compiled = time.perf_counter(), 0, False
         watchdog.progress(f"the start at step {step}")
@@ -145,8 +146,8 @@ def train(config) -> dict:
             step, steps_since = step + 1, steps_since + 1
             watchdog.progress(f"step {step}")  # dispatched: jax runs few steps ahead
             profiler.after_step(step, metrics)
-            log.step_done(step)
             if compiled and step % config.log_interval:
+                log.step_done(step)
                 continue
             loss = float(metrics["loss"])  # waits for the step
             if not math.isfinite(loss):
