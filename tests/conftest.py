@@ -4,6 +4,7 @@ data."""
 import atexit
 import contextlib
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -11,8 +12,13 @@ import threading
 from pathlib import Path
 
 # Must happen before jax initialises its backend; single-device tests run on device 0 as usual.
-os.environ["XLA_FLAGS"] = " ".join(
-    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
+# The tests check what programs compute, not how fast: LLVM's optimizations off (XLA's own passes
+# still run, so the programs are the same) cut compile time, most of the suite's time. A level
+# set in XLA_FLAGS wins.
+_LLVM_LEVEL = ("" if "xla_backend_optimization_level" in os.environ.get("XLA_FLAGS", "")
+               else "--xla_backend_optimization_level=0")
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), _LLVM_LEVEL,
+                                    "--xla_force_host_platform_device_count=8"]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # What the tests compile, here and in the train.py / sample.py processes they start, goes to a cache
 # of this session (it wins over flaxgpt's default, ~/.cache/flaxgpt/xla), never into the user's.
@@ -148,6 +154,13 @@ def program_lines(output: str) -> list[str]:
     runs."""
     return [line for line in output.splitlines()
             if "cudart_stub.cc" not in line and "before absl::InitializeLog()" not in line]
+
+
+def one_device_env() -> dict:
+    """This environment for a command as a user runs it: jax's one CPU device, not the session's 8
+    simulated ones (the rest of XLA_FLAGS kept)."""
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ["XLA_FLAGS"])
+    return {**os.environ, "XLA_FLAGS": flags.strip(), "JAX_PLATFORMS": "cpu"}
 
 
 def one_device_mesh():

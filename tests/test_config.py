@@ -1,7 +1,6 @@
 """Config files, overrides and validation: every mistake names its key."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytest
 
 from configs import eval_gpt2, finetune_shakespeare, owt, shakespeare_char
 from flaxgpt.config import base_config, validate
+from conftest import one_device_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,8 +96,7 @@ def test_train_cli_errors_are_one_line(args, message, tmp_path):
     args = [a.format(tmp=tmp_path, data=data) for a in args]
     result = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True,
                             text=True, timeout=120,
-                            env={**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
-                                 "JAX_PLATFORMS": "cpu"})
+                            env=one_device_env())
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and message in errors[0], result.stderr

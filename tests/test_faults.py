@@ -17,16 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import program_lines
+from conftest import one_device_env, program_lines
 from flaxgpt import faults
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = f"--config={REPO / 'configs' / 'shakespeare_char.py'}:cpu"
 MAX_LINES = 5  # what a fault may print, its root cause in the last line
-
-
-def one_device_env():
-    return {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu"}
 
 
 def run(*argv, cwd=REPO, **kw):

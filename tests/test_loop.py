@@ -19,7 +19,8 @@ import pytest
 from flaxgpt.checkpoint import Checkpoints, load_params
 from flaxgpt.prepare import prepare
 from flaxgpt.loop import train
-from conftest import assert_trees_close, corpus_text, program_lines, tiny_run_config, to_host
+from conftest import (assert_trees_close, corpus_text, one_device_env, program_lines,
+                      tiny_run_config, to_host)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,9 +38,9 @@ def test_train_cli_loss_falls_well_below_unigram_baseline(data_dir, tmp_path):
     out = tmp_path / "out"
     subprocess.run([sys.executable, "train.py", "--config=configs/shakespeare_char.py:cpu",
                     f"--config.data_dir={data_dir}", f"--config.out_dir={out}",
-                    "--config.max_iters=300", "--config.lr_decay_iters=300",
-                    "--config.eval_interval=300", "--config.eval_iters=10",
-                    "--config.log_interval=100"], cwd=REPO, env=env, check=True, timeout=600)
+                    "--config.max_iters=150", "--config.lr_decay_iters=150",
+                    "--config.eval_interval=150", "--config.eval_iters=10",
+                    "--config.log_interval=50"], cwd=REPO, env=env, check=True, timeout=600)
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     val_loss = [line["val/loss"] for line in lines if "val/loss" in line][-1]
     counts = np.bincount(np.memmap(data_dir / "train.bin", dtype=np.uint16, mode="r"))
@@ -146,7 +147,7 @@ def test_finetune_from_a_hugging_face_folder(data_dir, tmp_path):
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_or_ctrl_c_saves_a_checkpoint_and_exits(data_dir, tmp_path, signum):
     """Preemption or Ctrl-C: train.py saves the current step and stops cleanly, in a few lines."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = one_device_env()
     out = tmp_path / "out"
     process = subprocess.Popen(
         [sys.executable, "train.py", "--config=configs/shakespeare_char.py:cpu",
@@ -317,7 +318,7 @@ def test_train_and_sample_with_everything_in_a_bucket(data_dir, tmp_path, gcs_di
         storage.write_atomically(storage.path(bucket_data) / name, (data_dir / name).read_bytes())
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user has
+    env = one_device_env()
     run = [sys.executable, str(REPO / "train.py"),
            f"--config={REPO / 'configs/shakespeare_char.py'}:cpu",
            f"--config.data_dir={bucket_data}", f"--config.out_dir={gcs_dir}/run",

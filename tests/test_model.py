@@ -295,7 +295,7 @@ def test_auto_attention_resolves_per_platform():
 def test_splash_attention_matches_xla_in_interpret_mode():
     """The Pallas kernel, interpreted on CPU: logits and gradients equal XLA attention's."""
     from flaxgpt import splash
-    config = GPTConfig(block_size=128, vocab_size=37, n_layer=2, n_head=2, n_embd=128)
+    config = GPTConfig(block_size=128, vocab_size=37, n_layer=1, n_head=2, n_embd=128)
     params = init_params(config, jax.random.key(0))
     x = tokens((2, 128))
     loss = lambda c: lambda p: cross_entropy_loss(GPT(c).apply({"params": p}, x), x)
