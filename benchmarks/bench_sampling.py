@@ -106,7 +106,9 @@ def floor_tokens_per_s(params, config: GPTConfig, dtype: str, context: float,
     return bandwidth / ((n_weights + cache) * itemsize)
 
 
-def compare(name, params, config, decoder: Decoder, hf, batch_size, args, memory: MemoryRead):
+def compare(name, params, config, decoder: Decoder, hf, batch_size, args,
+            memory: MemoryRead) -> float:
+    """Print one case's line -> flaxgpt's tokens/s / transformers'."""
     import torch
 
     rng = np.random.default_rng(0)
@@ -138,6 +140,7 @@ def compare(name, params, config, decoder: Decoder, hf, batch_size, args, memory
         line += (f"   floor {floor:6.1f} tok/s at {bandwidth / 1e9:.1f} GB/s, flaxgpt takes "
                  f"{floor / rate['flaxgpt']:4.2f}x the floor")
     print(line + f"   same tokens {same:.0%}", flush=True)
+    return rate["flaxgpt"] / rate["transformers"]
 
 
 def prefill(config, decoder: Decoder, hf, args):
@@ -161,7 +164,8 @@ def prefill(config, decoder: Decoder, hf, args):
           f"flaxgpt/transformers time {ms['flaxgpt'] / ms['transformers']:.2f}x")
 
 
-def main(argv=None):
+def main(argv=None) -> dict[str, float]:
+    """-> {"<model> batch <B>": flaxgpt's tokens/s / transformers'}."""
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["gpt2", "shakespeare_char"],
@@ -184,6 +188,7 @@ def main(argv=None):
     print(f"{jax.devices()[0].device_kind}, {torch.get_num_threads()} torch threads, "
           f"jax {jax.__version__}, torch {torch.__version__}; {args.dtype}; "
           f"{args.max_new_tokens} greedy new tokens after an 8-token prompt", flush=True)
+    ratios = {}
     for model in args.models:
         if model == "gpt2":
             config = GPTConfig.from_preset("gpt2")
@@ -204,9 +209,11 @@ def main(argv=None):
             jax.block_until_ready(jax.tree.leaves(decoders[batch_size]._weights))
             print(f"{model}: weights laid out for batch {batch_size} in "
                   f"{1e3 * (time.perf_counter() - start):.0f} ms (once)", flush=True)
-            compare(model, params, config, decoders[batch_size], hf, batch_size, args, memory)
+            ratios[f"{model} batch {batch_size}"] = compare(
+                model, params, config, decoders[batch_size], hf, batch_size, args, memory)
         if model == "gpt2":  # the batch-1 decoder of the runs above, if they had batch 1
             prefill(config, decoders.get(1) or Decoder(params, config, batch_size=1), hf, args)
+    return ratios
 
 
 if __name__ == "__main__":

@@ -309,19 +309,24 @@ def compare(workers: dict, measures: list[str], steps: int, rounds: int) -> dict
     return times
 
 
-def print_ratios(times: dict) -> None:
+def print_ratios(times: dict) -> dict[str, float]:
+    """Print each measure's line -> {measure: median speed ratio torch / flaxgpt} (both run)."""
+    speeds = {}
     for measure, systems in times.items():
         ms = lambda name, kind: statistics.median(systems[name][kind]) * 1e3
         line = "  ".join(f"{name} {ms(name, 'wall'):7.2f} ms" for name in systems)
         if len(systems) == 2:
             ratios = [t / f for f, t in zip(systems["flaxgpt"]["wall"], systems["torch"]["wall"])]
-            line += (f"  speed torch/flaxgpt {statistics.median(ratios):.2f}x "
+            speeds[measure] = statistics.median(ratios)
+            line += (f"  speed torch/flaxgpt {speeds[measure]:.2f}x "
                      f"({min(ratios):.2f}-{max(ratios):.2f})")
         cpu = ", ".join(f"{name} {ms(name, 'cpu'):.2f}" for name in systems)
         print(f"{measure:>20}: {line}  [CPU ms: {cpu}]")
+    return speeds
 
 
-def main(argv):
+def main(argv) -> dict[str, float]:
+    """-> {measure: flaxgpt's speed / torch's}, when both systems ran."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=20, help="steps per timed block")
     p.add_argument("--rounds", type=int, default=7,
@@ -368,9 +373,10 @@ def main(argv):
     if args.components:
         print("forward + backward (params and input gradients) of the first block and its parts:")
     measures = next(iter(setup.values()))["measures"]
-    print_ratios(compare(workers, measures, args.steps, args.rounds))
+    speeds = print_ratios(compare(workers, measures, args.steps, args.rounds))
     for name, w in workers.items():
         print(f"peak RSS of the {name} process: {w.finish()['peak_rss_mb']:.0f} MB")
+    return speeds
 
 
 if __name__ == "__main__":
