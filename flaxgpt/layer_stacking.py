@@ -29,11 +29,9 @@ def unstack_layers(params: dict) -> dict:
 
 
 def convert_layers(tree, scan_layers: bool):
-    """Params, or any tree holding param-shaped dicts (optimizer state), in that layer layout."""
-    if isinstance(tree, dict):
-        tree = stack_layers(tree) if scan_layers else unstack_layers(tree)
-        return {k: convert_layers(v, scan_layers) for k, v in tree.items()}
-    if not isinstance(tree, (tuple, list)):
-        return tree
-    converted = [convert_layers(v, scan_layers) for v in tree]  # a NamedTuple takes them one by one
-    return type(tree)(*converted) if hasattr(tree, "_fields") else type(tree)(converted)
+    """Params, or any pytree holding param-shaped dicts (optimizer state), in that layer layout."""
+    if not isinstance(tree, dict):
+        return jax.tree.map(lambda x: convert_layers(x, scan_layers) if isinstance(x, dict) else x,
+                            tree, is_leaf=lambda x: isinstance(x, dict))
+    tree = stack_layers(tree) if scan_layers else unstack_layers(tree)
+    return {k: convert_layers(v, scan_layers) for k, v in tree.items()}
