@@ -18,7 +18,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from flaxgpt.kv_cache import cached_attention
 from flaxgpt.sharding import traced_mesh
-from flaxgpt.splash import splash_supports
+from flaxgpt.splash import splash_causal_attention, splash_supports
 from flaxgpt.tokenizer import GPT2_PADDED_VOCAB_SIZE, GPT2_VOCAB_SIZE
 
 PRESETS = {  # nanoGPT's sizes for the OpenAI checkpoints (vocab 50257, block 1024, with biases).
@@ -160,7 +160,6 @@ def _attention(cfg: GPTConfig, q, k, v, mask):
     mask [B, T, S] (or init's one token under splash) takes XLA's."""
     kind = resolve_attention(cfg, jax.default_backend()) if mask is None else "xla"
     if kind == "splash" and splash_supports(q.shape[1], cfg.head_dim):
-        from flaxgpt.splash import splash_causal_attention
         return checkpoint_name(splash_causal_attention(q, k, v), ATTENTION_OUTPUT)
     kind = "xla" if kind == "splash" else kind
     y = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), implementation=kind,
