@@ -47,18 +47,18 @@ def head_cross_entropy(x: jax.Array, wte: jax.Array, targets: jax.Array, *, dtyp
     head matmul's (default x's). chunk: positions per chunk, a divisor of T (default
     chunk_length(T, V); the plain form where `chunked` says no).
     """
-    dtype = jnp.dtype(dtype or x.dtype)
     B, T, C = x.shape
+    x = x.astype(dtype or x.dtype)
     if chunk is None and not chunked(B, T, wte.shape[0]):
-        return cross_entropy_loss(jnp.einsum("btc,vc->btv", x.astype(dtype), wte.astype(dtype)),
-                                  targets)
-    t = chunk or chunk_length(T, wte.shape[0])
-    if T % t:
-        raise ValueError(f"chunk={t} does not divide the sequence length {T}")
-    # [K, B, t, ...]: chunks of the sequence, each keeping the (data-parallel) batch axis.
-    split = lambda a: jnp.moveaxis(a.reshape(B, T // t, t, *a.shape[2:]), 1, 0)
-    return (_chunked_nll(split(x.astype(dtype)), wte, split(targets))
-            / jnp.maximum(jnp.sum(targets >= 0), 1))
+        nll = _nll_sum(jnp.einsum("btc,vc->btv", x, wte.astype(x.dtype)), targets)
+    else:
+        t = chunk or chunk_length(T, wte.shape[0])
+        if T % t:
+            raise ValueError(f"chunk={t} does not divide the sequence length {T}")
+        # [K, B, t, ...]: chunks of the sequence, each keeping the (data-parallel) batch axis.
+        split = lambda a: jnp.moveaxis(a.reshape(B, T // t, t, *a.shape[2:]), 1, 0)
+        nll = _chunked_nll(split(x), wte, split(targets))
+    return nll / jnp.maximum(jnp.sum(targets >= 0), 1)
 
 
 @jax.custom_vjp
