@@ -114,21 +114,12 @@ def report(program: str, error: BaseException, verbose_: bool | None = None) -> 
     return line, EXIT_ERROR
 
 
-class Exit(SystemExit):
-    """The end of a program with exit code `code`, its last line (already printed) kept."""
-
-    def __init__(self, message: str, code: int):
-        super().__init__(code)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
-
-
 def exit_with(message: str, code: int = EXIT_USAGE):
     """End the program with `message` on stderr and exit code `code`."""
     print(message, file=sys.stderr, flush=True)
-    raise Exit(message, code)
+    stop = SystemExit(message)  # str(stop) is the message; Python exits with stop.code
+    stop.code = code
+    raise stop
 
 
 @contextlib.contextmanager
