@@ -123,7 +123,7 @@ def exit_with(message: str, code: int = EXIT_USAGE):
 
 
 @contextlib.contextmanager
-def errors_reported(program: str, verbose_: bool | None = None, interrupted: str = "interrupted",
+def errors_reported(program: str, interrupted: str = "interrupted",
                     exit_program: Callable[[str, int], None] = exit_with) -> Iterator[None]:
     """Run a command-line tool's body: an exception ends it as `report` says; Ctrl-C with
     `<program>: <interrupted>` and exit code 130. exit_program(message, code) ends the program."""
@@ -132,7 +132,7 @@ def errors_reported(program: str, verbose_: bool | None = None, interrupted: str
     except KeyboardInterrupt:
         exit_program(f"\n{program}: {interrupted}", EXIT_INTERRUPTED)
     except Exception as e:  # noqa: BLE001 - every exception is reported, the unexpected ones whole
-        exit_program(*report(program, e, verbose_))
+        exit_program(*report(program, e))
 
 
 def _from_libraries(text: str = "", source=None, error: BaseException | None = None,
