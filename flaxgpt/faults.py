@@ -164,32 +164,19 @@ class _LibraryReports(logging.Filter):
         return record.name != "asyncio" or not _from_libraries(record.getMessage(), error=error)
 
 
-@contextlib.contextmanager
-def quiet_library_reports(hooks: bool = False) -> Iterator[None]:
-    """Drop the libraries' ERROR records (see the module docstring) while the block runs, unless
-    FLAXGPT_VERBOSE is set; hooks: their threads' and coroutines' reports too."""
-    with contextlib.ExitStack() as undo:
-        _drop_library_reports(undo, hooks)
-        yield
-
-
-def quiet_until_exit() -> None:
-    """`quiet_library_reports(hooks=True)` for the rest of the program, for the command-line tools:
-    the libraries' threads and coroutines may still report a failure while Python shuts down."""
-    _drop_library_reports(contextlib.ExitStack(), hooks=True)  # never undone
-
-
-def _drop_library_reports(undo: contextlib.ExitStack, hooks: bool) -> None:
-    """Install the log filter (hooks: also the unraisable and thread hooks and a warnings filter),
-    and on `undo` what removes them again."""
+def quiet_library_reports(hooks: bool = False) -> contextlib.ExitStack:
+    """Drop the libraries' ERROR records (see the module docstring) until the returned stack
+    closes (`with quiet_library_reports():`), unless FLAXGPT_VERBOSE is set; hooks: also their
+    threads' and coroutines' reports (the unraisable and thread hooks, a warnings filter)."""
+    undo = contextlib.ExitStack()
     if verbose():
-        return
+        return undo
     reports = _LibraryReports()
     for logger in map(logging.getLogger, _LOGGERS):
         logger.addFilter(reports)
         undo.callback(logger.removeFilter, reports)
     if not hooks:
-        return
+        return undo
     previous, previous_thread = sys.unraisablehook, threading.excepthook
 
     def unraisable(u):  # e.g. a TensorStore read still in flight when orbax closed its event loop
@@ -206,6 +193,13 @@ def _drop_library_reports(undo: contextlib.ExitStack, hooks: bool) -> None:
     undo.callback(setattr, threading, "excepthook", previous_thread)
     undo.enter_context(warnings.catch_warnings())
     warnings.filterwarnings("ignore", _ORBAX_COROUTINES, RuntimeWarning)
+    return undo
+
+
+def quiet_until_exit() -> None:
+    """`quiet_library_reports(hooks=True)` for the rest of the program, for the command-line tools:
+    the libraries' threads and coroutines may still report a failure while Python shuts down."""
+    quiet_library_reports(hooks=True)  # its stack is never closed
 
 
 def _chain(error: BaseException | None) -> Iterator[BaseException]:
