@@ -6,6 +6,7 @@ overridden on the command line as `--config.key=value` (an unknown key or a wron
 
 import dataclasses
 
+import jax
 import ml_collections
 from ml_collections import config_dict
 
@@ -92,7 +93,6 @@ def resolve_dtype(name: str) -> str:
     the backend, so call it only after `distributed.initialize`."""
     if name != "auto":
         return name
-    import jax
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
