@@ -120,8 +120,7 @@ class MetricsLog:
                 closable.close()
         if self._uploader is not None:
             self._uploader.shutdown()
-            if self._rows:
-                storage.append(self.out_dir / "metrics.jsonl", "".join(self._rows).encode())
+            self._send("".join(self._rows).encode(), [])
         self._folders.close()  # uploads the TensorBoard files left in a bucket's local folder
         if self._wrote and error_type is None:
             with contextlib.suppress(ImportError):  # matplotlib: the `plot` extra
