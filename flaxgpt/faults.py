@@ -135,12 +135,11 @@ def errors_reported(program: str, interrupted: str = "interrupted",
         exit_program(*report(program, e))
 
 
-def _from_libraries(text: str = "", source=None, error: BaseException | None = None,
-                    tb=None) -> bool:
+def _from_libraries(text: str, source=None, error: BaseException | None = None) -> bool:
     """Whether a report points into LIBRARIES or is TensorStore's, by its text, its source's repr
-    and code file (a coroutine's, whose frames are gone), its traceback's files and its error."""
+    and code file (a coroutine's, whose frames are gone), its error and its traceback's files."""
     code = getattr(source, "cr_code", None) or getattr(source, "gi_code", None)
-    tb = tb if tb is not None else getattr(error, "__traceback__", None)
+    tb = getattr(error, "__traceback__", None)
     files = [frame.f_code.co_filename for frame, _ in traceback.walk_tb(tb)]
     text = " ".join([text, repr(source), getattr(code, "co_filename", ""), *files, str(error)])
     return "tensorstore" in text.lower() or " in OCDBT database" in text or any(
@@ -180,12 +179,12 @@ def quiet_library_reports(hooks: bool = False) -> contextlib.ExitStack:
     previous, previous_thread = sys.unraisablehook, threading.excepthook
 
     def unraisable(u):  # e.g. a TensorStore read still in flight when orbax closed its event loop
-        if not _from_libraries("", u.object, u.exc_value, u.exc_traceback) and \
+        if not _from_libraries("", u.object, u.exc_value) and \
                 str(u.exc_value) != "Event loop is closed":
             previous(u)
 
     def thread(args):  # a library's worker thread that died with the error its caller also gets
-        if not _from_libraries("", args.thread, args.exc_value, args.exc_traceback):
+        if not _from_libraries("", args.thread, args.exc_value):
             previous_thread(args)
 
     sys.unraisablehook, threading.excepthook = unraisable, thread
