@@ -49,19 +49,18 @@ def is_multiprocess_launch(coordinator_address: str | None = None) -> bool:
 
 def tpu_chips_attached(pci_root: str = PCI_DEVICES) -> int:
     """Number of Google accelerator PCI devices (TPU chips) on this machine."""
-    return _pci_devices(GOOGLE_PCI_VENDOR, pci_root)
+    return _pci_vendors(pci_root).count(GOOGLE_PCI_VENDOR)
 
 
-def _pci_devices(vendor: str, pci_root: str) -> int:
-    return sum(Path(p).read_text().strip() == vendor for p in glob.glob(f"{pci_root}/*/vendor"))
+def _pci_vendors(pci_root: str) -> list[str]:
+    return [Path(p).read_text().strip() for p in glob.glob(f"{pci_root}/*/vendor")]
 
 
 def accelerators_attached(pci_root: str = PCI_DEVICES, driver_files=GPU_DRIVER_FILES) -> bool:
     """Whether jax could find an accelerator here: TPU chips or a TPU cluster's variables, NVIDIA
     devices, or a GPU driver's device file."""
-    return (tpu_chips_attached(pci_root) > 0 or any(map(os.environ.get, TPU_CLUSTER_ENV))
-            or _pci_devices(NVIDIA_PCI_VENDOR, pci_root) > 0
-            or any(map(os.path.exists, driver_files)))
+    return (any(map(os.environ.get, TPU_CLUSTER_ENV)) or any(map(os.path.exists, driver_files))
+            or not {GOOGLE_PCI_VENDOR, NVIDIA_PCI_VENDOR}.isdisjoint(_pci_vendors(pci_root)))
 
 
 def use_cpu_without_accelerators() -> None:
