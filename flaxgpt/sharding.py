@@ -12,6 +12,7 @@ The scanned blocks' leading "layers" axis is never split.
 import collections
 import contextlib
 import contextvars
+import itertools
 import math
 import warnings
 from typing import Mapping
@@ -114,9 +115,8 @@ def logical_shardings(abstract_tree, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
     replicated = collections.Counter()  # (logical name, dim, mesh axes) -> arrays
 
     def fit(leaf, logical, sharding: NamedSharding) -> NamedSharding:
-        pad = lambda spec: tuple(spec) + (None,) * (len(leaf.shape) - len(spec))
-        fitted = []
-        for dim, axes, name in zip(leaf.shape, pad(sharding.spec), pad(logical or ())):
+        fitted = []  # spec and names may be shorter than the shape: the rest is not split
+        for dim, axes, name in itertools.zip_longest(leaf.shape, sharding.spec, logical or ()):
             axes_tuple = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
             if dim % math.prod(mesh.shape[a] for a in axes_tuple):
                 replicated[name, dim, axes_tuple] += 1
