@@ -14,6 +14,7 @@ import re
 import shutil
 import sys
 import tempfile
+import traceback
 from typing import IO, Iterator
 
 from etils import epath
@@ -71,17 +72,15 @@ def waiting_calls() -> list[str]:
     fsspec.asyn.sync, whose frame holds the call and its path. TensorStore's are not seen."""
     asyn = sys.modules.get("fsspec.asyn")
     calls = []
-    for frame in sys._current_frames().values() if asyn else ():
-        while frame is not None:
+    for top in sys._current_frames().values() if asyn else ():
+        for frame, _ in traceback.walk_stack(top):
             if frame.f_code is asyn.sync.__code__:
                 func, args = frame.f_locals.get("func"), frame.f_locals.get("args") or ("",)
                 target = args[0][0] if isinstance(args[0], (list, tuple)) and args[0] else args[0]
-                protocol = getattr(getattr(func, "__self__", None), "protocol", "")
-                protocol = protocol[0] if isinstance(protocol, tuple) else protocol
-                where = (f"{protocol}://{target}" if protocol and isinstance(target, str)
-                         and "://" not in target else str(target))
+                fs = getattr(func, "__self__", None)  # gcsfs's paths lack the protocol
+                where = (fs.unstrip_protocol(target) if isinstance(target, str)
+                         and hasattr(fs, "unstrip_protocol") else str(target))
                 calls.append(f"{getattr(func, '__name__', 'call').lstrip('_')} {where}")
-            frame = frame.f_back
     return calls
 
 
