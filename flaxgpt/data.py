@@ -27,12 +27,12 @@ def _missing(path: storage.Path, data_dir: storage.Path) -> FileNotFoundError:
     from flaxgpt.prepare import DATASETS
     name = data_dir.name if storage.is_remote(data_dir) else data_dir.resolve().name
     out_dir = "" if data_dir == storage.path("data") / name else f" --out_dir {data_dir}"
-    if name in DATASETS and name != "text":
+    known = [d for d in DATASETS if d != "text"]  # "text" prepares a dataset from your files
+    if name in known:
         return FileNotFoundError(f"{path} not found: prepare the dataset first with "
                                  f"`python prepare.py {name}{out_dir}`")
-    named = (f"{', '.join(d for d in DATASETS if d != 'text')} (python prepare.py NAME{out_dir}), "
-             "or your own text as this dataset (python prepare.py text --input 'FILES' --name "
-             f"{name}{out_dir})")
+    named = (f"{', '.join(known)} (python prepare.py NAME{out_dir}), or your own text as this "
+             f"dataset (python prepare.py text --input 'FILES' --name {name}{out_dir})")
     return FileNotFoundError(f"{path} not found: no dataset {name!r} was prepared there. "
                              f"prepare.py makes {named}; or point --config.data_dir at a prepared "
                              "folder")
@@ -111,7 +111,7 @@ def fingerprint(meta: dict, splits: dict) -> str:
         window = min(FINGERPRINT_WINDOW, len(tokens))
         offsets = np.linspace(0, len(tokens) - window, FINGERPRINT_SAMPLES).astype(np.int64)
         digest.update(f"{split}:{len(tokens)}:".encode())
-        digest.update(np.ascontiguousarray(read_windows(tokens, offsets, window)).tobytes())
+        digest.update(read_windows(tokens, offsets, window).tobytes())
     return digest.hexdigest()[:16]
 
 
