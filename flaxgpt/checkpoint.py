@@ -119,13 +119,18 @@ class Checkpoints:
 
     def set_aside(self, steps: list[int]) -> None:
         """Rename unreadable steps to `<step>.unreadable`: kept, but no longer checkpoints (a
-        resumed run can write that step again, and max_to_keep counts good ones)."""
+        resumed run can write that step again, and max_to_keep counts good ones). What failed
+        saves left half written (`<step>.orbax-checkpoint-tmp`, never a checkpoint; on a full
+        disk, the space the resumed run needs) is deleted."""
         if distributed.is_main_process():
             for step in steps:
                 path = self.directory / str(step)
                 target = unused_path(path.with_name(f"{step}.unreadable"))
                 storage.move(path, target)
                 log.warning("set aside unreadable checkpoint %s as %s", path, target.name)
+            for path in self.directory.glob(f"*{ocp.utils.TMP_DIR_SUFFIX}*"):
+                path.rmtree()
+                log.warning("deleted %s, left half written by a failed save", path)
         distributed.all_values("checkpoints set aside", "")
         self.manager.reload()
 

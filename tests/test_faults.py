@@ -159,15 +159,20 @@ def test_a_full_disk_during_a_save_is_one_line_that_says_so(shakespeare_char_dir
              f"--config.out_dir={disk}/out --config.max_iters=10 --config.eval_interval=5 "
              "--config.eval_iters=2 --config.log_interval=1000 "
              "--config.always_save_checkpoint=True --config.compilation_cache_dir=")
+    # then resumed at step 5 with nothing to do: the half-written step 10 is removed
     script = (f"mount -t tmpfs -o size=14m tmpfs {disk} && "
-              f"({train}; echo rc=$?; ls {disk}/out/checkpoints)")
+              f"({train}; echo rc=$?; ls {disk}/out/checkpoints; "
+              f"{train.replace('max_iters=10', 'max_iters=5')} --config.init_from=resume "
+              f"> /dev/null 2>&1; echo after resume; ls {disk}/out/checkpoints)")
     result = subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c", script], cwd=REPO,
                             env=one_device_env(), capture_output=True, text=True, timeout=600)
     if "mount:" in result.stderr and "rc=" not in result.stdout:
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
     stdout, stderr = program_lines(result.stdout), program_lines(result.stderr)
     # step 5 intact (listed last, after what is left of the failed save of step 10)
-    assert "rc=1" in stdout and stdout[-1] == "5", result.stdout
+    failed = stdout[:stdout.index("after resume")]
+    assert "rc=1" in failed and failed[-1] == "5" and len(failed) > 2, result.stdout
+    assert stdout[stdout.index("after resume") + 1:] == ["5"], result.stdout
     assert len(stderr) <= MAX_LINES and "Traceback" not in result.stderr, result.stderr
     assert stderr[-1].startswith("train.py: error: disk full: saving checkpoint "
                                  f"{disk}/out/checkpoints/10 needs about "), stderr[-1]
