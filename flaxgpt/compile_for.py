@@ -120,9 +120,9 @@ def cudnn_attention_unavailable() -> str | None:
     return None
 
 
-def compile_steps(config, devices, vocab_size: int, print_fn=print):
-    """The TrainStep, compiled train step and compiled eval step that `train(config)` would run on
-    `devices`.
+def compile_steps(config, devices, vocab_size: int, print_fn=print, eval_step: bool = True):
+    """The TrainStep, compiled train step and compiled eval step (None without eval_step) that
+    `train(config)` would run on `devices`.
 
     The run is built as train() builds it (run.make_mesh, run.build); "auto" choices (dtype,
     attention) resolve for the target platform instead of this machine's. Where jax cannot lower
@@ -150,7 +150,8 @@ def compile_steps(config, devices, vocab_size: int, print_fn=print):
     state = train_step.abstract_state
     x, x_eval = batch(config.gradient_accumulation_steps), batch(config.eval_iters)
     compiled_train = train_step.train_fn.lower(state, x, x).compile()
-    compiled_eval = train_step.eval_fn.lower(state.params, x_eval, x_eval).compile()
+    compiled_eval = (train_step.eval_fn.lower(state.params, x_eval, x_eval).compile()
+                     if eval_step else None)
     return train_step, compiled_train, compiled_eval
 
 

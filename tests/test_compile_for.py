@@ -132,7 +132,8 @@ def test_each_remat_policy_keeps_what_its_name_says_in_the_compiled_step(tmp_pat
     for remat in ("full", "dots_with_no_batch_dims_saveable", "dots_saveable"):
         # with a 128-token vocabulary and 2 layers the policies' differences vanish in the noise
         config = small_config(tmp_path, remat=remat, n_layer=4, batch_size=64)
-        _, train_step, _ = compile_for.compile_steps(config, devices, 50304, print_fn=print)
+        _, train_step, _ = compile_for.compile_steps(config, devices, 50304, print_fn=print,
+                                                     eval_step=False)
         temporaries[remat] = train_step.memory_analysis().temp_size_in_bytes
     assert (temporaries["full"] < temporaries["dots_with_no_batch_dims_saveable"]
             < temporaries["dots_saveable"]), temporaries
