@@ -70,8 +70,8 @@ def params_of(out_dir: str):
 def test_a_pod_trains_on_a_bucket_stops_on_sigterm_and_resumes_exactly(
         tmp_path, gcs_bucket, bucket_data, v4_32_host_order):
     runs = f"{gcs_bucket}/pod/runs"
-    common = [CONFIG, *RUN, f"--config.data_dir={bucket_data}", "--config.max_iters=12",
-              "--config.eval_interval=6"]
+    common = [CONFIG, *RUN, f"--config.data_dir={bucket_data}", "--config.max_iters=8",
+              "--config.eval_interval=4"]
     # JAX_COMPILATION_CACHE_DIR unset: the processes use flaxgpt's default for a pod,
     # <out_dir>/compilation_cache.
     pod = Pod(tmp_path, HOSTS, DEVICES, host_order=v4_32_host_order, JAX_COMPILATION_CACHE_DIR=None)
@@ -84,7 +84,7 @@ def test_a_pod_trains_on_a_bucket_stops_on_sigterm_and_resumes_exactly(
     stop_line = next(line for line in stopped[0][1].splitlines()
                      if line.startswith("stopping at step"))
     saved = int(stop_line.split()[3])
-    assert 3 <= saved < 12 and Checkpoints(f"{runs}/stopped").steps() == [saved], stop_line
+    assert 3 <= saved < 8 and Checkpoints(f"{runs}/stopped").steps() == [saved], stop_line
     assert all("Traceback" not in out + err for _, out, err in stopped), report_of(stopped)
 
     resumed = pod.train(*common, f"--config.out_dir={runs}/stopped", "--config.init_from=resume")
@@ -113,7 +113,7 @@ def test_a_pod_trains_on_a_bucket_stops_on_sigterm_and_resumes_exactly(
     assert len({r["run"] for r in rows("stopped")}) == 1  # one run, continued
 
     # The same global batches as one process with all its devices (8 here), within float rounding.
-    config = tiny_run_config(bucket_data, tmp_path / "single", max_iters=12, eval_interval=6,
+    config = tiny_run_config(bucket_data, tmp_path / "single", max_iters=8, eval_interval=4,
                              batch_size=16, gradient_accumulation_steps=1, warmup_iters=2,
                              lr_decay_iters=600000)
     config.mesh.data = -1
@@ -134,7 +134,7 @@ def test_a_pod_trains_on_a_bucket_stops_on_sigterm_and_resumes_exactly(
                              "--num_samples=1", "--max_new_tokens=20", "--compilation_cache_dir="],
                             cwd=tmp_path / "host0", capture_output=True, text=True, timeout=300)
     assert sample.returncode == 0, sample.stderr
-    assert f"at step 12 ({runs}/stopped/checkpoints/12)" in sample.stderr, sample.stderr
+    assert f"at step 8 ({runs}/stopped/checkpoints/8)" in sample.stderr, sample.stderr
     assert len(sample.stdout.split("---------------")[0]) >= 20
 
 
