@@ -100,8 +100,9 @@ def _lay_out(params, config: GPTConfig, out_in: bool) -> _Weights:
 def _out_in_dense(next_fun, args, kwargs, context):
     """A flax method interceptor: the model's DenseGeneral layers on a kernel stored [*out, *in],
     read as one [out, in] matrix contracted on its rows (XLA:CPU's matrix-vector product streams a
-    weight faster by rows). One device only: merging c_attn's 3 with the heads would regather on a
-    mesh."""
+    weight faster by rows); several rows of x as kernel @ x.T, the weight first, transposed back
+    (YNNPACK's product is faster that way round; the barrier keeps XLA from swapping the operands
+    back). One device only: merging c_attn's 3 with the heads would regather on a mesh."""
     module = context.module
     if context.method_name != "__call__" or not isinstance(module, nn.DenseGeneral):
         return next_fun(*args, **kwargs)
@@ -110,8 +111,10 @@ def _out_in_dense(next_fun, args, kwargs, context):
     kernel = module.get_variable("params", "kernel")
     features, lead = kernel.shape[:kernel.ndim - n_in], x.shape[:-n_in]
     rows = kernel.reshape(math.prod(features), -1).astype(module.dtype)
-    y = jax.lax.dot_general(x.reshape(*lead, -1).astype(module.dtype), rows,
-                            (((len(lead),), (1,)), ((), ())))
+    x = x.reshape(-1, rows.shape[1]).astype(module.dtype)  # [M, in]
+    contract = (((1,), (1,)), ((), ()))
+    y = (jax.lax.dot_general(x, rows, contract) if len(x) == 1
+         else jax.lax.optimization_barrier(jax.lax.dot_general(rows, x, contract)).T)
     y = y.reshape(*lead, *features)
     if module.use_bias:
         y = y + module.get_variable("params", "bias").astype(module.dtype)
@@ -238,7 +241,8 @@ def _generate(weights: _Weights, config: GPTConfig, sampler: Sampler, prompt, pr
 def _programs(platform: str) -> dict:
     """The compiled `_generate`, and `_start` and `_step` for streaming, with xla_options' options
     for `platform`."""
-    jit = functools.partial(jax.jit, compiler_options=xla_options.compiler_options(platform))
+    jit = functools.partial(jax.jit,
+                            compiler_options=xla_options.compiler_options(platform, ynnpack=True))
     return dict(generate=jit(_generate, static_argnames=("config", "max_new_tokens",
                                                          "window_shift")),
                 start=jit(_start, static_argnames=("config", "slots")),
@@ -275,7 +279,7 @@ class Decoder:
         for token in dec.stream(prompt, max_new_tokens=100, rng=jax.random.key(1)): ...  # [B] each
 
     params: scanned or not, boxed or not. The constructor copies them into the layout of _Weights
-    (for batch_size 1 on a CPU, kernels [out, in]); prompts of any batch size can be sampled. The
+    (on a CPU, kernels [out, in]); prompts of any batch size can be sampled. The
     copy is a snapshot: make a new Decoder after changing the weights."""
 
     def __init__(self, params, config: GPTConfig, *, batch_size: int = 1):
@@ -285,7 +289,7 @@ class Decoder:
         leaf = jax.tree.leaves(params)[0]  # on a device, or a host array for the default one
         platform = (next(iter(leaf.devices())).platform if isinstance(leaf, jax.Array)
                     else jax.default_backend())
-        self._weights = _lay_out(params, self.config, out_in=batch_size == 1 and platform == "cpu")
+        self._weights = _lay_out(params, self.config, out_in=platform == "cpu")
         self._programs = _programs(platform)
 
     def generate(self, prompt, *, max_new_tokens: int, rng: jax.Array, prompt_mask=None,

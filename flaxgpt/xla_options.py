@@ -21,14 +21,16 @@ CPU_OPTIONS = {
 MIN_COMPILE_TIME_VARIABLE = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
 
 
-def compiler_options(platform: str) -> dict[str, str] | None:
+def compiler_options(platform: str, ynnpack: bool = False) -> dict[str, str] | None:
     """The options for `jax.jit(..., compiler_options=...)` on `platform` ("cpu", "gpu", "tpu"),
-    less those the user sets in XLA_FLAGS and those this jaxlib does not know."""
+    less those the user sets in XLA_FLAGS and those this jaxlib does not know. ynnpack: keep XLA's
+    YNNPACK fusions (the decoding programs' weight-first products run faster with them)."""
     if platform != "cpu":
         return None
     user_flags = os.environ.get("XLA_FLAGS", "")
     options = {name: value for name, value in CPU_OPTIONS.items()
-               if not re.search(rf"(^|\s)--?{name}(=|\s|$)", user_flags) and _known(name, value)}
+               if not re.search(rf"(^|\s)--?{name}(=|\s|$)", user_flags) and _known(name, value)
+               and not (ynnpack and name == "xla_cpu_experimental_ynn_fusion_type")}
     return options or None
 
 
