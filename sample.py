@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> None:
           f"{total:,} new tokens", file=sys.stderr, flush=True)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
               top_p=args.top_p, window_shift=args.window_shift)
-    decoder = Decoder(params, config, batch_size=1)  # the weights laid out once for all samples
+    decoder = Decoder(params, config)  # the weights laid out once for all samples
     # Streamed text on the terminal is its own progress; a bar on the same terminal would garble it.
     show_progress = not (args.stream and sys.stdout.isatty() and sys.stderr.isatty())
     bar = dict(unit="tok", file=sys.stderr, leave=False, disable=not show_progress,

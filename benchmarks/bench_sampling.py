@@ -16,7 +16,7 @@ the shakespeare_char model is the CPU config's size with the prepared dataset's 
 biases (the same function). The floor is batch 1's: every weight read once per new token (wte as the
 tied head, the KV cache of the tokens so far), at the bandwidth of the faster of two reads of 512 MB
 (a sum, a matrix-vector product; see MemoryRead) taking turns with the two systems; flaxgpt/floor is
-how far above it a token takes. flaxgpt samples through a Decoder made once per model and batch
+how far above it a token takes. flaxgpt samples through one Decoder per model, for every batch
 size, as sample.py does (the time to lay its weights out is printed). Prefill: the time to the first
 new token of a 512-token prompt (GPT-2, batch 1). Needs torch and transformers (pip install torch
 transformers).
@@ -202,17 +202,16 @@ def main(argv=None) -> dict[str, float]:
         config = config.replace(dtype=args.dtype)
         with tempfile.TemporaryDirectory() as folder:
             hf = hf_model(params, config, folder, args.dtype)
-        decoders = {}  # batch size -> Decoder
+        start = time.perf_counter()  # once per model, for every batch size, as sample.py does
+        decoder = Decoder(params, config)
+        jax.block_until_ready(jax.tree.leaves(decoder._weights))
+        print(f"{model}: weights laid out in {1e3 * (time.perf_counter() - start):.0f} ms (once)",
+              flush=True)
         for batch_size in args.batch_size:
-            start = time.perf_counter()  # once per model and batch size, as sample.py does
-            decoders[batch_size] = Decoder(params, config, batch_size=batch_size)
-            jax.block_until_ready(jax.tree.leaves(decoders[batch_size]._weights))
-            print(f"{model}: weights laid out for batch {batch_size} in "
-                  f"{1e3 * (time.perf_counter() - start):.0f} ms (once)", flush=True)
             ratios[f"{model} batch {batch_size}"] = compare(
-                model, params, config, decoders[batch_size], hf, batch_size, args, memory)
-        if model == "gpt2":  # the batch-1 decoder of the runs above, if they had batch 1
-            prefill(config, decoders.get(1) or Decoder(params, config, batch_size=1), hf, args)
+                model, params, config, decoder, hf, batch_size, args, memory)
+        if model == "gpt2":
+            prefill(config, decoder, hf, args)
     return ratios
 
 

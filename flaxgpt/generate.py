@@ -279,13 +279,13 @@ class Decoder:
         for token in dec.stream(prompt, max_new_tokens=100, rng=jax.random.key(1)): ...  # [B] each
 
     params: scanned or not, boxed or not. The constructor copies them into the layout of _Weights
-    (on a CPU, kernels [out, in]); prompts of any batch size can be sampled. The
-    copy is a snapshot: make a new Decoder after changing the weights."""
+    (on a CPU, kernels [out, in]), one layout for prompts of any batch size (batch_size, which once
+    chose it, is still accepted and changes nothing). The copy is a snapshot: make a new Decoder
+    after changing the weights."""
 
-    def __init__(self, params, config: GPTConfig, *, batch_size: int = 1):
+    def __init__(self, params, config: GPTConfig, *, batch_size: int | None = None):
         # Unscanned: nn.scan's stacked output would rewrite the whole cache every token.
         self.config = config.replace(scan_layers=False, param_dtype=config.dtype, attention="xla")
-        self.batch_size = batch_size
         leaf = jax.tree.leaves(params)[0]  # on a device, or a host array for the default one
         platform = (next(iter(leaf.devices())).platform if isinstance(leaf, jax.Array)
                     else jax.default_backend())
@@ -336,11 +336,11 @@ class Decoder:
 
 
 def generate(params, config: GPTConfig, prompt, **kw) -> jax.Array:
-    """One-shot `Decoder(params, config, batch_size=len(prompt)).generate(prompt, **kw)`: lays the
+    """One-shot `Decoder(params, config).generate(prompt, **kw)`: lays the
     weights out on every call; sampling more than once from the same weights, make a Decoder."""
-    return Decoder(params, config, batch_size=len(prompt)).generate(prompt, **kw)
+    return Decoder(params, config).generate(prompt, **kw)
 
 
 def generate_stream(params, config: GPTConfig, prompt, **kw) -> Iterator[np.ndarray]:
-    """One-shot `Decoder(params, config, batch_size=len(prompt)).stream(prompt, **kw)`."""
-    return Decoder(params, config, batch_size=len(prompt)).stream(prompt, **kw)
+    """One-shot `Decoder(params, config).stream(prompt, **kw)`."""
+    return Decoder(params, config).stream(prompt, **kw)
