@@ -74,8 +74,9 @@ class DecodeState(NamedTuple):
 
 @struct.dataclass
 class _Weights:
-    """The weights as Decoder lays them out: unscanned, in the compute dtype; head: wte.T [C, V];
-    out_in: the blocks' kernels stored [*out, *in] (torch's nn.Linear order), see _out_in_dense."""
+    """The weights as Decoder lays them out: unscanned, in the compute dtype; head: wte.T [C, V]
+    (one row's x @ head streams it fastest); out_in: the blocks' kernels stored [*out, *in] (torch's
+    nn.Linear order), see _out_in_dense."""
     params: dict
     head: jax.Array
     out_in: bool = struct.field(pytree_node=False)
@@ -138,10 +139,12 @@ def _forward_window(weights: _Weights, config: GPTConfig, cache, window, valid, 
     positions = jax.lax.dynamic_slice_in_dim(jnp.cumsum(valid, axis=1) - 1, index, length, axis=1)
     causal = jnp.arange(slots)[None, None, :] <= (index + jnp.arange(length))[None, :, None]
     mask = valid[:, None, :slots] & causal  # [B, T, S']
+    # Several rows on a CPU: the head is wte [V, C] itself (the tied embedding's own product)
+    head = None if weights.out_in and len(window) > 1 else weights.head
     with nn.intercept_methods(_out_in_dense) if weights.out_in else contextlib.nullcontext():
         logits, cache = GPT(config).apply(
             {"params": weights.params}, tokens, cache, positions=jnp.maximum(positions, 0),
-            mask=mask, cache_index=index, head=weights.head, method=GPT.decode)
+            mask=mask, cache_index=index, head=head, method=GPT.decode)
     return logits[:, -1].astype(jnp.float32), cache
 
 
