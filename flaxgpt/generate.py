@@ -123,10 +123,10 @@ def _out_in_dense(next_fun, args, kwargs, context):
 
 
 def _cache_sizes(config: GPTConfig, n: int = 1) -> list[int]:
-    """The cache sizes that hold n tokens: block_size // 8, // 4, // 2 (of 64 slots or more) and
-    block_size. A step reads its whole cache, so short contexts keep a short one."""
+    """The cache sizes that hold n tokens: block_size // 2**k for k = 1, 2, ... (of 64 slots or
+    more) and block_size. A step reads its whole cache, so short contexts keep a short one."""
     S = config.block_size
-    return sorted({size for size in (S // 8, S // 4, S // 2) if size >= max(n, 64)} | {S})
+    return sorted({S >> k for k in range(1, S.bit_length()) if S >> k >= max(n, 64)} | {S})
 
 
 def _forward_window(weights: _Weights, config: GPTConfig, cache, window, valid, index,
