@@ -47,6 +47,7 @@ def model_vocab_size(config, *, unprepared_is_gpt2: bool = False) -> int:
     """The vocabulary train() gives a model of the config's dataset (`tokenizer.model_vocab_size`);
     for a dataset not prepared here, GPT-2's when unprepared_is_gpt2, else FileNotFoundError."""
     directory = dataset_dir(config)
+    storage.check_reachable(directory, "data_dir")
     if unprepared_is_gpt2 and not directory.is_dir():
         return tokenizer.model_vocab_size(tokenizer.GPT2_META)
     return tokenizer.model_vocab_size(load_meta(directory))

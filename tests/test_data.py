@@ -6,6 +6,7 @@ import pickle
 import numpy as np
 import pytest
 
+from flaxgpt import tokenizer
 from flaxgpt.data import get_batch, load_meta, open_split
 
 
@@ -127,6 +128,18 @@ def test_a_dataset_in_a_bucket_reads_the_same_windows_as_a_local_copy(tmp_path, 
     meta = load_meta(gcs_dir)
     splits = lambda d: {s: open_split(d, s) for s in ("train", "val")}
     assert data.fingerprint(meta, splits(tmp_path)) == data.fingerprint(meta, splits(gcs_dir))
+
+
+def test_an_unprepared_dataset_in_a_missing_bucket_is_one_line_not_gpt2s_vocabulary(gcs_dir):
+    """--compile_for takes a dataset not prepared here as GPT-2's; a bucket that is not there
+    says so instead."""
+    from types import SimpleNamespace
+    from flaxgpt import data
+    here = SimpleNamespace(data_dir=f"{gcs_dir}/not_prepared", dataset="owt")
+    assert data.model_vocab_size(here, unprepared_is_gpt2=True) == tokenizer.GPT2_PADDED_VOCAB_SIZE
+    missing = SimpleNamespace(data_dir="gs://no-such-bucket-here/owt", dataset="owt")
+    with pytest.raises(OSError, match=r"^data_dir=gs://no-such-bucket-here/owt: the bucket"):
+        data.model_vocab_size(missing, unprepared_is_gpt2=True)
 
 
 def test_a_copy_of_another_length_than_meta_json_says_is_refused(tmp_path):
