@@ -98,12 +98,16 @@ def _lay_out(params, config: GPTConfig, out_in: bool) -> _Weights:
     return _Weights(params, jnp.transpose(params["wte"]["embedding"]), out_in)
 
 
+WEIGHT_FIRST_ROWS = range(2, 128)  # how many rows _out_in_dense multiplies weight first
+
+
 def _out_in_dense(next_fun, args, kwargs, context):
     """A flax method interceptor: the model's DenseGeneral layers on a kernel stored [*out, *in],
     read as one [out, in] matrix contracted on its rows (XLA:CPU's matrix-vector product streams a
-    weight faster by rows); several rows of x as kernel @ x.T, the weight first, transposed back
-    (YNNPACK's product is faster that way round; the barrier keeps XLA from swapping the operands
-    back). One device only: merging c_attn's 3 with the heads would regather on a mesh."""
+    weight faster by rows); a few rows of x (WEIGHT_FIRST_ROWS) as kernel @ x.T, the weight first,
+    transposed back (YNNPACK's product is faster that way round; the barrier keeps XLA from swapping
+    the operands back). One device only: merging c_attn's 3 with the heads would regather on a
+    mesh."""
     module = context.module
     if context.method_name != "__call__" or not isinstance(module, nn.DenseGeneral):
         return next_fun(*args, **kwargs)
@@ -114,8 +118,8 @@ def _out_in_dense(next_fun, args, kwargs, context):
     rows = kernel.reshape(math.prod(features), -1).astype(module.dtype)
     x = x.reshape(-1, rows.shape[1]).astype(module.dtype)  # [M, in]
     contract = (((1,), (1,)), ((), ()))
-    y = (jax.lax.dot_general(x, rows, contract) if len(x) == 1
-         else jax.lax.optimization_barrier(jax.lax.dot_general(rows, x, contract)).T)
+    y = (jax.lax.optimization_barrier(jax.lax.dot_general(rows, x, contract)).T
+         if len(x) in WEIGHT_FIRST_ROWS else jax.lax.dot_general(x, rows, contract))
     y = y.reshape(*lead, *features)
     if module.use_bias:
         y = y + module.get_variable("params", "bias").astype(module.dtype)

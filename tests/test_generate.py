@@ -409,8 +409,10 @@ def test_appending_a_token_rewrites_no_cache_and_no_weight(batch_size):
 
 def test_on_cpu_a_decoder_stores_kernels_out_in_and_both_layouts_match_the_full_forward(params):
     """On a CPU a Decoder stores the blocks' kernels [out, in] at any batch size (one row is a
-    product by rows, several the kernel first: _out_in_dense); other platforms keep [in, out].
-    Both layouts give the cached step-by-step logits of the full forward, two rows a step."""
+    product by rows, a few the kernel first, many by rows again: _out_in_dense); other platforms
+    keep [in, out]. Both layouts give the cached step-by-step logits of the full forward, two rows
+    a step, and so does a prefill of more rows than WEIGHT_FIRST_ROWS."""
+    from flaxgpt.generate import WEIGHT_FIRST_ROWS
     rows = Decoder(params, CONFIG, batch_size=2)
     assert rows._weights.out_in and Decoder(params, CONFIG, batch_size=1)._weights.out_in
     kernels = rows._weights.params["h_0"]
@@ -429,3 +431,7 @@ def test_on_cpu_a_decoder_stores_kernels_out_in_and_both_layouts_match_the_full_
             valid = valid.at[:, i].set(True)
             logits, cache = run(layout, config, cache, tokens, valid, i, 1)
             np.testing.assert_allclose(logits, full[:, i], atol=1e-5, rtol=0)
+    many = jnp.asarray(random_tokens(6, (8, S)))
+    assert 2 in WEIGHT_FIRST_ROWS and 8 * S not in WEIGHT_FIRST_ROWS
+    logits, _ = run(rows._weights, config, init_cache(config, 8), many, jnp.ones((8, S), bool), 0, S)
+    np.testing.assert_allclose(logits, forward(params, many)[:, -1], atol=1e-5, rtol=0)
