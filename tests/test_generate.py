@@ -433,5 +433,6 @@ def test_on_cpu_a_decoder_stores_kernels_out_in_and_both_layouts_match_the_full_
             np.testing.assert_allclose(logits, full[:, i], atol=1e-5, rtol=0)
     many = jnp.asarray(random_tokens(6, (8, S)))
     assert 2 in WEIGHT_FIRST_ROWS and 8 * S not in WEIGHT_FIRST_ROWS
-    logits, _ = run(rows._weights, config, init_cache(config, 8), many, jnp.ones((8, S), bool), 0, S)
+    all_valid = jnp.ones((8, S), bool)
+    logits, _ = run(rows._weights, config, init_cache(config, 8), many, all_valid, 0, S)
     np.testing.assert_allclose(logits, forward(params, many)[:, -1], atol=1e-5, rtol=0)
