@@ -75,8 +75,8 @@ class DecodeState(NamedTuple):
 @struct.dataclass
 class _Weights:
     """The weights as Decoder lays them out: unscanned, in the compute dtype; head: wte.T [C, V]
-    (one row's x @ head streams it fastest); out_in: the blocks' kernels stored [*out, *in] (torch's
-    nn.Linear order), see _out_in_dense."""
+    (faster for one row; on a CPU several rows use wte itself); out_in: the blocks' kernels stored
+    [*out, *in] (torch's nn.Linear order), see _out_in_dense."""
     params: dict
     head: jax.Array
     out_in: bool = struct.field(pytree_node=False)
@@ -103,11 +103,10 @@ WEIGHT_FIRST_ROWS = range(2, 128)  # how many rows _out_in_dense multiplies weig
 
 def _out_in_dense(next_fun, args, kwargs, context):
     """A flax method interceptor: the model's DenseGeneral layers on a kernel stored [*out, *in],
-    read as one [out, in] matrix contracted on its rows (XLA:CPU's matrix-vector product streams a
-    weight faster by rows); a few rows of x (WEIGHT_FIRST_ROWS) as kernel @ x.T, the weight first,
-    transposed back (YNNPACK's product is faster that way round; the barrier keeps XLA from swapping
-    the operands back). One device only: merging c_attn's 3 with the heads would regather on a
-    mesh."""
+    read as one [out, in] matrix contracted on its rows (XLA:CPU streams a weight faster by rows);
+    a few rows of x (WEIGHT_FIRST_ROWS) as kernel @ x.T, the weight first, transposed back (faster
+    with YNNPACK; the barrier keeps XLA from swapping the operands back). One device only: merging
+    c_attn's 3 with the heads would regather on a mesh."""
     module = context.module
     if context.method_name != "__call__" or not isinstance(module, nn.DenseGeneral):
         return next_fun(*args, **kwargs)
@@ -143,7 +142,6 @@ def _forward_window(weights: _Weights, config: GPTConfig, cache, window, valid, 
     positions = jax.lax.dynamic_slice_in_dim(jnp.cumsum(valid, axis=1) - 1, index, length, axis=1)
     causal = jnp.arange(slots)[None, None, :] <= (index + jnp.arange(length))[None, :, None]
     mask = valid[:, None, :slots] & causal  # [B, T, S']
-    # Several rows on a CPU: the head is wte [V, C] itself (the tied embedding's own product)
     head = None if weights.out_in and len(window) > 1 else weights.head
     with nn.intercept_methods(_out_in_dense) if weights.out_in else contextlib.nullcontext():
         logits, cache = GPT(config).apply(
@@ -285,10 +283,9 @@ class Decoder:
         tokens = dec.generate(prompt, max_new_tokens=100, rng=jax.random.key(0))  # [B, 100]
         for token in dec.stream(prompt, max_new_tokens=100, rng=jax.random.key(1)): ...  # [B] each
 
-    params: scanned or not, boxed or not. The constructor copies them into the layout of _Weights
-    (on a CPU, kernels [out, in]), one layout for prompts of any batch size (batch_size, which once
-    chose it, is still accepted and changes nothing). The copy is a snapshot: make a new Decoder
-    after changing the weights."""
+    params: scanned or not, boxed or not, copied into the layout of _Weights (on a CPU, kernels
+    [out, in]) for prompts of any batch size (batch_size, which once chose it, is still accepted
+    and changes nothing). The copy is a snapshot: make a new Decoder after changing the weights."""
 
     def __init__(self, params, config: GPTConfig, *, batch_size: int | None = None):
         # Unscanned: nn.scan's stacked output would rewrite the whole cache every token.
