@@ -26,6 +26,7 @@ from typing import NamedTuple
 import numpy as np
 
 from flaxgpt import tpu_targets
+from flaxgpt.quiet_import import start_up_lines_dropped
 
 GiB = 2**30
 
@@ -68,7 +69,8 @@ def _tpu_target(name: str) -> Target:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: no chip to lock
     if importlib.util.find_spec("libtpu") is None:
         raise RuntimeError('compiling for TPUs needs libtpu: pip install "flaxgpt[tpu]"')
-    devices = tpu_targets.topology_devices(slices)
+    with start_up_lines_dropped():  # libtpu's lines that it has no TPU
+        devices = tpu_targets.topology_devices(slices)
     hbm_gib = tpu_targets.GENERATIONS[slices.generation].hbm_gib
     return Target(name, slices.describe(), devices, hbm_gib, "HBM", "chip")
 
@@ -84,8 +86,9 @@ def _gpu_target(name: str, gpu: str, count: int) -> Target:
     hosts, per_host = max(1, count // GPUS_PER_HOST), min(count, GPUS_PER_HOST)
     from jax.experimental import topologies
     try:
-        devices = topologies.get_topology_desc(platform="cuda", target_config=text,
-                                               topology=f"1x{hosts}x{per_host}").devices
+        with start_up_lines_dropped():  # the CUDA plugin's lines that it has no GPU
+            devices = topologies.get_topology_desc(platform="cuda", target_config=text,
+                                                   topology=f"1x{hosts}x{per_host}").devices
     except Exception as e:  # the plugin's errors (JaxRuntimeError, ValueError) share no class
         raise RuntimeError(f"the CUDA plugin could not describe {name}: {str(e).splitlines()[0]} "
                            "(without a GPU here, start python with JAX_PLATFORMS=cpu)") from e

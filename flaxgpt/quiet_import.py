@@ -29,7 +29,7 @@ def quiet_plugin_start_up() -> Iterator[None]:
     (_START_UP_LINE) while jax imports them and first starts its backends are dropped, and the CUDA
     plugin's "Jax plugin configuration error" records. With accelerators, or FLAXGPT_VERBOSE,
     nothing is dropped."""
-    with _start_up_lines_dropped():
+    with start_up_lines_dropped():
         yield
     from jax._src import xla_bridge  # noqa: PLC0415 - jax is imported within the block
     from flaxgpt.distributed import accelerators_attached  # noqa: PLC0415 - imports jax
@@ -43,15 +43,16 @@ def quiet_plugin_start_up() -> Iterator[None]:
     def backends():
         if xla_bridge.backends_are_initialized():
             return start_backends()
-        with _start_up_lines_dropped():
+        with start_up_lines_dropped():
             return start_backends()
     xla_bridge.backends = backends
 
 
 @contextlib.contextmanager
-def _start_up_lines_dropped() -> Iterator[None]:
+def start_up_lines_dropped() -> Iterator[None]:
     """Capture file descriptor 2 during the block; then write back every line, less the plugins'
-    start-up lines when no accelerator is attached (and FLAXGPT_VERBOSE is not set)."""
+    start-up lines when no accelerator is attached (and FLAXGPT_VERBOSE is not set). Also around
+    what starts a plugin later: a TPU or GPU topology described to compile for."""
     try:
         sys.stderr.flush()
         saved = os.dup(2)
