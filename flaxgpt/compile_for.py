@@ -192,7 +192,8 @@ def _replicated_state_gib(config) -> float:
 
 
 def _vocab_size(config) -> int:
-    """The dataset's vocabulary if its folder is here, else GPT-2's padded one (as in train())."""
+    """The dataset's vocabulary if its folder is here, else GPT-2's padded one (as in train());
+    data_dir's bucket must be reachable."""
     from flaxgpt import data
     return data.model_vocab_size(config, unprepared_is_gpt2=True)
 

@@ -45,7 +45,8 @@ def dataset_dir(config) -> storage.Path:
 
 def model_vocab_size(config, *, unprepared_is_gpt2: bool = False) -> int:
     """The vocabulary train() gives a model of the config's dataset (`tokenizer.model_vocab_size`);
-    for a dataset not prepared here, GPT-2's when unprepared_is_gpt2, else FileNotFoundError."""
+    for a dataset not prepared here, GPT-2's when unprepared_is_gpt2, else FileNotFoundError; a
+    data_dir in a bucket that is missing or unreachable is an OSError of one line either way."""
     directory = dataset_dir(config)
     storage.check_reachable(directory, "data_dir")
     if unprepared_is_gpt2 and not directory.is_dir():

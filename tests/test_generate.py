@@ -263,6 +263,9 @@ def test_the_cache_grows_through_its_sizes_and_restarts_small_after_a_slide():
 
     config = CONFIG.replace(block_size=128)
     assert _cache_sizes(config) == [64, 128] and _cache_sizes(CONFIG) == [S]
+    gpt2, odd = CONFIG.replace(block_size=1024), CONFIG.replace(block_size=1000)
+    assert _cache_sizes(gpt2) == [64, 128, 256, 512, 1024] and _cache_sizes(gpt2, 100)[0] == 128
+    assert _cache_sizes(odd) == [125, 250, 500, 1000]
     rng = np.random.default_rng(3)
     params = jax.tree.map(lambda x: x + rng.normal(0, 0.5, x.shape).astype(np.float32),
                           init_params(config, jax.random.key(1)))
