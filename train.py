@@ -81,13 +81,14 @@ def parse_flags(argv):
     """absl's parser, with one line instead of a traceback for a bad config file or an unknown
     --config.key (with the config's keys closest to it)."""
     config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    keys = list(_config_keys(_load_config(config_arg))) if config_arg else []
+    config = _load_config(config_arg) if config_arg else None
     try:
         return flags.FLAGS(argv)
     except (AttributeError, KeyError) as e:  # ml_collections': a key, a section's key
         match = re.search(r"'([^'\\]+)", str(e))
         key = match.group(1) if match else str(e)
         arg = next((a.split("=")[0] for a in argv if a.startswith("--config.") and key in a), key)
+        keys = [] if config is None else list(_config_keys(config))
         close = difflib.get_close_matches(arg.removeprefix("--config."), keys, n=3, cutoff=0.5)
         hint = (f"; did you mean {' or '.join('--config.' + k for k in close)}?" if close else
                 "; the keys are in flaxgpt/config.py" if keys else "")

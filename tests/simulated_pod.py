@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from conftest import one_device_env
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = f"--config={REPO / 'configs' / 'shakespeare_char.py'}:cpu"
 
@@ -66,12 +68,11 @@ def process_env(port: int, n_devices: int, process_id: int | None = None,
     """This environment with `n_devices` simulated CPU devices, the repo importable, the coordinator
     bound to loopback (jax binds [::]:port by default) and, given a process id, the JAX_* variables
     a launcher sets."""
-    env = {k: v for k, v in os.environ.items()
+    env = {k: v for k, v in one_device_env().items()
            if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
                                 "SLURM_"))}
-    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
-    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n_devices}".strip()
-    env["JAX_PLATFORMS"] = "cpu"
+    devices = f"--xla_force_host_platform_device_count={n_devices}"
+    env["XLA_FLAGS"] = f"{env['XLA_FLAGS']} {devices}".strip()
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["JAX_COORDINATOR_BIND_ADDRESS"] = f"127.0.0.1:{port}"
     if process_id is not None:
