@@ -70,11 +70,11 @@ def waiting_calls() -> list[str]:
     """The object-store calls the threads of this process wait in now, e.g. "cat_ranges
     gs://bucket/data/train.bin": every blocking fsspec call (gcsfs, whoever makes it) passes through
     fsspec.asyn.sync, whose frame holds the call and its path. TensorStore's are not seen."""
-    asyn = sys.modules.get("fsspec.asyn")
+    sync = getattr(sys.modules.get("fsspec.asyn"), "sync", None)  # None while fsspec imports
     calls = []
-    for top in sys._current_frames().values() if asyn else ():
+    for top in sys._current_frames().values() if sync else ():
         for frame, _ in traceback.walk_stack(top):
-            if frame.f_code is asyn.sync.__code__:
+            if frame.f_code is sync.__code__:
                 func, args = frame.f_locals.get("func"), frame.f_locals.get("args") or ("",)
                 target = args[0][0] if isinstance(args[0], (list, tuple)) and args[0] else args[0]
                 fs = getattr(func, "__self__", None)  # gcsfs's paths lack the protocol

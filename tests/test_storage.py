@@ -82,6 +82,15 @@ def test_append_adds_only_the_new_bytes(tmp_path, gcs_dir, where):
     assert [p.name for p in log.parent.iterdir()] == ["metrics.jsonl"]  # no part left behind
 
 
+def test_no_bucket_call_is_waiting_while_another_thread_still_imports_fsspec(monkeypatch):
+    """The watchdog asks while the main thread imports gcsfs: fsspec.asyn is in sys.modules
+    without its `sync` yet. A watchdog thread that raised there would never stop a stall."""
+    import sys
+    import types
+    monkeypatch.setitem(sys.modules, "fsspec.asyn", types.ModuleType("fsspec.asyn"))
+    assert storage.waiting_calls() == []
+
+
 def test_a_bucket_call_that_does_not_return_is_named_with_its_path(gcs_dir, frozen_storage):
     """What a stall line names (flaxgpt/watchdog.py): the call and its gs:// path, from any thread;
     the requests carry time-outs."""
